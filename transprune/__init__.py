@@ -1,0 +1,16 @@
+"""TransPrune: training-free visual-token pruning inside the language model of a VLM.
+
+    import transprune
+    with transprune.apply(model, transprune.PruneConfig.preset("high")) as pruner:
+        out = model.generate(**inputs, max_new_tokens=32)
+        trace = pruner.trace
+"""
+
+from .config import ConfigError, PruneConfig
+from .runner import Pruner, PruningInputError, apply
+from .trace import PruneTrace, Stage, VisualLayout
+from .adapters import UnsupportedModelError
+
+__all__ = ["PruneConfig", "ConfigError", "Pruner", "PruningInputError", "apply", "PruneTrace", "Stage",
+           "VisualLayout", "UnsupportedModelError"]
+__version__ = "0.1.0"

@@ -1,0 +1,80 @@
+"""What the runner needs to know about a model family, with Llama-style defaults.
+
+A family adapter overrides only what differs: how visual tokens are found, how positions are
+embedded, how token indices map onto the image (for overlays).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+
+class Adapter:
+    family = "base"
+    model_classes: tuple[str, ...] = ()
+    default_positions = "compact"
+    allowed_positions = ("compact", "original")
+
+    # ----------------------------------------------------------------- structure
+    def language_model(self, model: nn.Module) -> nn.Module:
+        return model.model.language_model
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return self.language_model(model).layers
+
+    def attn_implementation(self, model: nn.Module) -> str:
+        text_config = getattr(model.config, "text_config", model.config)
+        return str(getattr(text_config, "_attn_implementation", None) or "eager")
+
+    # ----------------------------------------------------------------- tokens
+    def visual_token_ids(self, model: nn.Module) -> list[int]:
+        ids = []
+        for name in ("image_token_id", "video_token_id"):
+            value = getattr(model.config, name, None)
+            if value is not None:
+                ids.append(int(value))
+        return ids
+
+    def visual_mask(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: True at every token the vision path fills in."""
+        mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        for token_id in self.visual_token_ids(model):
+            mask |= input_ids == token_id
+        return mask
+
+    # ----------------------------------------------------------------- positions
+    def rotary(self, model: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor):
+        """(cos, sin) for the given position ids, as the language model computes them."""
+        return self.language_model(model).rotary_emb(hidden, position_ids=position_ids)
+
+    def apply_rotary(self, attn: nn.Module, query, key, cos, sin):
+        module = sys.modules[type(attn).__module__]
+        return module.apply_rotary_pos_emb(query, key, cos, sin)
+
+    def project_qk(self, layer: nn.Module, hidden: torch.Tensor, position_embeddings):
+        """Queries (B, H, n, hd) and keys (B, Hkv, n, hd) that `layer` would compute from `hidden`.
+
+        Runs the layer's input norm, q/k projections (with their biases), q/k norms where the
+        model has them, and its rotary embedding; the model's attention kernel is not involved.
+        """
+        attn = layer.self_attn
+        normed = layer.input_layernorm(hidden)
+        shape = (*normed.shape[:-1], -1, attn.head_dim)
+        query = attn.q_proj(normed).view(shape)
+        key = attn.k_proj(normed).view(shape)
+        if getattr(attn, "q_norm", None) is not None:
+            query, key = attn.q_norm(query), attn.k_norm(key)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)
+        cos, sin = position_embeddings
+        return self.apply_rotary(attn, query, key, cos, sin)
+
+    def attention_scaling(self, layer: nn.Module) -> float:
+        return float(layer.self_attn.scaling)
+
+    # ----------------------------------------------------------------- overlays
+    def visual_layout(self, model: nn.Module, processor, image_size: tuple[int, int], num_tokens: int):
+        """VisualLayout for one image of size (W, H) giving `num_tokens` tokens, or None if unknown."""
+        return None

@@ -1,0 +1,60 @@
+"""LLaVA-1.5 (`LlavaForConditionalGeneration`): one 24x24 grid of CLIP patches per image."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..trace import VisualLayout
+from .base import Adapter
+
+
+def _size_value(size, *keys):
+    """Read a processor size field that may be a dict, an object with attributes, or an int."""
+    if isinstance(size, int):
+        return size
+    for key in keys:
+        value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+        if value:
+            return int(value)
+    return None
+
+
+def grid_boxes(rows: int, cols: int, x0: float, y0: float, x1: float, y1: float) -> torch.Tensor:
+    """(rows*cols, 4) boxes of a row-major grid spanning the rectangle (x0, y0)-(x1, y1)."""
+    ys = torch.linspace(y0, y1, rows + 1)
+    xs = torch.linspace(x0, x1, cols + 1)
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    r, c = r.flatten(), c.flatten()
+    return torch.stack([xs[c], ys[r], xs[c + 1], ys[r + 1]], dim=1)
+
+
+class LlavaAdapter(Adapter):
+    family = "llava"
+    model_classes = ("LlavaForConditionalGeneration",)
+
+    def visual_layout(self, model, processor, image_size, num_tokens):
+        """Map the patch grid back through the processor's resize + center crop."""
+        width, height = image_size
+        side = int(math.isqrt(num_tokens))
+        if side * side != num_tokens:
+            return None
+        image_processor = getattr(processor, "image_processor", processor)
+        crop = getattr(image_processor, "crop_size", None)
+        do_crop = bool(getattr(image_processor, "do_center_crop", False)) and crop is not None
+        size = getattr(image_processor, "size", None)
+        shortest = _size_value(size, "shortest_edge") if size is not None else None
+        if do_crop and shortest:
+            # Resize the short side to `shortest`, then cut a centred crop_h x crop_w window.
+            crop_h = _size_value(crop, "height") or shortest
+            crop_w = _size_value(crop, "width") or shortest
+            scale = shortest / min(width, height)
+            left = (width * scale - crop_w) / 2 / scale
+            top = (height * scale - crop_h) / 2 / scale
+            box = (left, top, left + crop_w / scale, top + crop_h / scale)
+        else:
+            box = (0.0, 0.0, float(width), float(height))  # squashed to a square: the grid spans it all
+        boxes = grid_boxes(side, side, *box)
+        return VisualLayout(boxes=boxes, segment=torch.zeros(num_tokens, dtype=torch.long), segments=["image"],
+                            image_size=(width, height))

@@ -1,0 +1,48 @@
+"""LLaVA-NeXT (`LlavaNextForConditionalGeneration`): AnyRes.
+
+One image becomes: the base view (the whole image squashed to one CLIP tile, rows x cols
+patches), then the high-resolution tiles stitched into one feature map, unpadded back to the
+image's aspect ratio, with an image-newline token closing every row. All of them carry the image
+token id, so all of them are visual tokens and candidates for pruning.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..trace import VisualLayout
+from .llava import LlavaAdapter, grid_boxes
+
+
+def anyres_feature_grid(image_size_hw, grid_pinpoints, tile_size: int, patches_per_side: int):
+    """(rows, cols) of the unpadded high-res feature map, as transformers computes it."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    tiles_h, tiles_w = get_anyres_image_grid_shape(image_size_hw, grid_pinpoints, tile_size)
+    features = torch.zeros(1, tiles_h * patches_per_side, tiles_w * patches_per_side)
+    features = unpad_image(features, torch.tensor(image_size_hw))
+    return features.shape[1], features.shape[2]
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    family = "llava_next"
+    model_classes = ("LlavaNextForConditionalGeneration",)
+
+    def visual_layout(self, model, processor, image_size, num_tokens):
+        width, height = image_size
+        vision = model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        strategy = getattr(model.config, "vision_feature_select_strategy", "default")
+        base_count = side * side if strategy == "default" else side * side + 1
+        rows, cols = anyres_feature_grid((height, width), model.config.image_grid_pinpoints, vision.image_size, side)
+        if base_count + rows * (cols + 1) != num_tokens:
+            return None
+        base = grid_boxes(side, side, 0.0, 0.0, float(width), float(height))
+        fine = grid_boxes(rows, cols, 0.0, 0.0, float(width), float(height)).view(rows, cols, 4)
+        newline = torch.full((rows, 1, 4), float("nan"))
+        fine = torch.cat([fine, newline], dim=1).view(-1, 4)
+        segment = torch.cat([torch.zeros(base_count, dtype=torch.long), torch.ones(rows * (cols + 1), dtype=torch.long)])
+        if base_count != side * side:  # "full" strategy keeps the CLS token: it has no place
+            base = torch.cat([torch.full((1, 4), float("nan")), base])
+        return VisualLayout(boxes=torch.cat([base, fine]), segment=segment, segments=["base", "high-res"],
+                            image_size=(width, height))

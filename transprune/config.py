@@ -1,0 +1,188 @@
+"""PruneConfig: which method prunes, where, and how much.
+
+Schedules are written in 1-indexed decoder-layer numbers. Presets are written for a 32-layer
+language model (the LLaVA-1.5-7B depth the paper uses) and are scaled to the model's depth by
+proportion when the pruner is attached; see `scale_layers`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+METHODS = ("transprune", "fastv", "pdrop", "random")
+CRITERIA = ("transprune", "ttv", "iga")
+DIRECTIONS = ("one_minus_cos", "one_minus_abs_cos")
+POSITIONS = ("compact", "original")
+
+REFERENCE_DEPTH = 32
+
+# Each preset is a dict of field overrides. "low" is inferred: the paper prints only its
+# TFLOPs (1.19 on LLaVA-1.5-7B); ratios .5/.25/.0625 at layers 7/9/12 reproduce that figure.
+PRESETS: dict[str, dict] = {
+    "high": dict(method="transprune", prune_layers=(7, 9, 12), keep_ratios=(0.875, 0.625, 0.125),
+                 accumulation_layers=tuple(range(7, 13)), alpha=0.5),
+    "low": dict(method="transprune", prune_layers=(7, 9, 12), keep_ratios=(0.5, 0.25, 0.0625),
+                accumulation_layers=tuple(range(7, 13)), alpha=0.5),
+    "off": dict(method="transprune", prune_layers=(7, 9, 12), keep_ratios=(1.0, 1.0, 1.0),
+                accumulation_layers=tuple(range(7, 13)), alpha=0.5),
+    "fastv": dict(method="fastv", prune_layers=(2,), keep_ratios=(0.5,), accumulation_layers=(),
+                  positions="original"),
+    "pdrop": dict(method="pdrop", prune_layers=(8, 16, 24), keep_ratios=(0.5, 0.25, 0.125),
+                  accumulation_layers=(), positions="compact"),
+    "random": dict(method="random", prune_layers=(7, 9, 12), keep_ratios=(0.875, 0.625, 0.125),
+                   accumulation_layers=()),
+}
+
+
+class ConfigError(ValueError):
+    """A PruneConfig that cannot run; the message says what to change."""
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def scale_layers(layers, num_layers: int, reference_depth: int = REFERENCE_DEPTH) -> tuple[int, ...]:
+    """Map 1-indexed layer numbers written for `reference_depth` layers onto `num_layers`.
+
+    Rule: l' = round_half_up(l * num_layers / reference_depth), at least 1 and at least one more
+    than the previous scaled layer, so a schedule stays strictly increasing on shallow models.
+    Example: (7, 9, 12) on 16 layers -> (4, 5, 6); on 12 layers -> (3, 4, 5).
+    """
+    scaled, previous = [], 0
+    for layer in layers:
+        value = max(1, _round_half_up(layer * num_layers / reference_depth), previous + 1)
+        scaled.append(value)
+        previous = value
+    return tuple(scaled)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    method: str = field(default="transprune", metadata={"help": f"one of {METHODS}"})
+    prune_layers: tuple[int, ...] = field(
+        default=(7, 9, 12), metadata={"help": "1-indexed layers on whose output pruning happens, increasing"})
+    keep_ratios: tuple[float, ...] = field(
+        default=(0.875, 0.625, 0.125),
+        metadata={"help": "share of the original visual tokens kept after each stage, in (0, 1], non-increasing"})
+    accumulation_layers: tuple[int, ...] | None = field(
+        default=None, metadata={"help": "layers whose TTV is accumulated; None = first..last prune layer"})
+    alpha: float = field(default=0.5, metadata={"help": "score = alpha*TTV + (1-alpha)*IGA"})
+    criterion: str = field(default="transprune", metadata={"help": f"one of {CRITERIA}"})
+    direction: str = field(default="one_minus_cos", metadata={"help": f"one of {DIRECTIONS}"})
+    positions: str | None = field(
+        default=None, metadata={"help": f"one of {POSITIONS}; None = the model family's default"})
+    reference_depth: int | None = field(
+        default=None, metadata={"help": "if set, layers are written for this depth and scaled to the model"})
+    seed: int = field(default=0, metadata={"help": "seed of the random method"})
+
+    def __post_init__(self):
+        # Accept lists from JSON / the CLI, store tuples so the config stays hashable.
+        object.__setattr__(self, "prune_layers", tuple(int(x) for x in self.prune_layers))
+        object.__setattr__(self, "keep_ratios", tuple(float(x) for x in self.keep_ratios))
+        if self.accumulation_layers is not None:
+            object.__setattr__(self, "accumulation_layers", tuple(int(x) for x in self.accumulation_layers))
+        self._check_names()
+        self._check_schedule()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "PruneConfig":
+        """A named preset ("high", "low", "off", "fastv", "pdrop", "random"), written for 32 layers."""
+        key = name.lower()
+        if key not in PRESETS:
+            raise ConfigError(f"Unknown preset {name!r}. Choose one of: {', '.join(PRESETS)}.")
+        values = dict(PRESETS[key], reference_depth=REFERENCE_DEPTH)
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"Unknown PruneConfig field(s) {sorted(unknown)}.")
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PruneConfig":
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def effective_alpha(self) -> float:
+        return {"transprune": self.alpha, "ttv": 1.0, "iga": 0.0}[self.criterion]
+
+    @property
+    def effective_accumulation_layers(self) -> tuple[int, ...]:
+        if self.accumulation_layers is not None:
+            return self.accumulation_layers
+        if self.method != "transprune":
+            return ()
+        return tuple(range(self.prune_layers[0], self.prune_layers[-1] + 1))
+
+    def resolve(self, num_layers: int, default_positions: str = "compact") -> "PruneConfig":
+        """The concrete schedule for a model with `num_layers` decoder layers, validated against it."""
+        values = self.to_dict()
+        if self.reference_depth is not None and self.reference_depth != num_layers:
+            prune = scale_layers(self.prune_layers, num_layers, self.reference_depth)
+            window = tuple(range(self.prune_layers[0], self.prune_layers[-1] + 1))
+            if self.accumulation_layers is None or self.accumulation_layers == window:
+                # The usual "first..last prune layer" window stays that window at any depth.
+                accumulate = self.accumulation_layers and tuple(range(prune[0], prune[-1] + 1))
+            else:
+                scaled = scale_layers(sorted(self.accumulation_layers), num_layers, self.reference_depth)
+                accumulate = tuple(sorted({min(l, prune[-1]) for l in scaled}))
+            values.update(prune_layers=prune, accumulation_layers=accumulate)
+        values["reference_depth"] = None
+        if values["positions"] is None:
+            values["positions"] = default_positions
+        resolved = PruneConfig(**values)
+        resolved.check_depth(num_layers)
+        return resolved
+
+    # ------------------------------------------------------------------ validation
+    def _check_names(self):
+        for name, value, allowed in (("method", self.method, METHODS), ("criterion", self.criterion, CRITERIA),
+                                     ("direction", self.direction, DIRECTIONS)):
+            if value not in allowed:
+                raise ConfigError(f"Unknown {name} {value!r}. Choose one of: {', '.join(allowed)}.")
+        if self.positions is not None and self.positions not in POSITIONS:
+            raise ConfigError(f"Unknown positions {self.positions!r}. Choose one of: {', '.join(POSITIONS)}.")
+
+    def _check_schedule(self):
+        layers, ratios = self.prune_layers, self.keep_ratios
+        if not layers:
+            raise ConfigError("prune_layers is empty: give at least one pruning layer, e.g. (7, 9, 12).")
+        if len(layers) != len(ratios):
+            raise ConfigError(f"prune_layers has {len(layers)} entries but keep_ratios has {len(ratios)}; "
+                              "give one keep ratio per pruning layer.")
+        if any(l < 1 for l in layers):
+            raise ConfigError(f"prune_layers {layers} must be 1-indexed layer numbers (>= 1).")
+        if any(b <= a for a, b in zip(layers, layers[1:])):
+            raise ConfigError(f"prune_layers {layers} must be strictly increasing.")
+        if any(not (0.0 < r <= 1.0) for r in ratios):
+            raise ConfigError(f"keep_ratios {ratios} must each lie in (0, 1].")
+        if any(b > a for a, b in zip(ratios, ratios[1:])):
+            raise ConfigError(f"keep_ratios {ratios} must not increase from one stage to the next.")
+        if not (0.0 <= self.alpha <= 1.0):
+            raise ConfigError(f"alpha {self.alpha} must lie in [0, 1].")
+        accumulate = self.effective_accumulation_layers
+        if any(l < 1 for l in accumulate):
+            raise ConfigError(f"accumulation_layers {accumulate} must be 1-indexed layer numbers (>= 1).")
+        if accumulate and max(accumulate) > layers[-1]:
+            raise ConfigError(f"accumulation_layers {accumulate} reach past the last pruning layer {layers[-1]}; "
+                              "TTV recorded after the last stage is never used.")
+        if self.method == "transprune" and self.effective_alpha > 0 and not accumulate:
+            raise ConfigError("TransPrune with alpha > 0 needs accumulation_layers at or before the pruning layers.")
+        if self.reference_depth is not None and self.reference_depth < 1:
+            raise ConfigError(f"reference_depth {self.reference_depth} must be a positive layer count.")
+
+    def check_depth(self, num_layers: int):
+        """Raise if the schedule does not fit a model with `num_layers` decoder layers."""
+        if self.prune_layers[-1] >= num_layers:
+            raise ConfigError(
+                f"Pruning layer {self.prune_layers[-1]} does not fit a model with {num_layers} decoder layers: "
+                f"pruning layers must be below {num_layers} so that a later layer sees the pruned sequence.")
+        if self.positions not in POSITIONS:
+            raise ConfigError(f"Unknown positions {self.positions!r}. Choose one of: {', '.join(POSITIONS)}.")

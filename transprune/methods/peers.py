@@ -1,0 +1,47 @@
+"""Peer methods scored through the same interface: FastV, PDrop and a random control."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import scoring
+from .base import Method, StageContext, StageScores
+
+
+def _last_token_attention(query, key, ctx: StageContext, scaling: float) -> torch.Tensor:
+    """Attention of the last prompt token to the candidates, mean over heads."""
+    last = torch.tensor([ctx.last_slot], device=query.device)
+    probs = scoring.attention_probs(query, key, last, ctx.key_valid, scaling).mean(dim=0)[0]
+    return probs[ctx.candidate_slots]
+
+
+class FastV(Method):
+    """FastV (Chen et al. 2024): after layer K, keep the visual tokens the last prompt token
+    attends to most in layer K itself (recomputed as a side pass, so SDPA/FA2 still work)."""
+    name = "fastv"
+
+    def layers_needing_input(self) -> set[int]:
+        return set(self.config.prune_layers)
+
+    def score(self, ctx: StageContext) -> StageScores:
+        query, key = ctx.this_layer_qk()
+        return StageScores(score=_last_token_attention(query, key, ctx, ctx.this_scaling))
+
+
+class PDrop(Method):
+    """PyramidDrop (Xing et al. 2024): at each stage, rank by the last instruction token's
+    attention, computed like IGA with the next layer's projections."""
+    name = "pdrop"
+
+    def score(self, ctx: StageContext) -> StageScores:
+        query, key = ctx.next_layer_qk()
+        return StageScores(score=_last_token_attention(query, key, ctx, ctx.next_scaling))
+
+
+class RandomKeep(Method):
+    """Uniform random keep at the same schedule: the control every method must beat."""
+    name = "random"
+
+    def score(self, ctx: StageContext) -> StageScores:
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + ctx.layer * 1009 + ctx.sample)
+        return StageScores(score=torch.rand(len(ctx.candidates), generator=generator))

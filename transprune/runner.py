@@ -1,0 +1,452 @@
+"""The generic runner: prunes visual tokens inside any supported model's text decoder with hooks.
+
+Nothing of the model is replaced. `Pruner` attaches forward hooks and pre-hooks:
+
+- on the outer model: read `input_ids` to find the visual tokens and the instruction of each
+  sample (the language model itself only sees `inputs_embeds`), and tell prefill from decode;
+- before every decoder layer: hand layers after a pruning stage the position embeddings,
+  position ids and attention mask of the surviving tokens (the language model computes them once
+  for the full sequence and passes the same objects to every layer);
+- on self-attention and MLP at the accumulation layers: record TTV (prefill only);
+- after each pruning layer: score the alive visual tokens, keep the top k, and return the
+  gathered hidden states, which become the next layer's input.
+
+Each layer's KV cache keeps what that layer saw in prefill, so decode steps need only the mask
+columns and (for "compact" positions) the position shift of the layer's stage. Samples of a padded
+batch may keep different numbers of tokens; shorter ones are left-filled with masked "dummy"
+slots so the batch stays rectangular.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import adapters, methods, scoring
+from .config import ConfigError, PruneConfig
+from .methods.base import StageContext
+from .trace import PruneTrace, Stage
+
+
+class PruningInputError(ValueError):
+    """The inputs cannot be pruned as given; the message says what to pass instead."""
+
+
+@dataclass
+class _View:
+    """The layout of the current (possibly pruned) sequence, shape (B, n) unless noted."""
+    seq_index: torch.Tensor      # original sequence position of each slot (dummies: any valid one)
+    dummy: torch.Tensor          # bool, slot is batch filler
+    token_valid: torch.Tensor    # bool, a real non-padding token
+    removed: torch.Tensor        # (B,) visual tokens removed so far
+    slot_of_pos: torch.Tensor    # (B, L) slot of each original position, -1 if removed
+    prefill_kwargs: dict | None = None
+
+
+@dataclass
+class _PrefillState:
+    is_visual: torch.Tensor                  # (B, L) bool
+    token_valid: torch.Tensor                # (B, L) bool
+    visual_positions: list[torch.Tensor]     # per sample, (N_b,) original positions of visual tokens
+    instruction_positions: list[torch.Tensor]
+    last_position: list[int]
+    alive: list[torch.Tensor]                # per sample, alive indices into the visual tokens
+    ttv_acc: list[torch.Tensor]              # per sample, (N_b,) float32 over all visual tokens
+    view: _View
+    stage_views: list[tuple[int, _View]] = field(default_factory=list)
+    full_kwargs: dict | None = None          # what layer 1 received (full-length)
+    layer_kwargs: dict | None = None         # what the latest layer received (after our changes)
+    layer_inputs: dict = field(default_factory=dict)
+    traces: list[PruneTrace] = field(default_factory=list)
+    prefill_length: int = 0
+    decoding: bool = False
+
+
+def _mask_fill_values(mask: torch.Tensor):
+    """(allowed, blocked) values of a bool mask or an additive float mask."""
+    if mask.dtype == torch.bool:
+        return True, False
+    return 0.0, torch.finfo(mask.dtype).min
+
+
+class Pruner:
+    """Prunes visual tokens of `model` according to `config` until `remove()` is called.
+
+    Use through `transprune.apply(model, config)`. `trace` is the PruneTrace of sample 0 of the
+    last prefill (None if that prompt had no visual tokens); `traces` has one per sample.
+    """
+
+    def __init__(self, model: nn.Module, config: PruneConfig):
+        if not isinstance(config, PruneConfig):
+            raise TypeError(f"config must be a transprune.PruneConfig, got {type(config).__name__}.")
+        self.model = model
+        self.adapter = adapters.for_model(model)
+        self.layers = self.adapter.decoder_layers(model)
+        self.config = config.resolve(len(self.layers), self.adapter.default_positions)
+        if self.config.positions not in self.adapter.allowed_positions:
+            raise ConfigError(
+                f"positions={self.config.positions!r} is not valid for {self.adapter.family} models; "
+                f"use one of {self.adapter.allowed_positions}.")
+        self.method = methods.for_config(self.config)
+        self.prune_layers = self.config.prune_layers
+        self.accumulation_layers = set(self.config.effective_accumulation_layers)
+        self.input_layers = self.method.layers_needing_input()
+        self.traces: list[PruneTrace] = []
+        self._state: _PrefillState | None = None
+        self._handles: list = []
+        try:
+            self._attach()
+        except Exception:
+            self.remove()
+            raise
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def trace(self) -> PruneTrace | None:
+        return self.traces[0] if self.traces else None
+
+    def _attach(self):
+        hook = self._handles.append
+        hook(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        for index, layer in enumerate(self.layers):
+            number = index + 1
+            hook(layer.register_forward_pre_hook(functools.partial(self._before_layer, number), with_kwargs=True))
+            if number in self.accumulation_layers:
+                hook(layer.self_attn.register_forward_hook(
+                    functools.partial(self._after_attention, number), with_kwargs=True))
+                hook(layer.mlp.register_forward_hook(functools.partial(self._after_mlp, number)))
+            if number in self.prune_layers:
+                hook(layer.register_forward_hook(functools.partial(self._after_prune_layer, number)))
+
+    def remove(self):
+        """Detach every hook and drop all state; safe to call twice."""
+        while self._handles:
+            self._handles.pop().remove()
+        self._state = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+    # ------------------------------------------------------------------ outer model
+    def _on_model_call(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        if cache is not None and "Static" in type(cache).__name__:
+            raise PruningInputError(
+                "TransPrune needs a dynamic KV cache (pruned layers cache fewer tokens); "
+                "do not use cache_implementation='static' or a StaticCache.")
+        if cache is not None and cache.get_seq_length() > 0:
+            if self._state is not None:
+                self._state.decoding = True
+            return None
+        self._state = None
+        self.traces = []
+        if input_ids is None:
+            if kwargs.get("inputs_embeds") is not None:
+                raise PruningInputError("TransPrune locates visual tokens from input_ids; call the model with "
+                                        "input_ids (and pixel_values), not inputs_embeds.")
+            return None
+        is_visual = self.adapter.visual_mask(self.model, input_ids)
+        if not bool(is_visual.any()):
+            return None
+        self._state = self._new_state(input_ids, is_visual, kwargs.get("attention_mask"))
+        return None
+
+    def _new_state(self, input_ids, is_visual, attention_mask) -> _PrefillState:
+        batch, length = input_ids.shape
+        device = input_ids.device
+        if attention_mask is not None and attention_mask.dim() == 2:
+            token_valid = attention_mask.bool().to(device)
+        else:
+            token_valid = torch.ones(batch, length, dtype=torch.bool, device=device)
+        visual_positions, instruction_positions, last_position = [], [], []
+        for b in range(batch):
+            visual = (is_visual[b] & token_valid[b]).nonzero().flatten()
+            real = token_valid[b].nonzero().flatten()
+            visual_positions.append(visual)
+            last_position.append(int(real[-1]))
+            if len(visual):
+                after = real[(real > visual[-1]) & ~is_visual[b, real]]
+            else:
+                after = real[-1:]
+            # A prompt that ends with its image has no instruction: its last token stands in.
+            instruction_positions.append(after if len(after) else real[-1:])
+        arange = torch.arange(length, device=device).expand(batch, length)
+        view = _View(seq_index=arange.clone(), dummy=torch.zeros_like(token_valid), token_valid=token_valid,
+                     removed=torch.zeros(batch, dtype=torch.long, device=device), slot_of_pos=arange.clone())
+        state = _PrefillState(
+            is_visual=is_visual & token_valid, token_valid=token_valid, visual_positions=visual_positions,
+            instruction_positions=instruction_positions, last_position=last_position,
+            alive=[torch.arange(len(v), device=device) for v in visual_positions],
+            ttv_acc=[torch.zeros(len(v), dtype=torch.float32, device=device) for v in visual_positions],
+            view=view, prefill_length=length)
+        state.traces = [PruneTrace(visual_tokens=len(v), method=self.config.method, config=self.config.to_dict())
+                        for v in visual_positions]
+        return state
+
+    # ------------------------------------------------------------------ decoder layers
+    def _before_layer(self, number, module, args, kwargs):
+        state = self._state
+        if state is None:
+            return None
+        if state.decoding:
+            view = self._view_for_layer(number)
+            if view is None:
+                return None
+            return args, {**kwargs, **self._decode_kwargs(view, kwargs)}
+        if number == 1:
+            state.full_kwargs = {key: kwargs.get(key) for key in ("position_embeddings", "attention_mask",
+                                                                  "position_ids")}
+        if state.stage_views:
+            kwargs = {**kwargs, **state.view.prefill_kwargs}
+        state.layer_kwargs = kwargs
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if number in self.input_layers:
+            state.layer_inputs[number] = hidden
+        counts = state.view.token_valid.sum(dim=1).tolist()
+        for b, trace in enumerate(state.traces):
+            trace.tokens_per_layer.append(int(counts[b]))
+            trace.visual_tokens_per_layer.append(len(state.alive[b]))
+        return args, kwargs
+
+    def _view_for_layer(self, number) -> _View | None:
+        view = None
+        for layer, stage_view in self._state.stage_views:
+            if layer < number:
+                view = stage_view
+        return view
+
+    def _after_attention(self, number, module, args, kwargs, output):
+        hidden_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self._record_ttv(hidden_in, output[0] if isinstance(output, tuple) else output)
+
+    def _after_mlp(self, number, module, args, output):
+        self._record_ttv(args[0], output)
+
+    @torch.no_grad()
+    def _record_ttv(self, hidden_in, hidden_out):
+        state = self._state
+        if state is None or state.decoding:
+            return
+        values = scoring.ttv(hidden_in, hidden_out, state.view.token_valid, self.config.direction)
+        for b, alive in enumerate(state.alive):
+            slots = state.view.slot_of_pos[b, state.visual_positions[b][alive]]
+            state.ttv_acc[b][alive] += values[b, slots]
+
+    @torch.no_grad()
+    def _after_prune_layer(self, number, module, args, output):
+        state = self._state
+        if state is None or state.decoding:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        stage_index = self.prune_layers.index(number)
+        ratio = self.config.keep_ratios[stage_index]
+        scorer = _SidePasses(self, number, hidden)
+        view = state.view
+        for b in range(hidden.shape[0]):
+            candidates = state.alive[b]
+            num_visual = len(state.visual_positions[b])
+            if num_visual == 0:
+                continue
+            slots_of = lambda positions: view.slot_of_pos[b, positions]  # noqa: E731
+            context = StageContext(
+                sample=b, layer=number, candidates=candidates,
+                candidate_slots=slots_of(state.visual_positions[b][candidates]),
+                instruction_slots=slots_of(state.instruction_positions[b]),
+                last_slot=int(view.slot_of_pos[b, state.last_position[b]]),
+                key_valid=view.token_valid[b], ttv_acc=state.ttv_acc[b][candidates],
+                next_layer_qk=functools.partial(scorer.next_layer_qk, b),
+                this_layer_qk=functools.partial(scorer.this_layer_qk, b),
+                next_scaling=scorer.next_scaling, this_scaling=scorer.this_scaling)
+            scores = self.method.score(context)
+            keep = scoring.topk_keep(scores.score, scoring.keep_count(num_visual, ratio))
+            state.alive[b] = candidates[keep]
+            state.traces[b].stages.append(Stage(
+                layer=number, keep_ratio=ratio, candidates=candidates.cpu(), kept=candidates[keep].cpu(),
+                score=scores.score.detach().cpu(),
+                ttv=None if scores.ttv is None else scores.ttv.detach().cpu(),
+                iga=None if scores.iga is None else scores.iga.detach().cpu()))
+        state.layer_inputs.pop(number, None)
+        new_view, gather = self._next_view()
+        new_view.prefill_kwargs = self._prefill_kwargs(new_view, hidden)
+        state.view = new_view
+        state.stage_views.append((number, new_view))
+        if number == self.prune_layers[-1]:
+            self.traces = state.traces
+        pruned = hidden.gather(1, gather[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        if isinstance(output, tuple):
+            return (pruned, *output[1:])
+        return pruned
+
+    # ------------------------------------------------------------------ gathers
+    def _next_view(self):
+        """The view after the current stage and, per new slot, the old slot to gather from."""
+        state, old = self._state, self._state.view
+        batch, length = state.is_visual.shape
+        device = state.is_visual.device
+        kept_positions = []
+        for b in range(batch):
+            keep = ~state.is_visual[b]
+            keep[state.visual_positions[b][state.alive[b]]] = True
+            kept_positions.append(keep.nonzero().flatten())
+        width = max(len(p) for p in kept_positions)
+        seq_index = torch.empty(batch, width, dtype=torch.long, device=device)
+        dummy = torch.zeros(batch, width, dtype=torch.bool, device=device)
+        slot_of_pos = torch.full((batch, length), -1, dtype=torch.long, device=device)
+        for b, positions in enumerate(kept_positions):
+            pad = width - len(positions)
+            dummy[b, :pad] = True
+            seq_index[b, :pad] = positions[0]
+            seq_index[b, pad:] = positions
+            slot_of_pos[b, positions] = torch.arange(pad, width, device=device)
+        token_valid = state.token_valid.gather(1, seq_index) & ~dummy
+        removed = torch.tensor([len(v) - len(a) for v, a in zip(state.visual_positions, state.alive)],
+                               device=device)
+        gather = old.slot_of_pos.gather(1, seq_index)
+        return _View(seq_index, dummy, token_valid, removed, slot_of_pos), gather
+
+    def _positions(self, view: _View, position_ids: torch.Tensor) -> torch.Tensor:
+        """Position ids of the surviving slots in the configured mode."""
+        batch = view.seq_index.shape[0]
+        index = view.seq_index
+        if position_ids.dim() == 3:  # M-RoPE: (3, B, L)
+            ids = position_ids.expand(-1, batch, -1).gather(2, index[None].expand(position_ids.shape[0], -1, -1))
+        else:
+            ids = position_ids.expand(batch, -1).gather(1, index)
+        if self.config.positions == "compact":
+            # Renumber: each kept token moves back by the number of removed tokens before it.
+            pad = view.dummy.sum(dim=1, keepdim=True)
+            rank = torch.arange(index.shape[1], device=index.device)[None] - pad
+            ids = (ids - (index - rank)).clamp_min(0)
+        return ids
+
+    def _prefill_kwargs(self, view: _View, hidden: torch.Tensor) -> dict:
+        full = self._state.full_kwargs
+        batch = hidden.shape[0]
+        result = {}
+        position_ids = full.get("position_ids")
+        if position_ids is None:
+            position_ids = torch.arange(self._state.prefill_length, device=hidden.device)[None]
+        new_ids = self._positions(view, position_ids)
+        result["position_ids"] = new_ids
+        if self.config.positions == "compact":
+            placeholder = hidden.new_empty(batch, view.seq_index.shape[1], hidden.shape[-1])
+            result["position_embeddings"] = self.adapter.rotary(self.model, placeholder, new_ids)
+        else:
+            index = view.seq_index
+            result["position_embeddings"] = tuple(
+                t.expand(batch, -1, -1).gather(1, index[:, :, None].expand(-1, -1, t.shape[-1]))
+                for t in full["position_embeddings"])
+        result["attention_mask"] = self._prefill_mask(view, full.get("attention_mask"))
+        return result
+
+    def _prefill_mask(self, view: _View, mask):
+        index, dummy = view.seq_index, view.dummy
+        batch, width = index.shape
+        has_dummy = bool(dummy.any())
+        flash = "flash" in self.adapter.attn_implementation(self.model)
+        if mask is None and not has_dummy:
+            return None
+        if flash:
+            # FlashAttention-2 takes a (B, L) padding mask.
+            valid = view.token_valid.to(torch.long)
+            return valid if (mask is not None or has_dummy) else None
+        if mask is None:
+            causal = torch.ones(width, width, dtype=torch.bool, device=index.device).tril()
+            mask = causal[None, None].expand(batch, 1, width, width).clone()
+        else:
+            heads = mask.shape[1]
+            mask = mask.expand(batch, -1, -1, -1)
+            mask = mask.gather(2, index[:, None, :, None].expand(-1, heads, -1, mask.shape[3]))
+            mask = mask.gather(3, index[:, None, None, :].expand(-1, heads, width, -1))
+        if has_dummy:
+            allowed, blocked = _mask_fill_values(mask)
+            mask = mask.masked_fill(dummy[:, None, None, :], blocked)
+            # A dummy row attends only to itself, so no row is fully masked (NaN in SDPA).
+            eye = torch.eye(width, dtype=torch.bool, device=index.device)
+            mask = mask.masked_fill((dummy[:, None, :, None] & eye[None, None]), allowed)
+        return mask
+
+    def _decode_kwargs(self, view: _View, kwargs) -> dict:
+        result = {}
+        mask = kwargs.get("attention_mask")
+        prefill_length = self._state.prefill_length
+        has_dummy = bool(view.dummy.any())
+        if mask is not None:
+            total = mask.shape[-1]
+            extra = torch.arange(prefill_length, total, device=mask.device)
+            columns = torch.cat([view.seq_index, extra.expand(view.seq_index.shape[0], -1)], dim=1)
+            if mask.dim() == 2:
+                pad = torch.zeros(columns.shape[0], len(extra), dtype=torch.bool, device=mask.device)
+                mask = mask.gather(1, columns).masked_fill(torch.cat([view.dummy, pad], 1), 0)
+            else:
+                mask = mask.expand(columns.shape[0], -1, -1, -1)
+                mask = mask.gather(3, columns[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
+                if has_dummy:
+                    _, blocked = _mask_fill_values(mask)
+                    pad = torch.zeros(columns.shape[0], len(extra), dtype=torch.bool, device=mask.device)
+                    mask = mask.masked_fill(torch.cat([view.dummy, pad], 1)[:, None, None, :], blocked)
+            result["attention_mask"] = mask
+        elif has_dummy:
+            query_length = kwargs["position_embeddings"][0].shape[1]
+            cache = kwargs.get("past_key_values")
+            seen = cache.get_seq_length() if cache is not None else prefill_length
+            extra = seen + query_length - prefill_length
+            keep = torch.cat([~view.dummy, torch.ones(view.dummy.shape[0], extra, dtype=torch.bool,
+                                                      device=view.dummy.device)], dim=1)
+            if "flash" in self.adapter.attn_implementation(self.model):
+                result["attention_mask"] = keep.to(torch.long)
+            else:
+                result["attention_mask"] = keep[:, None, None, :].expand(-1, 1, query_length, -1)
+        if self.config.positions == "compact":
+            position_ids = kwargs["position_ids"] - view.removed[:, None]
+            cos = kwargs["position_embeddings"][0]
+            result["position_ids"] = position_ids
+            result["position_embeddings"] = self.adapter.rotary(self.model, cos, position_ids)
+        return result
+
+
+class _SidePasses:
+    """Lazy q/k projections for the scores of one pruning stage, shared by the batch's samples."""
+
+    def __init__(self, pruner: Pruner, number: int, hidden: torch.Tensor):
+        self.pruner, self.number, self.hidden = pruner, number, hidden
+        layers = pruner.layers
+        self.next_scaling = pruner.adapter.attention_scaling(layers[number])
+        self.this_scaling = pruner.adapter.attention_scaling(layers[number - 1])
+        self._next = self._this = None
+
+    @torch.no_grad()
+    def next_layer_qk(self, sample: int):
+        if self._next is None:
+            state = self.pruner._state
+            position_embeddings = state.layer_kwargs["position_embeddings"]
+            self._next = self.pruner.adapter.project_qk(self.pruner.layers[self.number], self.hidden,
+                                                        position_embeddings)
+        return self._next[0][sample], self._next[1][sample]
+
+    @torch.no_grad()
+    def this_layer_qk(self, sample: int):
+        if self._this is None:
+            state = self.pruner._state
+            layer_input = state.layer_inputs[self.number]
+            self._this = self.pruner.adapter.project_qk(self.pruner.layers[self.number - 1], layer_input,
+                                                        state.layer_kwargs["position_embeddings"])
+        return self._this[0][sample], self._this[1][sample]
+
+
+def apply(model: nn.Module, config: PruneConfig | str = "high") -> Pruner:
+    """Prune `model`'s visual tokens with `config` (a PruneConfig or a preset name).
+
+    Returns a Pruner; use it as a context manager or call `.remove()` to restore the model.
+    """
+    if isinstance(config, str):
+        config = PruneConfig.preset(config)
+    return Pruner(model, config)

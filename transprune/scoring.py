@@ -1,0 +1,90 @@
+"""The TransPrune math as pure tensor functions (no hooks, no state).
+
+Shapes: B batch, n tokens of the current sequence, d hidden size, H query heads, Hkv key heads.
+All scores are computed in float32 whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-8
+
+
+def ttv(x_in: torch.Tensor, x_out: torch.Tensor, valid: torch.Tensor | None = None,
+        direction: str = "one_minus_cos") -> torch.Tensor:
+    """Token Transition Variation of one sub-module (attention or MLP), per token.
+
+    x_in: (B, n, d) what the sub-module received (output of the norm before it);
+    x_out: (B, n, d) its output before the residual add; valid: (B, n) bool, False for padding.
+    TTV_t = (|x_out_t| / |x_in_t|) * softmax_t(g), g_t = 1 - cos(x_in_t, x_out_t)
+    (or 1 - |cos| with direction="one_minus_abs_cos"); the softmax runs over each sample's valid
+    tokens. Returns (B, n) float32, 0 at invalid tokens.
+    """
+    x_in, x_out = x_in.float(), x_out.float()
+    magnitude = x_out.norm(dim=-1) / x_in.norm(dim=-1).clamp_min(EPS)
+    cosine = F.cosine_similarity(x_in, x_out, dim=-1, eps=EPS)
+    if direction == "one_minus_cos":
+        change = 1.0 - cosine
+    elif direction == "one_minus_abs_cos":
+        change = 1.0 - cosine.abs()
+    else:
+        raise ValueError(f"Unknown direction {direction!r}; use 'one_minus_cos' or 'one_minus_abs_cos'.")
+    if valid is not None:
+        change = change.masked_fill(~valid, float("-inf"))
+    result = magnitude * torch.softmax(change, dim=-1)
+    if valid is not None:
+        result = result.masked_fill(~valid, 0.0)
+    return result
+
+
+def attention_probs(query: torch.Tensor, key: torch.Tensor, query_slots: torch.Tensor,
+                    key_valid: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Causal softmax attention of selected queries over all keys of one sample.
+
+    query: (H, n, hd) and key: (Hkv, n, hd) after rotary embedding; query_slots: (q,) long, the
+    query tokens' slots; key_valid: (n,) bool. Key heads are repeated for grouped-query attention.
+    Returns (H, q, n) float32 probabilities; key j is visible to query i iff j <= i and valid.
+    """
+    heads, kv_heads, n = query.shape[0], key.shape[0], key.shape[1]
+    key = key.repeat_interleave(heads // kv_heads, dim=0).float()
+    logits = query[:, query_slots].float() @ key.transpose(-1, -2) * scaling
+    visible = (torch.arange(n, device=key.device)[None, :] <= query_slots[:, None]) & key_valid[None, :]
+    logits = logits.masked_fill(~visible[None], float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """x / (sum(x) + 1e-8): scores summing to one over the candidates."""
+    return x / (x.sum() + EPS)
+
+
+def iga(query: torch.Tensor, key: torch.Tensor, instruction_slots: torch.Tensor, key_valid: torch.Tensor,
+        candidate_slots: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Instruction-Guided Attention to each candidate visual token of one sample.
+
+    Attention of the instruction queries (mean over heads, then over queries) to the candidate
+    keys, normalised to sum to one. Returns (len(candidate_slots),) float32.
+    """
+    probs = attention_probs(query, key, instruction_slots, key_valid, scaling).mean(dim=0)
+    return normalize(probs[:, candidate_slots].mean(dim=0))
+
+
+def combine(ttv_acc: torch.Tensor, iga_scores: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """score = alpha * normalize(TTV_acc) + (1 - alpha) * IGA (IGA already normalised)."""
+    score = alpha * normalize(ttv_acc.float())
+    if alpha < 1.0:
+        score = score + (1.0 - alpha) * iga_scores.float()
+    return score
+
+
+def keep_count(num_visual: int, ratio: float) -> int:
+    """k_i = floor(N * r_i), computed so that e.g. 576 * 0.875 is exactly 504."""
+    return int(num_visual * ratio + 1e-9)
+
+
+def topk_keep(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores, sorted ascending (the kept tokens keep their order)."""
+    k = max(0, min(k, score.numel()))
+    return torch.topk(score, k, sorted=False).indices.sort().values
