@@ -1,0 +1,261 @@
+"""Model registry and the one generation entry point the app, the benchmark and the eval share.
+
+    lm = transprune.models.load("tiny-llava")                  # offline, random weights, seconds
+    lm = transprune.models.load("llava-1.5-7b", device="cuda", dtype="float16")
+    result = lm.generate(image, "What is in the picture?", config=transprune.PruneConfig.preset("high"))
+    result.text, result.trace, result.timings
+
+Real checkpoints load with `from_pretrained` (never trust_remote_code); offline entries build
+from code in seconds and need no network.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .config import PruneConfig
+from .runner import apply
+from .trace import PruneTrace
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    label: str
+    family: str
+    size: str
+    checkpoint: str | None = None          # Hugging Face model id; None for built-in offline models
+    builder: Callable | None = None        # () -> (model, processor) for offline models
+    video: bool = False
+    description: str = ""
+
+    @property
+    def offline(self) -> bool:
+        return self.checkpoint is None
+
+    @property
+    def display_name(self) -> str:
+        where = "offline, built in" if self.offline else "downloads from the Hub"
+        return f"{self.label} ({self.size}, {where})"
+
+
+def _tiny_llava():
+    from .tiny import tiny_llava
+    return tiny_llava()
+
+
+def _tiny_llava_next():
+    from .tiny import tiny_llava_next
+    return tiny_llava_next()
+
+
+REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    if spec.name in REGISTRY:
+        raise ValueError(f"Model {spec.name!r} is already registered.")
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+for _spec in (
+    ModelSpec("tiny-llava", "Tiny LLaVA (random weights)", "llava", "0.9M", builder=_tiny_llava,
+              description="LLaVA-1.5 architecture, 16 layers, random weights: exercises pruning, answers are noise."),
+    ModelSpec("tiny-llava-next", "Tiny LLaVA-NeXT (random weights)", "llava_next", "0.9M", builder=_tiny_llava_next,
+              description="LLaVA-NeXT AnyRes architecture, random weights."),
+    ModelSpec("llava-1.5-7b", "LLaVA-1.5-7B", "llava", "7B", checkpoint="llava-hf/llava-1.5-7b-hf"),
+    ModelSpec("llava-1.5-13b", "LLaVA-1.5-13B", "llava", "13B", checkpoint="llava-hf/llava-1.5-13b-hf"),
+    ModelSpec("llava-next-vicuna-7b", "LLaVA-NeXT-Vicuna-7B", "llava_next", "7B",
+              checkpoint="llava-hf/llava-v1.6-vicuna-7b-hf"),
+    ModelSpec("llava-next-mistral-7b", "LLaVA-NeXT-Mistral-7B", "llava_next", "7B",
+              checkpoint="llava-hf/llava-v1.6-mistral-7b-hf"),
+):
+    register(_spec)
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to try."""
+
+
+def _model_class(family: str):
+    import transformers
+    names = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
+    return getattr(transformers, names[family])
+
+
+def _parse_dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {', '.join(table)}.")
+    return table[dtype]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load(name: str, device: str | None = None, dtype=None, attn_implementation: str | None = None) -> "LoadedModel":
+    """Load a registered model (or any Hugging Face id of a supported family) with its processor."""
+    device = device or default_device()
+    dtype = _parse_dtype(dtype)
+    if name in REGISTRY:
+        spec = REGISTRY[name]
+    elif "/" in name:
+        spec = ModelSpec(name, name, family="", size="?", checkpoint=name)
+    else:
+        raise ModelLoadError(f"Unknown model {name!r}. Registered models: {', '.join(REGISTRY)}; "
+                             "or pass a Hugging Face id such as llava-hf/llava-1.5-7b-hf.")
+    if spec.offline:
+        model, processor = spec.builder()
+        if attn_implementation:
+            model.config._attn_implementation = attn_implementation
+            model.config.text_config._attn_implementation = attn_implementation
+        model = model.to(device=device, dtype=dtype or torch.float32)
+    else:
+        model, processor = _from_pretrained(spec, device, dtype, attn_implementation)
+    return LoadedModel(spec=spec, model=model.eval(), processor=processor)
+
+
+def _from_pretrained(spec: ModelSpec, device: str, dtype, attn_implementation):
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+
+    dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
+    try:
+        config = AutoConfig.from_pretrained(spec.checkpoint)
+        model_class = getattr(transformers, config.architectures[0]) if not spec.family else _model_class(spec.family)
+        kwargs = dict(dtype=dtype)
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        if device.startswith("cuda"):
+            kwargs["device_map"] = device
+        model = model_class.from_pretrained(spec.checkpoint, **kwargs)
+        if not device.startswith("cuda"):
+            model = model.to(device)
+        processor = AutoProcessor.from_pretrained(spec.checkpoint)
+    except torch.cuda.OutOfMemoryError as error:
+        raise ModelLoadError(f"{spec.label} does not fit in GPU memory ({error}). Pick a smaller model or "
+                             "dtype=float16/bfloat16.") from error
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"Could not load {spec.checkpoint} from the Hugging Face Hub: {error}. Check the "
+                             "network connection and the model id, or pick a built-in offline model.") from error
+    return model, processor
+
+
+@dataclass
+class Result:
+    text: str
+    trace: PruneTrace | None
+    timings: dict = field(default_factory=dict)    # prefill_ms, decode_tokens_per_s, total_ms, new_tokens, peak_mb
+    output_ids: torch.Tensor | None = None
+    inputs: dict | None = None
+
+
+class _Clock:
+    """A generate() streamer that notes when each new token is ready (first one = end of prefill)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stamps: list[float] = []
+        self._prompt_seen = False
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def put(self, value):
+        if not self._prompt_seen:  # generate() first hands over the prompt
+            self._prompt_seen = True
+            return
+        self._sync()
+        self.stamps.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    model: torch.nn.Module
+    processor: object
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def prompt(self, question: str, media: str = "image") -> str:
+        content = [{"type": media}, {"type": "text", "text": question}]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                  add_generation_prompt=True)
+
+    def prepare(self, image, question: str) -> dict:
+        """Processor inputs for one image (a PIL image, or None for a text-only prompt) and a question."""
+        if image is None:
+            inputs = self.processor(text=self.prompt(question, media="text").replace("  ", " "),
+                                    return_tensors="pt")
+        else:
+            inputs = self.processor(images=image.convert("RGB"), text=self.prompt(question), return_tensors="pt")
+        return {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
+                for k, v in inputs.items()}
+
+    @torch.inference_mode()
+    def generate(self, image, question: str, config: PruneConfig | str | None = None,
+                 max_new_tokens: int = 32, inputs: dict | None = None) -> Result:
+        """Greedy answer to `question` about `image`, pruned with `config` (None = unpruned)."""
+        inputs = inputs if inputs is not None else self.prepare(image, question)
+        if isinstance(config, str):
+            config = PruneConfig.preset(config)
+        device = self.device
+        clock = _Clock(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            torch.cuda.synchronize(device)
+        pruner = apply(self.model, config) if config is not None else None
+        try:
+            start = time.perf_counter()
+            output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                         streamer=clock)
+            clock._sync()
+            end = time.perf_counter()
+            trace = pruner.trace if pruner is not None else None
+        finally:
+            if pruner is not None:
+                pruner.remove()
+        new_ids = output[0, inputs["input_ids"].shape[1]:]
+        text = self.processor.decode(new_ids, skip_special_tokens=True).strip()
+        first = clock.stamps[0] if clock.stamps else end
+        decode_steps = max(len(clock.stamps) - 1, 0)
+        decode_seconds = end - first
+        timings = dict(prefill_ms=(first - start) * 1000.0, total_ms=(end - start) * 1000.0,
+                       new_tokens=len(new_ids),
+                       decode_tokens_per_s=(decode_steps / decode_seconds) if decode_steps and decode_seconds > 0
+                       else None,
+                       peak_mb=self._peak_memory_mb(device))
+        if trace is not None and image is not None:
+            trace.layout = self.visual_layout(image.size, trace.visual_tokens)
+        return Result(text=text, trace=trace, timings=timings, output_ids=output, inputs=inputs)
+
+    def visual_layout(self, image_size, num_tokens):
+        from .adapters import for_model
+        return for_model(self.model).visual_layout(self.model, self.processor, image_size, num_tokens)
+
+    @staticmethod
+    def _peak_memory_mb(device: torch.device) -> float:
+        if device.type == "cuda":
+            return torch.cuda.max_memory_allocated(device) / 2**20
+        # CPU: the process's peak resident set size (Linux reports KiB); monotonic over the process.
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
