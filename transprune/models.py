@@ -12,6 +12,7 @@ from code in seconds and need no network.
 from __future__ import annotations
 
 import resource
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -54,6 +55,12 @@ def _tiny_llava_next():
     return tiny_llava_next()
 
 
+def _shapes_llava():
+    # Trained weights shipped in the package (issue: embedded default model).
+    from .shapes import load_shapes_llava
+    return load_shapes_llava()
+
+
 REGISTRY: dict[str, ModelSpec] = {}
 
 
@@ -65,6 +72,9 @@ def register(spec: ModelSpec) -> ModelSpec:
 
 
 for _spec in (
+    ModelSpec("shapes-llava", "Shapes LLaVA (trained, answers scene questions)", "llava", "4M",
+              builder=_shapes_llava,
+              description="A small LLaVA trained on synthetic shape scenes; answers colour/shape/count/where questions."),
     ModelSpec("tiny-llava", "Tiny LLaVA (random weights)", "llava", "0.9M", builder=_tiny_llava,
               description="LLaVA-1.5 architecture, 16 layers, random weights: exercises pruning, answers are noise."),
     ModelSpec("tiny-llava-next", "Tiny LLaVA-NeXT (random weights)", "llava_next", "0.9M", builder=_tiny_llava_next,
@@ -188,6 +198,9 @@ class LoadedModel:
     spec: ModelSpec
     model: torch.nn.Module
     processor: object
+    # Pruning hooks live on the model for the duration of one call; the lock keeps concurrent
+    # callers (two app users) from ever running under each other's settings.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
@@ -221,6 +234,10 @@ class LoadedModel:
             config = PruneConfig.preset(config)
         device = self.device
         clock = _Clock(device)
+        with self.lock:
+            return self._generate_locked(image, inputs, config, max_new_tokens, clock, device)
+
+    def _generate_locked(self, image, inputs, config, max_new_tokens, clock, device) -> Result:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             torch.cuda.synchronize(device)
