@@ -1,6 +1,11 @@
-"""Synthetic shape scenes and the small LLaVA trained on them (work in progress)."""
+"""Synthetic shape scenes and the small LLaVA trained on them ("shapes-llava", the offline default).
 
+    from transprune.shapes import scenes, load_shapes_llava
+    model, processor = load_shapes_llava()          # the weights shipped in transprune/assets/
+    example = scenes.dataset(seed=0, n=1)[0]        # example.image, example.question.text / .answer
+"""
 
-def load_shapes_llava():
-    from ..models import ModelLoadError
-    raise ModelLoadError("The trained shapes-llava weights are not shipped yet; pick tiny-llava.")
+from . import scenes
+from .model import ASSET_DIR, load_shapes_llava
+
+__all__ = ["scenes", "load_shapes_llava", "ASSET_DIR"]

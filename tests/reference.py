@@ -1,0 +1,148 @@
+"""A slow, hook-free reference of TransPrune for one unpadded prompt.
+
+It runs the decoder layers itself, sub-module by sub-module, deletes the pruned tokens from its
+own tensors and keeps its own KV cache. Its scores are computed independently of the library:
+TTV with its own formula from the sub-modules' inputs/outputs, IGA from the attention
+probabilities the next layer's own eager attention returns. The library must agree with it.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+
+def _ttv(x_in, x_out, direction):
+    x_in, x_out = x_in[0].double(), x_out[0].double()          # (n, d)
+    ratio = torch.linalg.vector_norm(x_out, dim=-1) / torch.linalg.vector_norm(x_in, dim=-1)
+    cos = (x_in * x_out).sum(-1) / (torch.linalg.vector_norm(x_in, dim=-1) * torch.linalg.vector_norm(x_out, dim=-1))
+    change = 1 - cos if direction == "one_minus_cos" else 1 - cos.abs()
+    weights = torch.exp(change - change.max())
+    return ratio * weights / weights.sum()
+
+
+def _additive_causal_mask(n, dtype):
+    mask = torch.full((n, n), torch.finfo(dtype).min, dtype=dtype).triu(1)
+    return mask[None, None]
+
+
+class Reference:
+    def __init__(self, model, config):
+        """`config` must already be resolved for the model's depth (PruneConfig.resolve)."""
+        self.model, self.config = model, config
+        self.lm = model.model.language_model
+        self.layers = self.lm.layers
+        self.stages = dict(zip(config.prune_layers, config.keep_ratios))
+
+    def _embeds(self, inputs):
+        captured = {}
+
+        def grab(module, args, kwargs):
+            captured["embeds"] = kwargs["inputs_embeds"]
+            raise StopIteration
+
+        handle = self.lm.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            self.model(**inputs)
+        except StopIteration:
+            pass
+        finally:
+            handle.remove()
+        return captured["embeds"]
+
+    def _attention_probs(self, layer, hidden, cos_sin):
+        """Attention probabilities (H, n, n) of `layer` on `hidden`, from its own eager attention."""
+        config = layer.self_attn.config
+        saved = config._attn_implementation
+        config._attn_implementation = "eager"
+        try:
+            normed = layer.input_layernorm(hidden)
+            _, weights = layer.self_attn(hidden_states=normed, position_embeddings=cos_sin,
+                                         attention_mask=_additive_causal_mask(hidden.shape[1], hidden.dtype))
+        finally:
+            config._attn_implementation = saved
+        return weights[0].double()
+
+    @torch.no_grad()
+    def run(self, inputs, max_new_tokens=4):
+        """Greedy ids, last-position prefill logits and the kept visual indices per stage."""
+        config, model = self.config, self.model
+        ids = inputs["input_ids"][0]
+        is_visual = torch.zeros_like(ids, dtype=torch.bool)
+        for name in ("image_token_id", "video_token_id"):
+            value = getattr(model.config, name, None)
+            if value is not None:
+                is_visual |= ids == value
+        visual_positions = is_visual.nonzero().flatten()
+        num_visual = len(visual_positions)
+        hidden = self._embeds(inputs)
+        length = hidden.shape[1]
+        kept_seq = torch.arange(length)                  # original positions still in the sequence
+        alive = torch.arange(num_visual)                  # alive visual indices
+        removed_for_layer = []
+        ttv_acc = torch.zeros(num_visual, dtype=torch.float64)
+        cache = DynamicCache(config=self.lm.config)
+        kept_per_stage = []
+        alpha = config.effective_alpha
+
+        def positions(removed):
+            if config.positions == "original":
+                return kept_seq
+            return torch.arange(len(kept_seq))
+
+        removed = 0
+        for number, layer in enumerate(self.layers, start=1):
+            removed_for_layer.append(removed)
+            pos = positions(removed)[None]
+            cos_sin = self.lm.rotary_emb(hidden, pos)
+            mask = _additive_causal_mask(hidden.shape[1], hidden.dtype)
+            normed = layer.input_layernorm(hidden)
+            attn_out, _ = layer.self_attn(hidden_states=normed, position_embeddings=cos_sin, attention_mask=mask,
+                                          past_key_values=cache)
+            mid = hidden + attn_out
+            normed2 = layer.post_attention_layernorm(mid)
+            mlp_out = layer.mlp(normed2)
+            out = mid + mlp_out
+            vis_slots = torch.searchsorted(kept_seq, visual_positions[alive])
+            if number in config.effective_accumulation_layers:
+                ttv_acc[alive] += (_ttv(normed, attn_out, config.direction) +
+                                   _ttv(normed2, mlp_out, config.direction))[vis_slots]
+            if number in self.stages:
+                ttv = ttv_acc[alive] / (ttv_acc[alive].sum() + 1e-8)
+                probs = self._attention_probs(self.layers[number], out, cos_sin).mean(0)
+                instruction = (~is_visual[kept_seq]).nonzero().flatten()
+                instruction = instruction[kept_seq[instruction] > visual_positions[-1]]
+                iga = probs[instruction][:, vis_slots].mean(0)
+                iga = iga / (iga.sum() + 1e-8)
+                score = alpha * ttv + (1 - alpha) * iga
+                k = int(num_visual * self.stages[number] + 1e-9)
+                keep = torch.topk(score, k).indices.sort().values
+                alive = alive[keep]
+                kept_per_stage.append(alive.clone())
+                keep_mask = ~is_visual.clone()
+                keep_mask[visual_positions[alive]] = True
+                survivors = keep_mask[kept_seq]
+                out = out[:, survivors]
+                kept_seq = kept_seq[survivors]
+                removed = num_visual - len(alive)
+            hidden = out
+        logits = model.lm_head(self.lm.norm(hidden[:, -1:]))[0, -1]
+        generated = [int(logits.argmax())]
+        step_logits_all = [logits]
+        for step in range(max_new_tokens - 1):
+            token = torch.tensor([[generated[-1]]])
+            hidden = self.lm.embed_tokens(token)
+            position = length + step
+            for number, layer in enumerate(self.layers, start=1):
+                shift = removed_for_layer[number - 1] if config.positions == "compact" else 0
+                cos_sin = self.lm.rotary_emb(hidden, torch.tensor([[position - shift]]))
+                normed = layer.input_layernorm(hidden)
+                attn_out, _ = layer.self_attn(hidden_states=normed, position_embeddings=cos_sin,
+                                              attention_mask=None, past_key_values=cache)
+                mid = hidden + attn_out
+                hidden = mid + layer.mlp(layer.post_attention_layernorm(mid))
+            step_logits = model.lm_head(self.lm.norm(hidden))[0, -1]
+            generated.append(int(step_logits.argmax()))
+            step_logits_all.append(step_logits)
+        return dict(ids=generated, logits=logits, step_logits=torch.stack(step_logits_all), kept=kept_per_stage,
+                    cache_lengths=[cache.layers[i].get_seq_length() for i in range(len(self.layers))])

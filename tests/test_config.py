@@ -1,0 +1,72 @@
+"""PruneConfig: presets, depth scaling, and a clear error for every bad schedule."""
+
+import pytest
+
+from transprune import ConfigError, PruneConfig
+from transprune.config import scale_layers
+
+
+def test_high_and_low_presets_match_the_paper():
+    high = PruneConfig.preset("high")
+    assert high.prune_layers == (7, 9, 12) and high.keep_ratios == (0.875, 0.625, 0.125)
+    assert high.effective_accumulation_layers == tuple(range(7, 13)) and high.alpha == 0.5
+    low = PruneConfig.preset("low")
+    assert low.keep_ratios == (0.5, 0.25, 0.0625)
+    assert PruneConfig.preset("off").keep_ratios == (1.0, 1.0, 1.0)
+    assert high.resolve(32).prune_layers == (7, 9, 12)
+
+
+@pytest.mark.parametrize("depth, expected", [(32, (7, 9, 12)), (16, (4, 5, 6)), (12, (3, 4, 5)),
+                                             (40, (9, 11, 15)), (24, (5, 7, 9))])
+def test_depth_scaling_rule(depth, expected):
+    assert scale_layers((7, 9, 12), depth) == expected
+    resolved = PruneConfig.preset("high").resolve(depth)
+    assert resolved.prune_layers == expected
+    assert resolved.accumulation_layers == tuple(range(expected[0], expected[-1] + 1))
+
+
+def test_explicit_layers_are_not_scaled():
+    config = PruneConfig(prune_layers=(2, 3), keep_ratios=(0.5, 0.25)).resolve(16)
+    assert config.prune_layers == (2, 3) and config.accumulation_layers is None
+    assert config.effective_accumulation_layers == (2, 3)
+
+
+def test_criterion_switch_sets_alpha():
+    assert PruneConfig.preset("high", criterion="ttv").effective_alpha == 1.0
+    assert PruneConfig.preset("high", criterion="iga").effective_alpha == 0.0
+    assert PruneConfig.preset("high", alpha=0.3).effective_alpha == 0.3
+
+
+def test_round_trip_through_dict():
+    config = PruneConfig.preset("low", positions="original")
+    assert PruneConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prune_layers=(9, 7), keep_ratios=(0.5, 0.25)), "strictly increasing"),
+    (dict(prune_layers=(0, 7), keep_ratios=(0.5, 0.25)), ">= 1"),
+    (dict(prune_layers=(7, 9), keep_ratios=(0.25, 0.5)), "must not increase"),
+    (dict(prune_layers=(7,), keep_ratios=(1.5,)), "(0, 1]"),
+    (dict(prune_layers=(7,), keep_ratios=(0.0,)), "(0, 1]"),
+    (dict(prune_layers=(7, 9), keep_ratios=(0.5,)), "one keep ratio per pruning layer"),
+    (dict(prune_layers=(), keep_ratios=()), "empty"),
+    (dict(prune_layers=(7,), keep_ratios=(0.5,), accumulation_layers=(7, 8)), "past the last pruning layer"),
+    (dict(method="sparsevlm"), "Unknown method"),
+    (dict(criterion="both"), "Unknown criterion"),
+    (dict(direction="angle"), "Unknown direction"),
+    (dict(positions="relative"), "Unknown positions"),
+    (dict(alpha=1.5), "alpha"),
+])
+def test_bad_configs_raise_clear_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+        PruneConfig(**kwargs)
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(ConfigError, match="high, low, off"):
+        PruneConfig.preset("medium")
+
+
+def test_schedule_deeper_than_the_model_is_refused():
+    with pytest.raises(ConfigError, match="does not fit a model with 12 decoder layers"):
+        PruneConfig(prune_layers=(7, 12), keep_ratios=(0.5, 0.25)).resolve(12)

@@ -1,0 +1,211 @@
+"""The runner on tiny models of every family: exactness, the slow reference, batches, undo, errors."""
+
+import pytest
+import torch
+
+import transprune
+from transprune import PruneConfig
+from transprune.adapters import UnsupportedModelError
+
+from conftest import ATTENTION, make_inputs, sample_image, tiny_model
+from reference import Reference
+
+QUESTION = "What color is the circle ?"
+
+
+def _single(family, attn="sdpa", question=QUESTION, image=None):
+    model, processor = tiny_model(family, attn)
+    return model, make_inputs(processor, [image or sample_image()], [question])
+
+
+def _greedy(model, inputs, tokens=5):
+    return model.generate(**inputs, max_new_tokens=tokens, do_sample=False)
+
+
+@pytest.mark.parametrize("attn", ATTENTION)
+def test_keep_all_schedule_is_bit_identical(family, attn):
+    model, inputs = _single(family, attn)
+    with torch.no_grad():
+        logits, ids = model(**inputs).logits, _greedy(model, inputs)
+        with transprune.apply(model, PruneConfig.preset("off")) as pruner:
+            pruned_logits, pruned_ids = model(**inputs).logits, _greedy(model, inputs)
+    assert torch.equal(logits, pruned_logits)
+    assert torch.equal(ids, pruned_ids)
+    trace = pruner.trace
+    assert len(trace.stages) == 3
+    assert all(torch.equal(stage.kept, torch.arange(trace.visual_tokens)) for stage in trace.stages)
+
+
+@pytest.mark.parametrize("positions", ["compact", "original"])
+@pytest.mark.parametrize("preset", ["high", "low"])
+def test_pruned_prefill_and_generation_match_slow_reference(family, positions, preset):
+    model, inputs = _single(family, "eager")
+    config = PruneConfig.preset(preset, positions=positions)
+    reference = Reference(model, config.resolve(len(model.model.language_model.layers))).run(inputs, max_new_tokens=5)
+    with torch.no_grad(), transprune.apply(model, config) as pruner:
+        logits = model(**inputs).logits[0, -1]
+        output = model.generate(**inputs, max_new_tokens=5, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True)
+    trace = pruner.trace
+    for stage, kept in zip(trace.stages, reference["kept"], strict=True):
+        assert torch.equal(stage.kept, kept), f"stage at layer {stage.layer} kept different tokens"
+    torch.testing.assert_close(logits, reference["logits"], rtol=1e-4, atol=1e-5)
+    # Every decode step's logits, not just the argmax: decode positions and cached columns must agree.
+    torch.testing.assert_close(torch.stack(output.logits)[:, 0], reference["step_logits"].float(), rtol=1e-4, atol=1e-5)
+    assert output.sequences[0, inputs["input_ids"].shape[1]:].tolist() == reference["ids"]
+
+
+def test_sdpa_matches_eager_selection(family):
+    """The side passes never read the model's attention weights, so the kernel does not matter."""
+    kept = {}
+    for attn in ATTENTION:
+        model, inputs = _single(family, attn)
+        with torch.no_grad(), transprune.apply(model, "high") as pruner:
+            model(**inputs)
+        kept[attn] = [stage.kept for stage in pruner.trace.stages]
+    assert all(torch.equal(a, b) for a, b in zip(kept["eager"], kept["sdpa"]))
+
+
+def test_trace_counts_and_kv_cache_lengths(family):
+    model, inputs = _single(family)
+    config = PruneConfig.preset("high")
+    with torch.no_grad(), transprune.apply(model, config) as pruner:
+        output = model(**inputs, use_cache=True)
+    trace = pruner.trace
+    n = trace.visual_tokens
+    layers = len(model.model.language_model.layers)
+    resolved = config.resolve(layers)
+    expected = [n] * layers
+    for layer, ratio in zip(resolved.prune_layers, resolved.keep_ratios):
+        expected[layer:] = [int(n * ratio)] * (layers - layer)
+    assert trace.visual_tokens_per_layer == expected
+    prompt = inputs["input_ids"].shape[1]
+    assert trace.tokens_per_layer == [prompt - (n - v) for v in expected]
+    cache = output.past_key_values
+    assert [cache.layers[i].get_seq_length() for i in range(layers)] == trace.tokens_per_layer
+    assert output.logits.shape[1] == trace.tokens_per_layer[-1]
+    for stage, layer in zip(trace.stages, resolved.prune_layers):
+        assert stage.layer == layer
+        assert stage.score.shape == stage.ttv.shape == stage.iga.shape == stage.candidates.shape
+        assert torch.all(stage.kept[1:] > stage.kept[:-1])
+        assert torch.isin(stage.kept, stage.candidates).all()
+
+
+@pytest.mark.parametrize("attn", ATTENTION)
+def test_padded_batch_equals_each_prompt_alone(attn):
+    """Two prompts of different lengths and (LLaVA-NeXT) different visual-token counts."""
+    model, processor = tiny_model("llava_next", attn)
+    images = [sample_image(200, 120, seed=1), sample_image(120, 230, seed=2)]
+    questions = ["What color is the circle ?", "How many shapes are there in this picture ?"]
+    batch = make_inputs(processor, images, questions)
+    config = PruneConfig.preset("high", positions="original")
+    with torch.no_grad(), transprune.apply(model, config) as pruner:
+        batch_ids = _greedy(model, batch)
+    batch_traces = pruner.traces
+    assert batch_traces[0].visual_tokens != batch_traces[1].visual_tokens
+    for b, (image, question) in enumerate(zip(images, questions)):
+        alone = make_inputs(processor, [image], [question])
+        with torch.no_grad(), transprune.apply(model, config) as pruner:
+            ids = _greedy(model, alone)
+        new = ids.shape[1] - alone["input_ids"].shape[1]
+        assert batch_ids[b, -new:].tolist() == ids[0, -new:].tolist()
+        for batched, single in zip(batch_traces[b].stages, pruner.trace.stages):
+            assert torch.equal(batched.kept, single.kept)
+
+
+@pytest.mark.parametrize("positions", ["compact", "original"])
+def test_padded_batch_of_llava_prompts(positions):
+    model, processor = tiny_model("llava", "eager")
+    questions = ["What color is it ?", "Is there a red square on the left of the picture ?"]
+    images = [sample_image(seed=3), sample_image(seed=4)]
+    batch = make_inputs(processor, images, questions)
+    config = PruneConfig.preset("low", positions=positions)
+    with torch.no_grad(), transprune.apply(model, config) as pruner:
+        batch_ids = _greedy(model, batch)
+    traces = pruner.traces
+    for b in range(2):
+        alone = make_inputs(processor, [images[b]], [questions[b]])
+        with torch.no_grad(), transprune.apply(model, config) as pruner:
+            ids = _greedy(model, alone)
+        assert batch_ids[b, -5:].tolist() == ids[0, -5:].tolist()
+        assert all(torch.equal(x.kept, y.kept) for x, y in zip(traces[b].stages, pruner.trace.stages))
+
+
+def test_prompt_without_image_is_untouched(family):
+    model, processor = tiny_model(family)
+    inputs = make_inputs(processor, [None], ["What color is the circle ?"])
+    with torch.no_grad():
+        ids = _greedy(model, inputs)
+        with transprune.apply(model, "low") as pruner:
+            pruned = _greedy(model, inputs)
+    assert torch.equal(ids, pruned)
+    assert pruner.trace is None
+
+
+def _hook_counts(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_remove_restores_the_model_exactly(family):
+    model, inputs = _single(family)
+    keys = list(model.state_dict())
+    hooks = _hook_counts(model)
+    attributes = {name: set(vars(m)) for name, m in model.named_modules()}
+    with torch.no_grad():
+        before = model(**inputs).logits
+        pruner = transprune.apply(model, "high")
+        assert _hook_counts(model) > hooks
+        model(**inputs)
+        pruner.remove()
+        pruner.remove()  # idempotent
+        after = model(**inputs).logits
+    assert torch.equal(before, after)
+    assert _hook_counts(model) == hooks
+    assert list(model.state_dict()) == keys
+    assert {name: set(vars(m)) for name, m in model.named_modules()} == attributes
+
+
+def test_context_manager_removes_hooks_on_error(family):
+    model, _ = _single(family)
+    hooks = _hook_counts(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with transprune.apply(model, "high"):
+            raise RuntimeError("boom")
+    assert _hook_counts(model) == hooks
+
+
+@pytest.mark.parametrize("criterion", ["ttv", "iga"])
+def test_single_criterion_ranks_by_that_score(criterion):
+    model, inputs = _single("llava")
+    with torch.no_grad(), transprune.apply(model, PruneConfig.preset("high", criterion=criterion)) as pruner:
+        model(**inputs)
+    for stage in pruner.trace.stages:
+        source = stage.ttv if criterion == "ttv" else stage.iga
+        torch.testing.assert_close(stage.score, source)
+
+
+def test_unsupported_model_names_the_supported_families():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(UnsupportedModelError, match="LlavaForConditionalGeneration"):
+        transprune.apply(model, "high")
+
+
+def test_schedule_too_deep_for_the_model_is_refused(family):
+    model, _ = _single(family)
+    with pytest.raises(transprune.ConfigError, match="does not fit"):
+        transprune.apply(model, PruneConfig(prune_layers=(10, 16), keep_ratios=(0.5, 0.25)))
+
+
+def test_inputs_embeds_only_is_refused(family):
+    model, inputs = _single(family)
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    with transprune.apply(model, "high"), pytest.raises(transprune.PruningInputError, match="input_ids"):
+        model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
+
+
+def test_static_cache_is_refused(family):
+    model, inputs = _single(family)
+    with transprune.apply(model, "high"), pytest.raises(transprune.PruningInputError, match="dynamic KV cache"):
+        model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
