@@ -43,7 +43,7 @@ class _View:
     token_valid: torch.Tensor    # bool, a real non-padding token
     removed: torch.Tensor        # (B,) visual tokens removed so far
     slot_of_pos: torch.Tensor    # (B, L) slot of each original position, -1 if removed
-    prefill_kwargs: dict | None = None
+    prefill_kwargs: dict = field(default_factory=dict)   # cache of gathered layer kwargs
 
 
 @dataclass
@@ -57,7 +57,6 @@ class _PrefillState:
     ttv_acc: list[torch.Tensor]              # per sample, (N_b,) float32 over all visual tokens
     view: _View
     stage_views: list[tuple[int, _View]] = field(default_factory=list)
-    full_kwargs: dict | None = None          # what layer 1 received (full-length)
     layer_kwargs: dict | None = None         # what the latest layer received (after our changes)
     layer_inputs: dict = field(default_factory=dict)
     traces: list[PruneTrace] = field(default_factory=list)
@@ -201,13 +200,10 @@ class Pruner:
             if view is None:
                 return None
             return args, {**kwargs, **self._decode_kwargs(view, kwargs)}
-        if number == 1:
-            state.full_kwargs = {key: kwargs.get(key) for key in ("position_embeddings", "attention_mask",
-                                                                  "position_ids")}
-        if state.stage_views:
-            kwargs = {**kwargs, **state.view.prefill_kwargs}
-        state.layer_kwargs = kwargs
         hidden = args[0] if args else kwargs["hidden_states"]
+        if state.stage_views:
+            kwargs = {**kwargs, **self._prefill_kwargs(state.view, kwargs, hidden)}
+        state.layer_kwargs = kwargs
         if number in self.input_layers:
             state.layer_inputs[number] = hidden
         counts = state.view.token_valid.sum(dim=1).tolist()
@@ -275,7 +271,6 @@ class Pruner:
                 iga=None if scores.iga is None else scores.iga.detach().cpu()))
         state.layer_inputs.pop(number, None)
         new_view, gather = self._next_view()
-        new_view.prefill_kwargs = self._prefill_kwargs(new_view, hidden)
         state.view = new_view
         state.stage_views.append((number, new_view))
         if number == self.prune_layers[-1]:
@@ -327,24 +322,40 @@ class Pruner:
             ids = (ids - (index - rank)).clamp_min(0)
         return ids
 
-    def _prefill_kwargs(self, view: _View, hidden: torch.Tensor) -> dict:
-        full = self._state.full_kwargs
-        batch = hidden.shape[0]
+    def _prefill_kwargs(self, view: _View, kwargs: dict, hidden: torch.Tensor) -> dict:
+        """The survivors' position ids, position embeddings and mask for a layer after a stage.
+
+        Layers usually all receive the same full-length objects; results are cached per object so
+        each is gathered once per stage (models with per-layer mask types get one gather per type).
+        """
+        cache = view.prefill_kwargs
         result = {}
-        position_ids = full.get("position_ids")
-        if position_ids is None:
-            position_ids = torch.arange(self._state.prefill_length, device=hidden.device)[None]
-        new_ids = self._positions(view, position_ids)
-        result["position_ids"] = new_ids
-        if self.config.positions == "compact":
-            placeholder = hidden.new_empty(batch, view.seq_index.shape[1], hidden.shape[-1])
-            result["position_embeddings"] = self.adapter.rotary(self.model, placeholder, new_ids)
-        else:
-            index = view.seq_index
-            result["position_embeddings"] = tuple(
-                t.expand(batch, -1, -1).gather(1, index[:, :, None].expand(-1, -1, t.shape[-1]))
-                for t in full["position_embeddings"])
-        result["attention_mask"] = self._prefill_mask(view, full.get("attention_mask"))
+        position_ids = kwargs.get("position_ids")
+        key = ("ids", id(position_ids))
+        if key not in cache:
+            source = position_ids
+            if source is None:
+                source = torch.arange(self._state.prefill_length, device=hidden.device)[None]
+            cache[key] = self._positions(view, source)
+        new_ids = cache[key]
+        if position_ids is not None:  # a layer that got no position ids (M-RoPE models) gets none
+            result["position_ids"] = new_ids
+        embeddings = kwargs["position_embeddings"]
+        key = ("rope", id(embeddings[0]))
+        if key not in cache:
+            batch = hidden.shape[0]
+            if self.config.positions == "compact":
+                cache[key] = self.adapter.rotary(self.model, hidden, new_ids)
+            else:
+                index = view.seq_index
+                cache[key] = tuple(t.expand(batch, -1, -1).gather(1, index[:, :, None].expand(-1, -1, t.shape[-1]))
+                                   for t in embeddings)
+        result["position_embeddings"] = cache[key]
+        mask = kwargs.get("attention_mask")
+        key = ("mask", id(mask))
+        if key not in cache:
+            cache[key] = self._prefill_mask(view, mask)
+        result["attention_mask"] = cache[key]
         return result
 
     def _prefill_mask(self, view: _View, mask):
