@@ -14,14 +14,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 # Every invariant runs on each family listed here (a new family = one entry).
-FAMILIES = ["llava", "llava_next"]
+FAMILIES = ["llava", "llava_next", "video_llava", "llava_onevision", "qwen2_5_vl"]
 ATTENTION = ["eager", "sdpa"]
 
 
 @functools.lru_cache(maxsize=None)
 def _build(family: str, attn: str):
     from transprune import tiny
-    builder = {"llava": tiny.tiny_llava, "llava_next": tiny.tiny_llava_next}[family]
+    builder = {"llava": tiny.tiny_llava, "llava_next": tiny.tiny_llava_next, "video_llava": tiny.tiny_video_llava,
+               "llava_onevision": tiny.tiny_llava_onevision, "qwen2_5_vl": tiny.tiny_qwen2_5_vl}[family]
     return builder(attn_implementation=attn)
 
 

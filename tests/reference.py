@@ -39,6 +39,7 @@ class Reference:
 
         def grab(module, args, kwargs):
             captured["embeds"] = kwargs["inputs_embeds"]
+            captured["position_ids"] = kwargs.get("position_ids")
             raise StopIteration
 
         handle = self.lm.register_forward_pre_hook(grab, with_kwargs=True)
@@ -48,7 +49,7 @@ class Reference:
             pass
         finally:
             handle.remove()
-        return captured["embeds"]
+        return captured["embeds"], captured["position_ids"]
 
     def _attention_probs(self, layer, hidden, cos_sin):
         """Attention probabilities (H, n, n) of `layer` on `hidden`, from its own eager attention."""
@@ -75,8 +76,12 @@ class Reference:
                 is_visual |= ids == value
         visual_positions = is_visual.nonzero().flatten()
         num_visual = len(visual_positions)
-        hidden = self._embeds(inputs)
+        hidden, model_positions = self._embeds(inputs)
         length = hidden.shape[1]
+        # M-RoPE models (Qwen2.5-VL) hand the LM 3-D positions (a 4th leading row = text positions).
+        mrope = model_positions is not None and model_positions.dim() == 3
+        if mrope:
+            model_positions = model_positions[-3:]
         kept_seq = torch.arange(length)                  # original positions still in the sequence
         alive = torch.arange(num_visual)                  # alive visual indices
         removed_for_layer = []
@@ -86,14 +91,16 @@ class Reference:
         alpha = config.effective_alpha
 
         def positions(removed):
+            if mrope:
+                return model_positions[:, :, kept_seq]
             if config.positions == "original":
-                return kept_seq
-            return torch.arange(len(kept_seq))
+                return kept_seq[None]
+            return torch.arange(len(kept_seq))[None]
 
         removed = 0
         for number, layer in enumerate(self.layers, start=1):
             removed_for_layer.append(removed)
-            pos = positions(removed)[None]
+            pos = positions(removed)
             cos_sin = self.lm.rotary_emb(hidden, pos)
             mask = _additive_causal_mask(hidden.shape[1], hidden.dtype)
             normed = layer.input_layernorm(hidden)
@@ -135,7 +142,11 @@ class Reference:
             position = length + step
             for number, layer in enumerate(self.layers, start=1):
                 shift = removed_for_layer[number - 1] if config.positions == "compact" else 0
-                cos_sin = self.lm.rotary_emb(hidden, torch.tensor([[position - shift]]))
+                if mrope:  # text after the last image continues from the largest M-RoPE position
+                    step_position = (model_positions.max() + 1 + step).view(1, 1, 1).expand(3, 1, 1)
+                else:
+                    step_position = torch.tensor([[position - shift]])
+                cos_sin = self.lm.rotary_emb(hidden, step_position)
                 normed = layer.input_layernorm(hidden)
                 attn_out, _ = layer.self_attn(hidden_states=normed, position_embeddings=cos_sin,
                                               attention_mask=None, past_key_values=cache)

@@ -5,6 +5,9 @@ from __future__ import annotations
 from .base import Adapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
+from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .video_llava import VideoLlavaAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {}
 
@@ -19,6 +22,9 @@ def register(adapter_class: type[Adapter]) -> type[Adapter]:
 
 register(LlavaAdapter)
 register(LlavaNextAdapter)
+register(LlavaOnevisionAdapter)
+register(Qwen2_5_VLAdapter)
+register(VideoLlavaAdapter)
 
 
 class UnsupportedModelError(TypeError):

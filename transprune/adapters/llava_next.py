@@ -14,27 +14,46 @@ from ..trace import VisualLayout
 from .llava import LlavaAdapter, grid_boxes
 
 
-def anyres_feature_grid(image_size_hw, grid_pinpoints, tile_size: int, patches_per_side: int):
-    """(rows, cols) of the unpadded high-res feature map, as transformers computes it."""
+def anyres_feature_grid(image_size_hw, grid_pinpoints, tile_size: int, patches_per_side: int,
+                        max_tiles: int | None = None):
+    """(rows, cols) of the unpadded high-res feature map, as transformers computes it.
+
+    `max_tiles` reproduces LLaVA-OneVision's "anyres_max_N": a map larger than N tiles' worth of
+    patches is downscaled by bilinear interpolation.
+    """
+    import math
+
     from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
     tiles_h, tiles_w = get_anyres_image_grid_shape(image_size_hw, grid_pinpoints, tile_size)
     features = torch.zeros(1, tiles_h * patches_per_side, tiles_w * patches_per_side)
     features = unpad_image(features, torch.tensor(image_size_hw))
-    return features.shape[1], features.shape[2]
+    rows, cols = features.shape[1], features.shape[2]
+    if max_tiles is not None:
+        ratio = math.sqrt(rows * cols / (max_tiles * patches_per_side**2))
+        if ratio > 1.1:
+            rows, cols = int(rows // ratio), int(cols // ratio)
+    return rows, cols
 
 
 class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration",)
 
+    def max_tiles(self, model) -> int | None:
+        return None
+
+    def base_tokens(self, model, side: int) -> int:
+        strategy = getattr(model.config, "vision_feature_select_strategy", "default")
+        return side * side if strategy == "default" else side * side + 1
+
     def visual_layout(self, model, processor, image_size, num_tokens):
         width, height = image_size
         vision = model.config.vision_config
         side = vision.image_size // vision.patch_size
-        strategy = getattr(model.config, "vision_feature_select_strategy", "default")
-        base_count = side * side if strategy == "default" else side * side + 1
-        rows, cols = anyres_feature_grid((height, width), model.config.image_grid_pinpoints, vision.image_size, side)
+        base_count = self.base_tokens(model, side)
+        rows, cols = anyres_feature_grid((height, width), model.config.image_grid_pinpoints, vision.image_size, side,
+                                         self.max_tiles(model))
         if base_count + rows * (cols + 1) != num_tokens:
             return None
         base = grid_boxes(side, side, 0.0, 0.0, float(width), float(height))

@@ -1,0 +1,42 @@
+"""Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): M-RoPE and 2x2-merged 28 px cells.
+
+Positions are 3-D (temporal, height, width), computed by the model from the image grids, so only
+"original" positions are valid: the kept tokens keep their M-RoPE ids and decoding continues from
+the model's own rope deltas. The rotary module already interleaves the M-RoPE sections, so the
+per-layer (cos, sin) have the usual (B, L, head_dim) shape and can be gathered like 1-D RoPE.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..trace import VisualLayout
+from .base import Adapter
+from .llava import grid_boxes
+
+
+class Qwen2_5_VLAdapter(Adapter):
+    family = "qwen2_5_vl"
+    model_classes = ("Qwen2_5_VLForConditionalGeneration",)
+    default_positions = "original"
+    allowed_positions = ("original",)
+
+    def visual_layout(self, model, processor, image_size, num_tokens):
+        """The processor resizes (no crop) to multiples of 28 px; each token is one 28 px cell."""
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        width, height = image_size
+        image_processor = getattr(processor, "image_processor", processor)
+        patch = image_processor.patch_size
+        merge = image_processor.merge_size
+        size = image_processor.size
+        min_pixels = getattr(size, "shortest_edge", None) or getattr(image_processor, "min_pixels", None)
+        max_pixels = getattr(size, "longest_edge", None) or getattr(image_processor, "max_pixels", None)
+        resized_h, resized_w = smart_resize(height, width, factor=patch * merge, min_pixels=min_pixels,
+                                            max_pixels=max_pixels)
+        rows, cols = resized_h // (patch * merge), resized_w // (patch * merge)
+        if rows * cols != num_tokens:
+            return None
+        return VisualLayout(boxes=grid_boxes(rows, cols, 0.0, 0.0, float(width), float(height)),
+                            segment=torch.zeros(num_tokens, dtype=torch.long), segments=["image"],
+                            image_size=(width, height))
