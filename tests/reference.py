@@ -76,6 +76,13 @@ class Reference:
                 is_visual |= ids == value
         visual_positions = is_visual.nonzero().flatten()
         num_visual = len(visual_positions)
+        # Spans: runs of adjacent visual tokens with one token id (one image or video each).
+        span_of, spans = [], []
+        for i, position in enumerate(visual_positions.tolist()):
+            if i == 0 or position != visual_positions[i - 1] + 1 or ids[position] != ids[visual_positions[i - 1]]:
+                spans.append(0)
+            spans[-1] += 1
+            span_of.append(len(spans) - 1)
         hidden, model_positions = self._embeds(inputs)
         length = hidden.shape[1]
         # M-RoPE models (Qwen2.5-VL) hand the LM 3-D positions (a 4th leading row = text positions).
@@ -122,8 +129,13 @@ class Reference:
                 iga = probs[instruction][:, vis_slots].mean(0)
                 iga = iga / (iga.sum() + 1e-8)
                 score = alpha * ttv + (1 - alpha) * iga
-                k = int(num_visual * self.stages[number] + 1e-9)
-                keep = torch.topk(score, k).indices.sort().values
+                keep = []
+                for span, size in enumerate(spans):
+                    members = [i for i, a in enumerate(alive.tolist()) if span_of[a] == span]
+                    k = int(size * self.stages[number] + 1e-9)
+                    best = torch.topk(score[members], k).indices
+                    keep += [members[i] for i in best.tolist()]
+                keep = torch.tensor(sorted(keep), dtype=torch.long)
                 alive = alive[keep]
                 kept_per_stage.append(alive.clone())
                 keep_mask = ~is_visual.clone()

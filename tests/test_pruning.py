@@ -213,3 +213,27 @@ def test_static_cache_is_refused(family):
     model, inputs = _single(family)
     with transprune.apply(model, "high"), pytest.raises(transprune.PruningInputError, match="dynamic KV cache"):
         model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_two_image_prompt_prunes_each_span_with_its_own_budget(family):
+    model, processor = tiny_model(family, "eager")
+    content = [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"},
+               {"type": "text", "text": "Which image shows a red circle ?"}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    images = [sample_image(200, 120, seed=5), sample_image(120, 160, seed=6)]
+    inputs = dict(processor(images=images, text=[prompt], return_tensors="pt"))
+    config = PruneConfig.preset("high", positions="original")
+    reference = Reference(model, config.resolve(16)).run(inputs, max_new_tokens=3)
+    with torch.no_grad(), transprune.apply(model, config) as pruner:
+        logits = model(**inputs).logits[0, -1]
+    ids = inputs["input_ids"][0]
+    visual = torch.isin(ids, torch.tensor([model.config.image_token_id]))
+    positions = visual.nonzero().flatten()
+    first_span = int((positions < positions[0] + (positions.diff() > 1).nonzero()[0, 0] + 1).sum())
+    sizes = [first_span, len(positions) - first_span]
+    for stage, kept in zip(pruner.trace.stages, reference["kept"], strict=True):
+        assert torch.equal(stage.kept, kept)
+        per_span = [int((stage.kept < sizes[0]).sum()), int((stage.kept >= sizes[0]).sum())]
+        assert per_span == [int(size * stage.keep_ratio) for size in sizes]
+    torch.testing.assert_close(logits, reference["logits"], rtol=1e-4, atol=1e-5)

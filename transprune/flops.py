@@ -28,6 +28,12 @@ ARCHITECTURES: dict[str, Shape] = {
     "llava-1.5-13b": Shape(hidden=5120, intermediate=13824, layers=40, visual_tokens=576),
     "llava-next-vicuna-7b": Shape(hidden=4096, intermediate=11008, layers=32, visual_tokens=2880),
     "llava-next-mistral-7b": Shape(hidden=4096, intermediate=14336, layers=32, visual_tokens=2880),
+    # Video: 8 frames x 257 (Video-LLaVA); 8 frames x 196 pooled + 1 (OneVision); Qwen2.5-VL 448x448 image.
+    "video-llava-7b": Shape(hidden=4096, intermediate=11008, layers=32, visual_tokens=2056),
+    "llava-onevision-0.5b": Shape(hidden=896, intermediate=4864, layers=24, visual_tokens=1569),
+    "llava-onevision-7b": Shape(hidden=3584, intermediate=18944, layers=28, visual_tokens=1569),
+    "qwen2.5-vl-3b": Shape(hidden=2048, intermediate=11008, layers=36, visual_tokens=256),
+    "qwen2.5-vl-7b": Shape(hidden=3584, intermediate=18944, layers=28, visual_tokens=256),
 }
 
 

@@ -55,6 +55,21 @@ def _tiny_llava_next():
     return tiny_llava_next()
 
 
+def _tiny_video_llava():
+    from .tiny import tiny_video_llava
+    return tiny_video_llava()
+
+
+def _tiny_llava_onevision():
+    from .tiny import tiny_llava_onevision
+    return tiny_llava_onevision()
+
+
+def _tiny_qwen2_5_vl():
+    from .tiny import tiny_qwen2_5_vl
+    return tiny_qwen2_5_vl()
+
+
 def _shapes_llava():
     # Trained weights shipped in the package (issue: embedded default model).
     from .shapes import load_shapes_llava
@@ -79,12 +94,28 @@ for _spec in (
               description="LLaVA-1.5 architecture, 16 layers, random weights: exercises pruning, answers are noise."),
     ModelSpec("tiny-llava-next", "Tiny LLaVA-NeXT (random weights)", "llava_next", "0.9M", builder=_tiny_llava_next,
               description="LLaVA-NeXT AnyRes architecture, random weights."),
+    ModelSpec("tiny-video-llava", "Tiny Video-LLaVA (random weights)", "video_llava", "0.9M",
+              builder=_tiny_video_llava, video=True, description="Video-LLaVA architecture, random weights."),
+    ModelSpec("tiny-llava-onevision", "Tiny LLaVA-OneVision (random weights)", "llava_onevision", "0.9M",
+              builder=_tiny_llava_onevision, video=True, description="LLaVA-OneVision architecture, random weights."),
+    ModelSpec("tiny-qwen2.5-vl", "Tiny Qwen2.5-VL (random weights)", "qwen2_5_vl", "0.9M",
+              builder=_tiny_qwen2_5_vl, video=True, description="Qwen2.5-VL architecture (M-RoPE), random weights."),
     ModelSpec("llava-1.5-7b", "LLaVA-1.5-7B", "llava", "7B", checkpoint="llava-hf/llava-1.5-7b-hf"),
     ModelSpec("llava-1.5-13b", "LLaVA-1.5-13B", "llava", "13B", checkpoint="llava-hf/llava-1.5-13b-hf"),
     ModelSpec("llava-next-vicuna-7b", "LLaVA-NeXT-Vicuna-7B", "llava_next", "7B",
               checkpoint="llava-hf/llava-v1.6-vicuna-7b-hf"),
     ModelSpec("llava-next-mistral-7b", "LLaVA-NeXT-Mistral-7B", "llava_next", "7B",
               checkpoint="llava-hf/llava-v1.6-mistral-7b-hf"),
+    ModelSpec("qwen2.5-vl-3b", "Qwen2.5-VL-3B-Instruct", "qwen2_5_vl", "3B", checkpoint="Qwen/Qwen2.5-VL-3B-Instruct",
+              video=True),
+    ModelSpec("qwen2.5-vl-7b", "Qwen2.5-VL-7B-Instruct", "qwen2_5_vl", "7B", checkpoint="Qwen/Qwen2.5-VL-7B-Instruct",
+              video=True),
+    ModelSpec("video-llava-7b", "Video-LLaVA-7B", "video_llava", "7B", checkpoint="LanguageBind/Video-LLaVA-7B-hf",
+              video=True),
+    ModelSpec("llava-onevision-0.5b", "LLaVA-OneVision-0.5B", "llava_onevision", "0.9B",
+              checkpoint="llava-hf/llava-onevision-qwen2-0.5b-ov-hf", video=True),
+    ModelSpec("llava-onevision-7b", "LLaVA-OneVision-7B", "llava_onevision", "8B",
+              checkpoint="llava-hf/llava-onevision-qwen2-7b-ov-hf", video=True),
 ):
     register(_spec)
 
@@ -95,7 +126,10 @@ class ModelLoadError(RuntimeError):
 
 def _model_class(family: str):
     import transformers
-    names = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
+    names = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+             "video_llava": "VideoLlavaForConditionalGeneration",
+             "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+             "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
     return getattr(transformers, names[family])
 
 

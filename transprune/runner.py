@@ -51,6 +51,7 @@ class _PrefillState:
     is_visual: torch.Tensor                  # (B, L) bool
     token_valid: torch.Tensor                # (B, L) bool
     visual_positions: list[torch.Tensor]     # per sample, (N_b,) original positions of visual tokens
+    visual_spans: list[torch.Tensor]         # per sample, (N_b,) span number of each visual token
     instruction_positions: list[torch.Tensor]
     last_position: list[int]
     alive: list[torch.Tensor]                # per sample, alive indices into the visual tokens
@@ -165,11 +166,12 @@ class Pruner:
             token_valid = attention_mask.bool().to(device)
         else:
             token_valid = torch.ones(batch, length, dtype=torch.bool, device=device)
-        visual_positions, instruction_positions, last_position = [], [], []
+        visual_positions, visual_spans, instruction_positions, last_position = [], [], [], []
         for b in range(batch):
             visual = (is_visual[b] & token_valid[b]).nonzero().flatten()
             real = token_valid[b].nonzero().flatten()
             visual_positions.append(visual)
+            visual_spans.append(self._spans(visual, input_ids[b, visual]))
             last_position.append(int(real[-1]))
             if len(visual):
                 after = real[(real > visual[-1]) & ~is_visual[b, real]]
@@ -182,6 +184,7 @@ class Pruner:
                      removed=torch.zeros(batch, dtype=torch.long, device=device), slot_of_pos=arange.clone())
         state = _PrefillState(
             is_visual=is_visual & token_valid, token_valid=token_valid, visual_positions=visual_positions,
+            visual_spans=visual_spans,
             instruction_positions=instruction_positions, last_position=last_position,
             alive=[torch.arange(len(v), device=device) for v in visual_positions],
             ttv_acc=[torch.zeros(len(v), dtype=torch.float32, device=device) for v in visual_positions],
@@ -189,6 +192,18 @@ class Pruner:
         state.traces = [PruneTrace(visual_tokens=len(v), method=self.config.method, config=self.config.to_dict())
                         for v in visual_positions]
         return state
+
+    @staticmethod
+    def _spans(positions: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """Span number of each visual token: a new span starts after a gap or a change of token id.
+
+        One image or video is one span; each span keeps its own floor(N_span * r) tokens.
+        """
+        if len(positions) == 0:
+            return positions
+        starts = torch.ones_like(positions, dtype=torch.bool)
+        starts[1:] = (positions[1:] != positions[:-1] + 1) | (token_ids[1:] != token_ids[:-1])
+        return starts.cumsum(0) - 1
 
     # ------------------------------------------------------------------ decoder layers
     def _before_layer(self, number, module, args, kwargs):
@@ -262,7 +277,7 @@ class Pruner:
                 this_layer_qk=functools.partial(scorer.this_layer_qk, b),
                 next_scaling=scorer.next_scaling, this_scaling=scorer.this_scaling)
             scores = self.method.score(context)
-            keep = scoring.topk_keep(scores.score, scoring.keep_count(num_visual, ratio))
+            keep = self._select(scores.score, state.visual_spans[b][candidates], state.visual_spans[b], ratio)
             state.alive[b] = candidates[keep]
             state.traces[b].stages.append(Stage(
                 layer=number, keep_ratio=ratio, candidates=candidates.cpu(), kept=candidates[keep].cpu(),
@@ -279,6 +294,16 @@ class Pruner:
         if isinstance(output, tuple):
             return (pruned, *output[1:])
         return pruned
+
+    @staticmethod
+    def _select(score, candidate_spans, all_spans, ratio) -> torch.Tensor:
+        """Indices into the candidates to keep: the top floor(N_span * r) of each span, in order."""
+        keep = []
+        for span in candidate_spans.unique():
+            members = (candidate_spans == span).nonzero().flatten()
+            span_size = int((all_spans == span).sum())
+            keep.append(members[scoring.topk_keep(score[members], scoring.keep_count(span_size, ratio))])
+        return torch.cat(keep).sort().values if keep else score.new_zeros(0, dtype=torch.long)
 
     # ------------------------------------------------------------------ gathers
     def _next_view(self):

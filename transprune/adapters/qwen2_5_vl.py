@@ -23,7 +23,7 @@ class Qwen2_5_VLAdapter(Adapter):
 
     def visual_layout(self, model, processor, image_size, num_tokens):
         """The processor resizes (no crop) to multiples of 28 px; each token is one 28 px cell."""
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
         width, height = image_size
         image_processor = getattr(processor, "image_processor", processor)
