@@ -365,6 +365,11 @@ class Pruner:
         new_ids = cache[key]
         if position_ids is not None:  # a layer that got no position ids (M-RoPE models) gets none
             result["position_ids"] = new_ids
+            if "flash" in self.adapter.attn_implementation(self.model):
+                # FlashAttention reads gaps in position_ids as packed sequences; rotary already comes
+                # from position_embeddings, so the layer gets gap-free ids.
+                width = view.seq_index.shape[1]
+                result["position_ids"] = torch.arange(width, device=hidden.device)[None].expand(hidden.shape[0], -1)
         embeddings = kwargs["position_embeddings"]
         key = ("rope", id(embeddings[0]))
         if key not in cache:
