@@ -120,6 +120,11 @@ for _spec in (
     register(_spec)
 
 
+# Model classes that take video input (for LoadedModels built around a model outside the registry).
+_VIDEO_CLASSES = {"VideoLlavaForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
+                  "Qwen2_5_VLForConditionalGeneration"}
+
+
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says why and what to try."""
 
@@ -202,6 +207,7 @@ class Result:
     timings: dict = field(default_factory=dict)    # prefill_ms, decode_tokens_per_s, total_ms, new_tokens, peak_mb
     output_ids: torch.Tensor | None = None
     inputs: dict | None = None
+    video: object | None = None    # transprune.video.Video actually used (sampled frames), None for images
 
 
 class _Clock:
@@ -259,19 +265,69 @@ class LoadedModel:
         return {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
                 for k, v in inputs.items()}
 
+    # -- video input (transprune.video) -------------------------------------------------------
+    def as_video(self, video, num_frames: int | None = None):
+        """A transprune.video.Video from a path / bytes (sampled with the family's default frame
+        count unless `num_frames` is given), a list of PIL frames, or a Video; VideoError if the
+        model takes no video or the file is unusable."""
+        from .video import VideoError, as_video
+
+        if not self.spec.video and type(self.model).__name__ not in _VIDEO_CLASSES:
+            video_models = ", ".join(name for name, spec in REGISTRY.items() if spec.video)
+            raise VideoError(f"{self.spec.label} takes images only. Pick a video model: {video_models}.")
+        return as_video(video, self._family, num_frames)
+
+    @property
+    def _family(self) -> str:
+        from .adapters import for_model
+        return for_model(self.model).family
+
+    def prepare_video(self, video, question: str, image=None, num_frames: int | None = None) -> dict:
+        """Processor inputs for one video (path, frames or Video), an optional image and a question.
+
+        The prompt holds the image (if any) first, then the video, then the question; each is its
+        own visual span with its own keep budget.
+        """
+        from .video import video_inputs
+
+        video = self.as_video(video, num_frames)
+        content = ([{"type": "image"}] if image is not None else []) + [{"type": "video"},
+                                                                        {"type": "text", "text": question}]
+        prompt = self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                    add_generation_prompt=True)
+        inputs = video_inputs(self.processor, self._family, [prompt], [video],
+                              images=[image.convert("RGB")] if image is not None else None)
+        return {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
+                for k, v in inputs.items()}
+
+    def video_layout(self, video, num_tokens):
+        from .adapters import for_model
+        return for_model(self.model).video_layout(self.model, self.processor, video.size, len(video.frames),
+                                                  num_tokens)
+    # -- end video input ---------------------------------------------------------------------
+
     @torch.inference_mode()
     def generate(self, image, question: str, config: PruneConfig | str | None = None,
-                 max_new_tokens: int = 32, inputs: dict | None = None) -> Result:
-        """Greedy answer to `question` about `image`, pruned with `config` (None = unpruned)."""
+                 max_new_tokens: int = 32, inputs: dict | None = None, video=None,
+                 num_frames: int | None = None) -> Result:
+        """Greedy answer to `question` about `image` and/or `video`, pruned with `config` (None = unpruned).
+
+        `video`: a path, bytes, a list of PIL frames or a transprune.video.Video; a file is sampled
+        to `num_frames` frames (default: transprune.video.DEFAULT_FRAMES for the family).
+        """
+        if video is not None:
+            video = self.as_video(video, num_frames)
+            if inputs is None:
+                inputs = self.prepare_video(video, question, image=image)
         inputs = inputs if inputs is not None else self.prepare(image, question)
         if isinstance(config, str):
             config = PruneConfig.preset(config)
         device = self.device
         clock = _Clock(device)
         with self.lock:
-            return self._generate_locked(image, inputs, config, max_new_tokens, clock, device)
+            return self._generate_locked(image, inputs, config, max_new_tokens, clock, device, video)
 
-    def _generate_locked(self, image, inputs, config, max_new_tokens, clock, device) -> Result:
+    def _generate_locked(self, image, inputs, config, max_new_tokens, clock, device, video=None) -> Result:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             torch.cuda.synchronize(device)
@@ -296,9 +352,13 @@ class LoadedModel:
                        decode_tokens_per_s=(decode_steps / decode_seconds) if decode_steps and decode_seconds > 0
                        else None,
                        peak_mb=self._peak_memory_mb(device))
-        if trace is not None and image is not None:
+        if trace is not None and video is not None:
+            # One video alone: a per-frame layout. Image + video in one prompt: no layout (one
+            # VisualLayout describes one picture or one video).
+            trace.layout = self.video_layout(video, trace.visual_tokens) if image is None else None
+        elif trace is not None and image is not None:
             trace.layout = self.visual_layout(image.size, trace.visual_tokens)
-        return Result(text=text, trace=trace, timings=timings, output_ids=output, inputs=inputs)
+        return Result(text=text, trace=trace, timings=timings, output_ids=output, inputs=inputs, video=video)
 
     def visual_layout(self, image_size, num_tokens):
         from .adapters import for_model

@@ -63,6 +63,7 @@ class _PrefillState:
     traces: list[PruneTrace] = field(default_factory=list)
     prefill_length: int = 0
     decoding: bool = False
+    decode_cache: dict = field(default_factory=dict)
 
 
 def _mask_fill_values(mask: torch.Tensor):
@@ -145,6 +146,7 @@ class Pruner:
         if cache is not None and cache.get_seq_length() > 0:
             if self._state is not None:
                 self._state.decoding = True
+                self._state.decode_cache = {}
             return None
         self._state = None
         self.traces = []
@@ -214,7 +216,11 @@ class Pruner:
             view = self._view_for_layer(number)
             if view is None:
                 return None
-            return args, {**kwargs, **self._decode_kwargs(view, kwargs)}
+            # Layers of one stage get the same mask and rotary objects in a step: adjust them once.
+            key = (id(view), id(kwargs.get("attention_mask")), id(kwargs["position_embeddings"][0]))
+            if key not in state.decode_cache:
+                state.decode_cache[key] = self._decode_kwargs(view, kwargs)
+            return args, {**kwargs, **state.decode_cache[key]}
         hidden = args[0] if args else kwargs["hidden_states"]
         if state.stage_views:
             kwargs = {**kwargs, **self._prefill_kwargs(state.view, kwargs, hidden)}

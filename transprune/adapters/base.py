@@ -78,3 +78,12 @@ class Adapter:
     def visual_layout(self, model: nn.Module, processor, image_size: tuple[int, int], num_tokens: int):
         """VisualLayout for one image of size (W, H) giving `num_tokens` tokens, or None if unknown."""
         return None
+
+    def video_layout(self, model: nn.Module, processor, frame_size: tuple[int, int], num_frames: int,
+                     num_tokens: int):
+        """VisualLayout for one video of `num_frames` frames of size (W, H) giving `num_tokens` tokens.
+
+        One entry per visual token: its frame index and its box in original frame pixels (NaN for
+        tokens without a place). None if the family takes no video or the count does not match.
+        """
+        return None

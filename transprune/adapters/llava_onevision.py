@@ -7,6 +7,12 @@ newline token after the last frame.
 
 from __future__ import annotations
 
+import math
+
+import torch
+
+from ..trace import VisualLayout
+from .llava import grid_boxes
 from .llava_next import LlavaNextAdapter
 
 
@@ -20,3 +26,21 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     def base_tokens(self, model, side: int) -> int:
         return side * side
+
+    # -- video (transprune.video) --------------------------------------------------------------
+    def video_layout(self, model, processor, frame_size, num_frames, num_tokens):
+        """Per frame a ceil(side/2)^2 pooled grid over the whole (squashed) frame; then one newline.
+
+        The newline token closes the video and has no place (NaN box); it is given the last frame.
+        """
+        vision = model.config.vision_config
+        pooled = math.ceil(vision.image_size // vision.patch_size / 2)
+        if num_frames * pooled * pooled + 1 != num_tokens:
+            return None
+        width, height = frame_size
+        grid = grid_boxes(pooled, pooled, 0.0, 0.0, float(width), float(height))
+        boxes = torch.cat([grid.repeat(num_frames, 1), torch.full((1, 4), float("nan"))])
+        frame = torch.cat([torch.arange(num_frames).repeat_interleave(pooled * pooled),
+                           torch.tensor([num_frames - 1])])
+        return VisualLayout(boxes=boxes, segment=torch.zeros(num_tokens, dtype=torch.long), segments=["video"],
+                            image_size=(width, height), frame=frame)

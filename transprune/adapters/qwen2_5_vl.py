@@ -8,6 +8,8 @@ per-layer (cos, sin) have the usual (B, L, head_dim) shape and can be gathered l
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..trace import VisualLayout
@@ -40,3 +42,25 @@ class Qwen2_5_VLAdapter(Adapter):
         return VisualLayout(boxes=grid_boxes(rows, cols, 0.0, 0.0, float(width), float(height)),
                             segment=torch.zeros(num_tokens, dtype=torch.long), segments=["image"],
                             image_size=(width, height))
+
+    # -- video (transprune.video) --------------------------------------------------------------
+    def video_layout(self, model, processor, frame_size, num_frames, num_tokens):
+        """Per temporal patch (two consecutive frames) the 28 px merged-cell grid of the resized frame.
+
+        A token covers both frames of its pair; `frame` names the first (0, 2, 4, ...).
+        """
+        from ..video import qwen_frame_size
+
+        width, height = frame_size
+        vision = model.config.vision_config
+        cell = vision.patch_size * vision.spatial_merge_size
+        temporal = vision.temporal_patch_size
+        resized_h, resized_w = qwen_frame_size(processor, height, width)
+        rows, cols = resized_h // cell, resized_w // cell
+        steps = math.ceil(num_frames / temporal)
+        if steps * rows * cols != num_tokens:
+            return None
+        grid = grid_boxes(rows, cols, 0.0, 0.0, float(width), float(height))
+        return VisualLayout(boxes=grid.repeat(steps, 1), segment=torch.zeros(num_tokens, dtype=torch.long),
+                            segments=["video"], image_size=(width, height),
+                            frame=(torch.arange(steps) * temporal).repeat_interleave(rows * cols))

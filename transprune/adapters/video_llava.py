@@ -6,9 +6,26 @@ are frame after frame, each frame the CLS token followed by its patch grid.
 
 from __future__ import annotations
 
+import torch
+
+from ..trace import VisualLayout
 from .llava import LlavaAdapter
 
 
 class VideoLlavaAdapter(LlavaAdapter):
     family = "video_llava"
     model_classes = ("VideoLlavaForConditionalGeneration",)
+
+    # -- video (transprune.video) --------------------------------------------------------------
+    def video_layout(self, model, processor, frame_size, num_frames, num_tokens):
+        """Per frame: the CLS token (no place, NaN box), then the patch grid through resize + crop."""
+        vision = model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        if num_frames * (side * side + 1) != num_tokens:
+            return None
+        grid = self.visual_layout(model, processor, frame_size, side * side).boxes
+        per_frame = torch.cat([torch.full((1, 4), float("nan")), grid])
+        return VisualLayout(boxes=per_frame.repeat(num_frames, 1),
+                            segment=torch.zeros(num_tokens, dtype=torch.long), segments=["video"],
+                            image_size=tuple(frame_size),
+                            frame=torch.arange(num_frames).repeat_interleave(side * side + 1))

@@ -1,0 +1,400 @@
+"""Video input: decode a file with PyAV, sample frames uniformly, build each family's video inputs.
+
+    video = read_video("clip.mp4", num_frames=DEFAULT_FRAMES["video_llava"])   # Video: frames + metadata
+    inputs = video_inputs(processor, "video_llava", prompt, videos=[video])
+
+Decoding is ours (PyAV, `av`), never torchcodec or torchvision. Sampling rule: of the T decodable
+frames of the first video stream, frame i of n is round(i * (T - 1) / (n - 1)) -- evenly spaced,
+first and last frame included (n = 1 takes the middle frame); a clip shorter than n frames repeats
+frames so the model still gets n.
+
+transformers' video processors need torchvision. When the processor has one (a real checkpoint on
+a machine with torchvision) it is used as is. Otherwise `FramesVideoProcessor` stands in: it does
+what the family's video processor does, with the image processor's parameters, in PIL/numpy:
+
+- Video-LLaVA: each frame through the image processor (shortest-edge resize, centre crop, CLIP
+  normalisation, exactly like VideoLlavaVideoProcessor); the CLS token of every frame is kept.
+- LLaVA-OneVision: each frame squashed to the base tile (size height x width, no crop, no AnyRes),
+  normalised; the model pools each frame's patch grid 2x2 and appends one newline token.
+- Qwen2.5-VL: frames resized with smart_resize (multiples of 28 px, pixel count within the image
+  processor's min_pixels and min(max_pixels, 768*28*28), the video processor's cap), an odd frame
+  count padded by repeating the last frame, patchified into (T/2 * h/14 * w/14, 3*2*14*14) with
+  video_grid_thw = (T/2, h/14, w/14); second_per_grid_ts = 2 / sampled fps.
+
+The processor then expands the prompt's video placeholder itself (its own replace_video_token),
+so the number of video tokens always agrees with what the model computes.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+# Frames sampled from a file when the caller does not say. Video-LLaVA was trained on exactly 8.
+# OneVision: 8 (the Hugging Face examples' count; the paper evaluates with 32 -- pass num_frames=32).
+# Qwen2.5-VL: 8, even because two consecutive frames form one temporal patch (4 temporal steps).
+DEFAULT_FRAMES = {"video_llava": 8, "llava_onevision": 8, "qwen2_5_vl": 8}
+# Families whose checkpoints only work with one frame count.
+REQUIRED_FRAMES = {"video_llava": 8}
+# Qwen2VLVideoProcessor's per-frame pixel cap (size["longest_edge"]).
+QWEN_VIDEO_MAX_PIXELS = 768 * 28 * 28
+
+
+class VideoError(ValueError):
+    """A video could not be used; the message says what was wrong and what to pass instead."""
+
+
+@dataclass
+class Video:
+    """Sampled RGB frames of one video and where they came from.
+
+    `indices` are the sampled frames' numbers among the `total_frames` decodable frames; `fps` is
+    the stream's average frame rate (None if the container does not say).
+    """
+    frames: list[Image.Image]
+    indices: list[int]
+    total_frames: int
+    fps: float | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the frames."""
+        return self.frames[0].size
+
+    def metadata(self) -> dict:
+        """transformers' VideoMetadata fields, so the processor knows the sampled frame rate."""
+        width, height = self.size
+        return dict(total_num_frames=self.total_frames, fps=self.fps, width=width, height=height,
+                    duration=self.total_frames / self.fps if self.fps else None, video_backend="pyav",
+                    frames_indices=list(self.indices))
+
+    @classmethod
+    def from_frames(cls, frames, fps: float | None = None) -> "Video":
+        """A Video of already-sampled frames (PIL images or HxWx3 uint8 arrays)."""
+        frames = _as_rgb_frames(frames)
+        return cls(frames=frames, indices=list(range(len(frames))), total_frames=len(frames), fps=fps)
+
+
+def sample_indices(total: int, num_frames: int) -> list[int]:
+    """The module's uniform rule: n evenly spaced frame numbers in [0, total), ends included."""
+    if total <= 0:
+        raise VideoError("The video has no decodable frames.")
+    if num_frames < 1:
+        raise VideoError(f"num_frames must be at least 1, got {num_frames}.")
+    if num_frames == 1:
+        return [(total - 1) // 2]
+    return [int(round(i * (total - 1) / (num_frames - 1))) for i in range(num_frames)]
+
+
+def _describe(source) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return repr(os.fspath(source))
+    return "the uploaded video"
+
+
+def _open(source):
+    import av
+
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    if isinstance(source, (str, os.PathLike)) and not os.path.exists(source):
+        raise VideoError(f"Video file {_describe(source)} does not exist.")
+    try:
+        return av.open(source if not isinstance(source, os.PathLike) else os.fspath(source), mode="r")
+    except (av.error.FFmpegError, OSError, EOFError) as error:
+        raise VideoError(f"Could not read {_describe(source)} as a video ({error}). The file is corrupt, "
+                         "truncated or not a video: upload an MP4, WebM, AVI or MKV file.") from error
+
+
+def _video_stream(container, source):
+    if container.streams.video:
+        return container.streams.video[0]
+    if container.streams.audio:
+        raise VideoError(f"{_describe(source)} contains only audio (no video stream). Upload a file with a "
+                         "video track.")
+    raise VideoError(f"{_describe(source)} has no video stream. Upload a video file (MP4, WebM, AVI, MKV).")
+
+
+def _decode(source, keep: set[int] | None):
+    """(frames kept, number of frames decoded); frames are PIL RGB, `keep=None` keeps none."""
+    import av
+
+    kept: dict[int, Image.Image] = {}
+    count = 0
+    container = _open(source)
+    try:
+        stream = _video_stream(container, source)
+        stream.thread_type = "AUTO"
+        try:
+            for frame in container.decode(stream):
+                if keep is not None and count in keep:
+                    kept[count] = frame.to_image().convert("RGB")
+                count += 1
+        except (av.error.FFmpegError, EOFError) as error:
+            if count == 0:
+                raise VideoError(f"Could not decode any frame of {_describe(source)} ({error}). The video track "
+                                 "is corrupt or uses an unsupported codec.") from error
+            # A damaged tail: use the frames before it.
+        fps = float(stream.average_rate) if stream.average_rate else None
+    finally:
+        container.close()
+    return kept, count, fps
+
+
+def read_video(source, num_frames: int) -> Video:
+    """Decode `source` (a path, bytes or a binary file object) and sample `num_frames` RGB frames.
+
+    Counts the decodable frames in a first pass (container frame counts are often missing or
+    wrong), then decodes again keeping the sampled ones. Raises VideoError for a corrupt or
+    non-video file, an audio-only file and a video track with no decodable frame.
+    """
+    if hasattr(source, "seek"):
+        source = source.read()  # two passes need the bytes twice
+    _, total, _ = _decode(source, None)
+    if total == 0:
+        raise VideoError(f"{_describe(source)} has a video stream but no decodable frames (an empty or "
+                         "truncated recording). Upload a video with at least one frame.")
+    indices = sample_indices(total, num_frames)
+    kept, _, fps = _decode(source, set(indices))
+    missing = [i for i in indices if i not in kept]
+    if missing:
+        raise VideoError(f"Frames {missing} of {_describe(source)} could not be decoded on the second pass; "
+                         "the file is damaged. Re-encode it (e.g. ffmpeg -i in.mp4 out.mp4) and try again.")
+    frames = [kept[i] for i in indices]
+    size = frames[0].size
+    frames = [f if f.size == size else f.resize(size, Image.BICUBIC) for f in frames]  # mid-stream size change
+    return Video(frames=frames, indices=indices, total_frames=total, fps=fps)
+
+
+def read_frames(source, num_frames: int) -> list[Image.Image]:
+    """`num_frames` uniformly sampled RGB frames of the video `source` (see `read_video`)."""
+    return read_video(source, num_frames).frames
+
+
+def _as_rgb_frames(frames) -> list[Image.Image]:
+    if isinstance(frames, (torch.Tensor, np.ndarray)) and getattr(frames, "ndim", 0) == 4:
+        frames = list(frames)
+    if not isinstance(frames, (list, tuple)):
+        raise VideoError(f"A video must be a file path or a list of frames, got {type(frames).__name__}.")
+    if not frames:
+        raise VideoError("The video has zero frames; pass at least one frame.")
+    result = []
+    for frame in frames:
+        if isinstance(frame, torch.Tensor):
+            frame = frame.numpy()
+        if isinstance(frame, np.ndarray):
+            frame = Image.fromarray(frame.astype(np.uint8))
+        if not isinstance(frame, Image.Image):
+            raise VideoError(f"Video frames must be PIL images or HxWx3 uint8 arrays, got {type(frame).__name__}.")
+        result.append(frame.convert("RGB"))
+    return result
+
+
+def as_video(video, family: str, num_frames: int | None = None) -> Video:
+    """A Video from a path / bytes (decoded and sampled), a list of frames or a Video.
+
+    A path uses `num_frames` or the family's default count. Frames given directly are used as
+    they are, except that a family needing an exact count (Video-LLaVA: 8) refuses others.
+    """
+    if isinstance(video, Video):
+        result = video
+    elif isinstance(video, (str, os.PathLike, bytes, bytearray)) or hasattr(video, "read"):
+        result = read_video(video, num_frames or DEFAULT_FRAMES.get(family, 8))
+    else:
+        result = Video.from_frames(video)
+    required = REQUIRED_FRAMES.get(family)
+    if required is not None and len(result.frames) != required:
+        raise VideoError(f"{family} takes exactly {required} frames per video, got {len(result.frames)}. Pass a "
+                         f"video file (it is sampled to {required} frames) or exactly {required} frames.")
+    return result
+
+
+# ---------------------------------------------------------------------------- per-family frames
+def _get(obj, name, default=None):
+    value = obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+    return default if value is None else value
+
+
+def _normalise(frames: list[Image.Image], image_processor) -> torch.Tensor:
+    """(T, 3, H, W) float32: rescaled to [0, 1] and normalised with the image processor's mean/std."""
+    array = np.stack([np.asarray(f, dtype=np.float32) for f in frames]) * float(
+        _get(image_processor, "rescale_factor", 1 / 255))
+    if _get(image_processor, "do_normalize", True):
+        mean = np.asarray(_get(image_processor, "image_mean", [0.48145466, 0.4578275, 0.40821073]), np.float32)
+        std = np.asarray(_get(image_processor, "image_std", [0.26862954, 0.26130258, 0.27577711]), np.float32)
+        array = (array - mean) / std
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def qwen_frame_size(processor, height: int, width: int) -> tuple[int, int]:
+    """(height, width) Qwen2.5-VL video frames are resized to: multiples of 28 px (patch x merge).
+
+    `processor` is the full processor or an image processor. A real video processor's own pixel
+    bounds win; otherwise the image processor's, with max_pixels capped at 768*28*28.
+    """
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    video_processor = getattr(processor, "video_processor", None)
+    if video_processor is not None and not isinstance(video_processor, FramesVideoProcessor):
+        source, cap = video_processor, None
+    else:
+        source, cap = getattr(processor, "image_processor", processor), QWEN_VIDEO_MAX_PIXELS
+    patch, merge = int(_get(source, "patch_size", 14)), int(_get(source, "merge_size", 2))
+    size = _get(source, "size", {})
+    min_pixels = int(_get(size, "shortest_edge") or _get(source, "min_pixels", 56 * 56))
+    max_pixels = int(_get(size, "longest_edge") or _get(source, "max_pixels", QWEN_VIDEO_MAX_PIXELS))
+    if cap is not None:
+        max_pixels = min(max_pixels, cap)
+    return smart_resize(height, width, factor=patch * merge, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+class FramesVideoProcessor:
+    """A torchvision-free stand-in for a family's video processor (see the module docstring).
+
+    Called like a transformers video processor with a list of videos (T x H x W x 3 uint8 arrays)
+    and returns `pixel_values_videos` (plus `video_grid_thw` for Qwen) and `video_metadata`.
+    """
+
+    def __init__(self, family: str, image_processor):
+        if family not in DEFAULT_FRAMES:
+            raise VideoError(f"{family} models take no video; video families: {', '.join(DEFAULT_FRAMES)}.")
+        self.family, self.image_processor = family, image_processor
+        self.patch_size = int(_get(image_processor, "patch_size", 14))
+        self.merge_size = int(_get(image_processor, "merge_size", 2))
+        self.temporal_patch_size = int(_get(image_processor, "temporal_patch_size", 2))
+
+    def __call__(self, videos, video_metadata=None, return_tensors=None, **kwargs):
+        from transformers import BatchFeature
+
+        clips = [[Image.fromarray(np.asarray(frame, dtype=np.uint8)) for frame in video] for video in videos]
+        metadata = video_metadata or [Video.from_frames(clip).metadata() for clip in clips]
+        if self.family == "qwen2_5_vl":
+            patches, grids = zip(*(self._qwen(clip) for clip in clips))
+            data = dict(pixel_values_videos=torch.cat(patches), video_grid_thw=torch.tensor(grids))
+        else:
+            resize = self._video_llava if self.family == "video_llava" else self._onevision
+            data = dict(pixel_values_videos=torch.stack([resize(clip) for clip in clips]))
+        from transformers.video_utils import VideoMetadata
+        data["video_metadata"] = [m if isinstance(m, VideoMetadata) else VideoMetadata(**m) for m in metadata]
+        return BatchFeature(data, skip_tensor_conversion=["video_metadata"])
+
+    def _video_llava(self, frames) -> torch.Tensor:
+        kwargs = dict(return_tensors="pt")
+        if "return_legacy_image_output" in getattr(getattr(self.image_processor, "valid_kwargs", None),
+                                                   "__annotations__", {}):
+            kwargs["return_legacy_image_output"] = False  # silences a deprecation warning
+        out = self.image_processor(images=frames, **kwargs)
+        return out.get("pixel_values_images", out.get("pixel_values"))
+
+    def _onevision(self, frames) -> torch.Tensor:
+        size = _get(self.image_processor, "size", {})
+        height, width = int(_get(size, "height")), int(_get(size, "width"))
+        return _normalise([f.resize((width, height), Image.BICUBIC) for f in frames], self.image_processor)
+
+    def _qwen(self, frames):
+        patch, merge, temporal = self.patch_size, self.merge_size, self.temporal_patch_size
+        height, width = qwen_frame_size(self.image_processor, frames[0].height, frames[0].width)
+        video = _normalise([f.resize((width, height), Image.BICUBIC) for f in frames], self.image_processor)
+        if pad := -len(frames) % temporal:  # as Qwen2VLVideoProcessor.patchify: repeat the last frame
+            video = torch.cat([video, video[-1:].expand(pad, -1, -1, -1)])
+        grid_t, grid_h, grid_w = video.shape[0] // temporal, height // patch, width // patch
+        channels = video.shape[1]
+        patches = video.view(grid_t, temporal, channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
+        patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        return patches.reshape(grid_t * grid_h * grid_w, channels * temporal * patch * patch), [grid_t, grid_h, grid_w]
+
+
+def has_video_processor(processor) -> bool:
+    return getattr(processor, "video_processor", None) is not None
+
+
+def video_inputs(processor, family: str, text, videos: list[Video], images=None) -> dict:
+    """Processor inputs (tensors) for a prompt with video placeholders (and optionally images).
+
+    Uses the processor's own video processor when it has one, else a shallow copy of the
+    processor carrying a FramesVideoProcessor; either way the processor expands the placeholders.
+    """
+    if not has_video_processor(processor):
+        processor = copy.copy(processor)
+        processor.video_processor = FramesVideoProcessor(family, processor.image_processor)
+    clips = [np.stack([np.asarray(frame) for frame in video.frames]) for video in videos]
+    kwargs = dict(text=text, videos=clips, video_metadata=[video.metadata() for video in videos],
+                  return_tensors="pt")
+    if family != "qwen2_5_vl":
+        kwargs.pop("video_metadata")  # only Qwen's processor reads the metadata (for the frame rate)
+    if images:
+        kwargs["images"] = images
+    try:
+        return dict(processor(**kwargs))
+    except ValueError as error:
+        raise VideoError(f"The processor refused the video: {error}") from error
+
+
+def video_token_count(family: str, model_config, processor, num_frames: int, frame_size) -> int:
+    """How many visual tokens one video of `num_frames` frames of size (W, H) becomes."""
+    vision = model_config.vision_config
+    if family == "video_llava":
+        side = vision.image_size // vision.patch_size
+        return num_frames * (side * side + 1)
+    if family == "llava_onevision":
+        side = math.ceil(vision.image_size // vision.patch_size / 2)
+        return num_frames * side * side + 1
+    if family == "qwen2_5_vl":
+        height, width = qwen_frame_size(processor, frame_size[1], frame_size[0])
+        cell = vision.patch_size * vision.spatial_merge_size
+        return math.ceil(num_frames / vision.temporal_patch_size) * (height // cell) * (width // cell)
+    raise VideoError(f"{family} models take no video.")
+
+
+# ---------------------------------------------------------------------------- overlay
+def frame_token_groups(layout, num_frames: int) -> list[torch.Tensor]:
+    """Per frame, the visual tokens drawn on it: those whose layout frame is the latest one at or
+    before it (a Qwen2.5-VL token, labelled with the first frame of its pair, covers both)."""
+    labels = layout.frame if layout.frame is not None else torch.zeros(len(layout.boxes), dtype=torch.long)
+    placed = ~torch.isnan(layout.boxes).any(dim=1)
+    present = sorted(set(labels[placed].tolist()))
+    groups = []
+    for f in range(num_frames):
+        earlier = [v for v in present if v <= f]
+        owner = earlier[-1] if earlier else None
+        groups.append(((labels == owner) & placed).nonzero().flatten() if owner is not None
+                      else torch.zeros(0, dtype=torch.long))
+    return groups
+
+
+def video_overlay(frames, layout, trace, height: int = 96, dim: float = 0.3) -> Image.Image:
+    """One picture: a row of the sampled frames, then one row per pruning stage.
+
+    In a stage's row the area of every token pruned by that stage (or earlier) is dimmed to
+    `dim` of its brightness; kept tokens are shown as they are. Areas no token covers (outside
+    Video-LLaVA's centre crop) are dimmed in the stage rows too. Frames are scaled to `height` px.
+    """
+    frames = _as_rgb_frames(frames)
+    width = max(1, round(frames[0].width * height / frames[0].height))
+    scale_x, scale_y = width / frames[0].width, height / frames[0].height
+    groups = frame_token_groups(layout, len(frames))
+    thumbs = [f.resize((width, height), Image.BICUBIC) for f in frames]
+    stages = list(trace.stages) if trace is not None else []
+    canvas = Image.new("RGB", (width * len(frames), height * (1 + len(stages))))
+    for col, thumb in enumerate(thumbs):
+        canvas.paste(thumb, (col * width, 0))
+    for row, stage in enumerate(stages, start=1):
+        kept = set(stage.kept.tolist())
+        for col, (thumb, tokens) in enumerate(zip(thumbs, groups)):
+            mask = np.zeros((height, width), dtype=bool)
+            for token in tokens.tolist():
+                if token in kept:
+                    x0, y0, x1, y1 = layout.boxes[token].tolist()
+                    mask[max(0, round(y0 * scale_y)):round(y1 * scale_y),
+                         max(0, round(x0 * scale_x)):round(x1 * scale_x)] = True
+            pixels = np.asarray(thumb, dtype=np.float32)
+            pixels = np.where(mask[:, :, None], pixels, pixels * dim).round().astype(np.uint8)
+            canvas.paste(Image.fromarray(pixels), (col * width, row * height))
+    return canvas
