@@ -1,0 +1,142 @@
+"""TransPrune demo: baseline vs pruned, side by side. `python app.py --help` for the flags.
+
+This file only lays out the pieces from components/ and wires their events; every handler lives
+in a component module. Environment variables (for Hugging Face Spaces) mirror the flags:
+TRANSPRUNE_MODEL, TRANSPRUNE_HOST, TRANSPRUNE_PORT, TRANSPRUNE_SHARE, TRANSPRUNE_ALLOWED_MODELS,
+TRANSPRUNE_DEVICE, TRANSPRUNE_THREADS, TRANSPRUNE_MAX_UPLOAD. On a Space (SPACE_ID is set) the
+dropdown is restricted to the registry.
+"""
+
+from __future__ import annotations
+
+try:  # ZeroGPU Spaces: `spaces` must be imported before anything touches CUDA
+    import spaces  # noqa: F401
+except ImportError:
+    pass
+
+import argparse
+import os
+from dataclasses import dataclass
+
+import gradio as gr
+
+from components import answers, downloads, engine, examples, inputs, metrics, notes, overlay, theme
+from components.compare import make_handlers
+
+GPU_QUEUE = "gpu"        # one concurrency id for everything that touches the model
+QUEUE_SIZE = 16          # requests waiting beyond this are refused with "queue full"
+
+
+@dataclass
+class App:
+    demo: gr.Blocks
+    engine: engine.Engine
+    default_model: str
+
+
+def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | None = None,
+               device: str | None = None) -> App:
+    """Build the Blocks. `model` is preloaded (falling back to an offline model if it cannot load)."""
+    eng = engine.Engine(engine.Settings(allowed_models=allowed_models, device=device))
+    default = eng.default_model(model)
+    compare, load_model = make_handlers(eng, default)
+
+    with gr.Blocks(title="TransPrune: baseline vs pruned", delete_cache=(1800, 3600)) as demo:
+        notes.build_header()
+        state = gr.State(None)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2, min_width=380):
+                ins = inputs.build(eng, default)
+                examples.build(ins.image, ins.question)
+            with gr.Column(scale=3, min_width=520):
+                ans = answers.build()
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=5, min_width=300):
+                        inspect, segment = overlay.build_view()
+                    with gr.Column(scale=4, min_width=260):
+                        chart = metrics.build_chart()
+                        patch_note, patch_table = overlay.build_patch_panel()
+                status = gr.Markdown("", elem_classes=["run-status"], elem_id="run-status")
+                table = metrics.build_table()
+                dl = downloads.build()
+        gal = overlay.build_galleries()
+        notes.build_measurement()
+
+        # ------------------------------------------------------------------ wiring
+        run_outputs = [ans.verdict, status, ans.baseline, ans.pruned, table, chart, gal.stages, inspect, segment,
+                       patch_note, patch_table, gal.heat_stage, gal.heatmaps, dl.trace, dl.card, dl.preview, state]
+        gr.on([ins.run.click, ins.question.submit], compare, inputs=ins.run_inputs(), outputs=run_outputs,
+              api_name="compare", concurrency_id=GPU_QUEUE, concurrency_limit=1,
+              show_progress_on=[ans.verdict, ans.baseline, ans.pruned])
+        ins.model.change(load_model, inputs=[ins.model, ins.dtype, ins.attn], outputs=ins.model_info,
+                         concurrency_id=GPU_QUEUE, concurrency_limit=1, api_visibility="private")
+        ins.budget.change(inputs.on_budget, ins.budget, ins.keep_ratio, api_visibility="private", queue=False)
+        ins.method.change(inputs.on_method, ins.method, ins.alpha, api_visibility="private", queue=False)
+        # .input, not .change: only a presenter's choice re-renders (a run sets these values itself).
+        gal.heat_stage.input(overlay.on_heat_stage, [state, gal.heat_stage], gal.heatmaps, api_visibility="private")
+        segment.input(overlay.on_segment, [state, segment], inspect, api_visibility="private")
+        inspect.select(overlay.on_patch_click, [state, segment], [inspect, patch_note, patch_table],
+                       api_visibility="private")
+    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=2)
+    return App(demo=demo, engine=eng, default_model=default)
+
+
+def launch_kwargs(args) -> dict:
+    """Everything launch() needs apart from the Blocks: server, theme, upload cap."""
+    return dict(server_name=args.host, server_port=args.port, share=args.share, theme=theme.theme(), css=theme.CSS,
+                max_file_size=args.max_upload, show_error=True, footer_links=["api", "gradio"])
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    env = os.environ.get
+    on_space = bool(env("SPACE_ID"))
+    parser = argparse.ArgumentParser(description="TransPrune demo: unpruned baseline vs pruned, side by side.")
+    parser.add_argument("--model", default=env("TRANSPRUNE_MODEL", "auto"),
+                        help="registry name or Hub id to preload; 'auto' = the first offline model that loads")
+    parser.add_argument("--host", default=env("TRANSPRUNE_HOST", env("GRADIO_SERVER_NAME",
+                                                                   "0.0.0.0" if on_space else "127.0.0.1")))
+    parser.add_argument("--port", type=int, default=int(env("TRANSPRUNE_PORT", env("GRADIO_SERVER_PORT", "7860"))))
+    parser.add_argument("--share", action="store_true", default=_env_flag("TRANSPRUNE_SHARE"),
+                        help="create a public gradio.live link")
+    parser.add_argument("--allowed-models", default=env("TRANSPRUNE_ALLOWED_MODELS", "registry" if on_space else ""),
+                        help="'registry' = only registered models (Space mode); or a comma list of names; "
+                             "empty = registry plus any Hub id of a supported family")
+    parser.add_argument("--device", default=env("TRANSPRUNE_DEVICE"), help="cuda or cpu (default: cuda if present)")
+    parser.add_argument("--threads", type=int, default=int(env("TRANSPRUNE_THREADS", "0")),
+                        help="CPU threads for torch (0 = torch's default)")
+    parser.add_argument("--max-upload", default=env("TRANSPRUNE_MAX_UPLOAD", inputs.MAX_UPLOAD),
+                        help="largest accepted upload, e.g. 20mb")
+    return parser.parse_args(argv)
+
+
+def allowed_from(value: str) -> tuple[str, ...] | None:
+    from transprune.models import REGISTRY
+
+    value = (value or "").strip()
+    if not value:
+        return None
+    if value == "registry":
+        return tuple(REGISTRY)
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise SystemExit(f"--allowed-models: {', '.join(unknown)} not in the registry ({', '.join(REGISTRY)}).")
+    return names
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads > 0:
+        import torch
+        torch.set_num_threads(args.threads)
+    app = build_demo(args.model, allowed_from(args.allowed_models), args.device)
+    print(f"[transprune] default model: {app.default_model} on {app.engine.device}")
+    app.demo.launch(**launch_kwargs(args))
+
+
+if __name__ == "__main__":
+    main()

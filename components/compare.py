@@ -1,0 +1,144 @@
+"""The /compare handler: validate, run both models, and turn the Comparison into every output.
+
+`make_handlers(engine)` returns plain functions (closures over the app's Engine) that app.py
+wires to events; tests call them directly. User-fixable problems surface as gr.Error with a
+sentence saying what to do; the app keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import gradio as gr
+from PIL import Image
+
+from transprune import ConfigError
+from transprune.flops import model_shape
+from transprune.models import REGISTRY
+
+from . import answers, downloads, metrics, overlay, schedule
+from .engine import Engine, UserError, gpu_task
+from .inputs import check_video_file, model_info, prepare_image, prepare_question
+
+log = logging.getLogger("transprune.app")
+
+
+@dataclass
+class RunState:
+    """The session's last run, kept in gr.State for the overlay and heatmap handlers."""
+    comparison: object
+    canvas: overlay.Canvas
+
+
+def status_line(comparison, method_label: str, budget: str) -> str:
+    layers = comparison.shape[2]
+    return (f"**{comparison.spec.label}** ({comparison.spec.size}, {layers} layers) on **{comparison.device}** · "
+            f"{comparison.dtype} · {method_label} ({budget}): {schedule.describe(comparison.resolved, layers)} · "
+            f"{comparison.resolved.positions} positions · {comparison.first} ran first in the answer pass")
+
+
+def _run_on_device(engine: Engine, model, image, question, config, max_new_tokens, repeats, dtype, attn, progress,
+                   video=None):
+    return engine.compare(model, image, question, config, max_new_tokens=max_new_tokens, repeats=repeats,
+                          dtype=dtype, attn=attn, progress=progress, video=video)
+
+
+# On ZeroGPU Spaces only the model work holds the GPU; rendering happens outside.
+run_on_device = gpu_task(_run_on_device)
+
+
+def make_handlers(engine: Engine, default_model: str):
+    """The event handlers of one app, as plain functions closing over its Engine."""
+
+    def compare(image, question, video=None, model=default_model, method="TransPrune", budget="High",
+                keep_ratio=0.125, alpha=0.5, layers="", positions="Model default", max_new_tokens=32,
+                attn="sdpa", dtype="auto", seed=0, repeats=3, progress=gr.Progress()):
+        """Run the unpruned baseline and the pruned model on the same image (or video) and question."""
+        try:
+            question = prepare_question(question)
+            if video is not None:
+                if image is not None:
+                    raise UserError("Both an image and a video are loaded: clear one of them (the × on its "
+                                    "panel), then press Run.")
+                spec = REGISTRY.get(model)
+                if spec is not None and not spec.video:
+                    video_models = ", ".join(n for n in engine.model_names() if REGISTRY.get(n) and REGISTRY[n].video)
+                    raise UserError(f"{spec.label} takes images only. Upload an image, or pick a video model: "
+                                    f"{video_models}.")
+                check_video_file(video)
+                picture = None
+            else:
+                picture, notices = prepare_image(image)
+                for notice in notices:
+                    gr.Warning(notice)
+            try:
+                config = schedule.build_config(method, budget, float(keep_ratio), float(alpha), layers, positions,
+                                               int(seed or 0))
+            except (ConfigError, ValueError, TypeError) as error:
+                raise UserError(f"Impossible pruning schedule: {error}") from None
+            max_new_tokens = int(max_new_tokens)
+            if not 1 <= max_new_tokens <= 512:
+                raise UserError(f"Max new tokens must be between 1 and 512, not {max_new_tokens}.")
+            repeats = int(repeats)
+            if not 1 <= repeats <= 20:
+                raise UserError(f"Timing repeats must be between 1 and 20, not {repeats}.")
+            comparison = run_on_device(engine, model, picture, question, config, max_new_tokens, repeats,
+                                       dtype, attn, progress, video)
+            progress(0.97, desc="Drawing overlays…")
+            return render_outputs(comparison, picture, method, budget)
+        except UserError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        except gr.Error:
+            raise
+        except Exception as error:  # a bug, not the user's fault: say so, log it, keep serving
+            log.exception("compare failed")
+            raise gr.Error(f"Something went wrong ({type(error).__name__}: {error}). The app is still running; "
+                           "try again or pick other settings.") from None
+
+    def load_model(model, dtype="auto", attn="sdpa", progress=gr.Progress()):
+        """Load the chosen model now (with progress) and describe it; a failure is a warning."""
+        try:
+            lm = engine.get(model, dtype, attn, progress)
+        except UserError as error:
+            gr.Warning(str(error))
+            return f"⚠ **{model} is not available:** {error}"
+        layers = model_shape(lm.model)[2]
+        high = schedule.describe(schedule.build_config("TransPrune", "High"), layers)
+        return (model_info(engine, model) + f" · {layers} decoder layers · High preset here: {high} · loaded on "
+                f"{lm.device} ({str(lm.dtype).replace('torch.', '')})")
+
+    return compare, load_model
+
+
+def render_outputs(comparison, picture: Image.Image | None, method_label: str, budget: str) -> tuple:
+    """Everything /compare returns, in the order of app.py's `run_outputs`."""
+    base_text, pruned_text = comparison.baseline.text, comparison.pruned.text
+    left, right = answers.diff_segments(base_text, pruned_text)
+    nums = metrics.numbers(comparison)
+    trace = comparison.pruned.trace
+    canvas = overlay.canvas_for(comparison, picture)
+    segments = canvas.segments
+    inspect_segment = segments[-1]
+    labels = overlay.stage_labels(trace)
+    card_path = downloads.write_card(comparison, canvas, method_label, budget)
+    return (
+        answers.verdict(base_text, pruned_text, nums.speedup, len(trace.kept), trace.visual_tokens,
+                        nums.flops_saved),
+        status_line(comparison, method_label, budget),
+        left,
+        right,
+        metrics.table(comparison, method_label),
+        metrics.sequence_chart(nums.baseline_lengths, nums.pruned_lengths, width=480, height=300),
+        overlay.stage_gallery(canvas),
+        overlay.inspect_view(canvas, inspect_segment),
+        gr.update(choices=segments, value=inspect_segment, visible=len(segments) > 1),
+        "Outlined patches survived the last stage. Click any patch to see its TTV, IGA and score at each stage.",
+        [],
+        gr.update(choices=labels, value=labels[0]),
+        overlay.heatmap_gallery(canvas, 0),
+        gr.update(value=downloads.write_trace(comparison, method_label, budget), interactive=True),
+        gr.update(value=card_path, interactive=True),
+        card_path,
+        RunState(comparison=comparison, canvas=canvas),
+    )

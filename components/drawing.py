@@ -1,0 +1,87 @@
+"""Small PIL helpers shared by the overlays, the chart and the comparison card: fonts, a colour
+map, the palette. No Gradio, no model."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from PIL import Image, ImageFont
+
+# One palette for the whole app, readable on a projector.
+INK = (15, 23, 42)          # slate-900
+MUTED = (100, 116, 139)     # slate-500
+PAPER = (255, 255, 255)
+PANEL = (241, 245, 249)     # slate-100
+BASELINE = (100, 116, 139)  # the unpruned run
+PRUNED = (79, 70, 229)      # indigo-600: the pruned run
+KEPT = (6, 182, 212)        # cyan-500: outline of surviving patches
+PICK = (236, 72, 153)       # pink-500: the patch a presenter clicked
+SAVED = (199, 210, 254)     # indigo-200: compute saved
+DIFF = (245, 158, 11)       # amber-500: words that differ
+
+# Anchors of a perceptually ordered dark-to-bright map (close to "inferno").
+_ANCHORS = np.array([(0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66),
+                     (245, 125, 21), (250, 193, 39), (252, 255, 164)], dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=32)
+def font(size: int, bold: bool = False) -> ImageFont.FreeTypeFont:
+    """DejaVu Sans when the system has it, else Pillow's built-in scalable font."""
+    for name in (("DejaVuSans-Bold.ttf", "LiberationSans-Bold.ttf") if bold
+                 else ("DejaVuSans.ttf", "LiberationSans-Regular.ttf")):
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    return ImageFont.load_default(size)
+
+
+def colormap(values) -> np.ndarray:
+    """(n,) values in [0, 1] -> (n, 3) uint8 colours along the dark-to-bright map."""
+    v = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0) * (len(_ANCHORS) - 1)
+    low = np.floor(v).astype(int).clip(0, len(_ANCHORS) - 2)
+    t = (v - low)[:, None]
+    return (_ANCHORS[low] * (1 - t) + _ANCHORS[low + 1] * t).round().astype(np.uint8)
+
+
+def normalise(values) -> np.ndarray:
+    """Min-max to [0, 1]; a constant vector maps to 0.5."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return v
+    span = v.max() - v.min()
+    return np.full_like(v, 0.5) if span <= 0 else (v - v.min()) / span
+
+
+def fit(image: Image.Image, max_side: int) -> tuple[Image.Image, float]:
+    """A copy no larger than max_side on its longer side, and the scale factor applied."""
+    scale = min(1.0, max_side / max(image.size))
+    if scale >= 1.0:
+        return image.copy(), 1.0
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS), scale
+
+
+def text_width(draw, text: str, face) -> float:
+    return draw.textlength(text, font=face)
+
+
+def wrap(draw, text: str, face, width: float, max_lines: int | None = None) -> list[str]:
+    """Greedy word wrap to `width` pixels; the last kept line ends with … when text is cut."""
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if text_width(draw, candidate, face) <= width or not line:
+            line = candidate
+        else:
+            lines.append(line)
+            line = word
+    if line:
+        lines.append(line)
+    if max_lines is not None and len(lines) > max_lines:
+        lines = lines[:max_lines]
+        while lines[-1] and text_width(draw, lines[-1] + " …", face) > width:
+            lines[-1] = lines[-1][:-1]
+        lines[-1] = lines[-1].rstrip() + " …"
+    return lines

@@ -1,0 +1,138 @@
+"""Bundled example scenes, drawn from code (no downloads), and the Examples block that offers them.
+
+The scenes follow the shapes-llava training distribution (transprune/shapes/scenes.py): flat
+red/green/blue/yellow circles, squares, triangles and stars on a light grey background, one per
+cell of a plus sign (top, left, center, right, bottom) of the square the model sees, asked with
+the same question templates, so the trained offline model can answer them. They are drawn at 3x
+its 168 px input (crisper on a projector). Two have a wide or tall frame: LLaVA's center crop
+never sees the shapes outside the middle square, which the overlays show hatched.
+
+The PNGs live in assets/examples/; `python -m components.examples` redraws them, and the app
+redraws any that are missing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
+
+COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (230, 195, 25)}
+VIEW = 504                 # side of the square the model sees (3 x 168)
+RADIUS = 21 / 168          # circumradius as a share of VIEW, mid-range of the training scenes
+CELLS = {"top": (0.5, 1 / 6), "left": (1 / 6, 0.5), "center": (0.5, 0.5), "right": (5 / 6, 0.5),
+         "bottom": (0.5, 5 / 6)}
+SUPERSAMPLE = 4
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str                        # circle, square, triangle, star
+    colour: str                      # a key of COLOURS
+    where: str | tuple[float, float]  # a cell of the central view, or (x, y) in pixels of the frame
+
+
+@dataclass(frozen=True)
+class Scene:
+    name: str
+    size: tuple[int, int]
+    background: tuple[int, int, int]
+    shapes: tuple[Shape, ...]
+    question: str
+
+
+SCENES: tuple[Scene, ...] = (
+    Scene("circle_and_square", (VIEW, VIEW), (236, 236, 238),
+          (Shape("circle", "red", "left"), Shape("square", "blue", "right")), "What color is the circle?"),
+    Scene("four_shapes", (VIEW, VIEW), (228, 231, 226),
+          (Shape("star", "yellow", "top"), Shape("triangle", "green", "left"), Shape("circle", "blue", "right"),
+           Shape("square", "red", "bottom")), "How many shapes are there?"),
+    Scene("where_is_the_star", (VIEW, VIEW), (242, 240, 236),
+          (Shape("star", "red", "bottom"), Shape("triangle", "blue", "center")), "Where is the red star?"),
+    Scene("wide_frame", (2 * VIEW, VIEW), (230, 234, 240),
+          (Shape("star", "yellow", "center"), Shape("circle", "blue", "top"), Shape("triangle", "green", (110, 280)),
+           Shape("square", "red", (900, 240))), "What shape is yellow?"),
+    Scene("tall_frame", (VIEW, 3 * VIEW // 2), (238, 236, 230),
+          (Shape("square", "green", "center"), Shape("triangle", "blue", (252, 70)),
+           Shape("circle", "red", (252, 690))), "Is there a green square?"),
+)
+
+
+def _centre(scene: Scene, shape: Shape) -> tuple[float, float]:
+    if isinstance(shape.where, tuple):
+        return shape.where
+    width, height = scene.size
+    left, top = (width - VIEW) / 2, (height - VIEW) / 2   # the central square a center crop keeps
+    fx, fy = CELLS[shape.where]
+    return left + fx * VIEW, top + fy * VIEW
+
+
+def _draw(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, fill):
+    """The training scenes' geometry: square half-side 0.8 r, triangle on its bounding box, 5-point star."""
+    if kind == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif kind == "square":
+        draw.rectangle((cx - 0.8 * r, cy - 0.8 * r, cx + 0.8 * r, cy + 0.8 * r), fill=fill)
+    elif kind == "triangle":
+        draw.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], fill=fill)
+    elif kind == "star":
+        points = [(cx + r * (0.45 if k % 2 else 1.0) * math.cos(math.radians(-90 + 36 * k)),
+                   cy + r * (0.45 if k % 2 else 1.0) * math.sin(math.radians(-90 + 36 * k))) for k in range(10)]
+        draw.polygon(points, fill=fill)
+    else:
+        raise ValueError(f"Unknown shape {kind!r}; use circle, square, triangle or star.")
+
+
+def draw_scene(scene: Scene) -> Image.Image:
+    """The scene as an RGB image of `scene.size` (drawn at 4x, then downsampled for smooth edges)."""
+    width, height = scene.size
+    big = Image.new("RGB", (width * SUPERSAMPLE, height * SUPERSAMPLE), scene.background)
+    draw = ImageDraw.Draw(big)
+    for shape in scene.shapes:
+        cx, cy = _centre(scene, shape)
+        _draw(draw, shape.kind, cx * SUPERSAMPLE, cy * SUPERSAMPLE, RADIUS * VIEW * SUPERSAMPLE,
+              COLOURS[shape.colour])
+    return big.resize((width, height), Image.Resampling.LANCZOS)
+
+
+def example_path(scene: Scene, directory: Path = EXAMPLES_DIR) -> Path:
+    return directory / f"{scene.name}.png"
+
+
+def write_examples(directory: Path = EXAMPLES_DIR, overwrite: bool = True) -> list[Path]:
+    """Draw every scene into `directory` (only missing ones unless `overwrite`); returns the paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for scene in SCENES:
+        path = example_path(scene, directory)
+        if overwrite or not path.exists():
+            draw_scene(scene).save(path, optimize=True)
+        paths.append(path)
+    return paths
+
+
+def example_rows(directory: Path = EXAMPLES_DIR) -> list[list[str]]:
+    """[[image path, question], ...] for gr.Examples, drawing any missing files first."""
+    try:
+        paths = write_examples(directory, overwrite=False)
+    except OSError:  # read-only checkout: draw into a temporary folder instead
+        import tempfile
+        paths = write_examples(Path(tempfile.mkdtemp(prefix="transprune-examples-")), overwrite=False)
+    return [[str(path), scene.question] for path, scene in zip(paths, SCENES)]
+
+
+def build(image, question):
+    """The Examples block: clicking a row fills the image and the question."""
+    import gradio as gr
+
+    return gr.Examples(examples=example_rows(), inputs=[image, question], label="Examples (drawn by the project)",
+                       examples_per_page=len(SCENES))
+
+
+if __name__ == "__main__":
+    for written in write_examples():
+        print(written)

@@ -1,0 +1,195 @@
+"""The metrics table and the sequence-length chart (baseline vs pruned, per decoder layer).
+
+Every number comes from the Comparison: token counts and per-layer lengths from the pruned run's
+trace, times from `LoadedModel.generate` timings, FLOPs from `transprune.flops` (the paper's
+accounting, visual tokens only, plus the whole-sequence variant).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import gradio as gr
+from PIL import Image, ImageDraw
+
+from transprune.flops import tflops
+
+from . import drawing
+
+HEADERS = ["Metric", "Baseline", "Pruned", "Change"]
+SPEEDUP_ROW = "Prefill speedup (measured)"
+
+
+def kept_row_name(layer: int) -> str:
+    return f"Visual tokens after layer {layer}"
+
+
+@dataclass
+class Numbers:
+    """The headline figures, computed once for the table, the verdict and the card."""
+    visual_tokens: int
+    kept: list[tuple[int, int]]          # (layer, kept) per stage
+    prefill_ms: tuple[float, float]
+    speedup: float
+    tflops_visual: tuple[float, float]
+    tflops_full: tuple[float, float]
+    baseline_lengths: list[int]
+    pruned_lengths: list[int]
+
+    @property
+    def flops_saved(self) -> float:
+        return 1.0 - self.tflops_visual[1] / self.tflops_visual[0] if self.tflops_visual[0] else 0.0
+
+    @property
+    def bound(self) -> float:
+        """Analytic whole-sequence speedup bound for prefill."""
+        return self.tflops_full[0] / self.tflops_full[1] if self.tflops_full[1] else float("nan")
+
+
+def numbers(comparison) -> Numbers:
+    trace = comparison.pruned.trace
+    hidden, intermediate, layers = comparison.shape
+    prompt = int(comparison.baseline.inputs["input_ids"].shape[1])
+    baseline_lengths = [prompt] * layers
+    n = trace.visual_tokens
+    base_ms, pruned_ms = comparison.prefill_ms("baseline"), comparison.prefill_ms("pruned")
+    return Numbers(
+        visual_tokens=n, kept=[(s.layer, len(s.kept)) for s in trace.stages],
+        prefill_ms=(base_ms, pruned_ms), speedup=base_ms / pruned_ms if pruned_ms > 0 else float("nan"),
+        tflops_visual=(tflops([n] * layers, hidden, intermediate),
+                       tflops(trace.visual_tokens_per_layer, hidden, intermediate)),
+        tflops_full=(tflops(baseline_lengths, hidden, intermediate),
+                     tflops(trace.tokens_per_layer, hidden, intermediate)),
+        baseline_lengths=baseline_lengths, pruned_lengths=list(trace.tokens_per_layer))
+
+
+def fmt_tflops(x: float) -> str:
+    return f"{x:.2f}" if x >= 0.01 else f"{x:.3g}"
+
+
+def _change(before: float, after: float) -> str:
+    return f"{after / before - 1.0:+.0%}".replace("-", "−") if before else ""
+
+
+def table(comparison, method_label: str):
+    """The metrics as a DataFrame: one row per metric, columns Baseline / <method> / Change, all cells
+    strings formatted for reading."""
+    import pandas as pd
+    nums = numbers(comparison)
+    base, pruned = comparison.baseline.timings, comparison.pruned.timings
+    n = nums.visual_tokens
+    rows = [["Visual tokens in", str(n), str(n), ""]]
+    for layer, kept in nums.kept:
+        rows.append([kept_row_name(layer), str(n), str(kept), f"−{1 - kept / n:.0%}" if n else ""])
+    repeats = len(comparison.prefill_samples["pruned"])
+    rows.append([f"Prefill ms (median of {repeats})", f"{nums.prefill_ms[0]:.1f}", f"{nums.prefill_ms[1]:.1f}",
+                 _change(*nums.prefill_ms)])
+
+    def rate(t):
+        return "n/a" if t.get("decode_tokens_per_s") is None else f"{t['decode_tokens_per_s']:.1f}"
+    rows.append(["Decode tokens/s", rate(base), rate(pruned), ""])
+    rows.append(["End-to-end ms (answer pass)", f"{base['total_ms']:.1f}", f"{pruned['total_ms']:.1f}",
+                 _change(base["total_ms"], pruned["total_ms"])])
+    rows.append(["New tokens", str(base["new_tokens"]), str(pruned["new_tokens"]), ""])
+    memory_name = "Peak GPU memory MB" if comparison.device.startswith("cuda") else \
+        "Peak memory MB (process high-water mark)"
+    rows.append([memory_name, f"{base['peak_mb']:.0f}", f"{pruned['peak_mb']:.0f}", ""])
+    rows.append(["Analytic TFLOPs (visual tokens)", fmt_tflops(nums.tflops_visual[0]),
+                 fmt_tflops(nums.tflops_visual[1]), _change(*nums.tflops_visual)])
+    rows.append(["Analytic TFLOPs (whole sequence)", fmt_tflops(nums.tflops_full[0]),
+                 fmt_tflops(nums.tflops_full[1]), _change(*nums.tflops_full)])
+    rows.append([SPEEDUP_ROW, "1.00×", f"{nums.speedup:.2f}×", f"analytic bound {nums.bound:.2f}×"])
+    rows.append(["Device · dtype", f"{comparison.device} · {comparison.dtype}",
+                 f"{comparison.device} · {comparison.dtype}", ""])
+    return pd.DataFrame(rows, columns=["Metric", "Baseline", method_label, "Change"])
+
+
+# ---------------------------------------------------------------------------- the chart
+def nice_step(top: float, ticks: int = 4) -> float:
+    """A 1-2-5 step so that about `ticks` steps cover [0, top]."""
+    raw = max(top, 1e-9) / ticks
+    power = 10 ** math.floor(math.log10(raw))
+    return next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+
+
+def sequence_chart(baseline: list[int], pruned: list[int], width: int = 760, height: int = 300,
+                   scale: float = 2, title: str = "Sequence length per layer") -> Image.Image:
+    """Step chart of tokens per decoder layer; the shaded area between the lines is the compute saved.
+
+    `width` x `height` are layout units; the image is `scale` times larger (crisp on big screens).
+    """
+    W, H = round(width * scale), round(height * scale)
+    image = Image.new("RGB", (W, H), drawing.PAPER)
+    draw = ImageDraw.Draw(image)
+
+    def u(x):  # layout units -> pixels
+        return x * scale
+    small, label = drawing.font(round(u(11))), drawing.font(round(u(12)))
+    heading = drawing.font(round(u(14)), bold=True)
+    left, right, top, bottom = u(56), u(16), u(66), u(42)
+    layers = len(baseline)
+    step = nice_step(max(max(baseline), max(pruned), 1) * 1.05)
+    top_value = step * math.ceil(max(max(baseline), max(pruned), 1) * 1.05 / step)
+
+    def px(layer_edge: float) -> float:
+        return left + (W - left - right) * layer_edge / layers
+
+    def py(value: float) -> float:
+        return H - bottom - (H - top - bottom) * value / top_value
+
+    draw.text((left, u(10)), title, fill=drawing.INK, font=heading)
+    value = 0.0
+    while value <= top_value + 1e-9:  # grid and y labels
+        draw.line([(left, py(value)), (W - right, py(value))], fill=(226, 232, 240), width=max(1, round(u(1))))
+        text = f"{value:g}"
+        draw.text((left - u(8) - draw.textlength(text, font=small), py(value) - u(7)), text, fill=drawing.MUTED,
+                  font=small)
+        value += step
+    for i in range(layers):  # saved area: between the baseline and the pruned steps, layer by layer
+        if pruned[i] < baseline[i]:
+            draw.rectangle([px(i), py(baseline[i]), px(i + 1), py(pruned[i])], fill=drawing.SAVED)
+    saved = 1 - sum(pruned) / sum(baseline) if sum(baseline) else 0.0
+    if saved > 0:
+        text = f"−{saved:.0%} token·layers"
+        first = next(i for i in range(layers) if pruned[i] < baseline[i])
+        cx = (px(first) + px(layers)) / 2 - draw.textlength(text, font=label) / 2
+        cy = (py(baseline[-1]) + py(pruned[-1])) / 2 - u(8)
+        draw.text((max(cx, px(first) + u(6)), cy), text, fill=drawing.PRUNED, font=label)
+
+    def steps(values):
+        points = []
+        for i, v in enumerate(values):
+            points += [(px(i), py(v)), (px(i + 1), py(v))]
+        return points
+    draw.line(steps(pruned), fill=drawing.PRUNED, width=round(u(4)), joint="curve")
+    draw.line(steps(baseline), fill=drawing.BASELINE, width=round(u(2)), joint="curve")
+    every = 1 if layers <= 20 else 2 if layers <= 40 else 4  # x labels
+    for i in range(0, layers, every):
+        text = str(i + 1)
+        x = (px(i) + px(i + 1)) / 2 - draw.textlength(text, font=small) / 2
+        draw.text((x, H - bottom + u(6)), text, fill=drawing.MUTED, font=small)
+    caption = "decoder layer"
+    draw.text(((px(0) + px(layers)) / 2 - draw.textlength(caption, font=small) / 2, H - u(18)), caption,
+              fill=drawing.MUTED, font=small)
+    x = left  # legend, under the title
+    for name, colour, box in (("baseline", drawing.BASELINE, False), ("pruned", drawing.PRUNED, False),
+                              ("compute saved", drawing.SAVED, True)):
+        y = u(36)
+        if box:
+            draw.rectangle([x, y, x + u(18), y + u(12)], fill=colour)
+        else:
+            draw.line([(x, y + u(6)), (x + u(18), y + u(6))], fill=colour, width=round(u(3)))
+        draw.text((x + u(24), y - u(2)), name, fill=drawing.INK, font=label)
+        x += u(24) + draw.textlength(name, font=label) + u(18)
+    return image
+
+
+def build_table() -> gr.Dataframe:
+    return gr.Dataframe(headers=HEADERS, value=[], label="Metrics", interactive=False, wrap=True,
+                        elem_id="metrics-table", max_height=720, column_widths=["44%", "20%", "20%", "16%"])
+
+
+def build_chart() -> gr.Image:
+    return gr.Image(label="Sequence length per layer", show_label=False, type="pil", format="png",
+                    interactive=False, elem_id="sequence-chart", buttons=["download", "fullscreen"])

@@ -1,0 +1,52 @@
+"""Static text: the header and the "how this is measured" note."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from .inputs import MAX_PIXELS, MAX_QUESTION_CHARS, MAX_SIDE, MAX_UPLOAD
+
+HEADER = """
+# TransPrune: same answer, a fraction of the visual tokens
+Training-free visual-token pruning inside the language model of a vision-language model
+([arXiv 2507.20630](https://arxiv.org/abs/2507.20630)). One click runs the **unpruned baseline** and the
+**pruned model** on the same image and question, then shows both answers, what it cost, and which patches survived.
+"""
+
+MEASUREMENT = f"""
+**Same inputs, same greedy decoding, one loaded model.** Pruning hooks are attached for the pruned call
+only and removed afterwards (per call, under the model's lock), so concurrent users never share settings.
+
+**Timing.** Both paths are warmed up once (one new token each). The answer pass then runs both, in an order
+that alternates from one click to the next; *Timing repeats − 1* more prefill-only pairs, again alternating,
+follow. *Prefill ms* is the median over those runs: the time to the first new token, including the pruning
+scores. *Decode tokens/s* and *end-to-end ms* come from the answer pass. On a GPU the clock is read after a
+CUDA synchronize. On CPU, *peak memory* is the process's resident high-water mark (it never goes down, so it
+cannot show the pruned run's saving); on GPU it is the peak allocated memory of each run. Pruning has a
+fixed cost per layer (hooks, the TTV and IGA scores): on the tiny built-in models it outweighs the FLOPs saved,
+so they can measure slower than the baseline; the saving shows at real model sizes (`python -m transprune.bench`).
+
+**FLOPs.** Analytic, with the paper's accounting: per decoder layer 4nd² + 2n²d + 3ndm for n visual
+tokens (d hidden size, m MLP size), summed over layers. The *whole sequence* row counts every token (text
+too) and gives the honest bound for the measured prefill speedup.
+
+**Budgets.** *High* and *Low* are the paper's schedules, written for 32 layers and scaled to the model's
+depth. *Custom* sets the share kept after the last stage; earlier stages drop the same fractions of the total
+as *High*. FastV and PDrop use their papers' schedules (*Low* halves their keep ratios).
+
+**Overlays.** Each visual token is drawn where its patch lies on your image (LLaVA-NeXT: the base view and
+the high-resolution tiles separately). Hatched areas lie outside the model's view (center crop).
+
+**Limits.** Uploads up to {MAX_UPLOAD}; images up to {MAX_PIXELS / 1e6:.0f} megapixels, downscaled to
+{MAX_SIDE} px on the longer side; questions up to {MAX_QUESTION_CHARS} characters. The built-in *tiny* models
+have random weights: they exercise the pruning path end to end, but their answers are noise.
+"""
+
+
+def build_header():
+    return gr.Markdown(HEADER, elem_id="header")
+
+
+def build_measurement():
+    with gr.Accordion("How this is measured", open=False, elem_id="how-measured"):
+        gr.Markdown(MEASUREMENT)

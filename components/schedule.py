@@ -1,0 +1,107 @@
+"""From the controls (method, budget, keep ratio, advanced fields) to one PruneConfig.
+
+Budget rules, shown in the UI and the README:
+- "High" and "Low" are the library's presets (written for 32 layers, scaled to the model's depth).
+  TTV-only / IGA-only / Random use TransPrune's schedules. A peer method (FastV, PDrop, and any
+  later method that has a preset of its own name in transprune.config) uses its preset at "High"
+  and half its keep ratios at "Low".
+- "Custom" takes r, the share of visual tokens kept after the last stage. TransPrune-style
+  schedules keep the preset's three layers and drop, at each stage, the same fraction of what is
+  removed in total as the High preset does: r_i = 1 - (1 - r) * f_i with f = (1/7, 3/7, 1), so
+  r = 0.125 is exactly High. A peer's preset ratios are scaled so the last one is r (capped at
+  1): FastV keeps r in its one stage, PDrop (4r, 2r, r).
+- "Pruning layers" in the Advanced panel overrides the layers with the model's own 1-indexed
+  layer numbers; the keep ratios then come from the budget if the stage count matches, else
+  r_i = r_final ** (i / n) for n stages (geometric, e.g. .5/.25/.125 for three stages).
+"""
+
+from __future__ import annotations
+
+import re
+
+from transprune import ConfigError, PruneConfig
+from transprune.config import METHODS as LIBRARY_METHODS
+from transprune.config import PRESETS
+
+TRANSPRUNE_SCHEDULE = ("transprune", "random")   # methods that run on TransPrune's High/Low schedules
+PEER_LABELS = {"fastv": "FastV", "pdrop": "PDrop", "visionzip": "VisionZip"}
+
+# Label shown in the UI -> (PruneConfig.method, criterion).
+METHODS: dict[str, tuple[str, str]] = {
+    "TransPrune": ("transprune", "transprune"),
+    "TTV-only": ("transprune", "ttv"),
+    "IGA-only": ("transprune", "iga"),
+}
+METHODS.update({PEER_LABELS.get(name, name.title()): (name, "transprune") for name in LIBRARY_METHODS
+                if name not in TRANSPRUNE_SCHEDULE and name in PRESETS})
+METHODS["Random"] = ("random", "transprune")
+BUDGETS = ("High", "Low", "Custom")
+POSITION_CHOICES = ("Model default", "compact", "original")
+HIGH_FINAL = PRESETS["high"]["keep_ratios"][-1]
+# Fraction of the total removal done by each High stage: (1 - r_i) / (1 - r_final).
+HIGH_SHAPE = tuple((1 - r) / (1 - HIGH_FINAL) for r in PRESETS["high"]["keep_ratios"])
+
+
+def parse_layers(text: str | None) -> tuple[int, ...] | None:
+    """"4, 5, 6" -> (4, 5, 6); empty -> None (use the method's layers)."""
+    if text is None or not str(text).strip():
+        return None
+    parts = [p for p in re.split(r"[,\s]+", str(text).strip()) if p]
+    try:
+        return tuple(int(p) for p in parts)
+    except ValueError:
+        raise ConfigError(f"Pruning layers {text!r} must be whole layer numbers separated by commas, "
+                          "e.g. 4, 5, 6.") from None
+
+
+def custom_ratios(method: str, final: float) -> tuple[float, ...]:
+    """Keep ratios for a custom final keep ratio, per the rule in the module docstring."""
+    if not 0.0 < final <= 1.0:
+        raise ConfigError(f"Keep ratio {final} must lie in (0, 1]: it is the share of visual tokens kept.")
+    if method in TRANSPRUNE_SCHEDULE:
+        return tuple(round(1.0 - (1.0 - final) * f, 6) for f in HIGH_SHAPE)
+    preset = PRESETS[method]["keep_ratios"]
+    return tuple(round(min(1.0, r * final / preset[-1]), 6) for r in preset)
+
+
+def geometric_ratios(final: float, stages: int) -> tuple[float, ...]:
+    return tuple(round(final ** ((i + 1) / stages), 6) for i in range(stages))
+
+
+def build_config(method_label: str = "TransPrune", budget: str = "High", keep_ratio: float = 0.125,
+                 alpha: float = 0.5, layers_text: str = "", positions: str = "Model default",
+                 seed: int = 0) -> PruneConfig:
+    """The PruneConfig for one run; raises ConfigError with a message the UI can show as is."""
+    if method_label not in METHODS:
+        raise ConfigError(f"Unknown method {method_label!r}. Choose one of: {', '.join(METHODS)}.")
+    if budget not in BUDGETS:
+        raise ConfigError(f"Unknown budget {budget!r}. Choose one of: {', '.join(BUDGETS)}.")
+    method, criterion = METHODS[method_label]
+    base = dict(PRESETS["high" if method == "transprune" else method])
+    if budget == "Low":
+        ratios = (PRESETS["low"]["keep_ratios"] if method in TRANSPRUNE_SCHEDULE
+                  else tuple(r / 2 for r in base["keep_ratios"]))
+    elif budget == "Custom":
+        ratios = custom_ratios(method, float(keep_ratio))
+    else:
+        ratios = base["keep_ratios"]
+    values = dict(base, keep_ratios=ratios, criterion=criterion, alpha=float(alpha), seed=int(seed),
+                  reference_depth=32)
+    layers = parse_layers(layers_text)
+    if layers is not None:
+        if len(layers) != len(ratios):
+            ratios = geometric_ratios(ratios[-1], len(layers))
+        values.update(prune_layers=layers, keep_ratios=ratios, reference_depth=None,
+                      accumulation_layers=None if method == "transprune" else ())
+    if positions not in POSITION_CHOICES:
+        raise ConfigError(f"Unknown position mode {positions!r}. Choose one of: {', '.join(POSITION_CHOICES)}.")
+    values["positions"] = None if positions == "Model default" else positions
+    return PruneConfig(**values)
+
+
+def describe(config: PruneConfig, num_layers: int) -> str:
+    """One line naming the resolved schedule, e.g. 'layers 4, 5, 6 keep 87.5% / 62.5% / 12.5%'."""
+    resolved = config.resolve(num_layers)
+    layers = ", ".join(str(l) for l in resolved.prune_layers)
+    ratios = " / ".join(f"{r:.1%}".replace(".0%", "%") for r in resolved.keep_ratios)
+    return f"layers {layers} keep {ratios}"

@@ -1,0 +1,37 @@
+"""Theme and CSS: large, high-contrast type that reads from the back of a lecture hall.
+
+System fonts only, so the page needs no font download (offline machines, air-gapped talks).
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+SYSTEM_SANS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "Helvetica Neue", "Arial",
+               "sans-serif"]
+SYSTEM_MONO = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"]
+
+
+def theme() -> gr.themes.Base:
+    return gr.themes.Soft(primary_hue="indigo", secondary_hue="cyan", neutral_hue="slate",
+                          font=SYSTEM_SANS, font_mono=SYSTEM_MONO, text_size="lg", radius_size="md").set(
+        button_primary_background_fill="*primary_600", button_primary_background_fill_hover="*primary_700",
+        button_primary_text_color="white", button_primary_border_color="*primary_600")
+
+
+CSS = """
+.gradio-container { max-width: 1500px !important; margin: 0 auto !important; }
+#header h1 { font-size: 2.1rem; margin-bottom: 0.2rem; letter-spacing: -0.01em; }
+#header p { font-size: 1.05rem; color: var(--body-text-color-subdued); }
+.verdict { font-size: 1.3rem; padding: 0.6rem 0.9rem; border-radius: 10px;
+           background: var(--block-background-fill); border: 1px solid var(--border-color-primary); }
+.verdict p { margin: 0; }
+.run-status { font-size: 0.9rem; color: var(--body-text-color-subdued); }
+.answer .textfield, .answer .textspan { font-size: 1.45rem !important; line-height: 1.5 !important; }
+.answer { min-height: 150px; }
+#answer-baseline { border-left: 6px solid #64748b; }
+#answer-pruned { border-left: 6px solid #4f46e5; }
+.model-info { font-size: 0.9rem; }
+#run { font-size: 1.2rem; min-height: 3.2rem; }
+#patch-table td, #patch-table th { font-size: 0.85rem; padding: 4px 6px; }
+"""

@@ -1,0 +1,572 @@
+"""The Gradio demo: handlers called directly, and the running app driven through gradio_client.
+
+The app is launched in-process on a free port with the offline tiny model; bad inputs must come
+back as clear error messages, and the next good request must still be answered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import threading
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import app as app_module
+from components import answers, card, engine, examples, inputs, metrics, overlay, schedule
+from components.compare import make_handlers
+from components.engine import Engine, Settings, UserError
+from transprune import PruneConfig
+from transprune.models import REGISTRY, LoadedModel, ModelLoadError
+
+MODEL = "tiny-llava"
+FAST = dict(max_new_tokens=4, repeats=1)   # keeps each request well under a second on CPU
+
+
+def noop_progress(*args, **kwargs):
+    pass
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two CPU threads shared with other jobs thrash badly; the tiny model needs one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def eng():
+    e = Engine()
+    e.get(MODEL)
+    return e
+
+
+@pytest.fixture(scope="module")
+def handlers(eng):
+    return make_handlers(eng, MODEL)
+
+
+@pytest.fixture(scope="module")
+def example_image():
+    return Image.open(examples.example_rows()[0][0]).convert("RGB")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(client, app) for the app launched in-process on a free port; closed afterwards."""
+    from gradio_client import Client
+
+    temp = tmp_path_factory.mktemp("gradio")
+    old = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(temp)
+    built = app_module.build_demo(MODEL)
+    port = _free_port()
+    args = app_module.parse_args(["--port", str(port), "--host", "127.0.0.1"])
+    built.demo.launch(**app_module.launch_kwargs(args), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(temp / "downloads"))
+        yield client, built
+    finally:
+        built.demo.close()
+        if old is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = old
+
+
+# ---------------------------------------------------------------------------- schedules
+def test_budget_presets_match_library_presets():
+    assert build("TransPrune", "High") == PruneConfig.preset("high")
+    assert build("TransPrune", "Low").keep_ratios == PruneConfig.preset("low").keep_ratios
+    assert build("FastV", "High").prune_layers == PruneConfig.preset("fastv").prune_layers
+    assert build("PDrop", "Low").keep_ratios == (0.25, 0.125, 0.0625)
+    assert build("TTV-only", "High").effective_alpha == 1.0
+    assert build("IGA-only", "High").effective_alpha == 0.0
+    assert build("Random", "High").method == "random"
+
+
+def build(method, budget, **kw):
+    return schedule.build_config(method, budget, **kw)
+
+
+def test_custom_keep_ratio_rule():
+    assert build("TransPrune", "Custom", keep_ratio=0.125).keep_ratios == PruneConfig.preset("high").keep_ratios
+    ratios = build("TransPrune", "Custom", keep_ratio=0.3).keep_ratios
+    assert ratios[-1] == pytest.approx(0.3) and ratios[0] > ratios[1] > ratios[2]
+    assert build("FastV", "Custom", keep_ratio=0.3).keep_ratios == (0.3,)
+    assert build("PDrop", "Custom", keep_ratio=0.4).keep_ratios == (1.0, 0.8, 0.4)
+    with pytest.raises(Exception, match="Keep ratio 0.0 must lie in"):
+        build("TransPrune", "Custom", keep_ratio=0.0)
+
+
+def test_custom_layers_use_the_models_numbers():
+    config = build("TransPrune", "High", layers_text="3, 8")
+    assert config.prune_layers == (3, 8) and config.reference_depth is None
+    assert config.keep_ratios == pytest.approx((0.125 ** 0.5, 0.125), abs=1e-6)
+    assert config.resolve(16).prune_layers == (3, 8)
+
+
+@pytest.mark.parametrize("text, message", [("6, 4", "strictly increasing"), ("a, b", "whole layer numbers")])
+def test_impossible_custom_layers_raise(text, message):
+    with pytest.raises(Exception, match=message):
+        build("TransPrune", "High", layers_text=text)
+
+
+# ---------------------------------------------------------------------------- validation
+def test_prepare_image_rejects_missing_and_downscales_large():
+    with pytest.raises(UserError, match="No image"):
+        inputs.prepare_image(None)
+    big = Image.new("RGB", (3000, 1500), "white")
+    image, notices = inputs.prepare_image(big)
+    assert max(image.size) == inputs.MAX_SIDE and image.size[0] / image.size[1] == pytest.approx(2.0, rel=0.01)
+    assert notices and "downscaled" in notices[0]
+
+
+def test_image_files_checked_from_the_header(tmp_path):
+    junk = tmp_path / "junk.png"
+    junk.write_text("this is not an image")
+    with pytest.raises(UserError, match="not an image"):
+        inputs.check_image_file(str(junk))
+    huge = tmp_path / "huge.png"
+    Image.new("1", (8000, 6000)).save(huge)   # 48 megapixels, a few kB on disk
+    with pytest.raises(UserError, match="megapixels"):
+        inputs.check_image_file(str(huge))
+
+
+@pytest.mark.parametrize("question, message", [("", "empty"), ("   ", "empty"), ("why " * 200, "characters")])
+def test_prepare_question(question, message):
+    with pytest.raises(UserError, match=message):
+        inputs.prepare_question(question)
+    assert inputs.prepare_question("  What   color?  ") == "What color?"
+
+
+# ---------------------------------------------------------------------------- answers
+def test_diff_marks_only_differing_words():
+    left, right = answers.diff_segments("the red circle", "the blue circle")
+    assert "".join(t for t, _ in left) == "the red circle"
+    assert "".join(t for t, _ in right) == "the blue circle"
+    assert [t.strip() for t, label in left if label] == ["red"]
+    assert [t.strip() for t, label in right if label] == ["blue"]
+    same_left, same_right = answers.diff_segments("red", "red")
+    assert all(label is None for _, label in same_left + same_right)
+    assert "Same answer" in answers.verdict("red", "red", 1.5, 18, 144, 0.6)
+    assert "differ" in answers.verdict("red", "blue", 1.5, 18, 144, 0.6)
+
+
+# ---------------------------------------------------------------------------- engine and models
+def test_default_model_falls_back_to_an_offline_model(monkeypatch):
+    def broken():
+        raise ModelLoadError("weights missing")
+    monkeypatch.setitem(REGISTRY, "shapes-llava", dataclasses.replace(REGISTRY["shapes-llava"], builder=broken))
+    e = Engine()
+    assert e.default_model("auto", log=lambda *_: None) == "tiny-llava"
+    assert "not available" in e.label("shapes-llava")
+    # A checkpoint that cannot be downloaded also falls back.
+    assert e.default_model("llava-1.5-7b", log=lambda *_: None) == "tiny-llava"
+
+
+def test_hub_model_offline_is_a_clear_message():
+    e = Engine()
+    with pytest.raises(UserError, match="cannot be downloaded"):
+        e.get("llava-1.5-7b")
+
+
+def test_hub_model_load_failure_is_a_clear_message(monkeypatch):
+    monkeypatch.setattr(engine, "hub_reachable", lambda timeout=3.0: True)   # HF_HUB_OFFLINE makes it fail fast
+    monkeypatch.setattr(engine, "free_memory_bytes", lambda device: None)
+    with pytest.raises(UserError, match="Hugging Face Hub"):
+        Engine().get("llava-1.5-7b")
+
+
+def test_model_too_big_for_memory_is_refused(monkeypatch):
+    monkeypatch.setattr(engine, "cached_on_disk", lambda checkpoint: True)
+    monkeypatch.setattr(engine, "free_memory_bytes", lambda device: 2 * 2**30)
+    with pytest.raises(UserError, match="does not fit in memory"):
+        Engine().get("llava-1.5-7b")
+
+
+def test_allowed_models_restrict_the_dropdown():
+    e = Engine(Settings(allowed_models=("tiny-llava",)))
+    assert [name for _, name in e.choices()] == ["tiny-llava"]
+    with pytest.raises(UserError, match="not offered"):
+        e.get("tiny-llava-next")
+    open_engine = Engine()
+    assert open_engine.allowed("llava-hf/llava-1.5-7b-hf") and not open_engine.allowed("../etc/passwd")
+    assert all("offline" in label or "Hub" in label for label, _ in open_engine.choices())
+    assert app_module.allowed_from("registry") == tuple(REGISTRY)
+    assert app_module.allowed_from("") is None
+
+
+def test_out_of_memory_during_a_run_is_a_clear_message(eng, example_image, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(LoadedModel, "generate", oom)
+    with pytest.raises(UserError, match="Ran out of memory"):
+        eng.compare(MODEL, example_image, "what color is the circle?", PruneConfig.preset("high"), **FAST)
+
+
+def test_schedule_that_does_not_fit_the_model(eng, example_image):
+    config = build("TransPrune", "High", layers_text="10, 16")
+    with pytest.raises(UserError, match="Impossible pruning schedule"):
+        eng.compare(MODEL, example_image, "what color is the circle?", config, **FAST)
+
+
+def test_gpu_task_is_identity_without_spaces():
+    def f():
+        return 1
+    try:
+        import spaces  # noqa: F401
+    except ImportError:
+        assert engine.gpu_task(f) is f
+
+
+# ---------------------------------------------------------------------------- the compare handler
+def _trace_json(outputs) -> dict:
+    return json.loads(Path(outputs[13]["value"]).read_text())
+
+
+def test_compare_handler_outputs(handlers, example_image):
+    compare, _ = handlers
+    out = compare(example_image, "What color is the circle?", progress=noop_progress, **FAST)
+    record = _trace_json(out)
+    trace = record["trace"]
+    assert "".join(t for t, _ in out[2]) == record["baseline"]["text"]
+    assert "".join(t for t, _ in out[3]) == record["pruned"]["text"]
+    table = out[4]
+    rows = {r[0]: r[1:] for r in table.values.tolist()}
+    for stage in trace["stages"]:
+        assert rows[metrics.kept_row_name(stage["layer"])][1] == str(len(stage["kept"]))
+        assert stage["kept"] == sorted(stage["kept"])
+    assert rows[metrics.SPEEDUP_ROW][1] == f"{record['measured_prefill_speedup']:.2f}×"
+    assert list(table.columns)[2] == "TransPrune"
+    assert record["resolved_config"]["prune_layers"] == [4, 5, 6]
+    assert len(out[6]) == len(trace["stages"])          # one overlay per stage
+    for image, _ in out[6]:
+        assert image.size[0] / image.size[1] == pytest.approx(example_image.width / example_image.height, rel=0.01)
+    card_image = Image.open(out[14]["value"])
+    assert card_image.size == (card.WIDTH, card.HEIGHT)
+
+
+def test_model_loader_describes_or_warns(handlers):
+    _, load_model = handlers
+    text = load_model(MODEL, "auto", "sdpa", progress=noop_progress)
+    assert "16 decoder layers" in text and "layers 4, 5, 6" in text
+    with pytest.warns(UserWarning):
+        text = load_model("llava-1.5-7b", "auto", "sdpa", progress=noop_progress)
+    assert "not available" in text and "cannot be downloaded" in text
+
+
+def test_two_users_at_once_keep_their_own_settings(handlers, example_image):
+    compare, _ = handlers
+    results, errors = {}, []
+
+    def user(budget):
+        try:
+            for _ in range(2):
+                out = compare(example_image, "What color is the circle?", budget=budget, progress=noop_progress,
+                              **FAST)
+                results.setdefault(budget, []).append(_trace_json(out)["resolved_config"]["keep_ratios"])
+        except Exception as error:  # surfaced below
+            errors.append(error)
+    threads = [threading.Thread(target=user, args=(b,)) for b in ("High", "Low")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert results["High"] == [list(PruneConfig.preset("high").keep_ratios)] * 2
+    assert results["Low"] == [list(PruneConfig.preset("low").keep_ratios)] * 2
+
+
+def test_patch_click_reports_scores_per_stage(eng, example_image):
+    comparison = eng.compare(MODEL, example_image, "What color is the circle?", PruneConfig.preset("high"), **FAST)
+    canvas = overlay.Canvas.from_trace(example_image, comparison.pruned.trace)
+    state = type("State", (), {"canvas": canvas})()
+    kept = int(comparison.pruned.trace.kept[0])
+    x0, y0, x1, y1 = canvas.rect(kept)
+    event = gr.SelectData(None, {"index": [(x0 + x1) / 2, (y0 + y1) / 2], "value": None, "selected": True})
+    image, note, table = overlay.on_patch_click(state, "image", event)
+    assert f"#{kept}" in note and image.size == canvas.image.size
+    stages = comparison.pruned.trace.stages
+    assert list(table.columns) == ["", *[f"Layer {s.layer}" for s in stages]]
+    assert list(table[""]) == overlay.PATCH_ROWS
+    assert list(table.iloc[0, 1:]) == ["kept"] * len(stages)   # a survivor of the last stage was kept throughout
+    for column, stage in zip(table.columns[1:], stages):
+        at = stage.candidates.tolist().index(kept)
+        assert float(table[column][3]) == pytest.approx(float(stage.score[at]), rel=1e-2)
+        assert float(table[column][1]) == pytest.approx(float(stage.ttv[at]), rel=1e-2)
+    # A click outside the center crop finds no patch.
+    wide = Image.open(examples.example_rows()[3][0]).convert("RGB")
+    comparison = eng.compare(MODEL, wide, "What shape is yellow?", PruneConfig.preset("high"), **FAST)
+    canvas = overlay.Canvas.from_trace(wide, comparison.pruned.trace)
+    assert overlay.find_patch(canvas, "image", 2, canvas.image.height / 2) is None
+
+
+def test_anyres_overlays_map_both_views_onto_the_image(example_image):
+    e = Engine()
+    wide = Image.open(examples.example_rows()[3][0]).convert("RGB")
+    comparison = e.compare("tiny-llava-next", wide, "What shape is yellow?", PruneConfig.preset("high"), **FAST)
+    canvas = overlay.Canvas.from_trace(wide, comparison.pruned.trace)
+    assert canvas.segments == ["base", "high-res"]
+    gallery = overlay.stage_gallery(canvas)
+    assert len(gallery) == 2 * len(comparison.pruned.trace.stages)
+    assert {"(base)" in c for _, c in gallery} == {True, False}
+    for image, _ in gallery + overlay.heatmap_gallery(canvas, 0):
+        assert image.size == canvas.image.size
+        assert image.size[0] / image.size[1] == pytest.approx(2.0, rel=0.01)
+    # Newline tokens have no place: every drawn token has a finite box.
+    drawn = np.concatenate([canvas.tokens(s) for s in canvas.segments])
+    assert len(drawn) < comparison.pruned.trace.visual_tokens
+
+
+def test_stage_view_dims_pruned_patches(eng, example_image):
+    comparison = eng.compare(MODEL, example_image, "What color is the circle?", PruneConfig.preset("high"), **FAST)
+    canvas = overlay.Canvas.from_trace(example_image, comparison.pruned.trace)
+    view = np.asarray(overlay.stage_view(canvas, 2), dtype=float)
+    original = np.asarray(canvas.image, dtype=float)
+    trace = comparison.pruned.trace
+    pruned = sorted(set(range(trace.visual_tokens)) - set(trace.kept.tolist()))
+
+    def centre(token):
+        x0, y0, x1, y1 = canvas.rect(token)
+        return (y0 + y1) // 2, (x0 + x1) // 2
+    for token in pruned[:5]:
+        assert view[centre(token)].sum() < original[centre(token)].sum() * 0.6
+    for token in trace.kept.tolist()[:5]:
+        assert np.allclose(view[centre(token)], original[centre(token)])
+
+
+def test_sequence_chart_and_examples_are_reproducible(tmp_path):
+    chart = metrics.sequence_chart([100] * 8, [100] * 4 + [20] * 4, scale=1)
+    assert chart.size == (760, 300)
+    redrawn = examples.write_examples(tmp_path)
+    for path in redrawn:
+        bundled = examples.EXAMPLES_DIR / path.name
+        assert bundled.exists(), f"{bundled} missing: run python -m components.examples"
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(bundled)))
+
+
+# ---------------------------------------------------------------------------- video
+def make_clip(path: Path, frames: int = 24, size=(160, 120)) -> Path:
+    """A small MP4: a white bar sweeping across a dark background, 8 frames per second."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for i in range(frames):
+            pixels = np.full((size[1], size[0], 3), 30, np.uint8)
+            pixels[:, (i * 6) % size[0]:(i * 6) % size[0] + 20] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return make_clip(tmp_path_factory.mktemp("video") / "clip.mp4")
+
+
+@pytest.mark.skipif(not engine.VIDEO_INPUTS, reason="this transprune has no video input")
+def test_video_comparison_draws_every_frame(handlers, clip):
+    compare, _ = handlers
+    out = compare(None, "What happens in the video?", video=str(clip), model="tiny-video-llava",
+                  progress=noop_progress, **FAST)
+    record = _trace_json(out)
+    assert record["trace"]["layout"]["frame"] is not None
+    assert record["baseline"]["text"] and record["pruned"]["text"]
+    sheet = out[7]
+    canvas = out[-1].canvas
+    assert sheet.size == canvas.image.size and len(out[6]) == 3
+    # Every placed token's box lies on the sheet; tokens of later frames sit further right or down.
+    boxes = canvas.layout.boxes[torch.isfinite(canvas.layout.boxes).all(dim=1)]
+    assert boxes[:, 2].max() <= sheet.width + 1 and boxes[:, 3].max() <= sheet.height + 1
+    first, last = canvas.tokens("video")[[0, -1]]
+    assert (canvas.rect(int(last))[1], canvas.rect(int(last))[0]) > (canvas.rect(int(first))[1],
+                                                                    canvas.rect(int(first))[0])
+
+
+@pytest.mark.skipif(not engine.VIDEO_INPUTS, reason="this transprune has no video input")
+def test_video_errors(handlers, clip, example_image, tmp_path, monkeypatch):
+    compare, _ = handlers
+    cases = [
+        (dict(image=example_image, video=str(clip), model="tiny-video-llava"), "clear one of them"),
+        (dict(image=None, video=str(clip), model=MODEL), "takes images only"),
+    ]
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"\x00" * 4000)
+    cases.append((dict(image=None, video=str(junk), model="tiny-video-llava"), "not a video"))
+    for kwargs, message in cases:
+        with pytest.raises(gr.Error, match=message):
+            compare(question="What happens?", progress=noop_progress, **kwargs, **FAST)
+    monkeypatch.setattr(inputs, "MAX_VIDEO_SECONDS", 1)
+    with pytest.raises(gr.Error, match="the limit is 1 s"):
+        compare(None, "What happens?", video=str(clip), model="tiny-video-llava", progress=noop_progress, **FAST)
+
+
+# ---------------------------------------------------------------------------- the wiring
+def test_compare_endpoint_wiring(served):
+    _, built = served
+    fn = next(f for f in built.demo.fns.values() if f.api_name == "compare")
+    assert isinstance(fn.inputs[0], gr.Image)
+    assert isinstance(fn.inputs[1], gr.Textbox) and fn.inputs[1].label == "Question"
+    assert fn.concurrency_id == app_module.GPU_QUEUE and fn.concurrency_limit == 1
+    loaders = [f for f in built.demo.fns.values() if f.concurrency_id == app_module.GPU_QUEUE]
+    assert len(loaders) >= 2                                # the run and the model loader share the queue
+    assert built.demo._queue.max_size == app_module.QUEUE_SIZE
+
+
+def test_flags_and_environment(monkeypatch):
+    monkeypatch.setenv("TRANSPRUNE_PORT", "9001")
+    monkeypatch.setenv("TRANSPRUNE_MODEL", "tiny-llava-next")
+    monkeypatch.setenv("TRANSPRUNE_SHARE", "1")
+    args = app_module.parse_args([])
+    assert (args.port, args.model, args.share, args.allowed_models) == (9001, "tiny-llava-next", True, "")
+    monkeypatch.setenv("SPACE_ID", "someone/transprune")
+    args = app_module.parse_args(["--port", "7000"])
+    assert args.port == 7000 and args.allowed_models == "registry" and args.host == "0.0.0.0"
+    assert app_module.launch_kwargs(args)["max_file_size"] == inputs.MAX_UPLOAD
+
+
+# ---------------------------------------------------------------------------- through gradio_client
+def _ask(client, image, question="What color is the circle?", **kwargs):
+    from gradio_client import handle_file
+
+    return client.predict(image=None if image is None else handle_file(str(image)), question=question,
+                          api_name="/compare", **kwargs)
+
+
+def test_client_compare_end_to_end(served):
+    client, built = served
+    path = examples.example_rows()[3][0]   # the wide frame: 2:1
+    source = Image.open(path)
+    out = _ask(client, path, "What shape is yellow?")
+    verdict, baseline, pruned, table = out[0], out[2], out[3], out[4]
+    record = json.loads(Path(out[13]["value"]).read_text())
+    trace = record["trace"]
+    assert "visual tokens" in verdict
+    assert "".join(s["token"] for s in baseline) == record["baseline"]["text"] != ""
+    assert "".join(s["token"] for s in pruned) == record["pruned"]["text"] != ""
+    rows = {r[0]: r[1:] for r in table["data"]}
+    assert rows["Visual tokens in"][1] == str(trace["visual_tokens"])
+    assert len(trace["stages"]) == 3
+    for stage in trace["stages"]:
+        assert rows[metrics.kept_row_name(stage["layer"])][1] == str(len(stage["kept"]))
+    speedup = rows[metrics.SPEEDUP_ROW][1]
+    assert speedup.endswith("×")
+    assert float(speedup[:-1]) == pytest.approx(record["measured_prefill_speedup"], abs=0.006)
+    assert rows["Device · dtype"][1] == "cpu · float32"
+    assert record["model"] == MODEL and record["config"]["keep_ratios"] == list(PruneConfig.preset("high").keep_ratios)
+    assert len(record["prefill_ms_samples"]["pruned"]) == 3
+    aspect = source.width / source.height
+    overlays = [item["image"] for item in out[6]] + [out[7]] + [item["image"] for item in out[12]]
+    assert len(out[6]) == 3 and len(out[12]) == 3
+    for file in overlays:
+        with Image.open(file) as image:
+            assert image.width / image.height == pytest.approx(aspect, rel=0.01)
+    with Image.open(out[15]) as card_image:
+        assert card_image.size == (card.WIDTH, card.HEIGHT)
+
+
+BAD_REQUESTS = {
+    "no image": (dict(image=None), "No image"),
+    "not an image": (dict(image="junk"), "not an image"),
+    "truncated image": (dict(image="truncated"), "not an image"),
+    "huge image": (dict(image="huge"), "megapixels"),
+    "empty question": (dict(question="  "), "question is empty"),
+    "long question": (dict(question="why " * 200), "characters"),
+    "offline checkpoint": (dict(model="llava-1.5-7b"), "cannot be downloaded"),
+    "unknown model": (dict(model="no-such-model"), "not offered"),
+    "layer past the model": (dict(layers="12, 40"), "Impossible pruning schedule"),
+    "unordered layers": (dict(layers="6, 4"), "strictly increasing"),
+    "bad custom ratio": (dict(budget="Custom", keep_ratio=0), "less than minimum value"),
+    "out of memory": (dict(oom=True), "Ran out of memory"),
+    "model too big": (dict(model="llava-1.5-13b", too_big=True), "does not fit in memory"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "junk.png").write_text("definitely not a PNG")
+    good = folder / "good.png"
+    Image.new("RGB", (64, 48), "red").save(good)
+    (folder / "truncated.png").write_bytes(good.read_bytes()[:60])
+    Image.new("1", (8000, 6000)).save(folder / "huge.png")
+    return folder
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_client_bad_input_then_good_request(served, bad_files, case, monkeypatch):
+    from gradio_client.exceptions import AppError
+
+    client, _ = served
+    request, message = BAD_REQUESTS[case]
+    request = dict(request)
+    image = request.pop("image", examples.example_rows()[0][0])
+    if image in ("junk", "truncated", "huge"):
+        image = bad_files / f"{image}.png"
+    if request.pop("oom", False):
+        def oom(*args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        monkeypatch.setattr(LoadedModel, "generate", oom)
+    if request.pop("too_big", False):
+        monkeypatch.setattr(engine, "cached_on_disk", lambda checkpoint: True)
+        monkeypatch.setattr(engine, "free_memory_bytes", lambda device: 2**30)
+    kwargs = dict(FAST, **request)
+    question = kwargs.pop("question", "What color is the circle?")
+    with pytest.raises(AppError, match=message):
+        _ask(client, image, question, **kwargs)
+    monkeypatch.undo()
+    out = _ask(client, examples.example_rows()[0][0], **FAST)
+    assert "visual tokens" in out[0] and out[2] and out[3]
+
+
+@pytest.mark.skipif(not engine.VIDEO_INPUTS, reason="this transprune has no video input")
+def test_client_video(served, clip):
+    from gradio_client import handle_file
+
+    client, _ = served
+    out = client.predict(image=None, question="What happens in the video?", video=handle_file(str(clip)),
+                         model="tiny-qwen2.5-vl", api_name="/compare", **FAST)
+    record = json.loads(Path(out[13]["value"]).read_text())
+    assert record["model"] == "tiny-qwen2.5-vl" and record["resolved_config"]["positions"] == "original"
+    assert "".join(s["token"] for s in out[3]) == record["pruned"]["text"]
+    assert len(out[6]) == 3
+
+
+def test_client_upload_size_is_capped(served, tmp_path):
+    client, _ = served
+    big = tmp_path / "big.png"
+    big.write_bytes(os.urandom(21 * 2**20))   # above the 20mb cap
+    with pytest.raises(Exception, match="maximum file size"):
+        _ask(client, big, **FAST)
+    assert "visual tokens" in _ask(client, examples.example_rows()[0][0], **FAST)[0]
+
+
+def test_client_large_image_is_downscaled(served, tmp_path):
+    client, _ = served
+    path = tmp_path / "large.png"
+    Image.new("RGB", (3000, 1500), (230, 230, 230)).save(path)
+    out = _ask(client, path, **FAST)
+    record = json.loads(Path(out[13]["value"]).read_text())
+    assert max(record["image_size"]) == inputs.MAX_SIDE
+    with Image.open(out[7]) as image:
+        assert image.width / image.height == pytest.approx(2.0, rel=0.01)

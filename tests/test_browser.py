@@ -1,0 +1,116 @@
+"""A real browser against the running app: upload an example, Run, wait for both answers, click a
+patch, save screenshots.
+
+Needs Chromium from the distribution (`apt-get install -y chromium`) and playwright from pip
+(`pip install playwright`; never `playwright install`: no browser download). Skipped only when
+one of them is absent. Screenshots go to $TRANSPRUNE_SCREENSHOT_DIR (default out/screenshots/).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _chromium() -> str | None:
+    for candidate in (os.environ.get("CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
+                      shutil.which("chromium-browser")):
+        if candidate and Path(candidate).exists():
+            return candidate
+    return None
+
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+CHROMIUM = _chromium()
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (apt-get install -y chromium)")
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    import app as app_module
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    old = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio"))
+    built = app_module.build_demo("tiny-llava")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = app_module.parse_args(["--port", str(port), "--host", "127.0.0.1"])
+    built.demo.launch(**app_module.launch_kwargs(args), prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        built.demo.close()
+        torch.set_num_threads(threads)
+        if old is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = old
+
+
+def _text(page, selector: str) -> str:
+    return page.locator(selector).inner_text().strip()
+
+
+def test_browser_run_and_screenshot(url):
+    from components import examples
+
+    shots = Path(os.environ.get("TRANSPRUNE_SCREENSHOT_DIR", ROOT / "out" / "screenshots"))
+    shots.mkdir(parents=True, exist_ok=True)
+    image_path, question = examples.example_rows()[0]
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1200})
+            page.goto(url, wait_until="load")
+            page.wait_for_selector("#run", timeout=60_000)
+            page.locator("#input-image input[type=file]").set_input_files(image_path)
+            page.locator("#input-image img").first.wait_for(timeout=30_000)
+            page.locator("#question textarea").fill(question)
+            page.locator("#run").click()
+            page.wait_for_function(
+                "() => { const v = document.querySelector('#verdict');"
+                " return v && v.innerText.includes('visual tokens'); }", timeout=120_000)
+            baseline, pruned = _text(page, "#answer-baseline"), _text(page, "#answer-pruned")
+            assert baseline and pruned, "both answers must be shown"
+            assert "Prefill speedup" in _text(page, "#metrics-table")
+            assert page.locator("#stage-gallery img").count() >= 3
+            assert page.locator("#heatmap-gallery img").count() >= 1
+
+            # A presenter clicks the middle of the overlay: that patch's scores appear per stage.
+            inspect = page.locator("#inspect-image img").first
+            inspect.scroll_into_view_if_needed()
+            box = inspect.bounding_box()
+            page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            page.wait_for_function(
+                "() => document.querySelector('#patch-table').innerText.includes('kept') ||"
+                " document.querySelector('#patch-table').innerText.includes('pruned')", timeout=30_000)
+
+            # ... and switches the heatmaps to the last stage.
+            last = page.locator("#heat-stage label").last
+            last.scroll_into_view_if_needed()
+            last.click()
+            layer = last.inner_text().split("layer")[-1].strip()
+            page.wait_for_function(
+                f"() => document.querySelector('#heatmap-gallery').innerText.includes('at layer {layer}')",
+                timeout=30_000)
+
+            page.evaluate("window.scrollTo(0, document.body.scrollHeight)")   # let lazy images load
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(shots / "app-full.png"), full_page=True)
+            page.evaluate("window.scrollTo(0, 0)")
+            page.wait_for_timeout(300)
+            page.screenshot(path=str(shots / "app.png"))
+        finally:
+            browser.close()
+    assert (shots / "app.png").stat().st_size > 10_000
