@@ -10,6 +10,7 @@ The model answers with one lower-case word followed by </s>.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -37,6 +38,19 @@ def words() -> list[str]:
 
 def build_tokenizer(word_list=None):
     return word_tokenizer(word_list or words())
+
+
+def load_tokenizer(directory):
+    """The word-level tokenizer saved next to the weights (ids must match the embedding rows).
+
+    The saved file, not a fresh `word_tokenizer()`, so that a later change to the project's base
+    vocabulary or special tokens cannot silently renumber the words the model was trained on.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(directory), local_files_only=True)
+    tokenizer.padding_side = "left"
+    return tokenizer
 
 
 def build_processor(tokenizer):
@@ -100,11 +114,14 @@ def save(model, tokenizer, directory: Path, meta: dict, dtype=torch.float16):
 
 
 def load_shapes_llava(directory: Path | str | None = None, attn_implementation: str = "sdpa"):
-    """(model, processor) from the shipped files; float32, eval mode, offline (no Hub access)."""
+    """(model, processor) from the shipped files; float32, eval mode, offline (no Hub access).
+
+    `directory` defaults to $TRANSPRUNE_SHAPES_DIR if set, else the package's assets folder.
+    """
     from ..models import ModelLoadError
 
-    directory = Path(directory) if directory else ASSET_DIR
-    missing = [name for name in (WEIGHTS, CONFIG, META) if not (directory / name).is_file()]
+    directory = Path(directory or os.environ.get("TRANSPRUNE_SHAPES_DIR") or ASSET_DIR)
+    missing = [name for name in (WEIGHTS, CONFIG, "tokenizer.json") if not (directory / name).is_file()]
     if missing:
         raise ModelLoadError(f"The shapes-llava files {missing} are missing from {directory}. Train and export "
                              "them with `python -m transprune.shapes.train`, or pick tiny-llava.")
@@ -112,9 +129,12 @@ def load_shapes_llava(directory: Path | str | None = None, attn_implementation: 
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     try:
-        meta = json.loads((directory / META).read_text())
-        tokenizer = build_tokenizer(meta["words"])
+        tokenizer = load_tokenizer(directory)
         config = LlavaConfig.from_dict(json.loads((directory / CONFIG).read_text()))
+        if (tokenizer.convert_tokens_to_ids("<image>") != config.image_token_index
+                or tokenizer.eos_token_id != config.text_config.eos_token_id
+                or len(tokenizer) != config.text_config.vocab_size):
+            raise ValueError("the saved tokenizer does not match config.json (image/eos ids or vocabulary size)")
         config._attn_implementation = attn_implementation
         config.text_config._attn_implementation = attn_implementation
         model = LlavaForConditionalGeneration(config)
