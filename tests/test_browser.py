@@ -40,7 +40,7 @@ def url(tmp_path_factory):
     torch.set_num_threads(1)
     old = os.environ.get("GRADIO_TEMP_DIR")
     os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio"))
-    built = app_module.build_demo("tiny-llava")
+    built = app_module.build_demo("shapes-llava")  # the offline default: real answers on screen
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
