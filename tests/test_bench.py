@@ -1,0 +1,117 @@
+"""The benchmark CLI: analytic figures, the model it builds, and one end-to-end run on the tiny model.
+
+Nothing here asserts a speed: timings on a shared CI machine are not testable; the bench reports them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from transprune import bench, flops
+
+PAPER = {"baseline": 3.82, "fastv": 2.01, "pdrop": 1.78, "high": 1.56, "low": 1.19}
+
+
+def last_json_line(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def test_flops_only_cli_gives_the_paper_table(tmp_path):
+    path = tmp_path / "flops.json"
+    done = subprocess.run([sys.executable, "-m", "transprune.bench", "--arch", "llava-1.5-7b", "--methods",
+                           "baseline,fastv,pdrop,high,low", "--flops-only", "--json", str(path)],
+                          capture_output=True, text=True, timeout=120, check=True)
+    data = json.loads(path.read_text())
+    assert list(data) == list(PAPER)
+    for method, tflops in PAPER.items():
+        assert round(data[method]["tflops"], 2) == tflops
+        assert data[method]["tflops_full_sequence"] > data[method]["tflops"]
+        assert "prefill_ms" not in data[method]
+    assert data["high"]["bound"] == pytest.approx(2.158, abs=1e-3)   # full sequence, 637-token prompt
+    assert "| high |" in done.stdout
+    assert last_json_line(done.stdout)["results"]["low"]["tflops"] == pytest.approx(data["low"]["tflops"])
+
+
+def test_flops_only_reduced_width_bound():
+    results = bench.main(["--arch", "llava-1.5-7b", "--methods", "baseline,high", "--flops-only",
+                          "--width-scale", "0.25"])
+    # Paper TFLOPs stay those of the full-size architecture; the bound is that of the timed shape.
+    assert round(results["high"]["tflops"], 2) == 1.56
+    assert results["high"]["bound"] == pytest.approx(2.20, abs=0.01)
+    assert results["high"]["run"]["hidden"] == 1024
+
+
+def test_parse_method():
+    assert bench.parse_method("baseline").config is None
+    assert bench.parse_method("high").config.keep_ratios == (0.875, 0.625, 0.125)
+    stacked = bench.parse_method("visionzip-128+high")
+    assert stacked.visionzip == (108, 20) and stacked.config.method == "transprune"
+    assert bench.parse_method("visionzip").visionzip == (54, 10)
+    with pytest.raises(SystemExit, match="Unknown method"):
+        bench.parse_method("fastest")
+
+
+def test_visual_schedule_composes_visionzip():
+    spec = bench.parse_method("visionzip-64+high")
+    assert bench.visual_schedule(spec, 576, 32) == [64] * 7 + [56] * 2 + [40] * 3 + [8] * 20
+
+
+def test_random_llava_has_the_reduced_llava15_shape():
+    model = bench.random_llava(flops.ARCHITECTURES["llava-1.5-7b"], width_scale=0.25, layers=2)
+    text = model.config.text_config
+    assert (text.hidden_size, text.intermediate_size, text.num_attention_heads) == (1024, 2752, 8)
+    assert text.hidden_size // text.num_attention_heads == 128
+    inputs = bench.synthetic_inputs(model, text_before=35, text_after=25)
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 576
+    assert inputs["input_ids"].shape[1] == 637
+    with torch.inference_mode():
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+    assert out.logits.shape == (1, 1, text.vocab_size)
+
+
+def test_bench_end_to_end_on_tiny_model(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    methods = "baseline,fastv,pdrop,high,low,random,visionzip-64+high"
+    results = bench.main(["--arch", "tiny-llava", "--methods", methods, "--repeats", "2", "--new-tokens", "3",
+                          "--scoring-repeats", "1", "--threads", "1", "--json", str(path)])
+    out = capsys.readouterr().out
+    data = json.loads(path.read_text())
+    assert list(data) == methods.split(",")
+    for name, figures in data.items():
+        for key in ("tflops", "prefill_ms", "speedup", "speedup_over_bound", "scoring_share", "decode_tokens_per_s",
+                    "peak_mb", "bound"):
+            assert key in figures, (name, key)
+        assert figures["prefill_ms"] > 0 and figures["peak_mb"] > 0
+        assert len(figures["prefill_ms_all"]) == 2
+    assert data["baseline"]["speedup"] == 1.0 and data["baseline"]["scoring_share"] is None
+    assert 0 < data["high"]["scoring_share"] < 1
+    assert data["high"]["overhead_vs_random"] is not None and data["fastv"]["overhead_vs_random"] is None
+    # The measured token counts are the analytic schedule's.
+    assert data["high"]["visual_tokens_per_layer"] == bench.visual_schedule(bench.parse_method("high"), 144, 16)
+    assert data["visionzip-64+high"]["visual_tokens_per_layer"][0] == 64
+    assert results["pdrop"]["final_visual_tokens"] == 18
+    assert "| method |" in out and "| visionzip-64+high |" in out
+    assert set(last_json_line(out)["results"]) == set(methods.split(","))
+    plot = path.with_suffix(".png")
+    assert plot.exists() and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_baseline_is_added_when_missing(tmp_path):
+    results = bench.main(["--arch", "tiny-llava", "--methods", "random", "--repeats", "1", "--new-tokens", "0",
+                          "--plot", str(tmp_path / "p.png")])
+    assert list(results) == ["baseline", "random"]
+    assert results["random"]["decode_tokens_per_s"] is None
+    assert (tmp_path / "p.png").exists()
+
+
+def test_timing_and_memory_helpers():
+    cpu = torch.device("cpu")
+    value, ms = bench.timed_ms(lambda: 3, cpu)
+    assert value == 3 and ms >= 0
+    bench.reset_peak_memory(cpu)
+    assert bench.peak_memory_mb(cpu) > 0

@@ -1,0 +1,266 @@
+"""VisionZip (Yang et al., "VisionZip: Longer is Better but Not Necessary", 2024): fewer image
+tokens *before* the language model.
+
+Unlike the other methods this is not a per-stage `Method` the runner calls inside the decoder: it
+rewrites the model inputs. At the vision feature-select layer (LLaVA's `vision_feature_layer`,
+-2) of the CLIP tower:
+
+- dominant tokens: the patches the CLS token attends to most in that layer (mean over heads);
+  as in the released code the CLS token itself counts as one dominant token (`keep_cls=True`),
+  so `dominant=54` means CLS + 53 patches;
+- contextual tokens: the remaining patches, in their original order, are split into
+  `contextual` targets picked uniformly (every `R // contextual`-th one) and the others; each
+  other patch is assigned to its most similar target by cosine similarity of the layer's keys
+  (mean over heads), and each group is averaged (target included).
+
+The selected vision features then go through the model's own projector and reach the language
+model through `mm_encoder_outputs` (what `generate` itself passes after encoding pixels), with
+`input_ids` carrying the matching, smaller number of image tokens. The result is an ordinary
+input dict, so it stacks with `transprune.apply(...)`: TransPrune then prunes the VisionZip
+tokens and its trace's N is the VisionZip count.
+
+    new_inputs, kept = compress_inputs(model, inputs, dominant=54, contextual=10)
+    with transprune.apply(model, "high"):
+        model.generate(**new_inputs, max_new_tokens=32)
+
+Token order in the LLM: [CLS], dominant patches in patch order, then the contextual tokens.
+Paper settings for LLaVA-1.5: 192 = 162 + 30, 128 = 108 + 20, 64 = 54 + 10 (`PRESETS`).
+Supported: LLaVA-1.5 (`LlavaForConditionalGeneration`) with one vision feature layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..adapters import UnsupportedModelError
+
+# name -> (dominant, contextual), the released settings for LLaVA-1.5 (576 patches).
+PRESETS: dict[str, tuple[int, int]] = {
+    "visionzip-192": (162, 30),
+    "visionzip-128": (108, 20),
+    "visionzip-64": (54, 10),
+}
+SUPPORTED_MODELS = ("LlavaForConditionalGeneration",)
+
+
+@dataclass
+class VisionZipSelection:
+    """What VisionZip kept of each image, shapes (I, ...) over the I images of the batch.
+
+    dominant: (I, k) sorted patch indices (0-based over the N patches, CLS excluded);
+    targets: (I, C) patch indices of the contextual targets;
+    group: (I, N) per patch, the contextual group it was merged into (0..C-1), -1 if dominant;
+    token_patch: (I, T) per output token, its patch index, -1 for CLS and contextual tokens.
+    """
+    dominant: torch.Tensor
+    targets: torch.Tensor
+    group: torch.Tensor
+    token_patch: torch.Tensor
+    keep_cls: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_patch.shape[1]
+
+
+def _check_model(model):
+    name = type(model).__name__
+    if name not in SUPPORTED_MODELS:
+        raise UnsupportedModelError(
+            f"VisionZip supports {', '.join(SUPPORTED_MODELS)} (a single CLIP tile per image); got {name}. "
+            "Use an in-LLM method (transprune, fastv, pdrop) for other families.")
+    layer = model.config.vision_feature_layer
+    if not isinstance(layer, int) or layer == 0:
+        raise UnsupportedModelError(
+            f"VisionZip needs one vision feature layer after the embeddings; this model uses {layer!r}.")
+
+
+def _select_layer(vision_tower, feature_layer: int):
+    """The encoder layer whose output is hidden_states[feature_layer] (index 0 is the embeddings)."""
+    layers = vision_tower.encoder.layers
+    return layers[feature_layer] if feature_layer < 0 else layers[feature_layer - 1]
+
+
+def cls_attention_and_keys(attn, normed: torch.Tensor):
+    """CLS-to-all attention (mean over heads) and keys (mean over heads) of a CLIP attention layer.
+
+    normed: (I, n, dv) the layer's input after its first LayerNorm; token 0 is CLS.
+    Returns attention (I, n) float32 summing to 1, and keys (I, n, head_dim).
+    Computed by hand so the vision tower can stay on SDPA (output_attentions would force eager).
+    """
+    images, n, _ = normed.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+    query = attn.q_proj(normed[:, :1]).view(images, 1, heads, head_dim).transpose(1, 2)   # (I, H, 1, hd)
+    key = attn.k_proj(normed).view(images, n, heads, head_dim).transpose(1, 2)             # (I, H, n, hd)
+    logits = (query.float() @ key.float().transpose(-1, -2)) * attn.scale                  # (I, H, 1, n)
+    attention = torch.softmax(logits, dim=-1).mean(dim=1)[:, 0]
+    return attention, key.mean(dim=1)
+
+
+def select_tokens(features: torch.Tensor, cls_attention: torch.Tensor, keys: torch.Tensor,
+                  dominant: int, contextual: int, keep_cls: bool = True):
+    """The VisionZip merge on one layer's outputs (pure function).
+
+    features: (I, 1+N, dv) the select layer's hidden states (CLS first); cls_attention: (I, 1+N);
+    keys: (I, 1+N, hd). Returns (tokens (I, T, dv), VisionZipSelection), T = dominant + contextual.
+    """
+    images, n_all, _ = features.shape
+    patches = n_all - 1
+    top = dominant - 1 if keep_cls else dominant
+    if top < 0 or contextual < 0 or top + contextual > patches:
+        raise ValueError(f"VisionZip dominant={dominant}, contextual={contextual} do not fit {patches} patches "
+                         f"(need dominant{' - 1' if keep_cls else ''} + contextual <= {patches}, each >= 0"
+                         f"{', dominant >= 1 with keep_cls' if keep_cls else ''}).")
+    device = features.device
+    patch_features, patch_keys = features[:, 1:], keys[:, 1:]
+    dominant_idx = cls_attention[:, 1:].topk(top, dim=1).indices.sort(dim=1).values       # (I, top)
+    is_dominant = torch.zeros(images, patches, dtype=torch.bool, device=device)
+    is_dominant.scatter_(1, dominant_idx, True)
+    group = torch.full((images, patches), -1, dtype=torch.long, device=device)
+    token_parts = [features[:, :1]] if keep_cls else []
+    token_parts.append(patch_features.gather(1, dominant_idx[..., None].expand(-1, -1, features.shape[-1])))
+    targets = torch.empty(images, contextual, dtype=torch.long, device=device)
+    if contextual:
+        remaining_count = patches - top
+        step = max(1, remaining_count // contextual)
+        target_rank = torch.arange(0, remaining_count, step, device=device)[:contextual]
+        merged = []
+        for i in range(images):
+            remaining = (~is_dominant[i]).nonzero().flatten()                              # (R,) patch order
+            is_target = torch.zeros(remaining_count, dtype=torch.bool, device=device)
+            is_target[target_rank] = True
+            target_patches, other_patches = remaining[is_target], remaining[~is_target]
+            normed = F.normalize(patch_keys[i].float(), dim=-1)
+            similarity = normed[other_patches] @ normed[target_patches].T                  # (R - C, C)
+            assign = similarity.argmax(dim=1)
+            group[i, target_patches] = torch.arange(contextual, device=device)
+            group[i, other_patches] = assign
+            sums = patch_features[i, target_patches].clone().index_add_(0, assign, patch_features[i, other_patches])
+            counts = torch.bincount(assign, minlength=contextual) + 1
+            merged.append(sums / counts[:, None].to(sums.dtype))
+            targets[i] = target_patches
+        token_parts.append(torch.stack(merged))
+    tokens = torch.cat(token_parts, dim=1)
+    cls_part = [torch.full((images, 1), -1, dtype=torch.long, device=device)] if keep_cls else []
+    token_patch = torch.cat(cls_part + [dominant_idx, torch.full((images, contextual), -1, dtype=torch.long,
+                                                                 device=device)], dim=1)
+    return tokens, VisionZipSelection(dominant=dominant_idx, targets=targets, group=group,
+                                      token_patch=token_patch, keep_cls=keep_cls)
+
+
+@torch.no_grad()
+def compress_features(model, pixel_values: torch.Tensor, dominant: int = 54, contextual: int = 10,
+                      keep_cls: bool = True):
+    """Run the vision tower and return (projected tokens (I, T, d_text), VisionZipSelection)."""
+    _check_model(model)
+    tower = model.model.vision_tower
+    feature_layer = model.config.vision_feature_layer
+    attn = _select_layer(tower, feature_layer).self_attn
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured["normed"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        dtype = next(tower.parameters()).dtype
+        out = tower(pixel_values.to(dtype), output_hidden_states=True, return_dict=True)
+    finally:
+        handle.remove()
+    features = out.hidden_states[feature_layer]
+    cls_attention, keys = cls_attention_and_keys(attn, captured["normed"])
+    tokens, selection = select_tokens(features, cls_attention, keys, dominant, contextual, keep_cls)
+    return model.model.multi_modal_projector(tokens), selection
+
+
+def visual_layout(model, processor, image_size, selection: VisionZipSelection, image: int = 0):
+    """VisualLayout of the VisionZip tokens of one image, for overlays of a stacked trace.
+
+    A trace taken after VisionZip indexes the T VisionZip tokens, not the N patches, so the
+    family's grid layout does not apply (T = 64 would even look like an 8x8 grid). Dominant
+    tokens get their patch's box; CLS and contextual tokens (averages over scattered patches)
+    get NaN boxes; segments are "dominant", "cls" and "contextual".
+    """
+    from ..adapters import for_model
+    from ..trace import VisualLayout
+
+    patches = selection.group.shape[1]
+    base = for_model(model).visual_layout(model, processor, image_size, patches)
+    token_patch = selection.token_patch[image].cpu()
+    boxes = torch.full((len(token_patch), 4), float("nan"))
+    placed = token_patch >= 0
+    if base is not None:
+        boxes[placed] = base.boxes[token_patch[placed]].float()
+    segment = torch.where(placed, 0, 2)
+    if selection.keep_cls:
+        segment[0] = 1
+    return VisualLayout(boxes=boxes, segment=segment, segments=["dominant", "cls", "contextual"],
+                        image_size=tuple(image_size))
+
+
+def _image_runs(row: torch.Tensor, image_token: int) -> list[tuple[int, int]]:
+    """(start, end) of each run of consecutive image tokens in one row of input_ids."""
+    is_image = (row == image_token).tolist() + [False]
+    runs, start = [], None
+    for position, flag in enumerate(is_image):
+        if flag and start is None:
+            start = position
+        elif not flag and start is not None:
+            runs.append((start, position))
+            start = None
+    return runs
+
+
+@torch.no_grad()
+def compress_inputs(model, inputs: dict, dominant: int = 54, contextual: int = 10, keep_cls: bool = True):
+    """Processor inputs -> (inputs for the LLaVA model with VisionZip tokens, kept patch indices).
+
+    Returns a new dict without `pixel_values`, with `mm_encoder_outputs` holding the projected
+    VisionZip tokens and `input_ids` / `attention_mask` with T = dominant + contextual image tokens
+    per image (rows re-padded on the left), a drop-in for `model(**...)` and `model.generate(**...)`.
+    `kept` is a list, one per image, of the sorted dominant patch indices; `compress_features`
+    gives the full VisionZipSelection (contextual groups) for overlays.
+    """
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    _check_model(model)
+    if inputs.get("pixel_values") is None:
+        raise ValueError("VisionZip needs the image: pass the processor's inputs including pixel_values.")
+    input_ids = inputs["input_ids"]
+    image_token = model.config.image_token_id
+    tokens, selection = compress_features(model, inputs["pixel_values"], dominant, contextual, keep_cls)
+    count = tokens.shape[1]
+    attention_mask = inputs.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    rows, masks, image = [], [], 0
+    for b in range(input_ids.shape[0]):
+        row, mask = input_ids[b], attention_mask[b]
+        pieces, mask_pieces, cursor = [], [], 0
+        for start, end in _image_runs(row, image_token):
+            pieces += [row[cursor:start], row.new_full((count,), image_token)]
+            mask_pieces += [mask[cursor:start], mask.new_ones(count)]
+            cursor, image = end, image + 1
+        pieces.append(row[cursor:])
+        mask_pieces.append(mask[cursor:])
+        rows.append(torch.cat(pieces))
+        masks.append(torch.cat(mask_pieces))
+    if image != tokens.shape[0]:
+        raise ValueError(f"input_ids hold {image} runs of image tokens but pixel_values has {tokens.shape[0]} "
+                         "images; pass the processor's output unchanged.")
+    width = max(len(r) for r in rows)
+    pad_id = model.config.text_config.pad_token_id
+    pad_id = 0 if pad_id is None else pad_id
+    new_ids = input_ids.new_full((len(rows), width), pad_id)
+    new_mask = attention_mask.new_zeros((len(rows), width))
+    for b, (row, mask) in enumerate(zip(rows, masks)):
+        new_ids[b, width - len(row):] = row
+        new_mask[b, width - len(row):] = mask
+    new_inputs = {k: v for k, v in inputs.items() if k not in ("pixel_values", "input_ids", "attention_mask",
+                                                               "image_sizes")}
+    new_inputs.update(input_ids=new_ids, attention_mask=new_mask,
+                      mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(tokens))})
+    return new_inputs, list(selection.dominant)
