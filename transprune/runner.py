@@ -470,13 +470,24 @@ class _SidePasses:
         self.this_scaling = pruner.adapter.attention_scaling(layers[number - 1])
         self._next = self._this = None
 
+    def _query_slots(self) -> torch.Tensor:
+        """(B, m): every slot a score reads a query from (instruction tokens and the last token)."""
+        state = self.pruner._state
+        view = state.view
+        rows = []
+        for b, instruction in enumerate(state.instruction_positions):
+            positions = torch.cat([instruction, instruction.new_tensor([state.last_position[b]])])
+            rows.append(view.slot_of_pos[b, positions].unique())
+        width = max(len(row) for row in rows)
+        return torch.stack([torch.cat([row, row[-1:].expand(width - len(row))]) for row in rows])
+
     @torch.no_grad()
     def next_layer_qk(self, sample: int):
         if self._next is None:
             state = self.pruner._state
             position_embeddings = state.layer_kwargs["position_embeddings"]
             self._next = self.pruner.adapter.project_qk(self.pruner.layers[self.number], self.hidden,
-                                                        position_embeddings)
+                                                        position_embeddings, self._query_slots())
         return self._next[0][sample], self._next[1][sample]
 
     @torch.no_grad()
@@ -485,7 +496,8 @@ class _SidePasses:
             state = self.pruner._state
             layer_input = state.layer_inputs[self.number]
             self._this = self.pruner.adapter.project_qk(self.pruner.layers[self.number - 1], layer_input,
-                                                        state.layer_kwargs["position_embeddings"])
+                                                        state.layer_kwargs["position_embeddings"],
+                                                        self._query_slots())
         return self._this[0][sample], self._this[1][sample]
 
 

@@ -54,22 +54,37 @@ class Adapter:
         module = sys.modules[type(attn).__module__]
         return module.apply_rotary_pos_emb(query, key, cos, sin)
 
-    def project_qk(self, layer: nn.Module, hidden: torch.Tensor, position_embeddings):
+    def project_qk(self, layer: nn.Module, hidden: torch.Tensor, position_embeddings,
+                   query_slots: torch.Tensor | None = None):
         """Queries (B, H, n, hd) and keys (B, Hkv, n, hd) that `layer` would compute from `hidden`.
 
         Runs the layer's input norm, q/k projections (with their biases), q/k norms where the
         model has them, and its rotary embedding; the model's attention kernel is not involved.
+        With `query_slots` (B, m) only those queries are computed (the scores read no others);
+        the other query rows are left at zero. That halves the projection work of a side pass.
         """
         attn = layer.self_attn
         normed = layer.input_layernorm(hidden)
-        shape = (*normed.shape[:-1], -1, attn.head_dim)
-        query = attn.q_proj(normed).view(shape)
-        key = attn.k_proj(normed).view(shape)
+        cos, sin = position_embeddings
+        key = attn.k_proj(normed).view(*normed.shape[:-1], -1, attn.head_dim)
+        if query_slots is None:
+            query = attn.q_proj(normed).view(*normed.shape[:-1], -1, attn.head_dim)
+        else:
+            picked = normed.gather(1, query_slots[:, :, None].expand(-1, -1, normed.shape[-1]))
+            query = attn.q_proj(picked).view(*picked.shape[:-1], -1, attn.head_dim)
         if getattr(attn, "q_norm", None) is not None:
             query, key = attn.q_norm(query), attn.k_norm(key)
         query, key = query.transpose(1, 2), key.transpose(1, 2)
-        cos, sin = position_embeddings
-        return self.apply_rotary(attn, query, key, cos, sin)
+        if query_slots is None:
+            return self.apply_rotary(attn, query, key, cos, sin)
+        _, key = self.apply_rotary(attn, key, key, cos, sin)
+        index = query_slots[:, :, None].expand(-1, -1, cos.shape[-1])
+        picked_cos = cos.expand(hidden.shape[0], -1, -1).gather(1, index)
+        picked_sin = sin.expand(hidden.shape[0], -1, -1).gather(1, index)
+        query, _ = self.apply_rotary(attn, query, query, picked_cos, picked_sin)
+        full = query.new_zeros(query.shape[0], query.shape[1], hidden.shape[1], query.shape[-1])
+        full.scatter_(2, query_slots[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[-1]), query)
+        return full, key
 
     def attention_scaling(self, layer: nn.Module) -> float:
         return float(layer.self_attn.scaling)
