@@ -1,0 +1,95 @@
+"""The shipped shapes-llava: loads offline, reaches the accuracy targets; the eval CLI end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from transprune import eval as shapes_eval
+from transprune import models
+from transprune.flops import model_shape
+from transprune.shapes import model as shapes_model
+from transprune.shapes import scenes
+
+WEIGHTS = shapes_model.ASSET_DIR / shapes_model.WEIGHTS
+needs_weights = pytest.mark.skipif(not WEIGHTS.is_file(),
+                                   reason=f"shapes-llava weights not shipped ({WEIGHTS} is absent)")
+
+CI_SEED, CI_N = 2024, 200        # the fixed 200-question set (40 per type)
+
+
+@pytest.fixture(scope="module")
+def shapes_lm(tmp_path_factory):
+    return models.load("shapes-llava", device="cpu")
+
+
+@needs_weights
+def test_loads_offline_float32_eval(shapes_lm, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert shapes_lm.spec.offline
+    assert shapes_lm.dtype == torch.float32 and not shapes_lm.model.training
+    text = shapes_lm.model.config.text_config
+    assert text.num_hidden_layers >= 12
+    assert shapes_lm.model.config.image_seq_length >= 144
+    assert sum(p.stat().st_size for p in shapes_model.ASSET_DIR.iterdir()) <= 25 * 2**20
+
+
+@needs_weights
+def test_answers_one_word_then_stops(shapes_lm):
+    example = scenes.dataset(CI_SEED, 1)[0]
+    result = shapes_lm.generate(example.image, example.question.text, max_new_tokens=5)
+    assert result.text in scenes.ANSWERS[example.question.qtype]
+    assert result.timings["new_tokens"] == 2          # the word, then </s>
+
+
+@needs_weights
+def test_reaches_targets_on_fixed_set(shapes_lm):
+    record = shapes_eval.evaluate_method(shapes_lm, scenes.dataset(CI_SEED, CI_N), shapes_eval._fixed(None),
+                                         model_shape(shapes_lm.model))
+    assert record["n"] == CI_N
+    assert record["accuracy"] >= 0.90, record
+    for qtype, accuracy in record["per_type"].items():
+        assert accuracy >= 0.80, (qtype, record)
+
+
+def test_missing_files_raise_clear_error(tmp_path):
+    with pytest.raises(models.ModelLoadError, match="missing"):
+        shapes_model.load_shapes_llava(tmp_path)
+
+
+def test_saved_model_round_trips(tmp_path):
+    tokenizer = shapes_model.build_tokenizer()
+    model = shapes_model.build_model(tokenizer, seed=3).eval()
+    shapes_model.save(model, tokenizer, tmp_path, dict(note="untrained"), dtype=torch.float32)
+    loaded, processor = shapes_model.load_shapes_llava(tmp_path)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert loaded.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert processor.tokenizer.get_vocab() == tokenizer.get_vocab()
+
+
+def test_eval_cli_end_to_end(tmp_path, monkeypatch, capsys):
+    """Runs on an untrained model saved to tmp_path, so it needs no shipped weights."""
+    tokenizer = shapes_model.build_tokenizer()
+    shapes_model.save(shapes_model.build_model(tokenizer, seed=1).eval(), tokenizer, tmp_path / "model", {})
+    monkeypatch.setenv("TRANSPRUNE_SHAPES_DIR", str(tmp_path / "model"))
+    out = tmp_path / "eval.json"
+    shapes_eval.main(["--suite", "shapes", "--seed", "0", "--n", "5", "--methods", "baseline,high,random-low",
+                      "--json", str(out)])
+    results = json.loads(out.read_text())
+    assert set(results) == {"baseline", "high", "random-low"}
+    for record in results.values():
+        assert 0.0 <= record["accuracy"] <= 1.0 and record["tflops"] > 0
+        assert set(record["per_type"]) <= set(scenes.QUESTION_TYPES)
+    assert results["high"]["tflops"] < results["baseline"]["tflops"]
+    assert results["random-low"]["tflops"] < results["high"]["tflops"]
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["results"]["baseline"]["accuracy"] == results["baseline"]["accuracy"]
+
+
+def test_eval_rejects_unknown_method(tmp_path):
+    with pytest.raises(SystemExit):
+        shapes_eval.main(["--n", "1", "--methods", "nonsense"])

@@ -1,0 +1,191 @@
+"""Accuracy vs. budget on held-out shape scenes, on a CPU: `python -m transprune.eval --suite shapes`.
+
+    python -m transprune.eval --suite shapes --seed 1 --n 500 --json runs/eval.json --plot runs/eval.png
+
+Draws N fresh questions with `seed` from the scene generator (types cycle, so each type gets N/5),
+answers each with the shipped shapes-llava through `LoadedModel.generate` -- unpruned and under
+every method/budget -- and scores exact match of the one-word answer. TFLOPs are the paper's
+analytic count (visual tokens only) from the prefill's PruneTrace; "tflops_full" counts every
+token. The random control draws a fresh keep-set per question (seed = question index), so it is
+a random mask and not one fixed subset of patches.
+
+Prints a markdown table, writes the JSON ({name: {accuracy, tflops, per_type, ...}}) and a plot,
+and ends stdout with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .config import PRESETS, PruneConfig
+from .flops import config_tflops, model_shape, Shape, trace_tflops
+
+
+def _with_seed(name: str, **overrides):
+    """A factory (question index -> PruneConfig) for the random control: new keep-set per question."""
+    return lambda index: PruneConfig.preset(name, seed=index, **overrides)
+
+
+def _fixed(config):
+    return lambda index: config
+
+
+# name -> (label for the plot's series, budget, factory). None = unpruned.
+def method_table() -> dict:
+    low = PRESETS["low"]["keep_ratios"]
+    return {
+        "baseline": ("baseline", "none", _fixed(None)),
+        "high": ("TransPrune", "high", _fixed(PruneConfig.preset("high"))),
+        "low": ("TransPrune", "low", _fixed(PruneConfig.preset("low"))),
+        "ttv-high": ("TTV only", "high", _fixed(PruneConfig.preset("high", criterion="ttv"))),
+        "ttv-low": ("TTV only", "low", _fixed(PruneConfig.preset("low", criterion="ttv"))),
+        "iga-high": ("IGA only", "high", _fixed(PruneConfig.preset("high", criterion="iga"))),
+        "iga-low": ("IGA only", "low", _fixed(PruneConfig.preset("low", criterion="iga"))),
+        "random-high": ("random", "high", _with_seed("random")),
+        "random-low": ("random", "low", _with_seed("random", keep_ratios=low)),
+        "fastv": ("FastV", "fastv", _fixed(PruneConfig.preset("fastv"))),
+        "pdrop": ("PDrop", "pdrop", _fixed(PruneConfig.preset("pdrop"))),
+        # The released code renumbers positions after pruning ("compact", LLaVA's default); these
+        # keep the original RoPE positions, which matters for "where" questions.
+        "high-original": ("TransPrune, original positions", "high",
+                          _fixed(PruneConfig.preset("high", positions="original"))),
+        "low-original": ("TransPrune, original positions", "low",
+                         _fixed(PruneConfig.preset("low", positions="original"))),
+        "random-high-original": ("random, original positions", "high", _with_seed("random", positions="original")),
+        "random-low-original": ("random, original positions", "low",
+                                _with_seed("random", keep_ratios=low, positions="original")),
+    }
+
+
+def evaluate_method(lm, examples, factory, shape: tuple[int, int, int], progress=None) -> dict:
+    """Exact-match accuracy (overall and per question type) and mean analytic TFLOPs of one method."""
+    hidden, intermediate, layers = shape
+    hits: dict[str, list[int]] = {}
+    flops, flops_full, wrong = [], [], []
+    for index, example in enumerate(examples):
+        config = factory(index)
+        result = lm.generate(example.image, example.question.text, config=config, max_new_tokens=3)
+        ok = result.text.strip().lower() == example.question.answer
+        hits.setdefault(example.question.qtype, []).append(int(ok))
+        if not ok and len(wrong) < 5:
+            wrong.append(dict(question=example.question.text, answer=example.question.answer, got=result.text))
+        if result.trace is not None:
+            flops.append(trace_tflops(result.trace, hidden, intermediate))
+            flops_full.append(trace_tflops(result.trace, hidden, intermediate, full_sequence=True))
+        else:
+            tokens = result.inputs["input_ids"].shape[1]
+            visual = int((result.inputs["input_ids"] == lm.model.config.image_token_index).sum())
+            flops.append(config_tflops(None, Shape(hidden, intermediate, layers, visual)))
+            flops_full.append(config_tflops(None, Shape(hidden, intermediate, layers, tokens)))
+        if progress:
+            progress(index)
+    total = sum(len(v) for v in hits.values())
+    return dict(accuracy=sum(sum(v) for v in hits.values()) / total,
+                tflops=sum(flops) / len(flops), tflops_full=sum(flops_full) / len(flops_full),
+                per_type={k: sum(v) / len(v) for k, v in sorted(hits.items())}, n=total, examples_wrong=wrong)
+
+
+def run_shapes(model_name: str, seed: int, n: int, names: list[str]) -> dict:
+    from . import models
+    from .shapes import scenes
+
+    table = method_table()
+    unknown = [name for name in names if name not in table]
+    if unknown:
+        raise SystemExit(f"Unknown method(s) {unknown}; choose from {', '.join(table)}.")
+    lm = models.load(model_name, device="cpu")
+    examples = scenes.dataset(seed, n)
+    shape = model_shape(lm.model)
+    results = {}
+    for name in names:
+        label, budget, factory = table[name]
+        start = time.perf_counter()
+        record = evaluate_method(lm, examples, factory, shape)
+        config = factory(0)
+        record.update(method=label, budget=budget, seconds=round(time.perf_counter() - start, 1),
+                      config=None if config is None else config.resolve(shape[2]).to_dict())
+        results[name] = record
+        print(f"{name}: {record['accuracy']:.3f} ({record['seconds']} s)", file=sys.stderr, flush=True)
+    return results
+
+
+def markdown_table(results: dict) -> str:
+    types = sorted({t for r in results.values() for t in r["per_type"]})
+    lines = ["| method | budget | accuracy | " + " | ".join(types) + " | TFLOPs (visual) | TFLOPs (all tokens) |",
+             "|---" * (len(types) + 5) + "|"]
+    for name, r in results.items():
+        cells = " | ".join(f"{100 * r['per_type'].get(t, float('nan')):.1f}" for t in types)
+        lines.append(f"| {name} | {r['budget']} | {100 * r['accuracy']:.1f} | {cells} | "
+                     f"{r['tflops']:.2e} | {r['tflops_full']:.2e} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path, title: str):
+    """Accuracy vs. analytic FLOPs (GFLOPs: this model is tiny), one series per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    series: dict[str, list] = {}
+    for name, r in results.items():
+        series.setdefault(r["method"], []).append((1e3 * r["tflops"], 100 * r["accuracy"], r["budget"]))
+    markers = iter("os^vDP*Xh<>")
+    for label, points in series.items():
+        points.sort()
+        if label == "baseline":
+            ax.axhline(points[0][1], color="grey", linestyle="--", linewidth=1, label=f"unpruned ({points[0][1]:.1f}%)")
+            ax.plot([points[0][0]], [points[0][1]], "k*", markersize=10)
+            continue
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=next(markers), label=label)
+        for x, y, budget in points:
+            if budget in ("high", "low"):
+                ax.annotate(budget, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_xlabel("analytic prefill GFLOPs (visual tokens, paper's accounting)")
+    ax.set_ylabel("exact-match accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--suite", default="shapes", choices=["shapes"])
+    parser.add_argument("--model", default="shapes-llava")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the held-out questions")
+    parser.add_argument("--n", type=int, default=500, help="number of questions")
+    parser.add_argument("--methods", default=",".join(method_table()),
+                        help="comma-separated subset of: " + ", ".join(method_table()))
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--plot", default=None, help="PNG path (default: next to --json)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    names = [name.strip() for name in args.methods.split(",") if name.strip()]
+    if "baseline" not in names:
+        names.insert(0, "baseline")
+    results = run_shapes(args.model, args.seed, args.n, names)
+    print(markdown_table(results))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    plot_path = Path(args.plot) if args.plot else (Path(args.json).with_suffix(".png") if args.json else None)
+    if plot_path is not None:
+        plot(results, plot_path, f"{args.model}, {args.n} held-out questions (seed {args.seed})")
+    summary = {name: dict(accuracy=round(r["accuracy"], 4), tflops=r["tflops"]) for name, r in results.items()}
+    print(json.dumps(dict(suite=args.suite, model=args.model, seed=args.seed, n=args.n, results=summary,
+                          json=args.json, plot=str(plot_path) if plot_path else None)))
+
+
+if __name__ == "__main__":
+    main()
