@@ -53,3 +53,18 @@ def make_inputs(processor, images, questions):
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+def write_clip(path, draw_frame, frames: int, width: int, height: int, fps: int = 8, codec: str = "mpeg4"):
+    """Encode a small video with PyAV; `draw_frame(i)` returns frame i as (height, width, 3) uint8."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(draw_frame(i), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

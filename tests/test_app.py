@@ -364,19 +364,14 @@ def test_sequence_chart_and_examples_are_reproducible(tmp_path):
 # ---------------------------------------------------------------------------- video
 def make_clip(path: Path, frames: int = 24, size=(160, 120)) -> Path:
     """A small MP4: a white bar sweeping across a dark background, 8 frames per second."""
-    import av
+    from conftest import write_clip
 
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=8)
-        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
-        for i in range(frames):
-            pixels = np.full((size[1], size[0], 3), 30, np.uint8)
-            pixels[:, (i * 6) % size[0]:(i * 6) % size[0] + 20] = 255
-            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    def draw(i):
+        pixels = np.full((size[1], size[0], 3), 30, np.uint8)
+        pixels[:, (i * 6) % size[0]:(i * 6) % size[0] + 20] = 255
+        return pixels
+
+    return write_clip(path, draw, frames, size[0], size[1], fps=8)
 
 
 @pytest.fixture(scope="module")

@@ -30,21 +30,16 @@ TEST_FRAMES = {"video_llava": 8, "llava_onevision": 8, "qwen2_5_vl": 4}
 
 def write_video(path, frames=FRAMES, width=WIDTH, height=HEIGHT, codec="mpeg4", fps=FPS):
     """Frame i: a background of COLOURS[i % 3] and a white square moving right."""
-    import av
+    from conftest import write_clip
 
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for i in range(frames):
-            pixels = np.empty((height, width, 3), np.uint8)
-            pixels[:] = COLOURS[i % 3]
-            x = 4 + 8 * i
-            pixels[16:40, x:x + 24] = 255
-            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+    def draw(i):
+        pixels = np.empty((height, width, 3), np.uint8)
+        pixels[:] = COLOURS[i % 3]
+        x = 4 + 8 * i
+        pixels[16:40, x:x + 24] = 255
+        return pixels
+
+    return write_clip(path, draw, frames, width, height, fps=fps, codec=codec)
 
 
 @pytest.fixture(scope="module")
