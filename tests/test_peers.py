@@ -216,7 +216,7 @@ def test_random_is_seeded_and_deterministic(tiny):
 # ------------------------------------------------------------------------------------ VisionZip
 def test_visionzip_is_registered_outside_the_in_llm_methods():
     assert PRE_LLM["visionzip"] is visionzip.compress_inputs
-    assert "visionzip" not in transprune.methods.METHODS
+    assert "visionzip" not in transprune.methods.METHODS       # no in-LLM stage of its own
 
 
 def test_visionzip_dominant_tokens_are_cls_attention_topk(tiny):
@@ -317,23 +317,123 @@ def test_visionzip_batch_with_padding(tiny):
         model.generate(**new_inputs, max_new_tokens=2, do_sample=False)
 
 
+def test_visionzip_counts_reproduce_the_released_settings():
+    assert [visionzip.counts(PruneConfig.preset(name).visionzip_keep, 576) for name in
+            ("visionzip-192", "visionzip-128", "visionzip-64")] == [(162, 30), (108, 20), (54, 10)]
+    assert visionzip.counts(64 / 576, 144) == (13, 3)      # T = 16, 5/32 of them contextual
+
+
+def test_visionzip_configs_presets_and_stacks():
+    alone = PruneConfig(method="visionzip")
+    assert alone.prune_layers == () and alone.keep_ratios == () and alone.visionzip_keep == 64 / 576
+    stacked = PruneConfig.preset("visionzip-128+high")
+    assert stacked.method == "transprune" and stacked.visionzip_keep == 128 / 576
+    assert stacked.resolve(LAYERS).prune_layers == (4, 5, 6)
+    assert PruneConfig.preset("visionzip-64").resolve(LAYERS).prune_layers == ()
+    with pytest.raises(transprune.ConfigError, match="share"):
+        PruneConfig(visionzip_keep=1.5)
+    with pytest.raises(transprune.ConfigError, match="in-LLM preset after"):
+        PruneConfig.preset("visionzip-64+visionzip-128")
+    with pytest.raises(transprune.ConfigError, match="Cannot stack"):
+        PruneConfig.preset("high+low")
+
+
+def test_visionzip_config_equals_compressing_by_hand(tiny):
+    """apply(model, "visionzip-64+high") + prepare_inputs == compress_inputs then apply("high"),
+    and its trace is the by-hand trace re-indexed into patches, with VisionZip as stage 0."""
+    model, processor = tiny
+    inputs = prompt_inputs(processor)
+    dominant, contextual = visionzip.counts(64 / 576, N)
+    with torch.inference_mode():
+        by_hand, selection, _ = visionzip.compress(model, inputs, dominant, contextual)
+        with transprune.apply(model, "high") as pruner:
+            expected = model.generate(**by_hand, max_new_tokens=4, do_sample=False)
+            token_trace = pruner.trace
+        with transprune.apply(model, "visionzip-64+high") as pruner:
+            prepared = pruner.prepare_inputs(inputs)
+            got = model.generate(**prepared, max_new_tokens=4, do_sample=False)
+            trace = pruner.trace
+    assert torch.equal(got, expected)
+    index = visionzip.patch_token_index(selection, 0)
+    assert index[0] == N and sorted(index[1:dominant].tolist()) == selection.dominant[0].tolist()
+    assert index[dominant:].tolist() == selection.targets[0].tolist()
+    assert trace.visual_tokens == N + 1
+    zip_stage = trace.stages[0]
+    assert zip_stage.layer == 0 and len(zip_stage.candidates) == N + 1 and len(zip_stage.kept) == 16
+    assert_close(zip_stage.score[:N], selection.cls_attention[0, 1:])
+    assert [s.layer for s in trace.stages] == [0] + [s.layer for s in token_trace.stages]
+    for mapped, raw in zip(trace.stages[1:], token_trace.stages):
+        assert mapped.kept.tolist() == sorted(index[raw.kept].tolist())
+        assert set(mapped.kept.tolist()) <= set(mapped.candidates.tolist())
+        position = {int(t): i for i, t in enumerate(index[raw.candidates])}
+        for token, score in zip(mapped.candidates.tolist(), mapped.score.tolist()):
+            assert score == float(raw.score[position[token]])
+    assert set(trace.stages[1].candidates.tolist()) == set(zip_stage.kept.tolist())
+    assert trace.visual_tokens_per_layer == token_trace.visual_tokens_per_layer
+
+
+def test_visionzip_alone_equals_plain_generation_on_compressed_inputs(tiny):
+    model, processor = tiny
+    inputs = prompt_inputs(processor)
+    with torch.inference_mode():
+        by_hand, _ = visionzip.compress_inputs(model, inputs, *visionzip.counts(128 / 576, N))
+        expected = model.generate(**by_hand, max_new_tokens=4, do_sample=False)
+        with transprune.apply(model, "visionzip-128") as pruner:
+            got = model.generate(**pruner.prepare_inputs(inputs), max_new_tokens=4, do_sample=False)
+            trace = pruner.trace
+    assert torch.equal(got, expected)
+    assert [(s.layer, len(s.kept)) for s in trace.stages] == [(0, 32)]
+    assert trace.visual_tokens_per_layer == [32] * LAYERS
+
+
+def test_visionzip_config_refuses_raw_pixels_and_other_families(tiny):
+    model, processor = tiny
+    inputs = prompt_inputs(processor)
+    with transprune.apply(model, "visionzip-64") as pruner, torch.inference_mode():
+        with pytest.raises(transprune.PruningInputError, match="prepare_inputs"):
+            model(**inputs)
+    next_model, _ = tiny_llava_next()
+    with pytest.raises(transprune.UnsupportedModelError, match="VisionZip supports"):
+        transprune.apply(next_model, "visionzip-64+high")
+    with transprune.apply(model, "high") as pruner:
+        assert pruner.prepare_inputs(inputs) is inputs       # nothing before the LLM: unchanged
+
+
+def test_visionzip_config_batch_maps_each_row_to_its_own_image(tiny):
+    model, processor = tiny
+    from PIL import Image
+    images = [Image.new("RGB", (64, 80), c) for c in ((200, 10, 10), (10, 10, 200))]
+    prompts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                           {"type": "text", "text": q}]}],
+                                             add_generation_prompt=True)
+               for q in ("what is it ?", "what color is the big square in the middle ?")]
+    inputs = dict(processor(images=images, text=prompts, return_tensors="pt", padding=True))
+    with torch.inference_mode(), transprune.apply(model, "visionzip-128+high") as pruner:
+        model(**pruner.prepare_inputs(inputs), use_cache=True)
+        selection, _ = pruner._zip
+        traces = pruner.traces
+    assert len(traces) == 2
+    for row, trace in enumerate(traces):
+        assert trace.stages[0].kept.tolist() == sorted(visionzip.patch_token_index(selection, row).tolist())
+        assert [len(s.kept) for s in trace.stages] == [32, 28, 20, 4]
+
+
 def test_visionzip_through_the_model_registry_and_its_layout():
     from PIL import Image
     from transprune import models
     lm = models.load("tiny-llava", device="cpu")
     image = Image.new("RGB", (300, 200), (30, 200, 60))
-    inputs = lm.prepare(image, "what color is it ?")
-    new_inputs, _ = visionzip.compress_inputs(lm.model, inputs, dominant=54, contextual=10)
-    result = lm.generate(image, "what color is it ?", config="high", inputs=new_inputs, max_new_tokens=3)
-    assert result.trace.visual_tokens == 64 and [len(s.kept) for s in result.trace.stages] == [56, 40, 8]
-    _, selection = visionzip.compress_features(lm.model, inputs["pixel_values"], dominant=54, contextual=10)
-    layout = visionzip.visual_layout(lm.model, lm.processor, image.size, selection)
-    assert layout.boxes.shape == (64, 4)
-    assert layout.segment.tolist() == [1] + [0] * 53 + [2] * 10
-    assert torch.isnan(layout.boxes[0]).all() and torch.isnan(layout.boxes[54:]).all()
-    assert not torch.isnan(layout.boxes[1:54]).any()
-    grid = lm.visual_layout(image.size, 144)
-    assert torch.equal(layout.boxes[1:54], grid.boxes[selection.dominant[0]].float())
+    result = lm.generate(image, "what color is it ?", config="visionzip-64+high", max_new_tokens=3)
+    trace = result.trace
+    assert trace.visual_tokens == N + 1 and [len(s.kept) for s in trace.stages] == [16, 14, 10, 2]
+    assert int((result.inputs["input_ids"] == lm.model.config.image_token_id).sum()) == 16
+    grid = lm.visual_layout(image.size, N)
+    assert trace.layout.boxes.shape == (N + 1, 4)
+    assert torch.equal(trace.layout.boxes[:N], grid.boxes) and torch.isnan(trace.layout.boxes[N]).all()
+    # A pre-compressed input with an in-LLM config still works (trace over the VisionZip tokens).
+    new_inputs, _ = visionzip.compress_inputs(lm.model, lm.prepare(image, "what color is it ?"), 54, 10)
+    token_result = lm.generate(image, "what color is it ?", config="high", inputs=new_inputs, max_new_tokens=3)
+    assert token_result.trace.visual_tokens == 64
 
 
 def test_visionzip_rejects_other_families_and_bad_counts(tiny):

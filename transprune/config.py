@@ -11,7 +11,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-METHODS = ("transprune", "fastv", "pdrop", "random")
+METHODS = ("transprune", "fastv", "pdrop", "random", "visionzip")
 CRITERIA = ("transprune", "ttv", "iga")
 DIRECTIONS = ("one_minus_cos", "one_minus_abs_cos")
 POSITIONS = ("compact", "original")
@@ -33,6 +33,12 @@ PRESETS: dict[str, dict] = {
                   accumulation_layers=(), positions="compact"),
     "random": dict(method="random", prune_layers=(7, 9, 12), keep_ratios=(0.875, 0.625, 0.125),
                    accumulation_layers=()),
+    # VisionZip alone, before the language model, at the released LLaVA-1.5 token counts (of 576
+    # patches); the share carries over to other patch grids. Stack with an in-LLM preset by name,
+    # e.g. "visionzip-128+high".
+    "visionzip-192": dict(method="visionzip", visionzip_keep=192 / 576),
+    "visionzip-128": dict(method="visionzip", visionzip_keep=128 / 576),
+    "visionzip-64": dict(method="visionzip", visionzip_keep=64 / 576),
 }
 
 
@@ -77,8 +83,20 @@ class PruneConfig:
     reference_depth: int | None = field(
         default=None, metadata={"help": "if set, layers are written for this depth and scaled to the model"})
     seed: int = field(default=0, metadata={"help": "seed of the random method"})
+    visionzip_keep: float | None = field(
+        default=None,
+        metadata={"help": "share of each image's patches VisionZip keeps before the language model "
+                          "(dominant + contextual tokens); None = no VisionZip. Stacks with any in-LLM method; "
+                          "method='visionzip' runs it alone"})
 
     def __post_init__(self):
+        if self.method == "visionzip":
+            # VisionZip alone: no in-LLM stages, whatever the schedule fields say.
+            object.__setattr__(self, "prune_layers", ())
+            object.__setattr__(self, "keep_ratios", ())
+            object.__setattr__(self, "accumulation_layers", ())
+            if self.visionzip_keep is None:
+                object.__setattr__(self, "visionzip_keep", 64 / 576)
         # Accept lists from JSON / the CLI, store tuples so the config stays hashable.
         object.__setattr__(self, "prune_layers", tuple(int(x) for x in self.prune_layers))
         object.__setattr__(self, "keep_ratios", tuple(float(x) for x in self.keep_ratios))
@@ -90,11 +108,21 @@ class PruneConfig:
     # ------------------------------------------------------------------ construction
     @classmethod
     def preset(cls, name: str, **overrides) -> "PruneConfig":
-        """A named preset ("high", "low", "off", "fastv", "pdrop", "random"), written for 32 layers."""
-        key = name.lower()
+        """A named preset ("high", "low", "off", "fastv", "pdrop", "random", "visionzip-64|128|192"),
+        written for 32 layers. "visionzip-N+preset" stacks VisionZip before the LLM with an in-LLM preset."""
+        key = name.lower().replace(" ", "")
+        zip_part, plus, key = key.rpartition("+")
+        if plus and not (zip_part in PRESETS and PRESETS[zip_part].get("method") == "visionzip"):
+            raise ConfigError(f"Cannot stack {name!r}: write a VisionZip preset, '+', then an in-LLM preset, "
+                              "e.g. 'visionzip-128+high'.")
         if key not in PRESETS:
-            raise ConfigError(f"Unknown preset {name!r}. Choose one of: {', '.join(PRESETS)}.")
+            raise ConfigError(f"Unknown preset {name!r}. Choose one of: {', '.join(PRESETS)} "
+                              "(or stack, e.g. 'visionzip-128+high').")
         values = dict(PRESETS[key], reference_depth=REFERENCE_DEPTH)
+        if plus:
+            if values["method"] == "visionzip":
+                raise ConfigError(f"{name!r} stacks VisionZip on VisionZip; put an in-LLM preset after '+'.")
+            values["visionzip_keep"] = PRESETS[zip_part]["visionzip_keep"]
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"Unknown PruneConfig field(s) {sorted(unknown)}.")
@@ -124,7 +152,7 @@ class PruneConfig:
     def resolve(self, num_layers: int, default_positions: str = "compact") -> "PruneConfig":
         """The concrete schedule for a model with `num_layers` decoder layers, validated against it."""
         values = self.to_dict()
-        if self.reference_depth is not None and self.reference_depth != num_layers:
+        if self.reference_depth is not None and self.reference_depth != num_layers and self.prune_layers:
             prune = scale_layers(self.prune_layers, num_layers, self.reference_depth)
             window = tuple(range(self.prune_layers[0], self.prune_layers[-1] + 1))
             if self.accumulation_layers is None or self.accumulation_layers == window:
@@ -152,6 +180,11 @@ class PruneConfig:
 
     def _check_schedule(self):
         layers, ratios = self.prune_layers, self.keep_ratios
+        if self.visionzip_keep is not None and not (0.0 < self.visionzip_keep <= 1.0):
+            raise ConfigError(f"visionzip_keep {self.visionzip_keep} must lie in (0, 1]: it is the share of "
+                              "each image's patches VisionZip keeps.")
+        if self.method == "visionzip":
+            return
         if not layers:
             raise ConfigError("prune_layers is empty: give at least one pruning layer, e.g. (7, 9, 12).")
         if len(layers) != len(ratios):
@@ -180,7 +213,7 @@ class PruneConfig:
 
     def check_depth(self, num_layers: int):
         """Raise if the schedule does not fit a model with `num_layers` decoder layers."""
-        if self.prune_layers[-1] >= num_layers:
+        if self.prune_layers and self.prune_layers[-1] >= num_layers:
             raise ConfigError(
                 f"Pruning layer {self.prune_layers[-1]} does not fit a model with {num_layers} decoder layers: "
                 f"pruning layers must be below {num_layers} so that a later layer sees the pruned sequence.")

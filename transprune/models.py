@@ -334,6 +334,8 @@ class LoadedModel:
         pruner = apply(self.model, config) if config is not None else None
         try:
             start = time.perf_counter()
+            if pruner is not None:
+                inputs = pruner.prepare_inputs(inputs)   # VisionZip (before the LLM) is part of the timed run
             output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                          streamer=clock)
             clock._sync()
@@ -356,6 +358,11 @@ class LoadedModel:
             # One video alone: a per-frame layout. Image + video in one prompt: no layout (one
             # VisualLayout describes one picture or one video).
             trace.layout = self.video_layout(video, trace.visual_tokens) if image is None else None
+        elif trace is not None and image is not None and config.visionzip_keep is not None:
+            from .methods import visionzip
+            patches = visionzip.num_patches(self.model)
+            trace.layout = visionzip.patch_layout(self.visual_layout(image.size, patches),
+                                                  keep_cls=trace.visual_tokens > patches)
         elif trace is not None and image is not None:
             trace.layout = self.visual_layout(image.size, trace.visual_tokens)
         return Result(text=text, trace=trace, timings=timings, output_ids=output, inputs=inputs, video=video)

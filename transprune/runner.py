@@ -27,6 +27,7 @@ from torch import nn
 
 from . import adapters, methods, scoring
 from .config import ConfigError, PruneConfig
+from .methods import visionzip
 from .methods.base import StageContext
 from .trace import PruneTrace, Stage
 
@@ -91,11 +92,15 @@ class Pruner:
             raise ConfigError(
                 f"positions={self.config.positions!r} is not valid for {self.adapter.family} models; "
                 f"use one of {self.adapter.allowed_positions}.")
-        self.method = methods.for_config(self.config)
+        if self.config.visionzip_keep is not None:
+            visionzip.check_model(model)
+        # VisionZip alone has no in-LLM stage and so no per-stage method.
+        self.method = methods.for_config(self.config) if self.config.prune_layers else None
         self.prune_layers = self.config.prune_layers
         self.accumulation_layers = set(self.config.effective_accumulation_layers)
-        self.input_layers = self.method.layers_needing_input()
-        self.traces: list[PruneTrace] = []
+        self.input_layers = self.method.layers_needing_input() if self.method else set()
+        self._traces: list[PruneTrace] = []
+        self._zip = None     # (VisionZipSelection, images of each row) of the inputs prepare_inputs made
         self._state: _PrefillState | None = None
         self._handles: list = []
         try:
@@ -106,8 +111,29 @@ class Pruner:
 
     # ------------------------------------------------------------------ lifecycle
     @property
+    def traces(self) -> list[PruneTrace]:
+        """One PruneTrace per sample of the last prefill; with VisionZip, in patch space (see
+        transprune.methods.visionzip.to_patch_space)."""
+        if self._zip is None:
+            return self._traces
+        selection, row_images = self._zip
+        return [visionzip.to_patch_space(trace, selection, images, self.config.visionzip_keep)
+                for trace, images in zip(self._traces, row_images)]
+
+    @property
     def trace(self) -> PruneTrace | None:
-        return self.traces[0] if self.traces else None
+        traces = self.traces
+        return traces[0] if traces else None
+
+    def prepare_inputs(self, inputs: dict) -> dict:
+        """The processor's inputs, rewritten for this config's pre-LLM stage (VisionZip): call the
+        model with what this returns. Without a pre-LLM stage, `inputs` unchanged."""
+        if self.config.visionzip_keep is None:
+            return inputs
+        dominant, contextual = visionzip.counts(self.config.visionzip_keep, visionzip.num_patches(self.model))
+        new_inputs, selection, row_images = visionzip.compress(self.model, inputs, dominant, contextual)
+        self._zip = (selection, row_images)
+        return new_inputs
 
     def _attach(self):
         hook = self._handles.append
@@ -148,8 +174,12 @@ class Pruner:
                 self._state.decoding = True
                 self._state.decode_cache = {}
             return None
+        if self.config.visionzip_keep is not None and kwargs.get("pixel_values") is not None:
+            raise PruningInputError(
+                "This config runs VisionZip before the language model, which changes the inputs: call the "
+                "model with `pruner.prepare_inputs(inputs)` instead of the processor's output.")
         self._state = None
-        self.traces = []
+        self._traces = []
         if input_ids is None:
             if kwargs.get("inputs_embeds") is not None:
                 raise PruningInputError("TransPrune locates visual tokens from input_ids; call the model with "
@@ -193,6 +223,8 @@ class Pruner:
             view=view, prefill_length=length)
         state.traces = [PruneTrace(visual_tokens=len(v), method=self.config.method, config=self.config.to_dict())
                         for v in visual_positions]
+        if not self.prune_layers:
+            self._traces = state.traces   # no stage to wait for
         return state
 
     @staticmethod
@@ -295,7 +327,7 @@ class Pruner:
         state.view = new_view
         state.stage_views.append((number, new_view))
         if number == self.prune_layers[-1]:
-            self.traces = state.traces
+            self._traces = state.traces
         pruned = hidden.gather(1, gather[:, :, None].expand(-1, -1, hidden.shape[-1]))
         if isinstance(output, tuple):
             return (pruned, *output[1:])

@@ -15,22 +15,33 @@ rewrites the model inputs. At the vision feature-select layer (LLaVA's `vision_f
 
 The selected vision features then go through the model's own projector and reach the language
 model through `mm_encoder_outputs` (what `generate` itself passes after encoding pixels), with
-`input_ids` carrying the matching, smaller number of image tokens. The result is an ordinary
-input dict, so it stacks with `transprune.apply(...)`: TransPrune then prunes the VisionZip
-tokens and its trace's N is the VisionZip count.
+`input_ids` carrying the matching, smaller number of image tokens.
+
+Two ways to use it. Through a PruneConfig (method="visionzip" alone, or `visionzip_keep` on any
+in-LLM config; presets "visionzip-64|128|192" and stacks like "visionzip-128+high"): the pruner
+rewrites the inputs and its trace is in patch space, with VisionZip as a stage at layer 0:
+
+    with transprune.apply(model, "visionzip-128+high") as pruner:
+        model.generate(**pruner.prepare_inputs(inputs), max_new_tokens=32)
+
+Or by hand, with exact counts: `compress_inputs` returns an ordinary input dict, and a pruner
+applied afterwards prunes the VisionZip tokens (its trace's N is then the VisionZip count).
 
     new_inputs, kept = compress_inputs(model, inputs, dominant=54, contextual=10)
     with transprune.apply(model, "high"):
         model.generate(**new_inputs, max_new_tokens=32)
 
-Token order in the LLM: [CLS], dominant patches in patch order, then the contextual tokens.
-Paper settings for LLaVA-1.5: 192 = 162 + 30, 128 = 108 + 20, 64 = 54 + 10 (`PRESETS`).
+Stacked, the in-LLM keep ratios apply to the VisionZip tokens (visionzip-128+high keeps 128,
+then 112 / 80 / 16). Token order in the LLM: [CLS], dominant patches in patch order, then the
+contextual tokens. Paper settings for LLaVA-1.5: 192 = 162 + 30, 128 = 108 + 20, 64 = 54 + 10
+(`PRESETS`); a share `keep` of N patches gives T = round(keep * N) tokens, 5/32 of them contextual.
 Supported: LLaVA-1.5 (`LlavaForConditionalGeneration`) with one vision feature layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +55,7 @@ PRESETS: dict[str, tuple[int, int]] = {
     "visionzip-64": (54, 10),
 }
 SUPPORTED_MODELS = ("LlavaForConditionalGeneration",)
+CONTEXTUAL_SHARE = 10 / 64
 
 
 @dataclass
@@ -53,20 +65,35 @@ class VisionZipSelection:
     dominant: (I, k) sorted patch indices (0-based over the N patches, CLS excluded);
     targets: (I, C) patch indices of the contextual targets;
     group: (I, N) per patch, the contextual group it was merged into (0..C-1), -1 if dominant;
-    token_patch: (I, T) per output token, its patch index, -1 for CLS and contextual tokens.
+    token_patch: (I, T) per output token, its patch index, -1 for CLS and contextual tokens;
+    cls_attention: (I, 1+N) the CLS attention the dominant tokens were picked by (CLS first).
     """
     dominant: torch.Tensor
     targets: torch.Tensor
     group: torch.Tensor
     token_patch: torch.Tensor
     keep_cls: bool
+    cls_attention: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
         return self.token_patch.shape[1]
 
 
-def _check_model(model):
+def counts(keep: float, patches: int) -> tuple[int, int]:
+    """(dominant, contextual) for keeping the share `keep` of `patches`: T = round(keep * patches)
+    tokens, 5/32 of them contextual as in every released setting (54+10, 108+20, 162+30)."""
+    total = max(2, min(patches, math.floor(keep * patches + 0.5)))
+    contextual = math.floor(total * CONTEXTUAL_SHARE + 0.5)
+    return total - contextual, contextual
+
+
+def num_patches(model) -> int:
+    vision = model.config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2
+
+
+def check_model(model):
     name = type(model).__name__
     if name not in SUPPORTED_MODELS:
         raise UnsupportedModelError(
@@ -148,14 +175,14 @@ def select_tokens(features: torch.Tensor, cls_attention: torch.Tensor, keys: tor
     token_patch = torch.cat(cls_part + [dominant_idx, torch.full((images, contextual), -1, dtype=torch.long,
                                                                  device=device)], dim=1)
     return tokens, VisionZipSelection(dominant=dominant_idx, targets=targets, group=group,
-                                      token_patch=token_patch, keep_cls=keep_cls)
+                                      token_patch=token_patch, keep_cls=keep_cls, cls_attention=cls_attention)
 
 
 @torch.no_grad()
 def compress_features(model, pixel_values: torch.Tensor, dominant: int = 54, contextual: int = 10,
                       keep_cls: bool = True):
     """Run the vision tower and return (projected tokens (I, T, d_text), VisionZipSelection)."""
-    _check_model(model)
+    check_model(model)
     tower = model.model.vision_tower
     feature_layer = model.config.vision_feature_layer
     attn = _select_layer(tower, feature_layer).self_attn
@@ -176,29 +203,59 @@ def compress_features(model, pixel_values: torch.Tensor, dominant: int = 54, con
     return model.model.multi_modal_projector(tokens), selection
 
 
-def visual_layout(model, processor, image_size, selection: VisionZipSelection, image: int = 0):
-    """VisualLayout of the VisionZip tokens of one image, for overlays of a stacked trace.
+def patch_token_index(selection: VisionZipSelection, image: int) -> torch.Tensor:
+    """Per VisionZip token of one image, its index in that image's patch space: the dominant
+    token's patch, the contextual token's target patch (the group's representative), N for CLS."""
+    index = selection.token_patch[image].clone()
+    contextual = selection.targets.shape[1]
+    if contextual:
+        index[-contextual:] = selection.targets[image]
+    if selection.keep_cls:
+        index[0] = selection.group.shape[1]
+    return index
 
-    A trace taken after VisionZip indexes the T VisionZip tokens, not the N patches, so the
-    family's grid layout does not apply (T = 64 would even look like an 8x8 grid). Dominant
-    tokens get their patch's box; CLS and contextual tokens (averages over scattered patches)
-    get NaN boxes; segments are "dominant", "cls" and "contextual".
+
+def to_patch_space(trace, selection: VisionZipSelection, images: list[int], keep: float):
+    """A trace taken on VisionZip tokens, re-indexed into the patches of `images` (the images of
+    the trace's sample, in prompt order) with VisionZip itself as a first stage at layer 0.
+
+    Image k's patches are indices k*(N+1) .. k*(N+1)+N-1 and its CLS token k*(N+1)+N (N+1 -> N
+    without CLS), so overlays and metrics see the whole picture; the VisionZip stage keeps every
+    token that entered the LLM (its score is the CLS attention), later stages keep a subset of those.
     """
-    from ..adapters import for_model
-    from ..trace import VisualLayout
+    from ..trace import Stage
 
     patches = selection.group.shape[1]
-    base = for_model(model).visual_layout(model, processor, image_size, patches)
-    token_patch = selection.token_patch[image].cpu()
-    boxes = torch.full((len(token_patch), 4), float("nan"))
-    placed = token_patch >= 0
-    if base is not None:
-        boxes[placed] = base.boxes[token_patch[placed]].float()
-    segment = torch.where(placed, 0, 2)
-    if selection.keep_cls:
-        segment[0] = 1
-    return VisualLayout(boxes=boxes, segment=segment, segments=["dominant", "cls", "contextual"],
-                        image_size=tuple(image_size))
+    per_image = patches + int(selection.keep_cls)
+    index = torch.cat([patch_token_index(selection, i).cpu() + k * per_image for k, i in enumerate(images)])
+    if len(index) != trace.visual_tokens:
+        raise ValueError(f"The trace has {trace.visual_tokens} visual tokens but VisionZip produced {len(index)}.")
+    score = torch.cat([torch.cat([selection.cls_attention[i, 1:], selection.cls_attention[i, :1]])[:per_image]
+                       for i in images]).float().cpu()
+    stages = [Stage(layer=0, keep_ratio=keep, candidates=torch.arange(len(images) * per_image),
+                    kept=index.sort().values, score=score)]
+    for stage in trace.stages:
+        candidates = index[stage.candidates]
+        order = candidates.argsort()
+        reorder = lambda t: None if t is None else t[order]  # noqa: E731
+        stages.append(replace(stage, candidates=candidates[order], kept=index[stage.kept].sort().values,
+                              score=stage.score[order], ttv=reorder(stage.ttv), iga=reorder(stage.iga)))
+    return replace(trace, visual_tokens=len(images) * per_image, stages=stages,
+                   tokens_per_layer=list(trace.tokens_per_layer),
+                   visual_tokens_per_layer=list(trace.visual_tokens_per_layer))
+
+
+def patch_layout(layout, keep_cls: bool = True):
+    """The family's VisualLayout of one image's N patches, plus a place-less (NaN) CLS token at
+    index N, matching `to_patch_space`."""
+    from ..trace import VisualLayout
+
+    if not keep_cls:
+        return layout
+    nan = torch.full((1, 4), float("nan"), dtype=layout.boxes.dtype)
+    return VisualLayout(boxes=torch.cat([layout.boxes, nan]), segment=torch.cat([layout.segment, layout.segment[:1]]),
+                        segments=list(layout.segments), image_size=layout.image_size,
+                        frame=None if layout.frame is None else torch.cat([layout.frame, layout.frame[:1]]))
 
 
 def _image_runs(row: torch.Tensor, image_token: int) -> list[tuple[int, int]]:
@@ -221,12 +278,19 @@ def compress_inputs(model, inputs: dict, dominant: int = 54, contextual: int = 1
     Returns a new dict without `pixel_values`, with `mm_encoder_outputs` holding the projected
     VisionZip tokens and `input_ids` / `attention_mask` with T = dominant + contextual image tokens
     per image (rows re-padded on the left), a drop-in for `model(**...)` and `model.generate(**...)`.
-    `kept` is a list, one per image, of the sorted dominant patch indices; `compress_features`
-    gives the full VisionZipSelection (contextual groups) for overlays.
+    `kept` is a list, one per image, of the sorted dominant patch indices; `compress` also returns
+    the full VisionZipSelection (contextual groups, CLS attention) and each row's images.
     """
+    new_inputs, selection, _ = compress(model, inputs, dominant, contextual, keep_cls)
+    return new_inputs, list(selection.dominant)
+
+
+@torch.no_grad()
+def compress(model, inputs: dict, dominant: int = 54, contextual: int = 10, keep_cls: bool = True):
+    """`compress_inputs` returning (new inputs, VisionZipSelection, per row the list of its image numbers)."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    _check_model(model)
+    check_model(model)
     if inputs.get("pixel_values") is None:
         raise ValueError("VisionZip needs the image: pass the processor's inputs including pixel_values.")
     input_ids = inputs["input_ids"]
@@ -236,13 +300,15 @@ def compress_inputs(model, inputs: dict, dominant: int = 54, contextual: int = 1
     attention_mask = inputs.get("attention_mask")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    rows, masks, image = [], [], 0
+    rows, masks, row_images, image = [], [], [], 0
     for b in range(input_ids.shape[0]):
         row, mask = input_ids[b], attention_mask[b]
         pieces, mask_pieces, cursor = [], [], 0
+        row_images.append([])
         for start, end in _image_runs(row, image_token):
             pieces += [row[cursor:start], row.new_full((count,), image_token)]
             mask_pieces += [mask[cursor:start], mask.new_ones(count)]
+            row_images[-1].append(image)
             cursor, image = end, image + 1
         pieces.append(row[cursor:])
         mask_pieces.append(mask[cursor:])
@@ -263,4 +329,4 @@ def compress_inputs(model, inputs: dict, dominant: int = 54, contextual: int = 1
                                                                "image_sizes")}
     new_inputs.update(input_ids=new_ids, attention_mask=new_mask,
                       mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(tokens))})
-    return new_inputs, list(selection.dominant)
+    return new_inputs, selection, row_images
