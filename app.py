@@ -71,7 +71,8 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
         ins.model.change(load_model, inputs=[ins.model, ins.dtype, ins.attn], outputs=ins.model_info,
                          concurrency_id=GPU_QUEUE, concurrency_limit=1, api_visibility="private")
         ins.budget.change(inputs.on_budget, ins.budget, ins.keep_ratio, api_visibility="private", queue=False)
-        ins.method.change(inputs.on_method, ins.method, ins.alpha, api_visibility="private", queue=False)
+        ins.method.change(inputs.on_method, ins.method, [ins.alpha, ins.budget, ins.layers], api_visibility="private",
+                          queue=False)
         # .input, not .change: only a presenter's choice re-renders (a run sets these values itself).
         gal.heat_stage.input(overlay.on_heat_stage, [state, gal.heat_stage], gal.heatmaps, api_visibility="private")
         segment.input(overlay.on_segment, [state, segment], inspect, api_visibility="private")

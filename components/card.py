@@ -7,7 +7,7 @@ from PIL import Image, ImageDraw
 
 from . import drawing
 from .answers import DIFF_LABEL, diff_segments
-from .metrics import fmt_tflops, numbers, sequence_chart
+from .metrics import fmt_tflops, numbers, sequence_chart, stage_place
 from .overlay import Canvas, stage_view
 
 WIDTH, HEIGHT = 1920, 1080
@@ -66,7 +66,7 @@ def render(comparison, canvas: Canvas, method_label: str, budget_label: str) -> 
     base_text, pruned_text = comparison.baseline.text, comparison.pruned.text
     same = base_text.split() == pruned_text.split()
     headline = (("Same answer" if same else "Different answers") +
-                f" with {len(trace.kept)} of {trace.visual_tokens} visual tokens, {nums.flops_saved:.0%} fewer FLOPs")
+                f" with {len(trace.kept)} of {nums.visual_tokens} visual tokens, {nums.flops_saved:.0%} fewer FLOPs")
     size = 52
     while size > 30 and draw.textlength(headline, font=drawing.font(size, bold=True)) > WIDTH - 2 * MARGIN:
         size -= 2
@@ -85,7 +85,7 @@ def render(comparison, canvas: Canvas, method_label: str, budget_label: str) -> 
     view = view.resize((round(view.width * scale), round(view.height * scale)), Image.Resampling.LANCZOS)
     card.paste(view, (MARGIN + (box_w - view.width) // 2, top + (box_h - view.height) // 2))
     last = trace.stages[-1]
-    caption = (f"Kept after layer {last.layer}: {len(last.kept)} of {trace.visual_tokens} visual tokens "
+    caption = (f"Kept {stage_place(last.layer)}: {len(last.kept)} of {nums.visual_tokens} visual tokens "
                f"(outlined); dimmed patches were pruned.")
     for i, line in enumerate(drawing.wrap(draw, caption, small, box_w, max_lines=2)):
         draw.text((MARGIN, top + box_h + 16 + i * 28), line, fill=drawing.MUTED, font=small)
@@ -107,7 +107,7 @@ def render(comparison, canvas: Canvas, method_label: str, budget_label: str) -> 
                  drawing.PRUNED, _answer_words(right_segments), body_face, label_face, max_lines=2)
     y += panel_h + 24
 
-    stats = [(f"{trace.visual_tokens} → {len(last.kept)}", "visual tokens"),
+    stats = [(f"{nums.visual_tokens} → {len(last.kept)}", "visual tokens"),
              (f"{nums.prefill_ms[0]:.0f} → {nums.prefill_ms[1]:.0f} ms", "prefill (median)"),
              (f"{nums.speedup:.2f}×", f"measured (bound {nums.bound:.2f}×)")]
     col_w = (x1 - x0) / len(stats)

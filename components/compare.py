@@ -123,7 +123,7 @@ def render_outputs(comparison, picture: Image.Image | None, method_label: str, b
     labels = overlay.stage_labels(trace)
     card_path = downloads.write_card(comparison, canvas, method_label, budget)
     return (
-        answers.verdict(base_text, pruned_text, nums.speedup, len(trace.kept), trace.visual_tokens,
+        answers.verdict(base_text, pruned_text, nums.speedup, len(trace.kept), nums.visual_tokens,
                         nums.flops_saved),
         status_line(comparison, method_label, budget),
         left,

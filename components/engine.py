@@ -26,6 +26,7 @@ import torch
 from transprune import ConfigError, PruneConfig, PruningInputError
 from transprune.adapters import UnsupportedModelError, for_model
 from transprune.flops import model_shape
+from transprune.methods import visionzip
 from transprune.models import REGISTRY, LoadedModel, ModelLoadError, ModelSpec, default_device, load
 
 # The offline models tried, in order, when no model is named (the first that loads wins).
@@ -268,6 +269,12 @@ class Engine:
             resolved = config.resolve(len(adapter.decoder_layers(lm.model)), adapter.default_positions)
         except ConfigError as error:
             raise UserError(f"Impossible pruning schedule for {lm.spec.label}: {error}") from error
+        if config.visionzip_keep is not None:
+            try:
+                visionzip.check_model(lm.model)
+            except UnsupportedModelError:
+                raise UserError(f"VisionZip runs on LLaVA-1.5-family models only; {lm.spec.label} is a "
+                                f"{adapter.family} model. Pick another method or a LLaVA-1.5 model.") from None
         if resolved.positions not in adapter.allowed_positions:
             raise UserError(f"Position mode {resolved.positions!r} is not valid for {adapter.family} models; "
                             f"use one of {', '.join(adapter.allowed_positions)}.")

@@ -196,9 +196,7 @@ def build(engine: engine_module.Engine, default_model: str) -> Inputs:
                         allow_custom_value=engine.settings.allowed_models is None, elem_id="model")
     info = gr.Markdown(model_info(engine, default_model), elem_classes=["model-info"])
     method = gr.Radio(list(METHODS), value="TransPrune", label="Method", elem_id="method")
-    budget = gr.Radio(list(BUDGETS), value="High", label="Budget", elem_id="budget",
-                      info="High keeps 88% → 62% → 12% of the visual tokens over three stages, Low 50% → 25% → "
-                           "6%; Custom sets the final share.")
+    budget = gr.Radio(list(BUDGETS), value="High", label="Budget", elem_id="budget", info=budget_info("TransPrune"))
     keep_ratio = gr.Slider(0.02, 1.0, value=0.125, step=0.005, label="Custom keep ratio", visible=False,
                            info="Share of visual tokens left after the last stage.", elem_id="keep-ratio")
     with gr.Accordion("Advanced", open=False, elem_id="advanced"):
@@ -229,6 +227,17 @@ def on_budget(budget: str):
     return gr.update(visible=budget == "Custom")
 
 
+def budget_info(method: str) -> str:
+    if method == "VisionZip":
+        return ("Before the LLM: High keeps 1/3 of the patches (192 of 576 on LLaVA-1.5), Low 1/9 (64 of 576); "
+                "Custom sets the share. LLaVA-1.5 models only.")
+    if method in ("FastV", "PDrop"):
+        return f"High is {method}'s published schedule, Low halves its keep ratios; Custom sets the final share."
+    return ("High keeps 88% → 62% → 12% of the visual tokens over three stages, Low 50% → 25% → 6%; "
+            "Custom sets the final share.")
+
+
 def on_method(method: str):
-    """α only matters for TransPrune's combined score."""
-    return gr.update(interactive=method == "TransPrune")
+    """α only matters for TransPrune's combined score; VisionZip has no pruning layers."""
+    return (gr.update(interactive=method == "TransPrune"), gr.update(info=budget_info(method)),
+            gr.update(interactive=method != "VisionZip"))

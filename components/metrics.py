@@ -21,14 +21,19 @@ HEADERS = ["Metric", "Baseline", "Pruned", "Change"]
 SPEEDUP_ROW = "Prefill speedup (measured)"
 
 
+def stage_place(layer: int) -> str:
+    """Where a stage prunes: "after layer 7", or "before the LLM" for layer 0 (VisionZip)."""
+    return "before the LLM (VisionZip)" if layer == 0 else f"after layer {layer}"
+
+
 def kept_row_name(layer: int) -> str:
-    return f"Visual tokens after layer {layer}"
+    return f"Visual tokens {stage_place(layer)}"
 
 
 @dataclass
 class Numbers:
     """The headline figures, computed once for the table, the verdict and the card."""
-    visual_tokens: int
+    visual_tokens: int                   # in the baseline's prompt
     kept: list[tuple[int, int]]          # (layer, kept) per stage
     prefill_ms: tuple[float, float]
     speedup: float
@@ -52,7 +57,9 @@ def numbers(comparison) -> Numbers:
     hidden, intermediate, layers = comparison.shape
     prompt = int(comparison.baseline.inputs["input_ids"].shape[1])
     baseline_lengths = [prompt] * layers
-    n = trace.visual_tokens
+    # The baseline's visual tokens: its prompt minus the text tokens the pruned run also had (equal
+    # to trace.visual_tokens except after VisionZip, whose trace adds the CLS token).
+    n = prompt - (trace.tokens_per_layer[0] - trace.visual_tokens_per_layer[0])
     base_ms, pruned_ms = comparison.prefill_ms("baseline"), comparison.prefill_ms("pruned")
     return Numbers(
         visual_tokens=n, kept=[(s.layer, len(s.kept)) for s in trace.stages],

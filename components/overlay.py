@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from . import drawing
 from .drawing import INK, KEPT, PICK
+from .metrics import stage_place
 
 DISPLAY_MAX = 768          # longer side of every overlay image, in pixels
 PRUNED_HERE_DIM = 0.55     # blend towards ink for tokens dropped at the stage shown
@@ -175,7 +176,8 @@ def heatmap(canvas: Canvas, stage_index: int, kind: str, segment: str | None = N
 
 
 def _stage_name(trace, stage_index: int) -> str:
-    return f"Stage {stage_index + 1} · layer {trace.stages[stage_index].layer}"
+    layer = trace.stages[stage_index].layer
+    return f"Stage {stage_index + 1} · " + ("VisionZip" if layer == 0 else f"layer {layer}")
 
 
 def stage_gallery(canvas: Canvas) -> list[tuple[Image.Image, str]]:
@@ -187,12 +189,15 @@ def stage_gallery(canvas: Canvas) -> list[tuple[Image.Image, str]]:
             tokens = canvas.tokens(segment)
             kept = np.intersect1d(stage.kept.numpy(), tokens).size
             where = f" ({segment})" if len(canvas.segments) > 1 else ""
-            caption = f"After layer {stage.layer}{where}: {kept} of {len(tokens)} patches kept"
+            place = stage_place(stage.layer)
+            caption = f"{place[0].upper()}{place[1:]}{where}: {kept} of {len(tokens)} patches kept"
             items.append((stage_view(canvas, index, segment), caption))
     return items
 
 
-def _score_title(trace) -> str:
+def _score_title(trace, layer: int) -> str:
+    if layer == 0:
+        return "CLS attention (VisionZip)"
     criterion = trace.config.get("criterion", "transprune") if trace.config else "transprune"
     if trace.method != "transprune":
         return f"Score ({trace.method})"
@@ -202,14 +207,14 @@ def _score_title(trace) -> str:
 def heatmap_gallery(canvas: Canvas, stage_index: int) -> list[tuple[Image.Image, str]]:
     items = []
     for kind, title in SCORE_KINDS:
-        title = _score_title(canvas.trace) if kind == "score" else title
+        layer = canvas.trace.stages[stage_index].layer
+        title = _score_title(canvas.trace, layer) if kind == "score" else title
         for segment in canvas.segments:
             image = heatmap(canvas, stage_index, kind, segment)
             if image is None:
                 continue
             where = f" ({segment})" if len(canvas.segments) > 1 else ""
-            layer = canvas.trace.stages[stage_index].layer
-            items.append((image, f"{title} at layer {layer}{where}"))
+            items.append((image, f"{title} {stage_place(layer)}{where}"))
     return items
 
 
@@ -238,7 +243,7 @@ def patch_table(trace, token: int):
     for stage in trace.stages:
         candidates = stage.candidates.tolist()
         if token not in candidates:
-            columns[f"Layer {stage.layer}"] = ["already pruned", "", "", "", ""]
+            columns[_column(stage.layer)] = ["already pruned", "", "", "", ""]
             continue
         at = candidates.index(token)
         fate = "kept" if token in set(stage.kept.tolist()) else "pruned here"
@@ -246,12 +251,16 @@ def patch_table(trace, token: int):
 
         def value(t):
             return "–" if t is None else f"{float(t[at]):.3g}"
-        columns[f"Layer {stage.layer}"] = [fate, value(stage.ttv), value(stage.iga), value(stage.score),
+        columns[_column(stage.layer)] = [fate, value(stage.ttv), value(stage.iga), value(stage.score),
                                            f"{rank}/{len(candidates)}"]
     return pd.DataFrame({"": PATCH_ROWS, **columns})
 
 
 PATCH_ROWS = ["Fate", "TTV", "IGA", "Score", "Rank"]
+
+
+def _column(layer: int) -> str:
+    return "VisionZip" if layer == 0 else f"Layer {layer}"
 
 
 def inspect_view(canvas: Canvas, segment: str, token: int | None = None) -> Image.Image:

@@ -10,6 +10,9 @@ Budget rules, shown in the UI and the README:
   removed in total as the High preset does: r_i = 1 - (1 - r) * f_i with f = (1/7, 3/7, 1), so
   r = 0.125 is exactly High. A peer's preset ratios are scaled so the last one is r (capped at
   1): FastV keeps r in its one stage, PDrop (4r, 2r, r).
+- VisionZip prunes before the language model: "High" keeps 192 of 576 patches' share (1/3),
+  "Low" 64/576 (1/9), the released LLaVA-1.5 settings; "Custom" keeps the share r. It has no
+  pruning layers and runs on LLaVA-1.5-family models only.
 - "Pruning layers" in the Advanced panel overrides the layers with the model's own 1-indexed
   layer numbers; the keep ratios then come from the budget if the stage count matches, else
   r_i = r_final ** (i / n) for n stages (geometric, e.g. .5/.25/.125 for three stages).
@@ -34,7 +37,9 @@ METHODS: dict[str, tuple[str, str]] = {
 }
 METHODS.update({PEER_LABELS.get(name, name.title()): (name, "transprune") for name in LIBRARY_METHODS
                 if name not in TRANSPRUNE_SCHEDULE and name in PRESETS})
+METHODS["VisionZip"] = ("visionzip", "transprune")
 METHODS["Random"] = ("random", "transprune")
+VISIONZIP_BUDGETS = {"High": PRESETS["visionzip-192"]["visionzip_keep"], "Low": PRESETS["visionzip-64"]["visionzip_keep"]}
 BUDGETS = ("High", "Low", "Custom")
 POSITION_CHOICES = ("Model default", "compact", "original")
 HIGH_FINAL = PRESETS["high"]["keep_ratios"][-1]
@@ -77,6 +82,18 @@ def build_config(method_label: str = "TransPrune", budget: str = "High", keep_ra
     if budget not in BUDGETS:
         raise ConfigError(f"Unknown budget {budget!r}. Choose one of: {', '.join(BUDGETS)}.")
     method, criterion = METHODS[method_label]
+    if positions not in POSITION_CHOICES:
+        raise ConfigError(f"Unknown position mode {positions!r}. Choose one of: {', '.join(POSITION_CHOICES)}.")
+    if method == "visionzip":
+        if parse_layers(layers_text) is not None:
+            raise ConfigError("VisionZip prunes before the language model and has no pruning layers: clear "
+                              "\"Pruning layers\" in Advanced, or pick an in-LLM method.")
+        keep = VISIONZIP_BUDGETS.get(budget)
+        if budget == "Custom":
+            keep = float(keep_ratio)
+            if not 0.0 < keep <= 1.0:
+                raise ConfigError(f"Keep ratio {keep} must lie in (0, 1]: it is the share of patches kept.")
+        return PruneConfig(method="visionzip", visionzip_keep=keep, seed=int(seed))
     base = dict(PRESETS["high" if method == "transprune" else method])
     if budget == "Low":
         ratios = (PRESETS["low"]["keep_ratios"] if method in TRANSPRUNE_SCHEDULE
@@ -93,8 +110,6 @@ def build_config(method_label: str = "TransPrune", budget: str = "High", keep_ra
             ratios = geometric_ratios(ratios[-1], len(layers))
         values.update(prune_layers=layers, keep_ratios=ratios, reference_depth=None,
                       accumulation_layers=None if method == "transprune" else ())
-    if positions not in POSITION_CHOICES:
-        raise ConfigError(f"Unknown position mode {positions!r}. Choose one of: {', '.join(POSITION_CHOICES)}.")
     values["positions"] = None if positions == "Model default" else positions
     return PruneConfig(**values)
 
@@ -102,6 +117,11 @@ def build_config(method_label: str = "TransPrune", budget: str = "High", keep_ra
 def describe(config: PruneConfig, num_layers: int) -> str:
     """One line naming the resolved schedule, e.g. 'layers 4, 5, 6 keep 87.5% / 62.5% / 12.5%'."""
     resolved = config.resolve(num_layers)
-    layers = ", ".join(str(l) for l in resolved.prune_layers)
-    ratios = " / ".join(f"{r:.1%}".replace(".0%", "%") for r in resolved.keep_ratios)
-    return f"layers {layers} keep {ratios}"
+    parts = []
+    if resolved.visionzip_keep is not None:
+        parts.append(f"VisionZip keeps {resolved.visionzip_keep:.1%} of the patches before the LLM".replace(".0%", "%"))
+    if resolved.prune_layers:
+        layers = ", ".join(str(l) for l in resolved.prune_layers)
+        ratios = " / ".join(f"{r:.1%}".replace(".0%", "%") for r in resolved.keep_ratios)
+        parts.append(f"layers {layers} keep {ratios}")
+    return ", then ".join(parts)

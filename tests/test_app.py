@@ -114,6 +114,16 @@ def test_custom_keep_ratio_rule():
         build("TransPrune", "Custom", keep_ratio=0.0)
 
 
+def test_visionzip_budgets():
+    assert build("VisionZip", "High") == PruneConfig.preset("visionzip-192", reference_depth=None)
+    assert build("VisionZip", "Low").visionzip_keep == PruneConfig.preset("visionzip-64").visionzip_keep
+    assert build("VisionZip", "Custom", keep_ratio=0.25).visionzip_keep == 0.25
+    with pytest.raises(Exception, match="no pruning layers"):
+        build("VisionZip", "High", layers_text="3, 4")
+    assert schedule.describe(build("VisionZip", "Low"), 16) == "VisionZip keeps 11.1% of the patches before the LLM"
+    assert inputs.on_method("VisionZip")[2]["interactive"] is False
+
+
 def test_custom_layers_use_the_models_numbers():
     config = build("TransPrune", "High", layers_text="3, 8")
     assert config.prune_layers == (3, 8) and config.reference_depth is None
@@ -260,6 +270,47 @@ def test_compare_handler_outputs(handlers, example_image):
         assert image.size[0] / image.size[1] == pytest.approx(example_image.width / example_image.height, rel=0.01)
     card_image = Image.open(out[14]["value"])
     assert card_image.size == (card.WIDTH, card.HEIGHT)
+
+
+def test_compare_handler_with_visionzip(handlers, example_image):
+    """VisionZip runs before the LLM: its stage (layer 0) shows in the table, the overlays, the
+    patch inspector and the card, and the token counts are the baseline's 144 patches."""
+    compare, _ = handlers
+    out = compare(example_image, "What color is the circle?", method="VisionZip", budget="Low",
+                  progress=noop_progress, **FAST)
+    record = _trace_json(out)
+    stages = record["trace"]["stages"]
+    assert [(s["layer"], len(s["kept"])) for s in stages] == [(0, 16)]
+    assert record["resolved_config"]["visionzip_keep"] == pytest.approx(1 / 9)
+    rows = {r[0]: r[1:] for r in out[4].values.tolist()}
+    assert rows["Visual tokens in"][:2] == ["144", "144"]
+    assert rows[metrics.kept_row_name(0)][:2] == ["144", "16"]
+    (image, caption), = out[6]
+    assert caption.startswith("Before the LLM (VisionZip):")
+    assert image.size[0] / image.size[1] == pytest.approx(example_image.width / example_image.height, rel=0.01)
+    assert Image.open(out[14]["value"]).size == (card.WIDTH, card.HEIGHT)
+
+
+def test_visionzip_on_another_family_is_a_clear_message(example_image):
+    with pytest.raises(UserError, match="VisionZip runs on LLaVA-1.5-family models only"):
+        Engine().compare("tiny-llava-next", example_image, "What shape is yellow?",
+                         build("VisionZip", "High"), **FAST)
+
+
+def test_stacked_visionzip_overlays_and_patch_table(eng, example_image):
+    comparison = eng.compare(MODEL, example_image, "What color is the circle?",
+                             PruneConfig.preset("visionzip-128+high"), **FAST)
+    trace = comparison.pruned.trace
+    assert [(s.layer, len(s.kept)) for s in trace.stages] == [(0, 32), (4, 28), (5, 20), (6, 4)]
+    canvas = overlay.Canvas.from_trace(example_image, trace)
+    assert [c.split(":")[0] for _, c in overlay.stage_gallery(canvas)] == [
+        "Before the LLM (VisionZip)", "After layer 4", "After layer 5", "After layer 6"]
+    titles = [c for _, c in overlay.heatmap_gallery(canvas, 0)]
+    assert titles == ["CLS attention (VisionZip) before the LLM (VisionZip)"]
+    survivor = int(trace.kept[trace.kept < 144][0])
+    table = overlay.patch_table(trace, survivor)
+    assert list(table.columns) == ["", "VisionZip", "Layer 4", "Layer 5", "Layer 6"]
+    assert list(table.iloc[0, 1:]) == ["kept"] * 4
 
 
 def test_model_loader_describes_or_warns(handlers):

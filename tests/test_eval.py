@@ -76,15 +76,16 @@ def test_eval_cli_end_to_end(tmp_path, monkeypatch, capsys):
     shapes_model.save(shapes_model.build_model(tokenizer, seed=1).eval(), tokenizer, tmp_path / "model", {})
     monkeypatch.setenv("TRANSPRUNE_SHAPES_DIR", str(tmp_path / "model"))
     out = tmp_path / "eval.json"
-    shapes_eval.main(["--suite", "shapes", "--seed", "0", "--n", "5", "--methods", "baseline,high,random-low",
+    shapes_eval.main(["--suite", "shapes", "--seed", "0", "--n", "5", "--methods", "baseline,high,random-low,visionzip-64",
                       "--json", str(out)])
     results = json.loads(out.read_text())
-    assert set(results) == {"baseline", "high", "random-low"}
+    assert set(results) == {"baseline", "high", "random-low", "visionzip-64"}
     for record in results.values():
         assert 0.0 <= record["accuracy"] <= 1.0 and record["tflops"] > 0
         assert set(record["per_type"]) <= set(scenes.QUESTION_TYPES)
     assert results["high"]["tflops"] < results["baseline"]["tflops"]
     assert results["random-low"]["tflops"] < results["high"]["tflops"]
+    assert results["visionzip-64"]["tflops"] < results["random-low"]["tflops"]
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["results"]["baseline"]["accuracy"] == results["baseline"]["accuracy"]

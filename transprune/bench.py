@@ -13,8 +13,8 @@ What it does, per method, on one fixed input:
 - prefill = one full forward of the prompt with `use_cache=True, logits_to_keep=1` (what generate
   does first), with the pruner attached outside the timed region; methods run alternately (the
   order rotates every repeat) after one warm-up of each; the median of `--repeats` is reported;
-- decode tokens/s from greedy generates of `--new-tokens` tokens (first to last token), median
-  of `--decode-repeats`, methods again alternating;
+- decode tokens/s from greedy generates of `--new-tokens` tokens: 1 / the median time between
+  consecutive new tokens, median of `--decode-repeats`, methods again alternating;
 - peak memory of a prefill + generate: CUDA `max_memory_allocated` after
   `reset_peak_memory_stats`; CPU the process's peak RSS (VmHWM, reset through
   /proc/self/clear_refs before each method, so it includes the weights);
@@ -329,10 +329,11 @@ def decode_tokens_per_s(model, attached: _Attached, new_tokens: int, device) -> 
     clock = _TokenClock(device)
     model.generate(**attached.prepare(), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                    streamer=clock)
-    steps = len(clock.stamps) - 1
-    if steps < 1:
+    gaps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+    if not gaps:
         return None
-    return steps / (clock.stamps[-1] - clock.stamps[0])
+    # The median step, not the mean: one step stalled by another process would otherwise decide it.
+    return 1.0 / statistics.median(gaps)
 
 
 class _ScoringClock:
@@ -621,7 +622,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write {method: figures} here")
     p.add_argument("--plot", default=None, help="speedup plot (default: the --json path with .png)")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--decode-repeats", type=int, default=2, help="generate runs per method for decode tokens/s")
+    p.add_argument("--decode-repeats", type=int, default=3, help="generate runs per method for decode tokens/s")
     p.add_argument("--scoring-repeats", type=int, default=3, help="CUDA only: instrumented runs for the scoring share")
     p.add_argument("--new-tokens", type=int, default=16, help="tokens generated for decode tokens/s (<2: skip)")
     p.add_argument("--text-before", type=int, default=35, help="text tokens before the image (system prompt)")

@@ -49,6 +49,12 @@ def method_table() -> dict:
         "random-low": ("random", "low", _with_seed("random", keep_ratios=low)),
         "fastv": ("FastV", "fastv", _fixed(PruneConfig.preset("fastv"))),
         "pdrop": ("PDrop", "pdrop", _fixed(PruneConfig.preset("pdrop"))),
+        # VisionZip before the LLM at the released shares of LLaVA-1.5's 576 patches (192 and 64),
+        # alone and stacked with TransPrune High.
+        "visionzip-192": ("VisionZip", "192/576", _fixed(PruneConfig.preset("visionzip-192"))),
+        "visionzip-64": ("VisionZip", "64/576", _fixed(PruneConfig.preset("visionzip-64"))),
+        "visionzip-192+high": ("VisionZip + TransPrune", "192/576 + high",
+                               _fixed(PruneConfig.preset("visionzip-192+high"))),
         # The released code renumbers positions after pruning ("compact", LLaVA's default); these
         # keep the original RoPE positions, which matters for "where" questions.
         "high-original": ("TransPrune, original positions", "high",
