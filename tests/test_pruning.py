@@ -181,6 +181,35 @@ def test_context_manager_removes_hooks_on_error(family):
     assert _hook_counts(model) == hooks
 
 
+def test_layer_after_a_stage_takes_the_side_pass_keys(family):
+    """The IGA side pass projects layer p+1's keys for every token; layer p+1 then uses the
+    survivors' rows instead of projecting them again (results unchanged: the reference tests)."""
+    model, inputs = _single(family)
+    layers = transprune.adapters.for_model(model).decoder_layers(model)
+    k_proj = layers[4].self_attn.k_proj      # layer 5, right after the first High stage (layer 4 of 16)
+    projected = []
+    project = k_proj.forward
+
+    def counting(hidden, *args, **kwargs):
+        projected.append(hidden.shape[1])
+        return project(hidden, *args, **kwargs)
+    k_proj.forward = counting                # stands in for another library's instance-level forward
+    try:
+        with torch.no_grad():
+            with transprune.apply(model, "high") as pruner:
+                model(**inputs)
+            full, survivors = pruner.trace.tokens_per_layer[3], pruner.trace.tokens_per_layer[4]
+            assert survivors < full
+            assert projected == [full]           # the side pass; layer 5 itself projected nothing
+            projected.clear()
+            with transprune.apply(model, "random"):   # same schedule, no side pass
+                model(**inputs)
+            assert projected == [survivors]
+        assert k_proj.forward is counting    # the pruner put back what was there
+    finally:
+        del k_proj.forward
+
+
 @pytest.mark.parametrize("criterion", ["ttv", "iga"])
 def test_single_criterion_ranks_by_that_score(criterion):
     model, inputs = _single("llava")

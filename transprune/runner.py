@@ -61,6 +61,7 @@ class _PrefillState:
     stage_views: list[tuple[int, _View]] = field(default_factory=list)
     layer_kwargs: dict | None = None         # what the latest layer received (after our changes)
     layer_inputs: dict = field(default_factory=dict)
+    key_projections: dict = field(default_factory=dict)   # layer number -> its k_proj output, to reuse
     traces: list[PruneTrace] = field(default_factory=list)
     prefill_length: int = 0
     decoding: bool = False
@@ -147,6 +148,13 @@ class Pruner:
                 hook(layer.mlp.register_forward_hook(functools.partial(self._after_mlp, number)))
             if number in self.prune_layers:
                 hook(layer.register_forward_hook(functools.partial(self._after_prune_layer, number)))
+            # Side passes project keys that a layer computes anyway: the layer after a stage takes
+            # the survivors' keys from the side pass instead of projecting them again, and a layer
+            # whose input a method reads (FastV, PDrop) lends its own keys to the side pass.
+            if number - 1 in self.prune_layers:
+                hook(_KeyReuse(layer.self_attn.k_proj, functools.partial(self._take_keys, number)))
+            if number in self.input_layers:
+                hook(layer.self_attn.k_proj.register_forward_hook(functools.partial(self._lend_keys, number)))
 
     def remove(self):
         """Detach every hook and drop all state; safe to call twice."""
@@ -265,6 +273,22 @@ class Pruner:
             trace.visual_tokens_per_layer.append(len(state.alive[b]))
         return args, kwargs
 
+    def _take_keys(self, number, hidden) -> torch.Tensor | None:
+        """The k_proj output of layer `number` on `hidden` if a side pass already computed it."""
+        state = self._state
+        if state is None or state.decoding:
+            return None
+        keys = state.key_projections.pop(number, None)
+        if keys is None or keys.shape[:-1] != hidden.shape[:-1]:
+            return None
+        return keys
+
+    def _lend_keys(self, number, module, args, output):
+        state = self._state
+        if state is not None and not state.decoding:
+            state.key_projections[number] = output
+        return None
+
     def _view_for_layer(self, number) -> _View | None:
         view = None
         for layer, stage_view in self._state.stage_views:
@@ -323,9 +347,13 @@ class Pruner:
                 ttv=None if scores.ttv is None else scores.ttv.detach().cpu(),
                 iga=None if scores.iga is None else scores.iga.detach().cpu()))
         state.layer_inputs.pop(number, None)
+        state.key_projections.pop(number, None)
         new_view, gather = self._next_view()
         state.view = new_view
         state.stage_views.append((number, new_view))
+        if scorer.next_key_proj is not None:
+            keys = scorer.next_key_proj
+            state.key_projections[number + 1] = keys.gather(1, gather[:, :, None].expand(-1, -1, keys.shape[-1]))
         if number == self.prune_layers[-1]:
             self._traces = state.traces
         pruned = hidden.gather(1, gather[:, :, None].expand(-1, -1, hidden.shape[-1]))
@@ -492,6 +520,36 @@ class Pruner:
         return result
 
 
+class _KeyReuse:
+    """Lets a k_proj return keys computed earlier instead of projecting again (None: project).
+
+    Sets an instance-level `forward` on the module (a forward hook runs only after the projection
+    it would replace); `remove()` puts back exactly what was there before, including another
+    library's own instance-level forward (e.g. accelerate's offloading hooks).
+    """
+
+    def __init__(self, module: nn.Module, take):
+        self.module = module
+        self._had_own = "forward" in module.__dict__
+        self._previous = module.__dict__.get("forward")
+        project = module.forward
+
+        def forward(hidden, *args, **kwargs):
+            keys = take(hidden)
+            return project(hidden, *args, **kwargs) if keys is None else keys
+
+        module.forward = forward
+
+    def remove(self):
+        if self.module is None:
+            return
+        if self._had_own:
+            self.module.forward = self._previous
+        else:
+            del self.module.forward
+        self.module = None
+
+
 class _SidePasses:
     """Lazy q/k projections for the scores of one pruning stage, shared by the batch's samples."""
 
@@ -501,6 +559,7 @@ class _SidePasses:
         self.next_scaling = pruner.adapter.attention_scaling(layers[number])
         self.this_scaling = pruner.adapter.attention_scaling(layers[number - 1])
         self._next = self._this = None
+        self.next_key_proj = None      # layer number+1's k_proj output on `hidden`, once projected
 
     def _query_slots(self) -> torch.Tensor:
         """(B, m): every slot a score reads a query from (instruction tokens and the last token)."""
@@ -518,8 +577,8 @@ class _SidePasses:
         if self._next is None:
             state = self.pruner._state
             position_embeddings = state.layer_kwargs["position_embeddings"]
-            self._next = self.pruner.adapter.project_qk(self.pruner.layers[self.number], self.hidden,
-                                                        position_embeddings, self._query_slots())
+            *self._next, self.next_key_proj = self.pruner.adapter.side_projection(
+                self.pruner.layers[self.number], self.hidden, position_embeddings, self._query_slots())
         return self._next[0][sample], self._next[1][sample]
 
     @torch.no_grad()
@@ -527,9 +586,9 @@ class _SidePasses:
         if self._this is None:
             state = self.pruner._state
             layer_input = state.layer_inputs[self.number]
-            self._this = self.pruner.adapter.project_qk(self.pruner.layers[self.number - 1], layer_input,
-                                                        state.layer_kwargs["position_embeddings"],
-                                                        self._query_slots())
+            *self._this, _ = self.pruner.adapter.side_projection(
+                self.pruner.layers[self.number - 1], layer_input, state.layer_kwargs["position_embeddings"],
+                self._query_slots(), key_proj=state.key_projections.get(self.number))
         return self._this[0][sample], self._this[1][sample]
 
 

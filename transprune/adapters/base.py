@@ -63,10 +63,20 @@ class Adapter:
         With `query_slots` (B, m) only those queries are computed (the scores read no others);
         the other query rows are left at zero. That halves the projection work of a side pass.
         """
+        query, key, _ = self.side_projection(layer, hidden, position_embeddings, query_slots)
+        return query, key
+
+    def side_projection(self, layer: nn.Module, hidden: torch.Tensor, position_embeddings,
+                        query_slots: torch.Tensor | None = None, key_proj: torch.Tensor | None = None):
+        """`project_qk`, plus the raw `k_proj` output (B, n, Hkv*hd) it used. Pass `key_proj` when
+        that output is already known (the layer computed it in its own forward) to skip the
+        projection; the runner also hands it to the next layer so survivors are not projected twice."""
         attn = layer.self_attn
         normed = layer.input_layernorm(hidden)
         cos, sin = position_embeddings
-        key = attn.k_proj(normed).view(*normed.shape[:-1], -1, attn.head_dim)
+        if key_proj is None:
+            key_proj = attn.k_proj(normed)
+        key = key_proj.view(*normed.shape[:-1], -1, attn.head_dim)
         if query_slots is None:
             query = attn.q_proj(normed).view(*normed.shape[:-1], -1, attn.head_dim)
         else:
@@ -76,15 +86,15 @@ class Adapter:
             query, key = attn.q_norm(query), attn.k_norm(key)
         query, key = query.transpose(1, 2), key.transpose(1, 2)
         if query_slots is None:
-            return self.apply_rotary(attn, query, key, cos, sin)
-        _, key = self.apply_rotary(attn, key, key, cos, sin)
+            return (*self.apply_rotary(attn, query, key, cos, sin), key_proj)
+        _, key = self.apply_rotary(attn, key[:, :0], key, cos, sin)
         index = query_slots[:, :, None].expand(-1, -1, cos.shape[-1])
         picked_cos = cos.expand(hidden.shape[0], -1, -1).gather(1, index)
         picked_sin = sin.expand(hidden.shape[0], -1, -1).gather(1, index)
         query, _ = self.apply_rotary(attn, query, query, picked_cos, picked_sin)
         full = query.new_zeros(query.shape[0], query.shape[1], hidden.shape[1], query.shape[-1])
         full.scatter_(2, query_slots[:, None, :, None].expand(-1, query.shape[1], -1, query.shape[-1]), query)
-        return full, key
+        return full, key, key_proj
 
     def attention_scaling(self, layer: nn.Module) -> float:
         return float(layer.self_attn.scaling)
