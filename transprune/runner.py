@@ -1,6 +1,7 @@
 """The generic runner: prunes visual tokens inside any supported model's text decoder with hooks.
 
-Nothing of the model is replaced. `Pruner` attaches forward hooks and pre-hooks:
+Nothing of the model is replaced except, per instance and until `remove()`, the `forward` of the
+`k_proj` right after each stage (see `_KeyReuse`). `Pruner` attaches forward hooks and pre-hooks:
 
 - on the outer model: read `input_ids` to find the visual tokens and the instruction of each
   sample (the language model itself only sees `inputs_embeds`), and tell prefill from decode;
