@@ -102,7 +102,7 @@ def test_browser_run_and_screenshot(url):
             last.click()
             layer = last.inner_text().split("layer")[-1].strip()
             page.wait_for_function(
-                f"() => document.querySelector('#heatmap-gallery').innerText.includes('at layer {layer}')",
+                f"() => document.querySelector('#heatmap-gallery').innerText.includes('after layer {layer}')",
                 timeout=30_000)
 
             page.evaluate("window.scrollTo(0, document.body.scrollHeight)")   # let lazy images load
