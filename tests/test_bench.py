@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from transprune import bench, flops
+from transprune import PruneConfig, bench, flops
 
 PAPER = {"baseline": 3.82, "fastv": 2.01, "pdrop": 1.78, "high": 1.56, "low": 1.19}
 
@@ -50,8 +50,9 @@ def test_parse_method():
     assert bench.parse_method("baseline").config is None
     assert bench.parse_method("high").config.keep_ratios == (0.875, 0.625, 0.125)
     stacked = bench.parse_method("visionzip-128+high")
-    assert stacked.visionzip == (108, 20) and stacked.config.method == "transprune"
-    assert bench.parse_method("visionzip").visionzip == (54, 10)
+    assert stacked.visionzip and stacked.config.method == "transprune"
+    assert stacked.config.visionzip_keep == 128 / 576
+    assert bench.parse_method("visionzip").config == PruneConfig.preset("visionzip-64")
     with pytest.raises(SystemExit, match="Unknown method"):
         bench.parse_method("fastest")
 
@@ -93,7 +94,9 @@ def test_bench_end_to_end_on_tiny_model(tmp_path, capsys):
     assert data["high"]["overhead_vs_random"] is not None and data["fastv"]["overhead_vs_random"] is None
     # The measured token counts are the analytic schedule's.
     assert data["high"]["visual_tokens_per_layer"] == bench.visual_schedule(bench.parse_method("high"), 144, 16)
-    assert data["visionzip-64+high"]["visual_tokens_per_layer"][0] == 64
+    # VisionZip presets are shares of the patches: 64/576 of the tiny model's 144 is 16 (13 + 3).
+    assert data["visionzip-64+high"]["visual_tokens_per_layer"][0] == 16
+    assert data["visionzip-64+high"]["visionzip"] == [13, 3]
     assert results["pdrop"]["final_visual_tokens"] == 18
     assert "| method |" in out and "| visionzip-64+high |" in out
     assert set(last_json_line(out)["results"]) == set(methods.split(","))

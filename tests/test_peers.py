@@ -317,6 +317,12 @@ def test_visionzip_batch_with_padding(tiny):
         model.generate(**new_inputs, max_new_tokens=2, do_sample=False)
 
 
+def test_visionzip_presets_give_the_released_tflops():
+    shape = flops.ARCHITECTURES["llava-1.5-7b"]
+    assert [round(flops.config_tflops(PruneConfig.preset(name), shape), 2) for name in
+            ("visionzip-192", "visionzip-128", "visionzip-64", "visionzip-128+high")] == [1.25, 0.83, 0.42, 0.34]
+
+
 def test_visionzip_counts_reproduce_the_released_settings():
     assert [visionzip.counts(PruneConfig.preset(name).visionzip_keep, 576) for name in
             ("visionzip-192", "visionzip-128", "visionzip-64")] == [(162, 30), (108, 20), (54, 10)]

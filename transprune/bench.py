@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 
 from . import flops
-from .config import PRESETS, PruneConfig
+from .config import ConfigError, PruneConfig
 from .methods import visionzip
 from .runner import apply
 
@@ -68,33 +68,28 @@ LLAVA_IMAGE_TOKEN = 32000
 # ---------------------------------------------------------------------------------------- methods
 @dataclass(frozen=True)
 class MethodSpec:
-    """One benchmark entry: an optional VisionZip (dominant, contextual) then an optional PruneConfig."""
+    """One benchmark entry: a name and its PruneConfig (None = the unpruned baseline)."""
     name: str
     config: PruneConfig | None = None
-    visionzip: tuple[int, int] | None = None
 
     @property
     def pruned(self) -> bool:
-        return self.config is not None or self.visionzip is not None
+        return self.config is not None
+
+    @property
+    def visionzip(self) -> bool:
+        return self.config is not None and self.config.visionzip_keep is not None
 
 
 def parse_method(name: str) -> MethodSpec:
+    """"baseline", a preset name ("high", "visionzip-64", ...) or a stack ("visionzip-128+high")."""
     key = name.strip().lower()
-    config, zip_counts = None, None
-    for part in key.split("+"):
-        if part == "baseline":
-            continue
-        if part == "visionzip":
-            part = "visionzip-64"
-        if part in visionzip.PRESETS:
-            zip_counts = visionzip.PRESETS[part]
-        elif part in PRESETS and config is None:
-            config = PruneConfig.preset(part)
-        else:
-            choices = ["baseline", *PRESETS, "visionzip", *visionzip.PRESETS]
-            raise SystemExit(f"Unknown method {name!r}. Choose from {', '.join(choices)}, "
-                             "or stack VisionZip with a preset, e.g. visionzip-128+high.")
-    return MethodSpec(name=key, config=config, visionzip=zip_counts)
+    if key == "baseline":
+        return MethodSpec(name=key)
+    try:
+        return MethodSpec(name=key, config=PruneConfig.preset("visionzip-64" if key == "visionzip" else key))
+    except ConfigError as error:
+        raise SystemExit(f"Unknown method {name!r}: {error} Or use baseline.") from None
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -219,8 +214,7 @@ def build(arch: str, width_scale: float = 1.0, layers: int | None = None, checkp
 # ---------------------------------------------------------------------------------------- analytic
 def visual_schedule(spec: MethodSpec, visual_tokens: int, layers: int) -> list[int]:
     """Visual tokens each layer sees under `spec` (VisionZip first changes N)."""
-    n = visual_tokens if spec.visionzip is None else min(visual_tokens, sum(spec.visionzip))
-    return flops.schedule_tokens(spec.config, n, layers)
+    return flops.schedule_tokens(spec.config, visual_tokens, layers)
 
 
 def analytic(spec: MethodSpec, arch_shape: flops.Shape, bench: BenchModel, baseline_full: float | None) -> dict:
@@ -282,7 +276,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class _Attached:
-    """Context: VisionZip-rewritten inputs and the pruner of one MethodSpec (set up outside timing)."""
+    """Context: the pruner of one MethodSpec (attached outside timing) and its inputs (VisionZip
+    rewrites them, inside the timed prefill, as it would in use)."""
 
     def __init__(self, model, spec: MethodSpec, inputs: dict):
         self.model, self.spec, self.inputs = model, spec, inputs
@@ -294,10 +289,7 @@ class _Attached:
         return self
 
     def prepare(self) -> dict:
-        if self.spec.visionzip is None:
-            return self.inputs
-        new_inputs, _ = visionzip.compress_inputs(self.model, self.inputs, *self.spec.visionzip)
-        return new_inputs
+        return self.pruner.prepare_inputs(self.inputs) if self.pruner is not None else self.inputs
 
     def prefill(self):
         return self.model(**self.prepare(), use_cache=True, logits_to_keep=1)
@@ -344,8 +336,9 @@ class _ScoringClock:
         pruner = attached.pruner
         if pruner is not None:
             self._wrap(pruner, "_record_ttv")
-            self._wrap(pruner.method, "score")
-        if attached.spec.visionzip is not None:
+            if pruner.method is not None:
+                self._wrap(pruner.method, "score")
+        if attached.spec.visionzip:
             self._wrap(visionzip, "cls_attention_and_keys", module=True)
             self._wrap(visionzip, "select_tokens", module=True)
 
@@ -555,7 +548,8 @@ def run(args) -> dict[str, dict]:
     results = {s.name: analytic(s, arch_shape, bench, baseline_full) for s in specs}
     for s in specs:
         results[s.name]["config"] = None if s.config is None else s.config.to_dict()
-        results[s.name]["visionzip"] = None if s.visionzip is None else list(s.visionzip)
+        results[s.name]["visionzip"] = (list(visionzip.counts(s.config.visionzip_keep, bench.visual_tokens))
+                                        if s.visionzip else None)
     if not args.flops_only:
         print(f"Timing {len(specs)} methods x {args.repeats} repeats on {bench.description} ...", file=sys.stderr)
         measured = measure(bench, specs, args.repeats, args.new_tokens, max(1, args.decode_repeats),
@@ -575,7 +569,7 @@ def run(args) -> dict[str, dict]:
             r["scoring_share"] = (r["scoring_ms"] / r["prefill_ms"]) if "scoring_ms" in r else None
             base_rate = measured[base]["decode_tokens_per_s"]
             r["decode_speedup"] = (r["decode_tokens_per_s"] / base_rate) if base_rate and r["decode_tokens_per_s"] else None
-            same_schedule = (random_cfg is not None and s.config is not None and s.visionzip is None
+            same_schedule = (random_cfg is not None and s.config is not None and not s.visionzip
                              and s.name != "random" and s.config.prune_layers == random_cfg.prune_layers
                              and s.config.keep_ratios == random_cfg.keep_ratios)
             r["overhead_vs_random"] = (1 - random_ms / r["prefill_ms"]) if same_schedule else None

@@ -34,7 +34,7 @@ applied afterwards prunes the VisionZip tokens (its trace's N is then the Vision
 Stacked, the in-LLM keep ratios apply to the VisionZip tokens (visionzip-128+high keeps 128,
 then 112 / 80 / 16). Token order in the LLM: [CLS], dominant patches in patch order, then the
 contextual tokens. Paper settings for LLaVA-1.5: 192 = 162 + 30, 128 = 108 + 20, 64 = 54 + 10
-(`PRESETS`); a share `keep` of N patches gives T = round(keep * N) tokens, 5/32 of them contextual.
+(the "visionzip-192|128|64" presets of transprune.config); a share `keep` of N patches gives T = round(keep * N) tokens, 5/32 of them contextual.
 Supported: LLaVA-1.5 (`LlavaForConditionalGeneration`) with one vision feature layer.
 """
 
@@ -48,12 +48,6 @@ import torch.nn.functional as F
 
 from ..adapters import UnsupportedModelError
 
-# name -> (dominant, contextual), the released settings for LLaVA-1.5 (576 patches).
-PRESETS: dict[str, tuple[int, int]] = {
-    "visionzip-192": (162, 30),
-    "visionzip-128": (108, 20),
-    "visionzip-64": (54, 10),
-}
 SUPPORTED_MODELS = ("LlavaForConditionalGeneration",)
 CONTEXTUAL_SHARE = 10 / 64
 
