@@ -559,6 +559,17 @@ def bad_files(tmp_path_factory):
     return folder
 
 
+def test_client_visionzip_through_the_api(served):
+    client, _ = served
+    out = _ask(client, examples.example_rows()[0][0], method="VisionZip", budget="Custom", keep_ratio=0.25,
+               max_new_tokens=3, repeats=1)
+    record = json.loads(Path(out[13]["value"]).read_text())
+    assert record["config"]["method"] == "visionzip" and record["config"]["visionzip_keep"] == 0.25
+    assert [(s["layer"], len(s["kept"])) for s in record["trace"]["stages"]] == [(0, 36)]
+    rows = {r[0]: r[1:] for r in out[4]["data"]}
+    assert rows[metrics.kept_row_name(0)][:2] == ["144", "36"]
+
+
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
 def test_client_bad_input_then_good_request(served, bad_files, case, monkeypatch):
     from gradio_client.exceptions import AppError
