@@ -32,7 +32,10 @@ too) and gives the honest bound for the measured prefill speedup.
 
 **Budgets.** *High* and *Low* are the paper's schedules, written for 32 layers and scaled to the model's
 depth. *Custom* sets the share kept after the last stage; earlier stages drop the same fractions of the total
-as *High*. FastV and PDrop use their papers' schedules (*Low* halves their keep ratios).
+as *High*. FastV and PDrop use their papers' schedules (*Low* halves their keep ratios). VisionZip works
+before the language model (LLaVA-1.5 family): *High* keeps 192/576 of the patches, *Low* 64/576, *Custom* the
+share you set; its prefill time includes its own pass over the vision tower, and its FLOPs count only the
+language model, like every row here.
 
 **Overlays.** Each visual token is drawn where its patch lies on your image (LLaVA-NeXT: the base view and
 the high-resolution tiles separately). Hatched areas lie outside the model's view (center crop).
