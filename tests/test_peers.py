@@ -398,6 +398,10 @@ def test_visionzip_config_refuses_raw_pixels_and_other_families(tiny):
     with transprune.apply(model, "visionzip-64") as pruner, torch.inference_mode():
         with pytest.raises(transprune.PruningInputError, match="prepare_inputs"):
             model(**inputs)
+        prepared = pruner.prepare_inputs(inputs)
+        with pytest.raises(transprune.PruningInputError, match="made from these inputs"):
+            model(**visionzip.compress_inputs(model, prompt_inputs(processor, "what is it ?"), 13, 3)[0])
+        assert model(**prepared).logits.shape[1] == prepared["input_ids"].shape[1]
     next_model, _ = tiny_llava_next()
     with pytest.raises(transprune.UnsupportedModelError, match="VisionZip supports"):
         transprune.apply(next_model, "visionzip-64+high")
@@ -416,7 +420,7 @@ def test_visionzip_config_batch_maps_each_row_to_its_own_image(tiny):
     inputs = dict(processor(images=images, text=prompts, return_tensors="pt", padding=True))
     with torch.inference_mode(), transprune.apply(model, "visionzip-128+high") as pruner:
         model(**pruner.prepare_inputs(inputs), use_cache=True)
-        selection, _ = pruner._zip
+        selection, _, _ = pruner._zip
         traces = pruner.traces
     assert len(traces) == 2
     for row, trace in enumerate(traces):

@@ -116,16 +116,11 @@ class Pruner:
     def traces(self) -> list[PruneTrace]:
         """One PruneTrace per sample of the last prefill; with VisionZip, in patch space (see
         transprune.methods.visionzip.to_patch_space)."""
-        if self._zip is None:
-            return self._traces
-        selection, row_images = self._zip
-        return [visionzip.to_patch_space(trace, selection, images, self.config.visionzip_keep)
-                for trace, images in zip(self._traces, row_images)]
+        return self._traces
 
     @property
     def trace(self) -> PruneTrace | None:
-        traces = self.traces
-        return traces[0] if traces else None
+        return self._traces[0] if self._traces else None
 
     def prepare_inputs(self, inputs: dict) -> dict:
         """The processor's inputs, rewritten for this config's pre-LLM stage (VisionZip): call the
@@ -134,7 +129,7 @@ class Pruner:
             return inputs
         dominant, contextual = visionzip.counts(self.config.visionzip_keep, visionzip.num_patches(self.model))
         new_inputs, selection, row_images = visionzip.compress(self.model, inputs, dominant, contextual)
-        self._zip = (selection, row_images)
+        self._zip = (selection, row_images, new_inputs["input_ids"])
         return new_inputs
 
     def _attach(self):
@@ -156,6 +151,8 @@ class Pruner:
                 hook(_KeyReuse(layer.self_attn.k_proj, functools.partial(self._take_keys, number)))
             if number in self.input_layers:
                 hook(layer.self_attn.k_proj.register_forward_hook(functools.partial(self._lend_keys, number)))
+        if self.config.visionzip_keep is not None:
+            hook(self.layers[-1].register_forward_hook(self._after_last_layer))
 
     def remove(self):
         """Detach every hook and drop all state; safe to call twice."""
@@ -183,10 +180,13 @@ class Pruner:
                 self._state.decoding = True
                 self._state.decode_cache = {}
             return None
-        if self.config.visionzip_keep is not None and kwargs.get("pixel_values") is not None:
+        if self.config.visionzip_keep is not None and (
+                kwargs.get("pixel_values") is not None
+                or (input_ids is not None and (self._zip is None or not torch.equal(input_ids, self._zip[2])))):
             raise PruningInputError(
                 "This config runs VisionZip before the language model, which changes the inputs: call the "
-                "model with `pruner.prepare_inputs(inputs)` instead of the processor's output.")
+                "model with `pruner.prepare_inputs(inputs)` (made from these inputs) instead of the processor's "
+                "output.")
         self._state = None
         self._traces = []
         if input_ids is None:
@@ -273,6 +273,16 @@ class Pruner:
             trace.tokens_per_layer.append(int(counts[b]))
             trace.visual_tokens_per_layer.append(len(state.alive[b]))
         return args, kwargs
+
+    def _after_last_layer(self, module, args, output):
+        """End of a VisionZip prefill: re-index the traces from VisionZip tokens into patches."""
+        state = self._state
+        if state is None or state.decoding or self._zip is None:
+            return None
+        selection, row_images, _ = self._zip
+        self._traces = [visionzip.to_patch_space(trace, selection, images, self.config.visionzip_keep)
+                        for trace, images in zip(state.traces, row_images)]
+        return None
 
     def _take_keys(self, number, hidden) -> torch.Tensor | None:
         """The k_proj output of layer `number` on `hidden` if a side pass already computed it."""
