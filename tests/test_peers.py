@@ -456,3 +456,20 @@ def test_visionzip_rejects_other_families_and_bad_counts(tiny):
         visionzip.compress_inputs(model, inputs, dominant=140, contextual=10)
     with pytest.raises(ValueError, match="pixel_values"):
         visionzip.compress_inputs(model, {k: v for k, v in inputs.items() if k != "pixel_values"})
+
+
+def test_visionzip_config_batch_with_a_text_only_row(tiny):
+    model, processor = tiny
+    from PIL import Image
+
+    def prompt(content):
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    prompts = [prompt([{"type": "image"}, {"type": "text", "text": "what is it ?"}]),
+               prompt([{"type": "text", "text": "what color is the sky ?"}])]
+    inputs = dict(processor(images=[Image.new("RGB", (64, 64), (200, 10, 10))], text=prompts, return_tensors="pt",
+                            padding=True))
+    with torch.inference_mode(), transprune.apply(model, "visionzip-128+high") as pruner:
+        model.generate(**pruner.prepare_inputs(inputs), max_new_tokens=3, do_sample=False)
+        traces = pruner.traces
+    assert [t.visual_tokens for t in traces] == [N + 1, 0]
+    assert [len(s.kept) for s in traces[0].stages] == [32, 28, 20, 4] and traces[1].stages == []

@@ -219,6 +219,8 @@ def to_patch_space(trace, selection: VisionZipSelection, images: list[int], keep
     """
     from ..trace import Stage
 
+    if not images:   # a text-only row of the batch: nothing was compressed or pruned
+        return trace
     patches = selection.group.shape[1]
     per_image = patches + int(selection.keep_cls)
     index = torch.cat([patch_token_index(selection, i).cpu() + k * per_image for k, i in enumerate(images)])
