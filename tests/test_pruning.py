@@ -181,6 +181,19 @@ def test_context_manager_removes_hooks_on_error(family):
     assert _hook_counts(model) == hooks
 
 
+def test_a_second_pruner_on_the_same_model_is_refused(family):
+    model, inputs = _single(family)
+    first = transprune.apply(model, "high")
+    with pytest.raises(transprune.PruningInputError, match="already attached"):
+        transprune.apply(model, "low")
+    first.remove()
+    with transprune.apply(model, "low"):
+        first.remove()                       # a stale handle must not release the new pruner
+        with pytest.raises(transprune.PruningInputError, match="already attached"):
+            transprune.apply(model, "high")
+    transprune.apply(model, "high").remove()  # free again after the block
+
+
 def test_layer_after_a_stage_takes_the_side_pass_keys(family):
     """The IGA side pass projects layer p+1's keys for every token; layer p+1 then uses the
     survivors' rows instead of projecting them again (results unchanged: the reference tests)."""

@@ -21,6 +21,7 @@ slots so the batch stays rectangular.
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,11 @@ from .trace import PruneTrace, Stage
 
 class PruningInputError(ValueError):
     """The inputs cannot be pruned as given; the message says what to pass instead."""
+
+
+# Models with a pruner attached, so a second one is refused (two would fight over the same layers).
+# Kept here, not on the model: nothing of ours is stored on it.
+_ATTACHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 @dataclass
@@ -86,6 +92,9 @@ class Pruner:
     def __init__(self, model: nn.Module, config: PruneConfig):
         if not isinstance(config, PruneConfig):
             raise TypeError(f"config must be a transprune.PruneConfig, got {type(config).__name__}.")
+        if model in _ATTACHED:
+            raise PruningInputError("A pruner is already attached to this model; call its .remove() (or leave "
+                                    "its `with` block) before applying another.")
         self.model = model
         self.adapter = adapters.for_model(model)
         self.layers = self.adapter.decoder_layers(model)
@@ -102,14 +111,17 @@ class Pruner:
         self.accumulation_layers = set(self.config.effective_accumulation_layers)
         self.input_layers = self.method.layers_needing_input() if self.method else set()
         self._traces: list[PruneTrace] = []
-        self._zip = None     # (VisionZipSelection, images of each row) of the inputs prepare_inputs made
+        self._zip = None     # (VisionZipSelection, images of each row, input_ids) that prepare_inputs made
         self._state: _PrefillState | None = None
         self._handles: list = []
+        self._registered = False
         try:
             self._attach()
         except Exception:
             self.remove()
             raise
+        _ATTACHED.add(model)
+        self._registered = True
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -158,6 +170,9 @@ class Pruner:
         """Detach every hook and drop all state; safe to call twice."""
         while self._handles:
             self._handles.pop().remove()
+        if self._registered:
+            _ATTACHED.discard(self.model)
+            self._registered = False
         self._state = None
 
     def __enter__(self):
