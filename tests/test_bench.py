@@ -91,6 +91,10 @@ def test_bench_end_to_end_on_tiny_model(tmp_path, capsys):
         assert len(figures["prefill_ms_all"]) == 2
     assert data["baseline"]["speedup"] == 1.0 and data["baseline"]["scoring_share"] is None
     assert 0 < data["high"]["scoring_share"] < 1
+    # Key reuse: the net share subtracts the measured time of the projections it avoided.
+    assert data["high"]["reused_keys_ms"] > 0
+    assert data["high"]["scoring_share_net"] < data["high"]["scoring_share"]
+    assert "reused_keys_ms" not in data["random"] and "reused_keys_ms" not in data["fastv"]
     assert data["high"]["overhead_vs_random"] is not None and data["fastv"]["overhead_vs_random"] is None
     # The measured token counts are the analytic schedule's.
     assert data["high"]["visual_tokens_per_layer"] == bench.visual_schedule(bench.parse_method("high"), 144, 16)

@@ -159,7 +159,7 @@ class Pruner:
             # Side passes project keys that a layer computes anyway: the layer after a stage takes
             # the survivors' keys from the side pass instead of projecting them again, and a layer
             # whose input a method reads (FastV, PDrop) lends its own keys to the side pass.
-            if number - 1 in self.prune_layers:
+            if number - 1 in self.prune_layers and self.method.reads_next_layer:
                 hook(_KeyReuse(layer.self_attn.k_proj, functools.partial(self._take_keys, number)))
             if number in self.input_layers:
                 hook(layer.self_attn.k_proj.register_forward_hook(functools.partial(self._lend_keys, number)))
@@ -558,11 +558,11 @@ class _KeyReuse:
         self.module = module
         self._had_own = "forward" in module.__dict__
         self._previous = module.__dict__.get("forward")
-        project = module.forward
+        self.take, self.project = take, module.forward   # attributes, so a benchmark can time them
 
         def forward(hidden, *args, **kwargs):
-            keys = take(hidden)
-            return project(hidden, *args, **kwargs) if keys is None else keys
+            keys = self.take(hidden)
+            return self.project(hidden, *args, **kwargs) if keys is None else keys
 
         module.forward = forward
 

@@ -38,8 +38,11 @@ class StageScores:
 
 
 class Method:
-    """Override `score`; override `layers_needing_input` if the method reads a layer's input."""
+    """Override `score`; override `layers_needing_input` if the method reads a layer's input, and
+    set `reads_next_layer` if `score` calls `ctx.next_layer_qk()` (the runner then lets the next
+    layer reuse the keys that side pass projected)."""
     name = "base"
+    reads_next_layer = False
 
     def __init__(self, config: PruneConfig):
         self.config = config

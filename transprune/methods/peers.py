@@ -32,6 +32,7 @@ class PDrop(Method):
     """PyramidDrop (Xing et al. 2024): at each stage, rank by the last instruction token's
     attention, computed like IGA with the next layer's projections."""
     name = "pdrop"
+    reads_next_layer = True
 
     def score(self, ctx: StageContext) -> StageScores:
         query, key = ctx.next_layer_qk()

@@ -8,6 +8,7 @@ from .base import Method, StageContext, StageScores
 
 class TransPrune(Method):
     name = "transprune"
+    reads_next_layer = True
 
     def score(self, ctx: StageContext) -> StageScores:
         query, key = ctx.next_layer_qk()
