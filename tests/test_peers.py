@@ -42,10 +42,21 @@ def prompt_inputs(processor, question="what color is the circle on the left ?", 
     from PIL import Image
     generator = torch.Generator().manual_seed(seed)
     pixels = (torch.rand(180, 200, 3, generator=generator) * 255).to(torch.uint8).numpy()
-    prompt = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-        add_generation_prompt=True)
+    prompt = chat(processor, [{"type": "image"}, {"type": "text", "text": question}])
     return dict(processor(images=Image.fromarray(pixels), text=prompt, return_tensors="pt"))
+
+
+def chat(processor, content) -> str:
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def two_image_batch(processor):
+    """A left-padded batch of two prompts of different lengths, one plain-colour image each."""
+    from PIL import Image
+    images = [Image.new("RGB", (64, 80), c) for c in ((200, 10, 10), (10, 10, 200))]
+    prompts = [chat(processor, [{"type": "image"}, {"type": "text", "text": q}])
+               for q in ("what is it ?", "what color is the big square in the middle ?")]
+    return dict(processor(images=images, text=prompts, return_tensors="pt", padding=True))
 
 
 def pruned_trace(model, inputs, config):
@@ -301,13 +312,7 @@ def test_visionzip_inputs_equal_manual_embedding_and_generate(tiny):
 
 def test_visionzip_batch_with_padding(tiny):
     model, processor = tiny
-    from PIL import Image
-    images = [Image.new("RGB", (64, 80), c) for c in ((200, 10, 10), (10, 10, 200))]
-    prompts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-                                                                           {"type": "text", "text": q}]}],
-                                             add_generation_prompt=True)
-               for q in ("what is it ?", "what color is the big square in the middle ?")]
-    inputs = dict(processor(images=images, text=prompts, return_tensors="pt", padding=True))
+    inputs = two_image_batch(processor)
     new_inputs, kept = visionzip.compress_inputs(model, inputs, dominant=10, contextual=6, keep_cls=False)
     assert len(kept) == 2
     assert ((new_inputs["input_ids"] == model.config.image_token_id).sum(dim=1) == 16).all()
@@ -411,13 +416,7 @@ def test_visionzip_config_refuses_raw_pixels_and_other_families(tiny):
 
 def test_visionzip_config_batch_maps_each_row_to_its_own_image(tiny):
     model, processor = tiny
-    from PIL import Image
-    images = [Image.new("RGB", (64, 80), c) for c in ((200, 10, 10), (10, 10, 200))]
-    prompts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-                                                                           {"type": "text", "text": q}]}],
-                                             add_generation_prompt=True)
-               for q in ("what is it ?", "what color is the big square in the middle ?")]
-    inputs = dict(processor(images=images, text=prompts, return_tensors="pt", padding=True))
+    inputs = two_image_batch(processor)
     with torch.inference_mode(), transprune.apply(model, "visionzip-128+high") as pruner:
         model(**pruner.prepare_inputs(inputs), use_cache=True)
         selection, _, _ = pruner._zip
@@ -461,11 +460,8 @@ def test_visionzip_rejects_other_families_and_bad_counts(tiny):
 def test_visionzip_config_batch_with_a_text_only_row(tiny):
     model, processor = tiny
     from PIL import Image
-
-    def prompt(content):
-        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    prompts = [prompt([{"type": "image"}, {"type": "text", "text": "what is it ?"}]),
-               prompt([{"type": "text", "text": "what color is the sky ?"}])]
+    prompts = [chat(processor, [{"type": "image"}, {"type": "text", "text": "what is it ?"}]),
+               chat(processor, [{"type": "text", "text": "what color is the sky ?"}])]
     inputs = dict(processor(images=[Image.new("RGB", (64, 64), (200, 10, 10))], text=prompts, return_tensors="pt",
                             padding=True))
     with torch.inference_mode(), transprune.apply(model, "visionzip-128+high") as pruner:

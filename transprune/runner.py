@@ -110,7 +110,9 @@ class Pruner:
         self.prune_layers = self.config.prune_layers
         self.accumulation_layers = set(self.config.effective_accumulation_layers)
         self.input_layers = self.method.layers_needing_input() if self.method else set()
-        self._traces: list[PruneTrace] = []
+        # One PruneTrace per sample of the last prefill; with VisionZip, in patch space (see
+        # transprune.methods.visionzip.to_patch_space).
+        self.traces: list[PruneTrace] = []
         self._zip = None     # (VisionZipSelection, images of each row, input_ids) that prepare_inputs made
         self._state: _PrefillState | None = None
         self._handles: list = []
@@ -125,14 +127,8 @@ class Pruner:
 
     # ------------------------------------------------------------------ lifecycle
     @property
-    def traces(self) -> list[PruneTrace]:
-        """One PruneTrace per sample of the last prefill; with VisionZip, in patch space (see
-        transprune.methods.visionzip.to_patch_space)."""
-        return self._traces
-
-    @property
     def trace(self) -> PruneTrace | None:
-        return self._traces[0] if self._traces else None
+        return self.traces[0] if self.traces else None
 
     def prepare_inputs(self, inputs: dict) -> dict:
         """The processor's inputs, rewritten for this config's pre-LLM stage (VisionZip): call the
@@ -203,7 +199,7 @@ class Pruner:
                 "model with `pruner.prepare_inputs(inputs)` (made from these inputs) instead of the processor's "
                 "output.")
         self._state = None
-        self._traces = []
+        self.traces = []
         if input_ids is None:
             if kwargs.get("inputs_embeds") is not None:
                 raise PruningInputError("TransPrune locates visual tokens from input_ids; call the model with "
@@ -248,7 +244,7 @@ class Pruner:
         state.traces = [PruneTrace(visual_tokens=len(v), method=self.config.method, config=self.config.to_dict())
                         for v in visual_positions]
         if not self.prune_layers:
-            self._traces = state.traces   # no stage to wait for
+            self.traces = state.traces   # no stage to wait for
         return state
 
     @staticmethod
@@ -295,7 +291,7 @@ class Pruner:
         if state is None or state.decoding or self._zip is None:
             return None
         selection, row_images, _ = self._zip
-        self._traces = [visionzip.to_patch_space(trace, selection, images, self.config.visionzip_keep)
+        self.traces = [visionzip.to_patch_space(trace, selection, images, self.config.visionzip_keep)
                         for trace, images in zip(state.traces, row_images)]
         return None
 
@@ -381,7 +377,7 @@ class Pruner:
             keys = scorer.next_key_proj
             state.key_projections[number + 1] = keys.gather(1, gather[:, :, None].expand(-1, -1, keys.shape[-1]))
         if number == self.prune_layers[-1]:
-            self._traces = state.traces
+            self.traces = state.traces
         pruned = hidden.gather(1, gather[:, :, None].expand(-1, -1, hidden.shape[-1]))
         if isinstance(output, tuple):
             return (pruned, *output[1:])
