@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from transprune import compat
+
 
 def _ttv(x_in, x_out, direction):
     x_in, x_out = x_in[0].double(), x_out[0].double()          # (n, d)
@@ -94,6 +96,8 @@ class Reference:
         removed_for_layer = []
         ttv_acc = torch.zeros(num_visual, dtype=torch.float64)
         cache = DynamicCache(config=self.lm.config)
+        # The keyword the installed transformers takes the cache under (it was renamed in 5.24).
+        cache_keyword = compat.cache_keyword(self.layers[0].self_attn)
         kept_per_stage = []
         alpha = config.effective_alpha
 
@@ -112,7 +116,7 @@ class Reference:
             mask = _additive_causal_mask(hidden.shape[1], hidden.dtype)
             normed = layer.input_layernorm(hidden)
             attn_out, _ = layer.self_attn(hidden_states=normed, position_embeddings=cos_sin, attention_mask=mask,
-                                          past_key_values=cache)
+                                          **{cache_keyword: cache})
             mid = hidden + attn_out
             normed2 = layer.post_attention_layernorm(mid)
             mlp_out = layer.mlp(normed2)
@@ -161,7 +165,7 @@ class Reference:
                 cos_sin = self.lm.rotary_emb(hidden, step_position)
                 normed = layer.input_layernorm(hidden)
                 attn_out, _ = layer.self_attn(hidden_states=normed, position_embeddings=cos_sin,
-                                              attention_mask=None, past_key_values=cache)
+                                              attention_mask=None, **{cache_keyword: cache})
                 mid = hidden + attn_out
                 hidden = mid + layer.mlp(layer.post_attention_layernorm(mid))
             step_logits = model.lm_head(self.lm.norm(hidden))[0, -1]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import transprune
-from transprune import PruneConfig
+from transprune import PruneConfig, compat
 from transprune.adapters import UnsupportedModelError
 
 from conftest import ATTENTION, make_inputs, sample_image, tiny_model
@@ -85,7 +85,7 @@ def test_trace_counts_and_kv_cache_lengths(family):
     assert trace.visual_tokens_per_layer == expected
     prompt = inputs["input_ids"].shape[1]
     assert trace.tokens_per_layer == [prompt - (n - v) for v in expected]
-    cache = output.past_key_values
+    cache = compat.output_cache(output)
     assert [cache.layers[i].get_seq_length() for i in range(layers)] == trace.tokens_per_layer
     assert output.logits.shape[1] == trace.tokens_per_layer[-1]
     for stage, layer in zip(trace.stages, resolved.prune_layers):

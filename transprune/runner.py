@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import adapters, methods, scoring
+from . import adapters, compat, methods, scoring
 from .config import ConfigError, PruneConfig
 from .methods import visionzip
 from .methods.base import StageContext
@@ -71,7 +71,9 @@ class _PrefillState:
     key_projections: dict = field(default_factory=dict)   # layer number -> its k_proj output, to reuse
     traces: list[PruneTrace] = field(default_factory=list)
     prefill_length: int = 0
+    cache_lengths: list[int] | None = None   # per layer, what its KV cache held after prefill
     decoding: bool = False
+    steps: int = 0                            # tokens decoded before the current step
     decode_cache: dict = field(default_factory=dict)
 
 
@@ -143,6 +145,7 @@ class Pruner:
     def _attach(self):
         hook = self._handles.append
         hook(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        hook(self.model.register_forward_hook(self._after_model_call, with_kwargs=True))
         for index, layer in enumerate(self.layers):
             number = index + 1
             hook(layer.register_forward_pre_hook(functools.partial(self._before_layer, number), with_kwargs=True))
@@ -180,19 +183,19 @@ class Pruner:
 
     # ------------------------------------------------------------------ outer model
     def _on_model_call(self, module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        input_ids = compat.get(kwargs, "input_ids", args[0] if args else None)
+        cache = compat.find_cache(args, kwargs)
         if cache is not None and "Static" in type(cache).__name__:
             raise PruningInputError(
                 "TransPrune needs a dynamic KV cache (pruned layers cache fewer tokens); "
                 "do not use cache_implementation='static' or a StaticCache.")
-        if cache is not None and cache.get_seq_length() > 0:
-            if self._state is not None:
-                self._state.decoding = True
-                self._state.decode_cache = {}
+        if cache is not None and compat.cache_length(cache, 0) > 0:
+            self._begin_decode_step(cache)
+            return None
+        if self._continues_unseen_cache(kwargs, input_ids):
             return None
         if self.config.visionzip_keep is not None and (
-                kwargs.get("pixel_values") is not None
+                compat.get(kwargs, "pixel_values") is not None
                 or (input_ids is not None and (self._zip is None or not torch.equal(input_ids, self._zip[2])))):
             raise PruningInputError(
                 "This config runs VisionZip before the language model, which changes the inputs: call the "
@@ -201,15 +204,94 @@ class Pruner:
         self._state = None
         self.traces = []
         if input_ids is None:
-            if kwargs.get("inputs_embeds") is not None:
+            if compat.get(kwargs, "inputs_embeds") is not None:
                 raise PruningInputError("TransPrune locates visual tokens from input_ids; call the model with "
                                         "input_ids (and pixel_values), not inputs_embeds.")
             return None
         is_visual = self.adapter.visual_mask(self.model, input_ids)
         if not bool(is_visual.any()):
             return None
-        self._state = self._new_state(input_ids, is_visual, kwargs.get("attention_mask"))
+        self._state = self._new_state(input_ids, is_visual, compat.get(kwargs, "attention_mask"))
         return None
+
+    # ------------------------------------------------------------------ decode-step invariants
+    # A decode step must be recognised as one, and every layer's KV cache must hold what that layer
+    # kept in prefill plus the tokens decoded since. Both are checked before and after each step
+    # (a few integer reads); a violation raises instead of decoding with the wrong positions/mask.
+    def _cache_lengths(self, cache) -> list[int]:
+        return [compat.cache_length(cache, i) for i in range(len(self.layers))]
+
+    def _begin_decode_step(self, cache):
+        state = self._state
+        if state is None or state.cache_lengths is None:
+            # No pruned prefill of ours to continue: the model must run exactly as without a pruner,
+            # which is right only for a cache no pruned prefill wrote (equal lengths in every layer).
+            self._state = None
+            lengths = self._cache_lengths(cache)
+            if len(set(lengths)) > 1:
+                raise PruningInputError(
+                    "This KV cache comes from a pruned prefill that this pruner did not run or no longer "
+                    f"holds (its layers cache {min(lengths)} to {max(lengths)} tokens). Generate from the "
+                    "prompt with the pruner attached, in one call.")
+            return
+        steps = compat.cache_length(cache, 0) - state.prefill_length
+        self._check_cache(cache, steps, "before a decode step")
+        state.decoding, state.steps, state.decode_cache = True, steps, {}
+
+    def _check_cache(self, cache, steps: int, when: str):
+        expected = [length + steps for length in self._state.cache_lengths]
+        actual = self._cache_lengths(cache)
+        if actual != expected:
+            raise compat.IncompatibleTransformersError(
+                f"{when}, the KV cache holds {actual} tokens per decoder layer where the pruned prefill "
+                f"and {steps} decoded tokens leave {expected}.")
+
+    def _continues_unseen_cache(self, kwargs, input_ids) -> bool:
+        """True for a call that continues a KV cache the pruner could not find (it is then run as is).
+
+        Generation passes an attention mask over cache + new tokens, so a 2-D mask longer than the
+        input reveals a continuation even when the cache travels under a name or type we do not know.
+        """
+        mask = compat.get(kwargs, "attention_mask")
+        embeds = compat.get(kwargs, "inputs_embeds")
+        length = input_ids.shape[1] if input_ids is not None else embeds.shape[1] if embeds is not None else None
+        if mask is None or mask.dim() != 2 or length is None or mask.shape[1] <= length:
+            return False
+        if self._state is not None and self._state.cache_lengths is not None:
+            raise compat.IncompatibleTransformersError(
+                "a decode step passed the KV cache in a way the pruner does not recognise, so it would "
+                "run with the unpruned positions and mask over the pruned cache.")
+        if input_ids is not None and bool(self.adapter.visual_mask(self.model, input_ids).any()):
+            raise PruningInputError("Continuing a KV cache with a new image or video is not supported: "
+                                    "start a new generation from the whole prompt.")
+        self._state = None
+        return True
+
+    def _after_model_call(self, module, args, kwargs, output):
+        cache = compat.output_cache(output)
+        if cache is None:
+            return None
+        state = self._state
+        if state is None:
+            lengths = self._cache_lengths(cache)
+            if len(set(lengths)) > 1:
+                raise compat.IncompatibleTransformersError(
+                    "a call continued a pruned KV cache without being recognised as a decode step.")
+        elif not state.decoding:
+            state.cache_lengths = self._prefill_cache_lengths()
+            self._check_cache(cache, 0, "after the pruned prefill")
+        else:
+            self._check_cache(cache, compat.cache_length(cache, 0) - state.prefill_length, "after a decode step")
+        return None
+
+    def _prefill_cache_lengths(self) -> list[int]:
+        """What each layer's KV cache holds after prefill: the width of the sequence that layer saw."""
+        state = self._state
+        lengths = []
+        for number in range(1, len(self.layers) + 1):
+            view = self._view_for_layer(number)
+            lengths.append(state.prefill_length if view is None else view.seq_index.shape[1])
+        return lengths
 
     def _new_state(self, input_ids, is_visual, attention_mask) -> _PrefillState:
         batch, length = input_ids.shape
@@ -268,14 +350,16 @@ class Pruner:
             view = self._view_for_layer(number)
             if view is None:
                 return None
+            hidden = compat.hidden_states(args, kwargs)
+            embeddings = compat.require(kwargs, "position_embeddings", "A decoder layer")
             # Layers of one stage get the same mask and rotary objects in a step: adjust them once.
-            key = (id(view), id(kwargs.get("attention_mask")), id(kwargs["position_embeddings"][0]))
+            key = (id(view), id(compat.get(kwargs, "attention_mask")), id(embeddings[0]))
             if key not in state.decode_cache:
-                state.decode_cache[key] = self._decode_kwargs(view, kwargs)
-            return args, {**kwargs, **state.decode_cache[key]}
-        hidden = args[0] if args else kwargs["hidden_states"]
+                state.decode_cache[key] = self._decode_kwargs(view, kwargs, hidden)
+            return args, compat.replace(kwargs, **state.decode_cache[key])
+        hidden = compat.hidden_states(args, kwargs)
         if state.stage_views:
-            kwargs = {**kwargs, **self._prefill_kwargs(state.view, kwargs, hidden)}
+            kwargs = compat.replace(kwargs, **self._prefill_kwargs(state.view, kwargs, hidden))
         state.layer_kwargs = kwargs
         if number in self.input_layers:
             state.layer_inputs[number] = hidden
@@ -319,8 +403,7 @@ class Pruner:
         return view
 
     def _after_attention(self, number, module, args, kwargs, output):
-        hidden_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        self._record_ttv(hidden_in, output[0] if isinstance(output, tuple) else output)
+        self._record_ttv(compat.hidden_states(args, kwargs), output[0] if isinstance(output, tuple) else output)
 
     def _after_mlp(self, number, module, args, output):
         self._record_ttv(args[0], output)
@@ -443,7 +526,7 @@ class Pruner:
         """
         cache = view.prefill_kwargs
         result = {}
-        position_ids = kwargs.get("position_ids")
+        position_ids = compat.get(kwargs, "position_ids")
         key = ("ids", id(position_ids))
         if key not in cache:
             source = position_ids
@@ -458,7 +541,7 @@ class Pruner:
                 # from position_embeddings, so the layer gets gap-free ids.
                 width = view.seq_index.shape[1]
                 result["position_ids"] = torch.arange(width, device=hidden.device)[None].expand(hidden.shape[0], -1)
-        embeddings = kwargs["position_embeddings"]
+        embeddings = compat.require(kwargs, "position_embeddings", "A decoder layer")
         key = ("rope", id(embeddings[0]))
         if key not in cache:
             batch = hidden.shape[0]
@@ -469,7 +552,7 @@ class Pruner:
                 cache[key] = tuple(t.expand(batch, -1, -1).gather(1, index[:, :, None].expand(-1, -1, t.shape[-1]))
                                    for t in embeddings)
         result["position_embeddings"] = cache[key]
-        mask = kwargs.get("attention_mask")
+        mask = compat.get(kwargs, "attention_mask")
         key = ("mask", id(mask))
         if key not in cache:
             cache[key] = self._prefill_mask(view, mask)
@@ -503,9 +586,9 @@ class Pruner:
             mask = mask.masked_fill((dummy[:, None, :, None] & eye[None, None]), allowed)
         return mask
 
-    def _decode_kwargs(self, view: _View, kwargs) -> dict:
+    def _decode_kwargs(self, view: _View, kwargs, hidden: torch.Tensor) -> dict:
         result = {}
-        mask = kwargs.get("attention_mask")
+        mask = compat.get(kwargs, "attention_mask")
         prefill_length = self._state.prefill_length
         has_dummy = bool(view.dummy.any())
         if mask is not None:
@@ -524,10 +607,8 @@ class Pruner:
                     mask = mask.masked_fill(torch.cat([view.dummy, pad], 1)[:, None, None, :], blocked)
             result["attention_mask"] = mask
         elif has_dummy:
-            query_length = kwargs["position_embeddings"][0].shape[1]
-            cache = kwargs.get("past_key_values")
-            seen = cache.get_seq_length() if cache is not None else prefill_length
-            extra = seen + query_length - prefill_length
+            query_length = hidden.shape[1]
+            extra = self._state.steps + query_length   # cached decode tokens + this step's
             keep = torch.cat([~view.dummy, torch.ones(view.dummy.shape[0], extra, dtype=torch.bool,
                                                       device=view.dummy.device)], dim=1)
             if "flash" in self.adapter.attn_implementation(self.model):
@@ -535,10 +616,9 @@ class Pruner:
             else:
                 result["attention_mask"] = keep[:, None, None, :].expand(-1, 1, query_length, -1)
         if self.config.positions == "compact":
-            position_ids = kwargs["position_ids"] - view.removed[:, None]
-            cos = kwargs["position_embeddings"][0]
+            position_ids = compat.require(kwargs, "position_ids", "A decoder layer in decoding") - view.removed[:, None]
             result["position_ids"] = position_ids
-            result["position_embeddings"] = self.adapter.rotary(self.model, cos, position_ids)
+            result["position_embeddings"] = self.adapter.rotary(self.model, hidden, position_ids)
         return result
 
 
@@ -598,7 +678,7 @@ class _SidePasses:
     def next_layer_qk(self, sample: int):
         if self._next is None:
             state = self.pruner._state
-            position_embeddings = state.layer_kwargs["position_embeddings"]
+            position_embeddings = compat.get(state.layer_kwargs, "position_embeddings")
             *self._next, self.next_key_proj = self.pruner.adapter.side_projection(
                 self.pruner.layers[self.number], self.hidden, position_embeddings, self._query_slots())
         return self._next[0][sample], self._next[1][sample]
@@ -609,7 +689,7 @@ class _SidePasses:
             state = self.pruner._state
             layer_input = state.layer_inputs[self.number]
             *self._this, _ = self.pruner.adapter.side_projection(
-                self.pruner.layers[self.number - 1], layer_input, state.layer_kwargs["position_embeddings"],
+                self.pruner.layers[self.number - 1], layer_input, compat.get(state.layer_kwargs, "position_embeddings"),
                 self._query_slots(), key_proj=state.key_projections.get(self.number))
         return self._this[0][sample], self._this[1][sample]
 

@@ -46,6 +46,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from .. import compat
 from ..adapters import UnsupportedModelError
 
 SUPPORTED_MODELS = ("LlavaForConditionalGeneration",)
@@ -183,7 +184,7 @@ def compress_features(model, pixel_values: torch.Tensor, dominant: int = 54, con
     captured = {}
 
     def grab(module, args, kwargs):
-        captured["normed"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        captured["normed"] = compat.hidden_states(args, kwargs)
 
     handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
     try:

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import compat
 from . import model as shapes_model
 from . import scenes
 
@@ -161,25 +162,26 @@ def forward(model, heads, batch: Batch, attn_layer: int | None = None):
     handles = []
     if attn_layer is not None:
         def visual_in(module, args, kwargs):
-            captured["visual_in"] = (args[0] if args else kwargs["hidden_states"])[:, -visual.shape[1]:]
+            captured["visual_in"] = compat.hidden_states(args, kwargs)[:, -visual.shape[1]:]
         handles.append(lm.layers[attn_layer].register_forward_pre_hook(visual_in, with_kwargs=True))
     try:
-        cache = lm(inputs_embeds=prefix, use_cache=True).past_key_values
+        cache = compat.output_cache(lm(inputs_embeds=prefix, use_cache=True))
     finally:
         while handles:
             handles.pop().remove()
     cache.batch_repeat_interleave(batch.per_image)
     if attn_layer is not None:
         def capture(module, args, kwargs):
-            captured["hidden"] = args[0] if args else kwargs["hidden_states"]
-            captured["rope"] = kwargs["position_embeddings"]
+            captured["hidden"] = compat.hidden_states(args, kwargs)
+            captured["rope"] = compat.require(kwargs, "position_embeddings", "The attention module")
 
         def answer_out(module, args, output):
             captured["answer_out"] = output[0] if isinstance(output, tuple) else output
         handles.append(lm.layers[attn_layer].self_attn.register_forward_pre_hook(capture, with_kwargs=True))
         handles.append(lm.layers[attn_layer].register_forward_hook(answer_out))
     try:
-        hidden = lm(inputs_embeds=embed(batch.suffix_ids), past_key_values=cache, use_cache=True).last_hidden_state
+        hidden = lm(inputs_embeds=embed(batch.suffix_ids), use_cache=True,
+                    **{compat.cache_keyword(lm): cache}).last_hidden_state
     finally:
         while handles:
             handles.pop().remove()

@@ -1,0 +1,143 @@
+"""The one place that reads transformers' forward arguments, and the version range they are known for.
+
+transformers does not promise to keep the names of the arguments its models pass around: in 5.24
+the KV cache moved from `past_key_values=` to `cache=`, and a runner that looked for the old name
+took every decode step for a new prompt and silently changed answers. So every hook of the runner
+reads (and rewrites) forward arguments through the functions here:
+
+- the KV cache is found by what it is, the first `transformers.Cache` among the arguments, never
+  by its keyword;
+- other arguments are looked up under every spelling the supported range uses (`ARGUMENT_NAMES`)
+  and written back under the spelling the caller used;
+- an argument the runner cannot do without raises `IncompatibleTransformersError`, which names
+  the installed version and the tested range and says what to do.
+
+The runner also checks cheap invariants at every decode step (see `Pruner._check_cache`) and raises
+the same error when they fail, so an unknown future rename ends in an error, never in a wrong answer.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+
+import transformers
+from packaging.version import Version
+from transformers import Cache
+
+# The transformers releases CI runs the tests on: the oldest in the library's declared range
+# (pyproject.toml) and the one requirements.txt pins. Keep these, pyproject.toml,
+# requirements.txt and the README's "Tested with" table in step (tests/test_compat.py checks).
+OLDEST_TESTED_TRANSFORMERS = "5.0.0"
+PINNED_TRANSFORMERS = "5.24.0"
+
+# Every spelling of a forward argument across the supported range, newest first.
+ARGUMENT_NAMES: dict[str, tuple[str, ...]] = {
+    "cache": ("cache", "past_key_values"),
+    "attention_mask": ("attention_mask",),
+    "position_ids": ("position_ids",),
+    "position_embeddings": ("position_embeddings",),
+    "cache_position": ("cache_position",),
+    "hidden_states": ("hidden_states",),
+    "input_ids": ("input_ids",),
+    "inputs_embeds": ("inputs_embeds",),
+    "pixel_values": ("pixel_values",),
+    "use_cache": ("use_cache",),
+}
+
+
+def installed_transformers() -> str:
+    return transformers.__version__
+
+
+def tested_range() -> str:
+    return f"{OLDEST_TESTED_TRANSFORMERS} to {PINNED_TRANSFORMERS}"
+
+
+def transformers_is_tested(version: str | None = None) -> bool:
+    """True when `version` (default: the installed one) lies inside the range CI tests."""
+    release = Version(version or installed_transformers()).release
+    return Version(OLDEST_TESTED_TRANSFORMERS).release <= release <= Version(PINNED_TRANSFORMERS).release
+
+
+class IncompatibleTransformersError(RuntimeError):
+    """The installed transformers passes the model's arguments in a way the pruner does not know.
+
+    Raised instead of computing a different answer than the unpruned model's slow reference would.
+    """
+
+    def __init__(self, what: str):
+        super().__init__(
+            f"TransPrune cannot prune safely with transformers {installed_transformers()}: {what} "
+            f"TransPrune is tested with transformers {tested_range()}. Install the pinned set "
+            f"(`pip install -r requirements.txt`, or `pip install transformers=={PINNED_TRANSFORMERS}`), "
+            "run `python -m transprune.doctor` to check, and report the transformers version in an issue.")
+
+
+# ---------------------------------------------------------------------------- reading arguments
+def find_cache(args=(), kwargs: Mapping | None = None) -> Cache | None:
+    """The KV cache of a forward call: the first `transformers.Cache` among keyword, then positional
+    arguments, whatever the keyword is called (None when the call has none)."""
+    for value in (*(kwargs or {}).values(), *args):
+        if isinstance(value, Cache):
+            return value
+    return None
+
+
+def output_cache(output) -> Cache | None:
+    """The KV cache a model returned (`output.cache` in 5.24+, `output.past_key_values` before)."""
+    if isinstance(output, Mapping):
+        return find_cache(kwargs=output)
+    if isinstance(output, (tuple, list)):
+        return find_cache(args=tuple(output))
+    return None
+
+
+def cache_length(cache: Cache, layer_index: int) -> int:
+    """Tokens cached by decoder layer `layer_index` (0-based)."""
+    return int(cache.get_seq_length(layer_index))
+
+
+def get(kwargs: Mapping, name: str, default=None):
+    """Keyword argument `name` under any spelling of the supported range."""
+    for spelling in ARGUMENT_NAMES[name]:
+        if spelling in kwargs:
+            return kwargs[spelling]
+    return default
+
+
+def require(kwargs: Mapping, name: str, where: str):
+    """Like `get`, but a missing argument means the installed transformers passes it differently."""
+    for spelling in ARGUMENT_NAMES[name]:
+        if spelling in kwargs:
+            return kwargs[spelling]
+    raise IncompatibleTransformersError(
+        f"{where} received no `{name}` argument (it got: {', '.join(sorted(kwargs)) or 'none'}).")
+
+
+def hidden_states(args, kwargs: Mapping):
+    """The hidden states a decoder layer, attention or MLP module was called with."""
+    if args:
+        return args[0]
+    return require(kwargs, "hidden_states", "A decoder module")
+
+
+def replace(kwargs: Mapping, **updates) -> dict:
+    """A copy of `kwargs` with `updates` (canonical names) written under the caller's own spelling."""
+    result = dict(kwargs)
+    for name, value in updates.items():
+        spelling = next((s for s in ARGUMENT_NAMES.get(name, (name,)) if s in kwargs), name)
+        result[spelling] = value
+    return result
+
+
+def cache_keyword(module) -> str:
+    """The keyword `module.forward` takes the KV cache under in the installed transformers (for code
+    that calls transformers modules itself, e.g. the tests' slow reference and the shapes trainer)."""
+    parameters = inspect.signature(module.forward).parameters
+    for spelling in ARGUMENT_NAMES["cache"]:
+        if spelling in parameters:
+            return spelling
+    raise IncompatibleTransformersError(
+        f"{type(module).__name__}.forward takes no KV cache argument under a known name "
+        f"({', '.join(ARGUMENT_NAMES['cache'])}).")
