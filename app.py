@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from components import answers, downloads, engine, examples, inputs, metrics, notes, overlay, theme
+from components import answers, downloads, engine, examples, health, inputs, metrics, notes, overlay, theme
 from components.compare import make_handlers
 
 GPU_QUEUE = "gpu"        # one concurrency id for everything that touches the model
@@ -35,14 +35,19 @@ class App:
 
 
 def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | None = None,
-               device: str | None = None) -> App:
-    """Build the Blocks. `model` is preloaded (falling back to an offline model if it cannot load)."""
+               device: str | None = None, self_check: health.StartupCheck | None = None) -> App:
+    """Build the Blocks. `model` is preloaded (falling back to an offline model if it cannot load).
+
+    `self_check` defaults to the process's one background installation check (transprune.doctor).
+    """
+    self_check = self_check or health.startup_check()
     eng = engine.Engine(engine.Settings(allowed_models=allowed_models, device=device))
     default = eng.default_model(model)
     compare, load_model = make_handlers(eng, default)
 
     with gr.Blocks(title="TransPrune: baseline vs pruned", delete_cache=(1800, 3600)) as demo:
         notes.build_header()
+        health_warning = health.build()
         state = gr.State(None)
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=380):
@@ -63,6 +68,8 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
         notes.build_measurement()
 
         # ------------------------------------------------------------------ wiring
+        demo.load(self_check.banner, outputs=health_warning, api_visibility="private", concurrency_limit=None,
+                  show_progress="hidden")
         run_outputs = [ans.verdict, status, ans.baseline, ans.pruned, table, chart, gal.stages, inspect, segment,
                        patch_note, patch_table, gal.heat_stage, gal.heatmaps, dl.trace, dl.card, dl.preview, state]
         gr.on([ins.run.click, ins.question.submit], compare, inputs=ins.run_inputs(), outputs=run_outputs,

@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from transprune import ConfigError, PruneConfig, PruningInputError
+from transprune import ConfigError, IncompatibleTransformersError, PruneConfig, PruningInputError
 from transprune.adapters import UnsupportedModelError, for_model
 from transprune.flops import model_shape
 from transprune.methods import visionzip
@@ -316,6 +316,8 @@ class Engine:
                     samples[which].append(generate(runs[which], 1).timings["prefill_ms"])
         except UserError:
             raise
+        except IncompatibleTransformersError as error:   # its message names the versions and the fix
+            raise UserError(str(error)) from error
         except PruningInputError as error:
             raise UserError(f"This input cannot be pruned: {error}") from error
         except ConfigError as error:

@@ -8,7 +8,7 @@ from transprune import PruneConfig, compat
 from transprune.adapters import UnsupportedModelError
 
 from conftest import ATTENTION, make_inputs, sample_image, tiny_model
-from reference import Reference
+from transprune.reference import Reference
 
 QUESTION = "What color is the circle ?"
 

@@ -15,7 +15,7 @@ from transprune.video import (DEFAULT_FRAMES, Video, VideoError, read_frames, re
                               video_inputs, video_overlay, video_token_count)
 
 from conftest import sample_image, tiny_model
-from reference import Reference
+from transprune.reference import Reference
 
 VIDEO_FAMILIES = ["video_llava", "llava_onevision", "qwen2_5_vl"]
 REGISTRY_NAME = {"video_llava": "tiny-video-llava", "llava_onevision": "tiny-llava-onevision",

@@ -10,7 +10,9 @@ from .config import ConfigError, PruneConfig
 from .runner import Pruner, PruningInputError, apply
 from .trace import PruneTrace, Stage, VisualLayout
 from .adapters import UnsupportedModelError
+from .compat import IncompatibleTransformersError
+from . import compat, models  # noqa: E402  (`transprune.models.load(...)` after a plain import)
 
 __all__ = ["PruneConfig", "ConfigError", "Pruner", "PruningInputError", "apply", "PruneTrace", "Stage",
-           "VisualLayout", "UnsupportedModelError"]
+           "VisualLayout", "UnsupportedModelError", "IncompatibleTransformersError", "compat", "models"]
 __version__ = "0.1.0"

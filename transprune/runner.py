@@ -249,13 +249,18 @@ class Pruner:
     def _continues_unseen_cache(self, kwargs, input_ids) -> bool:
         """True for a call that continues a KV cache the pruner could not find (it is then run as is).
 
-        Generation passes an attention mask over cache + new tokens, so a 2-D mask longer than the
-        input reveals a continuation even when the cache travels under a name or type we do not know.
+        A new prompt starts at position 0 and its attention mask is as long as its input; a call whose
+        position ids start later, or whose 2-D mask also covers cached tokens, continues a cache even
+        when that cache travels under a name or type we do not know.
         """
         mask = compat.get(kwargs, "attention_mask")
+        position_ids = compat.get(kwargs, "position_ids")
         embeds = compat.get(kwargs, "inputs_embeds")
         length = input_ids.shape[1] if input_ids is not None else embeds.shape[1] if embeds is not None else None
-        if mask is None or mask.dim() != 2 or length is None or mask.shape[1] <= length:
+        longer_mask = mask is not None and mask.dim() == 2 and length is not None and mask.shape[1] > length
+        later_positions = isinstance(position_ids, torch.Tensor) and position_ids.numel() > 0 and \
+            int(position_ids.min()) > 0
+        if not (longer_mask or later_positions):
             return False
         if self._state is not None and self._state.cache_lengths is not None:
             raise compat.IncompatibleTransformersError(

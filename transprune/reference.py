@@ -4,6 +4,9 @@ It runs the decoder layers itself, sub-module by sub-module, deletes the pruned 
 own tensors and keeps its own KV cache. Its scores are computed independently of the library:
 TTV with its own formula from the sub-modules' inputs/outputs, IGA from the attention
 probabilities the next layer's own eager attention returns. The library must agree with it.
+
+It ships with the package so `python -m transprune.doctor` can check an installation against it;
+it shares nothing with the runner except `compat.cache_keyword` (the name the cache travels under).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from transprune import compat
+from . import compat
 
 
 def _ttv(x_in, x_out, direction):
