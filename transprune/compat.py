@@ -28,7 +28,7 @@ from transformers import Cache
 # The transformers releases CI runs the tests on: the oldest in the library's declared range
 # (pyproject.toml) and the one requirements.txt pins. Keep these, pyproject.toml,
 # requirements.txt and the README's "Tested with" table in step (tests/test_compat.py checks).
-OLDEST_TESTED_TRANSFORMERS = "5.0.0"
+OLDEST_TESTED_TRANSFORMERS = "5.18.0"
 PINNED_TRANSFORMERS = "5.24.0"
 
 # Every spelling of a forward argument across the supported range, newest first.
