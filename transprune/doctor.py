@@ -69,10 +69,15 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def _transprune_version() -> str:
+    from . import __version__
+    return __version__
+
+
 def versions() -> dict:
     return {"python": sys.version.split()[0], "torch": torch.__version__,
             "transformers": compat.installed_transformers(), "gradio": _version("gradio"),
-            "transprune": _version("transprune")}
+            "transprune": _transprune_version()}
 
 
 def _keep_all_is_identical(model, inputs) -> Check:

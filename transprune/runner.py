@@ -244,7 +244,8 @@ class Pruner:
         if actual != expected:
             raise compat.IncompatibleTransformersError(
                 f"{when}, the KV cache holds {actual} tokens per decoder layer where the pruned prefill "
-                f"and {steps} decoded tokens leave {expected}.")
+                f"and {steps} decoded tokens leave {expected} (a cache from another run, passed by hand, does "
+                "this too: continue with the cache the pruned prefill returned).")
 
     def _continues_unseen_cache(self, kwargs, input_ids) -> bool:
         """True for a call that continues a KV cache the pruner could not find (it is then run as is).
