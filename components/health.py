@@ -64,4 +64,4 @@ def startup_check() -> StartupCheck:
 
 
 def build() -> gr.Markdown:
-    return gr.Markdown("", visible=False, elem_id="health-warning", elem_classes=["health-warning"])
+    return gr.Markdown("", visible=False, elem_id="health-warning")

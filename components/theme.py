@@ -26,9 +26,9 @@ CSS = """
 .verdict { font-size: 1.3rem; padding: 0.6rem 0.9rem; border-radius: 10px;
            background: var(--block-background-fill); border: 1px solid var(--border-color-primary); }
 .verdict p { margin: 0; }
-.health-warning { padding: 0.45rem 0.8rem; border-radius: 8px; background: #fef3c7; color: #78350f;
-                  border: 1px solid #f59e0b; }
-.health-warning p { margin: 0; }
+#health-warning { padding: 0.45rem 0.8rem; border-radius: 8px; background: #fef3c7; color: #78350f;
+                   border: 1px solid #f59e0b !important; }
+#health-warning p { margin: 0; }
 .run-status { font-size: 0.9rem; color: var(--body-text-color-subdued); }
 .answer .textfield, .answer .textspan { font-size: 1.45rem !important; line-height: 1.5 !important; }
 .answer { min-height: 150px; }

@@ -8,6 +8,7 @@ one of them is absent. Screenshots go to $TRANSPRUNE_SCREENSHOT_DIR (default out
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -32,15 +33,15 @@ CHROMIUM = _chromium()
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (apt-get install -y chromium)")
 
 
-@pytest.fixture(scope="module")
-def url(tmp_path_factory):
+@contextlib.contextmanager
+def _served(tmp_path_factory, model: str, **build_kwargs):
     import app as app_module
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     old = os.environ.get("GRADIO_TEMP_DIR")
     os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio"))
-    built = app_module.build_demo("shapes-llava")  # the offline default: real answers on screen
+    built = app_module.build_demo(model, **build_kwargs)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -57,6 +58,17 @@ def url(tmp_path_factory):
             os.environ["GRADIO_TEMP_DIR"] = old
 
 
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    with _served(tmp_path_factory, "shapes-llava") as address:  # the offline default: real answers on screen
+        yield address
+
+
+def _browser(p):
+    return p.chromium.launch(executable_path=CHROMIUM,
+                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+
+
 def _text(page, selector: str) -> str:
     return page.locator(selector).inner_text().strip()
 
@@ -68,8 +80,7 @@ def test_browser_run_and_screenshot(url):
     shots.mkdir(parents=True, exist_ok=True)
     image_path, question = examples.example_rows()[0]
     with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        browser = _browser(p)
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1200})
             page.goto(url, wait_until="load")
@@ -114,3 +125,32 @@ def test_browser_run_and_screenshot(url):
         finally:
             browser.close()
     assert (shots / "app.png").stat().st_size > 10_000
+
+
+def test_a_failed_self_check_shows_one_warning_line(tmp_path_factory):
+    """The start-up self-check (transprune.doctor) runs in the background; its warning reaches the page."""
+    import transformers
+
+    from components import health
+    from transprune import doctor
+
+    def failing():
+        return doctor.Report(versions=doctor.versions(), device="cpu", transformers_tested=True, checks=[
+            doctor.Check("llava: high vs reference", False, "pruned decoding differs from the reference.")])
+    with _served(tmp_path_factory, "tiny-llava", self_check=health.StartupCheck(failing)) as address, \
+            playwright_api.sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 900})
+            page.goto(address, wait_until="load")
+            warning = page.locator("#health-warning")
+            warning.wait_for(state="visible", timeout=60_000)
+            text = warning.inner_text()
+            assert f"Self-check failed with transformers {transformers.__version__}" in text
+            assert "pip install -r requirements.txt" in text
+            assert warning.bounding_box()["y"] < 900, "the warning must be visible without scrolling"
+            shots = Path(os.environ.get("TRANSPRUNE_SCREENSHOT_DIR", ROOT / "out" / "screenshots"))
+            shots.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(shots / "app-self-check-warning.png"))
+        finally:
+            browser.close()
