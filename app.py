@@ -52,7 +52,7 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=380):
                 ins = inputs.build(eng, default)
-                examples.build(ins.image, ins.question)
+                examples.build(ins.image, ins.question, ins.method, ins.budget)
             with gr.Column(scale=3, min_width=520):
                 ans = answers.build()
                 with gr.Row(equal_height=False):

@@ -27,6 +27,7 @@ from transprune import ConfigError, IncompatibleTransformersError, PruneConfig, 
 from transprune.adapters import UnsupportedModelError, for_model
 from transprune.flops import model_shape
 from transprune.methods import visionzip
+from transprune.eval import heldout_record
 from transprune.models import REGISTRY, LoadedModel, ModelLoadError, ModelSpec, default_device, load
 
 # The offline models tried, in order, when no model is named (the first that loads wins).
@@ -137,6 +138,13 @@ class Comparison:
 
     def prefill_ms(self, which: str) -> float:
         return statistics.median(self.prefill_samples[which])
+
+    @property
+    def heldout(self) -> tuple[dict, dict] | None:
+        """(this setting's record, the unpruned record) on the model's held-out questions, or None
+        when the model has no such set or this setting was not measured on it."""
+        path = self.spec.heldout_path
+        return heldout_record(path, self.resolved) if path else None
 
 
 class Engine:
@@ -265,6 +273,7 @@ class Engine:
         """
         lm = self.get(name, dtype, attn, progress)
         adapter = for_model(lm.model)
+        config = lm.config_for(config)   # the model's recommended position mode where the config leaves it unset
         try:
             resolved = config.resolve(len(adapter.decoder_layers(lm.model)), adapter.default_positions)
         except ConfigError as error:

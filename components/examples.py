@@ -62,6 +62,29 @@ SCENES: tuple[Scene, ...] = (
 )
 
 
+@dataclass(frozen=True)
+class Example:
+    """One row of the Examples block: a scene with the settings it runs under and a label."""
+    scene: Scene
+    label: str
+    method: str = "TransPrune"
+    budget: str = "High"
+    control: bool = False            # True: shown to change the answer (the honest counter-example)
+
+
+# At the default settings every example but the control gives the same answer pruned and unpruned
+# (tests/test_app.py checks this on shapes-llava); the control prunes the same scene at random, with
+# High's budget, and loses the colour.
+EXAMPLES: tuple[Example, ...] = (
+    Example(SCENES[0], "Colour: red circle, blue square"),
+    Example(SCENES[1], "Count: four shapes"),
+    Example(SCENES[2], "Where: red star at the bottom"),
+    Example(SCENES[3], "Wide frame: the crop hides two shapes"),
+    Example(SCENES[4], "Tall frame: is there a green square?"),
+    Example(SCENES[0], "Control: Random pruning, same budget, loses the colour", method="Random", control=True),
+)
+
+
 def _centre(scene: Scene, shape: Shape) -> tuple[float, float]:
     if isinstance(shape.where, tuple):
         return shape.where
@@ -115,22 +138,32 @@ def write_examples(directory: Path = EXAMPLES_DIR, overwrite: bool = True) -> li
     return paths
 
 
-def example_rows(directory: Path = EXAMPLES_DIR) -> list[list[str]]:
-    """[[image path, question], ...] for gr.Examples, drawing any missing files first."""
+def example_paths(directory: Path = EXAMPLES_DIR) -> dict[str, str]:
+    """Scene name -> PNG path, drawing any missing files first (into a temporary folder when the
+    checkout is read-only)."""
     try:
         paths = write_examples(directory, overwrite=False)
-    except OSError:  # read-only checkout: draw into a temporary folder instead
+    except OSError:
         import tempfile
         paths = write_examples(Path(tempfile.mkdtemp(prefix="transprune-examples-")), overwrite=False)
-    return [[str(path), scene.question] for path, scene in zip(paths, SCENES)]
+    return {scene.name: str(path) for scene, path in zip(SCENES, paths)}
 
 
-def build(image, question):
-    """The Examples block: clicking a row fills the image and the question."""
+def example_rows(directory: Path = EXAMPLES_DIR) -> list[list[str]]:
+    """[[image path, question, method, budget], ...] for gr.Examples, one per EXAMPLES entry."""
+    paths = example_paths(directory)
+    return [[paths[example.scene.name], example.scene.question, example.method, example.budget]
+            for example in EXAMPLES]
+
+
+def build(image, question, method, budget):
+    """The Examples block: clicking a row fills the image, the question, the method and the budget."""
     import gradio as gr
 
-    return gr.Examples(examples=example_rows(), inputs=[image, question], label="Examples (drawn by the project)",
-                       examples_per_page=len(SCENES))
+    return gr.Examples(examples=example_rows(), inputs=[image, question, method, budget],
+                       example_labels=[example.label for example in EXAMPLES],
+                       label="Examples (drawn by the project; the last one is the control)",
+                       examples_per_page=len(EXAMPLES), elem_id="examples")
 
 
 if __name__ == "__main__":

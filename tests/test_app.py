@@ -272,6 +272,23 @@ def test_compare_handler_outputs(handlers, example_image):
     assert card_image.size == (card.WIDTH, card.HEIGHT)
 
 
+@pytest.mark.parametrize("row", range(len(examples.EXAMPLES)), ids=[e.label for e in examples.EXAMPLES])
+def test_every_example_agrees_at_the_default_settings_except_the_control(eng, row):
+    """On the offline default model, with the app's defaults (High, the model's position mode)."""
+    compare, _ = make_handlers(eng, "shapes-llava")
+    path, question, method, budget = examples.example_rows()[row]
+    out = compare(Image.open(path).convert("RGB"), question, model="shapes-llava", method=method, budget=budget,
+                  progress=noop_progress, max_new_tokens=4, repeats=1)
+    record = _trace_json(out)
+    same = record["baseline"]["text"] == record["pruned"]["text"]
+    assert record["resolved_config"]["positions"] == "original"   # shapes-llava's recommended mode
+    if examples.EXAMPLES[row].control:
+        assert not same and out[0].startswith("⚠ **Answers differ**")
+    else:
+        assert same and out[0].startswith("✓ **Same answer**"), (question, record["baseline"]["text"],
+                                                                record["pruned"]["text"])
+
+
 def test_compare_handler_with_visionzip(handlers, example_image):
     """VisionZip runs before the LLM: its stage (layer 0) shows in the table, the overlays, the
     patch inspector and the card, and the token counts are the baseline's 144 patches."""

@@ -78,7 +78,7 @@ def test_browser_run_and_screenshot(url):
 
     shots = Path(os.environ.get("TRANSPRUNE_SCREENSHOT_DIR", ROOT / "out" / "screenshots"))
     shots.mkdir(parents=True, exist_ok=True)
-    image_path, question = examples.example_rows()[0]
+    image_path, question = examples.example_rows()[0][:2]
     with playwright_api.sync_playwright() as p:
         browser = _browser(p)
         try:

@@ -35,18 +35,21 @@ def _fixed(config):
 
 
 # name -> (label for the plot's series, budget, factory). None = unpruned.
+# Position modes are explicit, so a name measures the same thing whatever the model's registry entry
+# recommends (shapes-llava recommends "original"): the plain names use the released code's "compact".
 def method_table() -> dict:
     low = PRESETS["low"]["keep_ratios"]
+    compact = dict(positions="compact")
     return {
         "baseline": ("baseline", "none", _fixed(None)),
-        "high": ("TransPrune", "high", _fixed(PruneConfig.preset("high"))),
-        "low": ("TransPrune", "low", _fixed(PruneConfig.preset("low"))),
-        "ttv-high": ("TTV only", "high", _fixed(PruneConfig.preset("high", criterion="ttv"))),
-        "ttv-low": ("TTV only", "low", _fixed(PruneConfig.preset("low", criterion="ttv"))),
-        "iga-high": ("IGA only", "high", _fixed(PruneConfig.preset("high", criterion="iga"))),
-        "iga-low": ("IGA only", "low", _fixed(PruneConfig.preset("low", criterion="iga"))),
-        "random-high": ("random", "high", _with_seed("random")),
-        "random-low": ("random", "low", _with_seed("random", keep_ratios=low)),
+        "high": ("TransPrune", "high", _fixed(PruneConfig.preset("high", **compact))),
+        "low": ("TransPrune", "low", _fixed(PruneConfig.preset("low", **compact))),
+        "ttv-high": ("TTV only", "high", _fixed(PruneConfig.preset("high", criterion="ttv", **compact))),
+        "ttv-low": ("TTV only", "low", _fixed(PruneConfig.preset("low", criterion="ttv", **compact))),
+        "iga-high": ("IGA only", "high", _fixed(PruneConfig.preset("high", criterion="iga", **compact))),
+        "iga-low": ("IGA only", "low", _fixed(PruneConfig.preset("low", criterion="iga", **compact))),
+        "random-high": ("random", "high", _with_seed("random", **compact)),
+        "random-low": ("random", "low", _with_seed("random", keep_ratios=low, **compact)),
         "fastv": ("FastV", "fastv", _fixed(PruneConfig.preset("fastv"))),
         "pdrop": ("PDrop", "pdrop", _fixed(PruneConfig.preset("pdrop"))),
         # VisionZip before the LLM at the released shares of LLaVA-1.5's 576 patches (192 and 64),
@@ -64,7 +67,49 @@ def method_table() -> dict:
         "random-high-original": ("random, original positions", "high", _with_seed("random", positions="original")),
         "random-low-original": ("random, original positions", "low",
                                 _with_seed("random", keep_ratios=low, positions="original")),
+        "ttv-high-original": ("TTV only, original positions", "high",
+                              _fixed(PruneConfig.preset("high", criterion="ttv", positions="original"))),
+        "ttv-low-original": ("TTV only, original positions", "low",
+                             _fixed(PruneConfig.preset("low", criterion="ttv", positions="original"))),
+        "iga-high-original": ("IGA only, original positions", "high",
+                              _fixed(PruneConfig.preset("high", criterion="iga", positions="original"))),
+        "iga-low-original": ("IGA only, original positions", "low",
+                             _fixed(PruneConfig.preset("low", criterion="iga", positions="original"))),
     }
+
+
+# The fields that make two resolved configs the same setting for held-out accuracy (not the seed:
+# the random control draws a new keep-set per question anyway).
+_SETTING_FIELDS = ("method", "prune_layers", "keep_ratios", "alpha", "criterion", "direction", "positions",
+                   "visionzip_keep")
+
+
+def heldout_record(path: str | Path, resolved: PruneConfig | None) -> tuple[dict, dict] | None:
+    """(record of this setting, baseline record) from an eval JSON, or None if it was not measured.
+
+    `resolved` is the config as run on the model (PruneConfig.resolve), None for the unpruned model.
+    """
+    try:
+        records = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    baseline = records.get("baseline")
+    if baseline is None:
+        return None
+    if resolved is None:
+        return baseline, baseline
+    # Without an in-LLM stage (VisionZip alone) the position mode changes nothing.
+    fields = [key for key in _SETTING_FIELDS if resolved.prune_layers or key != "positions"]
+    wanted = {key: _as_tuple(resolved.to_dict()[key]) for key in fields}
+    for record in records.values():
+        stored = record.get("config")
+        if stored and {key: _as_tuple(stored.get(key)) for key in fields} == wanted:
+            return record, baseline
+    return None
+
+
+def _as_tuple(value):
+    return tuple(value) if isinstance(value, list) else value
 
 
 def evaluate_method(lm, examples, factory, shape: tuple[int, int, int], progress=None) -> dict:
@@ -112,6 +157,7 @@ def run_shapes(model_name: str, seed: int, n: int, names: list[str]) -> dict:
         start = time.perf_counter()
         record = evaluate_method(lm, examples, factory, shape)
         config = factory(0)
+        config = lm.config_for(config)   # what ran: the model's recommended positions where unset
         record.update(method=label, budget=budget, seconds=round(time.perf_counter() - start, 1),
                       config=None if config is None else config.resolve(shape[2]).to_dict())
         results[name] = record
