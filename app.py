@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from components import answers, downloads, engine, examples, health, inputs, metrics, notes, overlay, theme
-from components.compare import make_handlers
+from components import answers, downloads, engine, examples, health, inputs, metrics, notes, overlay, speed, theme
+from components.compare import make_handlers, make_speed_handler
 
 GPU_QUEUE = "gpu"        # one concurrency id for everything that touches the model
 QUEUE_SIZE = 16          # requests waiting beyond this are refused with "queue full"
@@ -49,21 +49,27 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
         notes.build_header()
         health_warning = health.build()
         state = gr.State(None)
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=2, min_width=380):
-                ins = inputs.build(eng, default)
-                examples.build(ins.image, ins.question, ins.method, ins.budget)
-            with gr.Column(scale=3, min_width=520):
+        # The hero (answers, what it cost, what it kept) comes first: left on a desktop, on top on a
+        # phone, where the inputs follow it. Examples and the detailed panels come after.
+        with gr.Row(equal_height=False, elem_id="hero-row"):
+            with gr.Column(scale=3, min_width=300, elem_id="hero"):
                 ans = answers.build()
                 with gr.Row(equal_height=False):
-                    with gr.Column(scale=5, min_width=300):
+                    with gr.Column(scale=5, min_width=280):
                         inspect, segment = overlay.build_view()
-                    with gr.Column(scale=4, min_width=260):
-                        chart = metrics.build_chart()
-                        patch_note, patch_table = overlay.build_patch_panel()
+                    with gr.Column(scale=4, min_width=240):
+                        real_size = speed.build()
                 status = gr.Markdown("", elem_classes=["run-status"], elem_id="run-status")
+            with gr.Column(scale=2, min_width=300, elem_id="inputs"):
+                ins = inputs.build(eng, default)
+        examples.build(ins.image, ins.question, ins.method, ins.budget)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3, min_width=300):
                 table = metrics.build_table()
                 dl = downloads.build()
+            with gr.Column(scale=2, min_width=300):
+                chart = metrics.build_chart()
+                patch_note, patch_table = overlay.build_patch_panel()
         gal = overlay.build_galleries()
         notes.build_measurement()
 
@@ -75,6 +81,9 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
         gr.on([ins.run.click, ins.question.submit], compare, inputs=ins.run_inputs(), outputs=run_outputs,
               api_name="compare", concurrency_id=GPU_QUEUE, concurrency_limit=1,
               show_progress_on=[ans.verdict, ans.baseline, ans.pruned])
+        real_size.run.click(make_speed_handler(eng), inputs=ins.schedule_inputs(), outputs=real_size.result,
+                            api_name="speed_at_real_size", concurrency_id=GPU_QUEUE, concurrency_limit=1,
+                            show_progress_on=[real_size.result])
         ins.model.change(load_model, inputs=[ins.model, ins.dtype, ins.attn], outputs=ins.model_info,
                          concurrency_id=GPU_QUEUE, concurrency_limit=1, api_visibility="private")
         ins.budget.change(inputs.on_budget, ins.budget, ins.keep_ratio, api_visibility="private", queue=False)
@@ -92,6 +101,7 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
 def launch_kwargs(args) -> dict:
     """Everything launch() needs apart from the Blocks: server, theme, upload cap."""
     return dict(server_name=args.host, server_port=args.port, share=args.share, theme=theme.theme(), css=theme.CSS,
+                head=theme.HEAD,
                 max_file_size=args.max_upload, show_error=True, footer_links=["api", "gradio"])
 
 

@@ -47,19 +47,30 @@ def word_agreement(baseline: str, pruned: str) -> float:
     return difflib.SequenceMatcher(a=a, b=b, autojunk=False).ratio()
 
 
-def verdict(baseline: str, pruned: str, speedup: float, visual_kept: int, visual_total: int,
-            flops_saved: float) -> str:
-    """The headline over the answers: same answer or not, and what it cost."""
+def verdict(baseline: str, pruned: str, visual_kept: int, visual_total: int, flops_saved: float,
+            speed: str, heldout: str | None = None) -> str:
+    """The headline over the answers: same answer or not, what it cost, and how fast.
+
+    `speed` is the speed figure that means something for this run (the run's own measured speedup
+    on a real checkpoint; the real-size measurement, or where to get it, for the built-in tiny
+    models); `heldout` a line on the setting's accuracy over the model's held-out questions.
+    """
     same = " ".join(_words(baseline)) == " ".join(_words(pruned))
     answer = ("✓ **Same answer**" if same else
               f"⚠ **Answers differ** ({word_agreement(baseline, pruned):.0%} of words agree)")
-    text = (f"{answer} &nbsp;·&nbsp; **{visual_kept} of {visual_total}** visual tokens left after the last stage "
-            f"&nbsp;·&nbsp; **{flops_saved:.0%}** fewer analytic FLOPs &nbsp;·&nbsp; prefill **{speedup:.2f}×** "
-            "measured")
-    if speedup < 1.0:
-        text += ("  \n<small>Measured slower: on a model this small the fixed per-layer costs of pruning (hooks, "
-                 "scoring) outweigh the FLOPs it saves. See “How this is measured”.</small>")
+    text = (f"{answer} &nbsp;·&nbsp; **{visual_total} → {visual_kept}** visual tokens &nbsp;·&nbsp; "
+            f"**{flops_saved:.0%}** fewer analytic FLOPs &nbsp;·&nbsp; {speed}")
+    if heldout:
+        text += f"  \n<small>{heldout}</small>"
     return text
+
+
+def heldout_line(record: dict | None, baseline: dict | None, n_label: str = "held-out scene questions") -> str | None:
+    """"On 500 held-out scene questions this setting answers 98.0 % right (unpruned: 100.0 %)"."""
+    if record is None or baseline is None:
+        return None
+    return (f"On {record['n']} {n_label} this setting answers **{record['accuracy']:.1%}** right "
+            f"(unpruned: {baseline['accuracy']:.1%}): one example is never the whole story.")
 
 
 @dataclass

@@ -54,8 +54,12 @@ def _draw_answer(draw, box, title: str, colour, words, face, title_face, max_lin
         y += line_height
 
 
-def render(comparison, canvas: Canvas, method_label: str, budget_label: str) -> Image.Image:
-    """The card for one run, WIDTH x HEIGHT; `canvas` places the tokens on the picture (overlay.canvas_for)."""
+def render(comparison, canvas: Canvas, method_label: str, budget_label: str, real_size=None) -> Image.Image:
+    """The card for one run, WIDTH x HEIGHT; `canvas` places the tokens on the picture (overlay.canvas_for).
+
+    The speed figure is the one that means something (see compare.speed_text): the run's own on a
+    real checkpoint; for the built-in tiny models the real-size measurement (`real_size`), else none.
+    """
     nums = numbers(comparison)
     trace = comparison.pruned.trace
     card = Image.new("RGB", (WIDTH, HEIGHT), drawing.PAPER)
@@ -108,8 +112,11 @@ def render(comparison, canvas: Canvas, method_label: str, budget_label: str) -> 
     y += panel_h + 24
 
     stats = [(f"{nums.visual_tokens} → {len(last.kept)}", "visual tokens"),
-             (f"{nums.prefill_ms[0]:.0f} → {nums.prefill_ms[1]:.0f} ms", "prefill (median)"),
-             (f"{nums.speedup:.2f}×", f"measured (bound {nums.bound:.2f}×)")]
+             (f"{nums.flops_saved:.0%}", "fewer analytic FLOPs")]
+    if not comparison.spec.offline:
+        stats.append((f"{nums.speedup:.2f}×", f"prefill, measured (bound {nums.bound:.2f}×)"))
+    elif real_size is not None:
+        stats.append((f"{real_size.speedup:.2f}×", f"prefill at 7B shape (bound {real_size.bound:.2f}×)"))
     col_w = (x1 - x0) / len(stats)
     for i, (value, name) in enumerate(stats):
         size = 34
@@ -126,9 +133,15 @@ def render(comparison, canvas: Canvas, method_label: str, budget_label: str) -> 
                                height=chart_h / zoom, scale=zoom, title="Tokens per decoder layer")
         card.paste(chart, (x0, y))
 
+    if not comparison.spec.offline:
+        timing = (f"Timings: warmed, alternating order, median prefill of "
+                  f"{len(comparison.prefill_samples['pruned'])} runs.")
+    elif real_size is not None:
+        timing = f"Speed: {real_size.where}, random weights (timing only), median of {real_size.repeats} runs."
+    else:
+        timing = "Speed not shown: this built-in model is too small for pruning to pay off in time."
     footer = (f"TransPrune (arXiv 2507.20630). Analytic FLOPs {fmt_tflops(nums.tflops_visual[0])} → "
-              f"{fmt_tflops(nums.tflops_visual[1])} TFLOPs (visual tokens, the paper's accounting). Timings: "
-              f"warmed, alternating order, median prefill of {len(comparison.prefill_samples['pruned'])} runs.")
+              f"{fmt_tflops(nums.tflops_visual[1])} TFLOPs (visual tokens, the paper's accounting). {timing}")
     for i, line in enumerate(drawing.wrap(draw, footer, small, WIDTH - 2 * MARGIN, max_lines=2)):
         draw.text((MARGIN, HEIGHT - 76 + i * 28), line, fill=drawing.MUTED, font=small)
     return card

@@ -35,7 +35,17 @@ def status_line(comparison, method_label: str, budget: str) -> str:
     layers = comparison.shape[2]
     return (f"**{comparison.spec.label}** ({comparison.spec.size}, {layers} layers) on **{comparison.device}** · "
             f"{comparison.dtype} · {method_label} ({budget}): {schedule.describe(comparison.resolved, layers)} · "
-            f"{comparison.resolved.positions} positions · {comparison.first} ran first in the answer pass")
+            f"{comparison.resolved.positions} positions{_positions_why(comparison)} · {comparison.first} ran first "
+            "in the answer pass")
+
+
+def _positions_why(comparison) -> str:
+    """Why this model runs its recommended position mode, when it does."""
+    spec = comparison.spec
+    if spec.positions and spec.positions_reason and comparison.resolved.positions == spec.positions \
+            and comparison.config.positions in (None, spec.positions):
+        return f" (this model's recommended mode: {spec.positions_reason})"
+    return ""
 
 
 def _run_on_device(engine: Engine, model, image, question, config, max_new_tokens, repeats, dtype, attn, progress,
@@ -86,7 +96,7 @@ def make_handlers(engine: Engine, default_model: str):
             comparison = run_on_device(engine, model, picture, question, config, max_new_tokens, repeats,
                                        dtype, attn, progress, video)
             progress(0.97, desc="Drawing overlays…")
-            return render_outputs(comparison, picture, method, budget)
+            return render_outputs(comparison, picture, method, budget, engine.real_size.cached(config))
         except UserError as error:
             raise gr.Error(str(error), print_exception=False) from None
         except gr.Error:
@@ -111,8 +121,45 @@ def make_handlers(engine: Engine, default_model: str):
     return compare, load_model
 
 
-def render_outputs(comparison, picture: Image.Image | None, method_label: str, budget: str) -> tuple:
-    """Everything /compare returns, in the order of app.py's `run_outputs`."""
+def make_speed_handler(engine: Engine):
+    """The "Speed at real size" handler: the chosen schedule timed on a real-size shape (cached)."""
+
+    def measure_speed(method="TransPrune", budget="High", keep_ratio=0.125, alpha=0.5, layers="",
+                      positions="Model default", seed=0, progress=gr.Progress()):
+        try:
+            config = schedule.build_config(method, budget, float(keep_ratio), float(alpha), layers, positions,
+                                           int(seed or 0))
+            result = engine.real_size.measure(config, lambda fraction, text: progress(fraction, desc=text))
+        except (ConfigError, ValueError, TypeError) as error:
+            return f"⚠ This schedule cannot be timed at real size: {error}"
+        except Exception as error:  # never crash the app over a measurement
+            log.exception("real-size timing failed")
+            if "out of memory" in str(error).lower() or isinstance(error, MemoryError):
+                return "⚠ Not enough memory here to build the real-size model; try again when no other run is going."
+            return f"⚠ The real-size timing failed ({type(error).__name__}); the app is still running, try again."
+        return result.markdown()
+
+    return measure_speed
+
+
+def speed_text(comparison, nums, real_size) -> str:
+    """The speed figure that means something for this run, saying which it is.
+
+    A real checkpoint: its own measured prefill speedup. The built-in tiny models are too small for
+    pruning to pay off in wall-clock time, so never lead with their figure: show the schedule's
+    speed at real size (components/speed.py) when it was measured, else where to measure it.
+    """
+    if not comparison.spec.offline:
+        return f"prefill **{nums.speedup:.2f}×** measured on this model (bound {nums.bound:.2f}×)"
+    if real_size is not None:
+        return real_size.headline() + " on a LLaVA-1.5-7B-shaped model"
+    return "speed: see **Speed at real size** below (a model this small is too small to show it)"
+
+
+def render_outputs(comparison, picture: Image.Image | None, method_label: str, budget: str,
+                   real_size=None) -> tuple:
+    """Everything /compare returns, in the order of app.py's `run_outputs`. `real_size`: the
+    schedule's SpeedResult at real size, if one was measured."""
     base_text, pruned_text = comparison.baseline.text, comparison.pruned.text
     left, right = answers.diff_segments(base_text, pruned_text)
     nums = metrics.numbers(comparison)
@@ -121,10 +168,11 @@ def render_outputs(comparison, picture: Image.Image | None, method_label: str, b
     segments = canvas.segments
     inspect_segment = segments[-1]
     labels = overlay.stage_labels(trace)
-    card_path = downloads.write_card(comparison, canvas, method_label, budget)
+    card_path = downloads.write_card(comparison, canvas, method_label, budget, real_size)
+    heldout = comparison.heldout
     return (
-        answers.verdict(base_text, pruned_text, nums.speedup, len(trace.kept), nums.visual_tokens,
-                        nums.flops_saved),
+        answers.verdict(base_text, pruned_text, len(trace.kept), nums.visual_tokens, nums.flops_saved,
+                        speed_text(comparison, nums, real_size), answers.heldout_line(*heldout) if heldout else None),
         status_line(comparison, method_label, budget),
         left,
         right,

@@ -57,9 +57,9 @@ def write_trace(comparison, method_label: str, budget: str) -> str:
     return str(path)
 
 
-def write_card(comparison, canvas, method_label: str, budget: str) -> str:
+def write_card(comparison, canvas, method_label: str, budget: str, real_size=None) -> str:
     path = _export_path("transprune-card", ".png")
-    card.render(comparison, canvas, method_label, budget).save(path, optimize=True)
+    card.render(comparison, canvas, method_label, budget, real_size).save(path, optimize=True)
     return str(path)
 
 

@@ -28,6 +28,8 @@ from transprune.adapters import UnsupportedModelError, for_model
 from transprune.flops import model_shape
 from transprune.methods import visionzip
 from transprune.eval import heldout_record
+
+from .speed import RealSizeSpeed
 from transprune.models import REGISTRY, LoadedModel, ModelLoadError, ModelSpec, default_device, load
 
 # The offline models tried, in order, when no model is named (the first that loads wins).
@@ -155,6 +157,7 @@ class Engine:
         self._lock = threading.Lock()
         self._runs = itertools.count()
         self.unavailable: dict[str, str] = {}   # registry name -> why it failed to load, for labels
+        self.real_size = RealSizeSpeed(self.device)   # "Speed at real size", cached per schedule
 
     # ------------------------------------------------------------------ which models
     def allowed(self, name: str) -> bool:

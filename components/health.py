@@ -21,7 +21,9 @@ class StartupCheck:
         self.report: doctor.Report | None = None
         self.error: str | None = None
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(check,), name="transprune-self-check", daemon=True)
+        # Not a daemon: a process that exits during the check waits the few seconds it has left rather
+        # than killing torch mid-computation (which aborts the interpreter).
+        self._thread = threading.Thread(target=self._run, args=(check,), name="transprune-self-check")
         self._thread.start()
 
     def _run(self, check):

@@ -163,6 +163,10 @@ class Inputs:
                 self.alpha, self.layers, self.positions, self.max_new_tokens, self.attn, self.dtype, self.seed,
                 self.repeats]
 
+    def schedule_inputs(self) -> list:
+        """The inputs of the real-size timing: the schedule settings only."""
+        return [self.method, self.budget, self.keep_ratio, self.alpha, self.layers, self.positions, self.seed]
+
 
 def model_info(engine: engine_module.Engine, name: str) -> str:
     """A line under the dropdown: what the model is and its depth (once loaded)."""

@@ -8,9 +8,11 @@ from .inputs import MAX_PIXELS, MAX_QUESTION_CHARS, MAX_SIDE, MAX_UPLOAD
 
 HEADER = """
 # TransPrune: same answer, a fraction of the visual tokens
-Training-free visual-token pruning inside the language model of a vision-language model
-([arXiv 2507.20630](https://arxiv.org/abs/2507.20630)). One click runs the **unpruned baseline** and the
-**pruned model** on the same image and question, then shows both answers, what it cost, and which patches survived.
+**What you are seeing:** one click asks the same question about the same image twice, once with every visual
+token (the **baseline**) and once with TransPrune dropping most of them inside the language model. Both answers,
+the tokens and FLOPs saved, and which image patches survived appear below.
+Paper: [arXiv 2507.20630](https://arxiv.org/abs/2507.20630) · code: the `transprune` library in this app's
+repository (`pip install -r requirements.txt`, then `transprune.apply(model, "high")`).
 """
 
 MEASUREMENT = f"""

@@ -302,11 +302,18 @@ class Galleries:
 
 
 def build_view() -> tuple[gr.Image, gr.Radio]:
-    inspect = gr.Image(label="What it kept: click a patch to inspect it", type="pil", interactive=False,
-                       format="png", elem_id="inspect-image", buttons=["download", "fullscreen"], height=400)
+    inspect = gr.Image(label="What it kept", type="pil", interactive=False, format="png", elem_id="inspect-image",
+                       buttons=["download", "fullscreen"], height=380)
+    gr.Markdown(LEGEND, elem_id="overlay-legend")
     segment = gr.Radio(["image"], value="image", label="View", visible=False, elem_id="segment",
                        info="AnyRes: the base view and the high-resolution tiles")
     return inspect, segment
+
+
+LEGEND = ("**Outlined** = kept after the last stage · **dimmed** = pruned (darker = pruned earlier) · "
+          "click a patch for its scores. A dimmed patch is not lost: by the pruning layer its content has "
+          "already flowed into the kept tokens through attention, so the tokens kept are often edges and "
+          "background next to an object rather than the object itself.")
 
 
 def build_patch_panel() -> tuple[gr.Markdown, gr.Dataframe]:

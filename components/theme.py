@@ -37,4 +37,22 @@ CSS = """
 .model-info { font-size: 0.9rem; }
 #run { font-size: 1.2rem; min-height: 3.2rem; }
 #patch-table td, #patch-table th { font-size: 0.85rem; padding: 4px 6px; }
+/* Never wider than the screen (a 390 px phone included): wide tables scroll inside their own panel. */
+#metrics-table, #patch-table { max-width: calc(100vw - 36px) !important; }
+/* Answers wrap between words, never inside one. */
+.answer .textspan, .answer .textfield { word-break: normal !important; overflow-wrap: break-word !important;
+                                        hyphens: none; }
+#overlay-legend { font-size: 0.95rem; }
+#speed-result h3 { margin-top: 0.2rem; }
+@media (max-width: 640px) {
+  #header h1 { font-size: 1.6rem; }
+  .verdict { font-size: 1.1rem; }
+  .answer .textfield, .answer .textspan { font-size: 1.25rem !important; }
+}
 """
+
+# Rules for the page around the app (outside `.contain`, where launch(css=...) does not reach): on a
+# phone the default 32 px side padding leaves too little room for the panels.
+HEAD = """<style>
+@media (max-width: 640px) { .fillable.app { padding-left: 6px !important; padding-right: 6px !important; } }
+</style>"""

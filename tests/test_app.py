@@ -174,8 +174,14 @@ def test_diff_marks_only_differing_words():
     assert [t.strip() for t, label in right if label] == ["blue"]
     same_left, same_right = answers.diff_segments("red", "red")
     assert all(label is None for _, label in same_left + same_right)
-    assert "Same answer" in answers.verdict("red", "red", 1.5, 18, 144, 0.6)
-    assert "differ" in answers.verdict("red", "blue", 1.5, 18, 144, 0.6)
+    same = answers.verdict("red", "red", 18, 144, 0.6, "prefill **2.10×** at real size")
+    assert same.startswith("✓ **Same answer**") and "**144 → 18** visual tokens" in same and "**60%**" in same
+    assert "2.10×" in same and "<small>" not in same
+    differ = answers.verdict("red", "blue", 18, 144, 0.6, "x", heldout="98 % of 500")
+    assert "differ" in differ and differ.endswith("<small>98 % of 500</small>")
+    line = answers.heldout_line({"n": 500, "accuracy": 0.98}, {"accuracy": 1.0})
+    assert "On 500 held-out scene questions" in line and "98.0%" in line and "100.0%" in line
+    assert answers.heldout_line(None, None) is None
 
 
 # ---------------------------------------------------------------------------- engine and models

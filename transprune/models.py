@@ -53,8 +53,8 @@ class ModelSpec:
 
     @property
     def display_name(self) -> str:
-        where = "offline, built in" if self.offline else "downloads from the Hub"
-        return f"{self.label} ({self.size}, {where})"
+        where = "offline" if self.offline else "from the Hub"
+        return f"{self.label} · {self.size} · {where}"
 
 
 def _tiny_llava():
@@ -99,7 +99,7 @@ def register(spec: ModelSpec) -> ModelSpec:
 
 
 for _spec in (
-    ModelSpec("shapes-llava", "Shapes LLaVA (trained, answers scene questions)", "llava", "4M",
+    ModelSpec("shapes-llava", "Shapes LLaVA (trained on scenes)", "llava", "2.9M",
               builder=_shapes_llava,
               description="A small LLaVA trained on synthetic shape scenes; answers colour/shape/count/where questions.",
               positions="original",
@@ -108,7 +108,7 @@ for _spec in (
                                 "original positions and 86.4 % with the released code's compact renumbering "
                                 "(where 73 %, count 63 %)"),
               heldout="assets/shapes-llava/eval.json"),
-    ModelSpec("tiny-llava", "Tiny LLaVA (random weights)", "llava", "0.9M", builder=_tiny_llava,
+    ModelSpec("tiny-llava", "Tiny LLaVA (random weights)", "llava", "0.65M", builder=_tiny_llava,
               description="LLaVA-1.5 architecture, 16 layers, random weights: exercises pruning, answers are noise."),
     ModelSpec("tiny-llava-next", "Tiny LLaVA-NeXT (random weights)", "llava_next", "0.9M", builder=_tiny_llava_next,
               description="LLaVA-NeXT AnyRes architecture, random weights."),
