@@ -16,6 +16,7 @@ except ImportError:
 
 import argparse
 import os
+import threading
 from dataclasses import dataclass
 
 import gradio as gr
@@ -59,6 +60,7 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
                         inspect, segment = overlay.build_view()
                     with gr.Column(scale=4, min_width=240):
                         real_size = speed.build()
+                notes.build_what_you_see()
                 status = gr.Markdown("", elem_classes=["run-status"], elem_id="run-status")
             with gr.Column(scale=2, min_width=300, elem_id="inputs"):
                 ins = inputs.build(eng, default)
@@ -153,6 +155,9 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     app = build_demo(args.model, allowed_from(args.allowed_models), args.device)
     print(f"[transprune] default model: {app.default_model} on {app.engine.device}")
+    # Warm the default model in the background: the page is served at once, the first click is fast.
+    threading.Thread(target=app.engine.warm, args=(app.default_model,), name="transprune-warm-up",
+                     daemon=True).start()
     app.demo.launch(**launch_kwargs(args))
 
 

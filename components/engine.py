@@ -197,6 +197,20 @@ class Engine:
         raise UserError("No model could be loaded; check the installation (the built-in offline models "
                         "need no download).")
 
+    def warm(self, name: str, image=None, question: str = "What color is the circle?"):
+        """Run `name` once unpruned and once pruned (one new token each), so that the first visitor's
+        click does not pay for first-call allocation and kernel selection. Errors are only logged."""
+        from PIL import Image
+
+        try:
+            lm = self.get(name)
+            image = image if image is not None else Image.new("RGB", (336, 336), (236, 236, 238))
+            inputs = lm.prepare(image, question)
+            for config in (None, "high"):
+                lm.generate(image, question, config, max_new_tokens=1, inputs=inputs)
+        except Exception as error:  # a warm-up must never stop the app
+            print(f"[transprune] warm-up of {name} skipped: {type(error).__name__}: {error}")
+
     # ------------------------------------------------------------------ loading
     def get(self, name: str, dtype: str = "auto", attn: str = "sdpa", progress=None) -> LoadedModel:
         """The loaded model (from the cache when possible); raises UserError with what to do."""

@@ -8,11 +8,14 @@ from .inputs import MAX_PIXELS, MAX_QUESTION_CHARS, MAX_SIDE, MAX_UPLOAD
 
 HEADER = """
 # TransPrune: same answer, a fraction of the visual tokens
-**What you are seeing:** one click asks the same question about the same image twice, once with every visual
-token (the **baseline**) and once with TransPrune dropping most of them inside the language model. Both answers,
-the tokens and FLOPs saved, and which image patches survived appear below.
-Paper: [arXiv 2507.20630](https://arxiv.org/abs/2507.20630) · code: the `transprune` library in this app's
-repository (`pip install -r requirements.txt`, then `transprune.apply(model, "high")`).
+Training-free visual-token pruning inside a vision-language model · [paper (arXiv 2507.20630)](https://arxiv.org/abs/2507.20630)
+· code: the `transprune` library in this app's repository
+"""
+
+WHAT_YOU_SEE = """
+**What you are seeing.** One click asks the same question about the same image twice: once with every visual
+token (the baseline) and once with TransPrune dropping most of them inside the language model. The picture shows
+which image patches the pruned model still had after its last pruning stage.
 """
 
 MEASUREMENT = f"""
@@ -50,6 +53,10 @@ have random weights: they exercise the pruning path end to end, but their answer
 
 def build_header():
     return gr.Markdown(HEADER, elem_id="header")
+
+
+def build_what_you_see():
+    return gr.Markdown(WHAT_YOU_SEE, elem_id="what-you-see")
 
 
 def build_measurement():

@@ -60,8 +60,9 @@ class SpeedResult:
 class RealSizeSpeed:
     """Measures and caches `SpeedResult`s; one measurement at a time (they share the CPU)."""
 
-    def __init__(self, device: str | None = None):
+    def __init__(self, device: str | None = None, cpu_width: float = CPU_WIDTH):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.cpu_width = cpu_width
         self._cache: dict[PruneConfig, SpeedResult] = {}
         self._lock = threading.Lock()
 
@@ -82,7 +83,7 @@ class RealSizeSpeed:
             if key in self._cache:
                 return self._cache[key]
             cuda = self.device.startswith("cuda")
-            width = 1.0 if cuda else CPU_WIDTH
+            width = 1.0 if cuda else self.cpu_width
             step = progress or (lambda fraction, text: None)
             step(0.05, "Building the real-size model (random weights)…")
             model = bench.build(ARCH, width_scale=width, device=self.device,

@@ -23,6 +23,7 @@ CSS = """
 .gradio-container { max-width: 1500px !important; margin: 0 auto !important; }
 #header h1 { font-size: 2.1rem; margin-bottom: 0.2rem; letter-spacing: -0.01em; }
 #header p { font-size: 1.05rem; color: var(--body-text-color-subdued); }
+#what-you-see { font-size: 0.95rem; }
 .verdict { font-size: 1.3rem; padding: 0.6rem 0.9rem; border-radius: 10px;
            background: var(--block-background-fill); border: 1px solid var(--border-color-primary); }
 .verdict p { margin: 0; }
@@ -45,7 +46,9 @@ CSS = """
 #overlay-legend { font-size: 0.95rem; }
 #speed-result h3 { margin-top: 0.2rem; }
 @media (max-width: 640px) {
-  #header h1 { font-size: 1.6rem; }
+  #header h1 { font-size: 1.5rem; }
+  #header p { font-size: 0.9rem; }
+  .answer { min-height: 110px; }
   .verdict { font-size: 1.1rem; }
   .answer .textfield, .answer .textspan { font-size: 1.25rem !important; }
 }

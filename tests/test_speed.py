@@ -1,0 +1,48 @@
+"""The "Speed at real size" panel: the chosen schedule timed on LLaVA-1.5-7B's language-model shape."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from components import compare, speed
+from components.engine import Engine
+from transprune import PruneConfig, flops
+
+
+@pytest.fixture(scope="module")
+def narrow():
+    """The real shape (32 layers, 576 visual tokens) at 1/32 of the width, so the test takes seconds."""
+    return speed.RealSizeSpeed(device="cpu", cpu_width=1 / 32)
+
+
+def test_measures_baseline_and_schedule_on_the_real_shape_and_caches(narrow):
+    steps = []
+    result = narrow.measure(PruneConfig.preset("high"), lambda fraction, text: steps.append((fraction, text)))
+    assert result.visual_tokens == 576 and result.final_visual_tokens == 72     # 576 * 0.125
+    assert result.baseline_ms > 0 and result.pruned_ms > 0 and math.isfinite(result.speedup)
+    # The analytic whole-sequence bound of High at 32 layers, at this width (hidden 128, MLP 344), for the
+    # bench prompt: 1 + 35 text tokens, 576 visual, 25 text; survivors 504 / 360 / 72 after layers 7 / 9 / 12.
+    text = 61
+    pruned = [576] * 7 + [504] * 2 + [360] * 3 + [72] * 20
+    full = flops.tflops([576 + text] * 32, 128, 344)
+    assert result.bound == pytest.approx(full / flops.tflops([n + text for n in pruned], 128, 344), rel=1e-9)
+    fractions = [fraction for fraction, _ in steps]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert "1/32" not in result.markdown() and "0.03125× width" in result.where
+    assert "random weights" in result.markdown().lower() and f"{result.bound:.2f}×" in result.markdown()
+    # Cached per schedule, whatever the position mode or the seed (they do not change the speed).
+    assert narrow.cached(PruneConfig.preset("high", positions="original", seed=3)) is result
+    assert narrow.measure(PruneConfig.preset("high")) is result
+    assert narrow.cached(PruneConfig.preset("low")) is None
+
+
+def test_the_handler_answers_in_markdown_and_reports_bad_schedules_inline(narrow):
+    engine = Engine()
+    engine.real_size = narrow
+    handler = compare.make_speed_handler(engine)
+    text = handler("TransPrune", "High", progress=lambda *a, **k: None)
+    assert text.startswith("### ") and "faster prefill at real size" in text
+    bad = handler("TransPrune", "Custom", keep_ratio=0.0, progress=lambda *a, **k: None)
+    assert bad.startswith("⚠ This schedule cannot be timed at real size")
