@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from components import answers, downloads, engine, examples, health, inputs, metrics, notes, overlay, speed, theme
-from components.compare import make_handlers, make_speed_handler
+from components.compare import ErrorInbox, make_handlers, make_speed_handler
 
 GPU_QUEUE = "gpu"        # one concurrency id for everything that touches the model
 QUEUE_SIZE = 16          # requests waiting beyond this are refused with "queue full"
@@ -44,7 +44,8 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
     self_check = self_check or health.startup_check()
     eng = engine.Engine(engine.Settings(allowed_models=allowed_models, device=device))
     default = eng.default_model(model)
-    compare, load_model = make_handlers(eng, default)
+    errors = ErrorInbox()
+    compare, load_model = make_handlers(eng, default, errors)
 
     with gr.Blocks(title="TransPrune: baseline vs pruned", delete_cache=(1800, 3600)) as demo:
         notes.build_header()
@@ -80,9 +81,11 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
                   show_progress="hidden")
         run_outputs = [ans.verdict, status, ans.baseline, ans.pruned, table, chart, gal.stages, inspect, segment,
                        patch_note, patch_table, gal.heat_stage, gal.heatmaps, dl.trace, dl.card, dl.preview, state]
-        gr.on([ins.run.click, ins.question.submit], compare, inputs=ins.run_inputs(), outputs=run_outputs,
-              api_name="compare", concurrency_id=GPU_QUEUE, concurrency_limit=1,
-              show_progress_on=[ans.verdict, ans.baseline, ans.pruned])
+        # Progress (and a failure's status) on the verdict only; the error sentence then replaces the
+        # verdict's text (ErrorInbox) and stays there until the next run.
+        run = gr.on([ins.run.click, ins.question.submit], compare, inputs=ins.run_inputs(), outputs=run_outputs,
+                    api_name="compare", concurrency_id=GPU_QUEUE, concurrency_limit=1, show_progress_on=[ans.verdict])
+        run.failure(errors.show, outputs=ans.verdict, api_visibility="private", queue=False, show_progress="hidden")
         real_size.run.click(make_speed_handler(eng), inputs=ins.schedule_inputs(), outputs=real_size.result,
                             api_name="speed_at_real_size", concurrency_id=GPU_QUEUE, concurrency_limit=1,
                             show_progress_on=[real_size.result])

@@ -8,6 +8,8 @@ sentence saying what to do; the app keeps serving.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import gradio as gr
@@ -58,12 +60,50 @@ def _run_on_device(engine: Engine, model, image, question, config, max_new_token
 run_on_device = gpu_task(_run_on_device)
 
 
-def make_handlers(engine: Engine, default_model: str):
-    """The event handlers of one app, as plain functions closing over its Engine."""
+class ErrorInbox:
+    """The last error sentence of each browser session, for the event that shows it inline.
+
+    A failed /compare still raises (API clients get the error); its `.failure()` follow-up reads the
+    sentence from here and writes it into the result area, where it stays until the next run.
+    """
+
+    def __init__(self, capacity: int = 1000):
+        self._messages: OrderedDict[str, str] = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    def put(self, request, message: str):
+        key = getattr(request, "session_hash", None)
+        if key is None:
+            return
+        with self._lock:
+            self._messages[key] = message
+            self._messages.move_to_end(key)
+            while len(self._messages) > self._capacity:
+                self._messages.popitem(last=False)
+
+    def show(self, request: gr.Request):
+        """Event handler: the session's last error as the verdict's text."""
+        with self._lock:
+            message = self._messages.pop(getattr(request, "session_hash", None), None)
+        if message is None:
+            return gr.skip()
+        return f"⚠ **Could not run:** {message}"
+
+
+def make_handlers(engine: Engine, default_model: str, errors: ErrorInbox | None = None):
+    """The event handlers of one app, as plain functions closing over its Engine. With `errors`,
+    every error sentence of /compare is also left there for the page to show inline."""
+
+    def fail(request, message: str) -> gr.Error:
+        if errors is not None:
+            errors.put(request, message)
+        # Shown inline by the page (ErrorInbox); the toast is only for pages without that wiring.
+        return gr.Error(message, print_exception=False, visible=errors is None)
 
     def compare(image, question, video=None, model=default_model, method="TransPrune", budget="High",
                 keep_ratio=0.125, alpha=0.5, layers="", positions="Model default", max_new_tokens=32,
-                attn="sdpa", dtype="auto", seed=0, repeats=3, progress=gr.Progress()):
+                attn="sdpa", dtype="auto", seed=0, repeats=3, progress=gr.Progress(), request: gr.Request = None):
         """Run the unpruned baseline and the pruned model on the same image (or video) and question."""
         try:
             question = prepare_question(question)
@@ -98,13 +138,13 @@ def make_handlers(engine: Engine, default_model: str):
             progress(0.97, desc="Drawing overlays…")
             return render_outputs(comparison, picture, method, budget, engine.real_size.cached(config))
         except UserError as error:
-            raise gr.Error(str(error), print_exception=False) from None
-        except gr.Error:
-            raise
+            raise fail(request, str(error)) from None
+        except gr.Error as error:
+            raise fail(request, error.message) from None
         except Exception as error:  # a bug, not the user's fault: say so, log it, keep serving
             log.exception("compare failed")
-            raise gr.Error(f"Something went wrong ({type(error).__name__}: {error}). The app is still running; "
-                           "try again or pick other settings.") from None
+            raise fail(request, f"Something went wrong ({type(error).__name__}: {error}). The app is still "
+                                "running; try again or pick other settings.") from None
 
     def load_model(model, dtype="auto", attn="sdpa", progress=gr.Progress()):
         """Load the chosen model now (with progress) and describe it; a failure is a warning."""

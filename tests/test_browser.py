@@ -219,3 +219,33 @@ def test_speed_at_real_size_panel_runs(url):
                                    timeout=120_000)
         finally:
             browser.close()
+
+
+def test_an_error_is_one_inline_sentence_in_the_result_area(url):
+    """An empty question: the sentence replaces the verdict, no toast, no red badge on the panels."""
+    with playwright_api.sync_playwright() as p:
+        browser = _browser(p)
+        try:
+            page = browser.new_page(viewport=VIEWPORTS["desktop"])
+            page.goto(url, wait_until="load")
+            page.wait_for_selector("#run", timeout=60_000)
+            page.locator("#question textarea").fill("   ")
+            page.locator("#run").click()
+            page.wait_for_function("() => document.querySelector('#verdict').innerText.includes('Could not run')",
+                                   timeout=60_000)
+            page.wait_for_timeout(1500)
+            verdict = _text(page, "#verdict")
+            assert "question is empty" in verdict.lower() or "empty" in verdict.lower(), verdict
+            assert page.locator(".toast-body").count() == 0, "the error must not (also) be a toast"
+            for selector in ("#verdict", "#answer-baseline", "#answer-pruned"):
+                assert "Error" not in page.locator(selector).inner_text(), f"red badge on {selector}"
+            shots = Path(os.environ.get("TRANSPRUNE_SCREENSHOT_DIR", ROOT / "out" / "screenshots"))
+            shots.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(shots / "app-error.png"))
+            # The message stays until the next run, which replaces it with the answers.
+            page.locator("#question textarea").fill("What color is the circle?")
+            page.locator("#run").click()
+            page.wait_for_function("() => document.querySelector('#verdict').innerText.includes('visual tokens')",
+                                   timeout=120_000)
+        finally:
+            browser.close()
