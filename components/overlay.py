@@ -190,7 +190,7 @@ def stage_gallery(canvas: Canvas) -> list[tuple[Image.Image, str]]:
             kept = np.intersect1d(stage.kept.numpy(), tokens).size
             where = f" ({segment})" if len(canvas.segments) > 1 else ""
             place = stage_place(stage.layer)
-            caption = f"{place[0].upper()}{place[1:]}{where}: {kept} of {len(tokens)} patches kept"
+            caption = f"{place[0].upper()}{place[1:]}{where}: {kept} of {len(tokens)} kept"
             items.append((stage_view(canvas, index, segment), caption))
     return items
 
@@ -319,7 +319,7 @@ LEGEND = ("**Outlined** = kept after the last stage · **dimmed** = pruned (dark
 def build_patch_panel() -> tuple[gr.Markdown, gr.Dataframe]:
     note = gr.Markdown("Outlined patches survived the last stage. Click any patch to see its TTV, IGA and score "
                        "at each stage.", elem_id="patch-note")
-    table = gr.Dataframe(headers=["", "Layer"], value=[], label="Patch scores per stage", interactive=False,
+    table = gr.Dataframe(headers=["", "Layer"], value=[], label="Patch scores per stage", interactive=False, wrap=True,
                          elem_id="patch-table")
     return note, table
 

@@ -44,6 +44,9 @@ CSS = """
 .answer .textspan, .answer .textfield { word-break: normal !important; overflow-wrap: break-word !important;
                                         hyphens: none; }
 #overlay-legend { font-size: 0.95rem; }
+/* Gallery captions wrap instead of ending in an ellipsis. */
+#stage-gallery .caption-label, #heatmap-gallery .caption-label { white-space: normal !important;
+    text-overflow: clip !important; overflow: visible !important; max-width: 95% !important; }
 #speed-result h3 { margin-top: 0.2rem; }
 @media (max-width: 640px) {
   #header h1 { font-size: 1.5rem; }
