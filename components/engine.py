@@ -34,6 +34,8 @@ from transprune.models import REGISTRY, LoadedModel, ModelLoadError, ModelSpec, 
 
 # The offline models tried, in order, when no model is named (the first that loads wins).
 OFFLINE_DEFAULTS = ("shapes-llava", "tiny-llava")
+# The default of a CPU-only Space that reaches the Hub: a small real checkpoint.
+CPU_SPACE_DEFAULT = "llava-onevision-0.5b"
 ATTENTION_CHOICES = ("sdpa", "eager")
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 # Video upload is offered once the library can prepare video inputs (transprune.video).
@@ -183,8 +185,15 @@ class Engine:
         return VIDEO_INPUTS and any(REGISTRY[n].video for n in self.model_names() if n in REGISTRY)
 
     def default_model(self, preferred: str | None = None, log=print) -> str:
-        """`preferred` if it loads, else the first offline default that loads (the offline fallback)."""
+        """`preferred` if it loads, else the first offline default that loads (the offline fallback).
+
+        "auto" on a CPU-only Hugging Face Space that reaches the Hub (the free tier) first tries a small
+        real checkpoint that answers in seconds on a CPU (CPU_SPACE_DEFAULT); offline, shapes-llava.
+        """
         candidates = [preferred] if preferred and preferred != "auto" else []
+        if not candidates and os.environ.get("SPACE_ID") and not self.device.startswith("cuda") \
+                and self.allowed(CPU_SPACE_DEFAULT) and hub_reachable():
+            candidates.append(CPU_SPACE_DEFAULT)
         candidates += [n for n in OFFLINE_DEFAULTS if n not in candidates and self.allowed(n)]
         candidates += [n for n in self.model_names() if REGISTRY.get(n) and REGISTRY[n].offline
                        and n not in candidates]

@@ -650,3 +650,28 @@ def test_client_large_image_is_downscaled(served, tmp_path):
     assert max(record["image_size"]) == inputs.MAX_SIDE
     with Image.open(out[7]) as image:
         assert image.width / image.height == pytest.approx(2.0, rel=0.01)
+
+
+def test_default_model_on_a_cpu_space_is_a_small_real_checkpoint(monkeypatch):
+    """Free CPU Space with the Hub reachable: llava-onevision-0.5b; offline, or it fails: shapes-llava."""
+    tried = []
+
+    def fake_get(self, name, *args, **kwargs):
+        tried.append(name)
+        if name == engine.CPU_SPACE_DEFAULT and not reachable[0]:
+            raise UserError("cannot be downloaded")
+        return object()
+
+    reachable = [True]
+    monkeypatch.setattr(Engine, "get", fake_get)
+    monkeypatch.setattr(engine, "hub_reachable", lambda *a, **k: reachable[0])
+    monkeypatch.setenv("SPACE_ID", "someone/transprune")
+    e = Engine(Settings(device="cpu", allowed_models=tuple(REGISTRY)))
+    assert e.default_model("auto") == "llava-onevision-0.5b"
+    reachable[0] = False
+    tried.clear()
+    assert e.default_model("auto") == "shapes-llava" and tried == ["shapes-llava"]
+    monkeypatch.delenv("SPACE_ID")
+    reachable[0] = True
+    assert e.default_model("auto") == "shapes-llava"                  # a laptop keeps the offline default
+    assert e.default_model("tiny-llava") == "tiny-llava"              # a named model always wins
