@@ -64,9 +64,28 @@ def url(tmp_path_factory):
         yield address
 
 
-def _browser(p):
-    return p.chromium.launch(executable_path=CHROMIUM,
-                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+VIEWPORTS = {"desktop": {"width": 1440, "height": 900}, "phone": {"width": 390, "height": 844}}
+
+
+def _shots() -> Path:
+    shots = Path(os.environ.get("TRANSPRUNE_SCREENSHOT_DIR", ROOT / "out" / "screenshots"))
+    shots.mkdir(parents=True, exist_ok=True)
+    return shots
+
+
+@contextlib.contextmanager
+def _page(address: str, viewport: dict, ready: str = "#run"):
+    """A Chromium page on `address` at `viewport`, once `ready` is on it; the browser closes afterwards."""
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            page = browser.new_page(viewport=viewport)
+            page.goto(address, wait_until="load")
+            page.wait_for_selector(ready, timeout=60_000)
+            yield page
+        finally:
+            browser.close()
 
 
 def _text(page, selector: str) -> str:
@@ -76,54 +95,46 @@ def _text(page, selector: str) -> str:
 def test_browser_run_and_screenshot(url):
     from components import examples
 
-    shots = Path(os.environ.get("TRANSPRUNE_SCREENSHOT_DIR", ROOT / "out" / "screenshots"))
-    shots.mkdir(parents=True, exist_ok=True)
+    shots = _shots()
     image_path, question = examples.example_rows()[0][:2]
-    with playwright_api.sync_playwright() as p:
-        browser = _browser(p)
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1200})
-            page.goto(url, wait_until="load")
-            page.wait_for_selector("#run", timeout=60_000)
-            page.locator("#input-image input[type=file]").set_input_files(image_path)
-            page.locator("#input-image img").first.wait_for(timeout=30_000)
-            page.locator("#question textarea").fill(question)
-            page.locator("#run").click()
-            page.wait_for_function(
-                "() => { const v = document.querySelector('#verdict');"
-                " return v && v.innerText.includes('visual tokens'); }", timeout=120_000)
-            baseline, pruned = _text(page, "#answer-baseline"), _text(page, "#answer-pruned")
-            assert baseline and pruned, "both answers must be shown"
-            assert "Prefill speedup" in _text(page, "#metrics-table")
-            assert page.locator("#stage-gallery img").count() >= 3
-            assert page.locator("#heatmap-gallery img").count() >= 1
+    with _page(url, {"width": 1600, "height": 1200}) as page:
+        page.locator("#input-image input[type=file]").set_input_files(image_path)
+        page.locator("#input-image img").first.wait_for(timeout=30_000)
+        page.locator("#question textarea").fill(question)
+        page.locator("#run").click()
+        page.wait_for_function(
+            "() => { const v = document.querySelector('#verdict');"
+            " return v && v.innerText.includes('visual tokens'); }", timeout=120_000)
+        baseline, pruned = _text(page, "#answer-baseline"), _text(page, "#answer-pruned")
+        assert baseline and pruned, "both answers must be shown"
+        assert "Prefill speedup" in _text(page, "#metrics-table")
+        assert page.locator("#stage-gallery img").count() >= 3
+        assert page.locator("#heatmap-gallery img").count() >= 1
 
-            # A presenter clicks the middle of the overlay: that patch's scores appear per stage.
-            inspect = page.locator("#inspect-image img").first
-            inspect.scroll_into_view_if_needed()
-            box = inspect.bounding_box()
-            page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-            page.wait_for_function(
-                "() => document.querySelector('#patch-table').innerText.includes('kept') ||"
-                " document.querySelector('#patch-table').innerText.includes('pruned')", timeout=30_000)
+        # A presenter clicks the middle of the overlay: that patch's scores appear per stage.
+        inspect = page.locator("#inspect-image img").first
+        inspect.scroll_into_view_if_needed()
+        box = inspect.bounding_box()
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.wait_for_function(
+            "() => document.querySelector('#patch-table').innerText.includes('kept') ||"
+            " document.querySelector('#patch-table').innerText.includes('pruned')", timeout=30_000)
 
-            # ... and switches the heatmaps to the last stage.
-            last = page.locator("#heat-stage label").last
-            last.scroll_into_view_if_needed()
-            last.click()
-            layer = last.inner_text().split("layer")[-1].strip()
-            page.wait_for_function(
-                f"() => document.querySelector('#heatmap-gallery').innerText.includes('after layer {layer}')",
-                timeout=30_000)
+        # ... and switches the heatmaps to the last stage.
+        last = page.locator("#heat-stage label").last
+        last.scroll_into_view_if_needed()
+        last.click()
+        layer = last.inner_text().split("layer")[-1].strip()
+        page.wait_for_function(
+            f"() => document.querySelector('#heatmap-gallery').innerText.includes('after layer {layer}')",
+            timeout=30_000)
 
-            page.evaluate("window.scrollTo(0, document.body.scrollHeight)")   # let lazy images load
-            page.wait_for_timeout(1000)
-            page.screenshot(path=str(shots / "app-full.png"), full_page=True)
-            page.evaluate("window.scrollTo(0, 0)")
-            page.wait_for_timeout(300)
-            page.screenshot(path=str(shots / "app.png"))
-        finally:
-            browser.close()
+        page.evaluate("window.scrollTo(0, document.body.scrollHeight)")   # let lazy images load
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(shots / "app-full.png"), full_page=True)
+        page.evaluate("window.scrollTo(0, 0)")
+        page.wait_for_timeout(300)
+        page.screenshot(path=str(shots / "app.png"))
     assert (shots / "app.png").stat().st_size > 10_000
 
 
@@ -138,59 +149,38 @@ def test_a_failed_self_check_shows_one_warning_line(tmp_path_factory):
         return doctor.Report(versions=doctor.versions(), device="cpu", transformers_tested=True, checks=[
             doctor.Check("llava: high vs reference", False, "pruned decoding differs from the reference.")])
     with _served(tmp_path_factory, "tiny-llava", self_check=health.StartupCheck(failing)) as address, \
-            playwright_api.sync_playwright() as p:
-        browser = _browser(p)
-        try:
-            page = browser.new_page(viewport={"width": 1440, "height": 900})
-            page.goto(address, wait_until="load")
-            warning = page.locator("#health-warning")
-            warning.wait_for(state="visible", timeout=60_000)
-            text = warning.inner_text()
-            assert f"Self-check failed with transformers {transformers.__version__}" in text
-            assert "pip install -r requirements.txt" in text
-            assert warning.bounding_box()["y"] < 900, "the warning must be visible without scrolling"
-            shots = Path(os.environ.get("TRANSPRUNE_SCREENSHOT_DIR", ROOT / "out" / "screenshots"))
-            shots.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(shots / "app-self-check-warning.png"))
-        finally:
-            browser.close()
-
-
-VIEWPORTS = {"desktop": {"width": 1440, "height": 900}, "phone": {"width": 390, "height": 844}}
+            _page(address, VIEWPORTS["desktop"], ready="#health-warning") as page:
+        warning = page.locator("#health-warning")
+        text = warning.inner_text()
+        assert f"Self-check failed with transformers {transformers.__version__}" in text
+        assert "pip install -r requirements.txt" in text
+        assert warning.bounding_box()["y"] < 900, "the warning must be visible without scrolling"
+        page.screenshot(path=str(_shots() / "app-self-check-warning.png"))
 
 
 @pytest.mark.parametrize("viewport", VIEWPORTS, ids=list(VIEWPORTS))
 def test_hero_first_and_no_horizontal_scroll(url, viewport):
     """The answers and the verdict are on screen without scrolling; the page never scrolls sideways."""
     size = VIEWPORTS[viewport]
-    shots = Path(os.environ.get("TRANSPRUNE_SCREENSHOT_DIR", ROOT / "out" / "screenshots"))
-    shots.mkdir(parents=True, exist_ok=True)
-    with playwright_api.sync_playwright() as p:
-        browser = _browser(p)
-        try:
-            page = browser.new_page(viewport=size)
-            page.goto(url, wait_until="load")
-            page.wait_for_selector("#run", timeout=60_000)
-            assert page.evaluate("document.documentElement.scrollWidth") <= size["width"]
-            page.locator("#run").click()
-            page.wait_for_function(
-                "() => { const v = document.querySelector('#verdict');"
-                " return v && v.innerText.includes('visual tokens'); }", timeout=120_000)
-            page.wait_for_timeout(500)
-            assert page.evaluate("document.documentElement.scrollWidth") <= size["width"], \
-                "the page scrolls sideways after a run"
-            page.evaluate("window.scrollTo(0, 0)")
-            page.wait_for_timeout(300)
-            for selector in ("#verdict", "#answer-baseline", "#answer-pruned"):
-                box = page.locator(selector).bounding_box()
-                assert box["y"] + box["height"] <= size["height"] + 1, f"{selector} is below the fold"
-                assert box["x"] >= 0 and box["x"] + box["width"] <= size["width"] + 1
-            verdict = _text(page, "#verdict")
-            assert "144 → 18" in verdict and "held-out" in verdict
-            assert "×" not in verdict.split("held-out")[0] or "real size" in verdict   # no toy speed headline
-            page.screenshot(path=str(shots / f"app-{viewport}.png"))
-        finally:
-            browser.close()
+    with _page(url, size) as page:
+        assert page.evaluate("document.documentElement.scrollWidth") <= size["width"]
+        page.locator("#run").click()
+        page.wait_for_function(
+            "() => { const v = document.querySelector('#verdict');"
+            " return v && v.innerText.includes('visual tokens'); }", timeout=120_000)
+        page.wait_for_timeout(500)
+        assert page.evaluate("document.documentElement.scrollWidth") <= size["width"], \
+            "the page scrolls sideways after a run"
+        page.evaluate("window.scrollTo(0, 0)")
+        page.wait_for_timeout(300)
+        for selector in ("#verdict", "#answer-baseline", "#answer-pruned"):
+            box = page.locator(selector).bounding_box()
+            assert box["y"] + box["height"] <= size["height"] + 1, f"{selector} is below the fold"
+            assert box["x"] >= 0 and box["x"] + box["width"] <= size["width"] + 1
+        verdict = _text(page, "#verdict")
+        assert "144 → 18" in verdict and "held-out" in verdict
+        assert "×" not in verdict.split("held-out")[0] or "real size" in verdict   # no toy speed headline
+        page.screenshot(path=str(_shots() / f"app-{viewport}.png"))
 
 
 def test_speed_at_real_size_panel_runs(url):
@@ -198,54 +188,38 @@ def test_speed_at_real_size_panel_runs(url):
     gave a finite figure is asserted here; the measured value goes in the README, not in a test."""
     import re
 
-    with playwright_api.sync_playwright() as p:
-        browser = _browser(p)
-        try:
-            page = browser.new_page(viewport=VIEWPORTS["desktop"])
-            page.goto(url, wait_until="load")
-            page.wait_for_selector("#speed-run", timeout=60_000)
-            page.locator("#speed-run").click()
-            page.wait_for_function("() => document.querySelector('#speed-result').innerText.includes('faster "
-                                   "prefill') || document.querySelector('#speed-result').innerText.includes('⚠')",
-                                   timeout=300_000)
-            text = _text(page, "#speed-result")
-            match = re.search(r"([\d.]+)× faster prefill at real size", text)
-            assert match, text
-            assert 0 < float(match.group(1)) < 100 and "analytic bound" in text
-            print(f"\nspeed at real size (browser): {match.group(0)}")
-            # The next run's verdict carries the real-size figure instead of the toy model's.
-            page.locator("#run").click()
-            page.wait_for_function("() => document.querySelector('#verdict').innerText.includes('at real size')",
-                                   timeout=120_000)
-        finally:
-            browser.close()
+    with _page(url, VIEWPORTS["desktop"], ready="#speed-run") as page:
+        page.locator("#speed-run").click()
+        page.wait_for_function("() => document.querySelector('#speed-result').innerText.includes('faster "
+                               "prefill') || document.querySelector('#speed-result').innerText.includes('⚠')",
+                               timeout=300_000)
+        text = _text(page, "#speed-result")
+        match = re.search(r"([\d.]+)× faster prefill at real size", text)
+        assert match, text
+        assert 0 < float(match.group(1)) < 100 and "analytic bound" in text
+        print(f"\nspeed at real size (browser): {match.group(0)}")
+        # The next run's verdict carries the real-size figure instead of the toy model's.
+        page.locator("#run").click()
+        page.wait_for_function("() => document.querySelector('#verdict').innerText.includes('at real size')",
+                               timeout=120_000)
 
 
 def test_an_error_is_one_inline_sentence_in_the_result_area(url):
     """An empty question: the sentence replaces the verdict, no toast, no red badge on the panels."""
-    with playwright_api.sync_playwright() as p:
-        browser = _browser(p)
-        try:
-            page = browser.new_page(viewport=VIEWPORTS["desktop"])
-            page.goto(url, wait_until="load")
-            page.wait_for_selector("#run", timeout=60_000)
-            page.locator("#question textarea").fill("   ")
-            page.locator("#run").click()
-            page.wait_for_function("() => document.querySelector('#verdict').innerText.includes('Could not run')",
-                                   timeout=60_000)
-            page.wait_for_timeout(1500)
-            verdict = _text(page, "#verdict")
-            assert "question is empty" in verdict.lower() or "empty" in verdict.lower(), verdict
-            assert page.locator(".toast-body").count() == 0, "the error must not (also) be a toast"
-            for selector in ("#verdict", "#answer-baseline", "#answer-pruned"):
-                assert "Error" not in page.locator(selector).inner_text(), f"red badge on {selector}"
-            shots = Path(os.environ.get("TRANSPRUNE_SCREENSHOT_DIR", ROOT / "out" / "screenshots"))
-            shots.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(shots / "app-error.png"))
-            # The message stays until the next run, which replaces it with the answers.
-            page.locator("#question textarea").fill("What color is the circle?")
-            page.locator("#run").click()
-            page.wait_for_function("() => document.querySelector('#verdict').innerText.includes('visual tokens')",
-                                   timeout=120_000)
-        finally:
-            browser.close()
+    with _page(url, VIEWPORTS["desktop"]) as page:
+        page.locator("#question textarea").fill("   ")
+        page.locator("#run").click()
+        page.wait_for_function("() => document.querySelector('#verdict').innerText.includes('Could not run')",
+                               timeout=60_000)
+        page.wait_for_timeout(1500)
+        verdict = _text(page, "#verdict")
+        assert "question is empty" in verdict.lower() or "empty" in verdict.lower(), verdict
+        assert page.locator(".toast-body").count() == 0, "the error must not (also) be a toast"
+        for selector in ("#verdict", "#answer-baseline", "#answer-pruned"):
+            assert "Error" not in page.locator(selector).inner_text(), f"red badge on {selector}"
+        page.screenshot(path=str(_shots() / "app-error.png"))
+        # The message stays until the next run, which replaces it with the answers.
+        page.locator("#question textarea").fill("What color is the circle?")
+        page.locator("#run").click()
+        page.wait_for_function("() => document.querySelector('#verdict').innerText.includes('visual tokens')",
+                               timeout=120_000)
