@@ -20,7 +20,7 @@ from transprune.flops import model_shape
 from transprune.models import REGISTRY
 
 from . import answers, downloads, metrics, overlay, schedule
-from .engine import Engine, UserError, gpu_task
+from .engine import Engine, UserError, _oom, gpu_task
 from .inputs import check_video_file, model_info, prepare_image, prepare_question
 
 log = logging.getLogger("transprune.app")
@@ -174,7 +174,7 @@ def make_speed_handler(engine: Engine):
             return f"⚠ This schedule cannot be timed at real size: {error}"
         except Exception as error:  # never crash the app over a measurement
             log.exception("real-size timing failed")
-            if "out of memory" in str(error).lower() or isinstance(error, MemoryError):
+            if _oom(error):
                 return "⚠ Not enough memory here to build the real-size model; try again when no other run is going."
             return f"⚠ The real-size timing failed ({type(error).__name__}); the app is still running, try again."
         return result.markdown()
