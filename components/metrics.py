@@ -132,8 +132,9 @@ def sequence_chart(baseline: list[int], pruned: list[int], width: int = 760, hei
 
     def u(x):  # layout units -> pixels
         return x * scale
-    small, label = drawing.font(round(u(11))), drawing.font(round(u(12)))
-    heading = drawing.font(round(u(14)), bold=True)
+    # Sized to stay readable projected: >= 14 px on the card, about that in the app's side panel.
+    small, label = drawing.font(round(u(13))), drawing.font(round(u(14)))
+    heading = drawing.font(round(u(16)), bold=True)
     left, right, top, bottom = u(56), u(16), u(66), u(42)
     layers = len(baseline)
     step = nice_step(max(max(baseline), max(pruned), 1) * 1.05)
@@ -194,7 +195,7 @@ def sequence_chart(baseline: list[int], pruned: list[int], width: int = 760, hei
 
 def build_table() -> gr.Dataframe:
     return gr.Dataframe(headers=HEADERS, value=[], label="Metrics", interactive=False, wrap=True,
-                        elem_id="metrics-table", max_height=720, column_widths=["44%", "20%", "20%", "16%"])
+                        elem_id="metrics-table", max_height=720, column_widths=["38%", "21%", "25%", "16%"])
 
 
 def build_chart() -> gr.Image:

@@ -52,6 +52,12 @@ CSS = """
   #header h1 { font-size: 1.5rem; }
   #header p { font-size: 0.9rem; }
   .answer { min-height: 110px; }
+  #metrics-table th, #metrics-table td, #patch-table th, #patch-table td { font-size: 0.78rem !important;
+      padding: 4px !important; }
+  #metrics-table th .header, #patch-table th .header { word-break: keep-all !important;
+      overflow-wrap: normal !important; }
+  #metrics-table th .cell-wrap, #patch-table th .cell-wrap { padding-left: 2px !important;
+      padding-right: 2px !important; }
   .verdict { font-size: 1.1rem; }
   .answer .textfield, .answer .textspan { font-size: 1.25rem !important; }
 }
