@@ -43,8 +43,8 @@ class Reference:
         captured = {}
 
         def grab(module, args, kwargs):
-            captured["embeds"] = kwargs["inputs_embeds"]
-            captured["position_ids"] = kwargs.get("position_ids")
+            captured["embeds"] = compat.require(kwargs, "inputs_embeds", "The language model")
+            captured["position_ids"] = compat.get(kwargs, "position_ids")
             raise StopIteration
 
         handle = self.lm.register_forward_pre_hook(grab, with_kwargs=True)
