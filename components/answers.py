@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 
 import gradio as gr
@@ -47,8 +48,16 @@ def word_agreement(baseline: str, pruned: str) -> float:
     return difflib.SequenceMatcher(a=a, b=b, autojunk=False).ratio()
 
 
+_MARKDOWN_SPECIALS = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~])")
+
+
+def escape_markdown(text: str) -> str:
+    """`text` shown literally in a Markdown component (a question is the visitor's own text)."""
+    return _MARKDOWN_SPECIALS.sub(r"\\\1", text)
+
+
 def verdict(baseline: str, pruned: str, visual_kept: int, visual_total: int, flops_saved: float,
-            speed: str, heldout: str | None = None) -> str:
+            speed: str, heldout: str | None = None, question: str | None = None) -> str:
     """The headline over the answers: same answer or not, what it cost, and how fast.
 
     `speed` is the speed figure that means something for this run (the run's own measured speedup
@@ -60,6 +69,8 @@ def verdict(baseline: str, pruned: str, visual_kept: int, visual_total: int, flo
               f"⚠ **Answers differ** ({word_agreement(baseline, pruned):.0%} of words agree)")
     text = (f"{answer} &nbsp;·&nbsp; **{visual_total} → {visual_kept}** visual tokens &nbsp;·&nbsp; "
             f"**{flops_saved:.0%}** fewer analytic FLOPs &nbsp;·&nbsp; {speed}")
+    if question:
+        text = f"<small>Q: {escape_markdown(question)}</small>  \n" + text
     if heldout:
         text += f"  \n<small>{heldout}</small>"
     return text

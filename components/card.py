@@ -116,7 +116,7 @@ def render(comparison, canvas: Canvas, method_label: str, budget_label: str, rea
     if not comparison.spec.offline:
         stats.append((f"{nums.speedup:.2f}×", f"prefill, measured (bound {nums.bound:.2f}×)"))
     elif real_size is not None:
-        stats.append((f"{real_size.speedup:.2f}×", f"prefill at 7B shape (bound {real_size.bound:.2f}×)"))
+        stats.append((f"{real_size.speedup:.2f}×", f"prefill at real size (bound {real_size.bound:.2f}×)"))
     col_w = (x1 - x0) / len(stats)
     for i, (value, name) in enumerate(stats):
         size = 34

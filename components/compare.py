@@ -136,7 +136,8 @@ def make_handlers(engine: Engine, default_model: str, errors: ErrorInbox | None 
             comparison = run_on_device(engine, model, picture, question, config, max_new_tokens, repeats,
                                        dtype, attn, progress, video)
             progress(0.97, desc="Drawing overlays…")
-            return render_outputs(comparison, picture, method, budget, engine.real_size.cached(config))
+            return render_outputs(comparison, picture, method, budget,
+                                  engine.real_size.cached(config, comparison.spec.family or None))
         except UserError as error:
             raise fail(request, str(error)) from None
         except gr.Error as error:
@@ -164,12 +165,14 @@ def make_handlers(engine: Engine, default_model: str, errors: ErrorInbox | None 
 def make_speed_handler(engine: Engine):
     """The "Speed at real size" handler: the chosen schedule timed on a real-size shape (cached)."""
 
-    def measure_speed(method="TransPrune", budget="High", keep_ratio=0.125, alpha=0.5, layers="",
+    def measure_speed(model=None, method="TransPrune", budget="High", keep_ratio=0.125, alpha=0.5, layers="",
                       positions="Model default", seed=0, progress=gr.Progress()):
+        spec = REGISTRY.get(model or "")
         try:
             config = schedule.build_config(method, budget, float(keep_ratio), float(alpha), layers, positions,
                                            int(seed or 0))
-            result = engine.real_size.measure(config, lambda fraction, text: progress(fraction, desc=text))
+            result = engine.real_size.measure(config, lambda fraction, text: progress(fraction, desc=text),
+                                              family=spec.family if spec else None)
         except (ConfigError, ValueError, TypeError) as error:
             return f"⚠ This schedule cannot be timed at real size: {error}"
         except Exception as error:  # never crash the app over a measurement
@@ -192,7 +195,7 @@ def speed_text(comparison, nums, real_size) -> str:
     if not comparison.spec.offline:
         return f"prefill **{nums.speedup:.2f}×** measured on this model (bound {nums.bound:.2f}×)"
     if real_size is not None:
-        return real_size.headline() + " on a LLaVA-1.5-7B-shaped model"
+        return real_size.headline() + f" on a {real_size.arch}-shaped model"
     return "speed: see **Speed at real size** below (a model this small is too small to show it)"
 
 
@@ -212,7 +215,8 @@ def render_outputs(comparison, picture: Image.Image | None, method_label: str, b
     heldout = comparison.heldout
     return (
         answers.verdict(base_text, pruned_text, len(trace.kept), nums.visual_tokens, nums.flops_saved,
-                        speed_text(comparison, nums, real_size), answers.heldout_line(*heldout) if heldout else None),
+                        speed_text(comparison, nums, real_size), answers.heldout_line(*heldout) if heldout else None,
+                        comparison.question),
         status_line(comparison, method_label, budget),
         left,
         right,

@@ -165,7 +165,8 @@ class Inputs:
 
     def schedule_inputs(self) -> list:
         """The inputs of the real-size timing: the schedule settings only."""
-        return [self.method, self.budget, self.keep_ratio, self.alpha, self.layers, self.positions, self.seed]
+        return [self.model, self.method, self.budget, self.keep_ratio, self.alpha, self.layers, self.positions,
+                self.seed]
 
 
 def model_info(engine: engine_module.Engine, name: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import gradio as gr
 
 from .inputs import MAX_PIXELS, MAX_QUESTION_CHARS, MAX_SIDE, MAX_UPLOAD
@@ -9,8 +11,16 @@ from .inputs import MAX_PIXELS, MAX_QUESTION_CHARS, MAX_SIDE, MAX_UPLOAD
 HEADER = """
 # TransPrune: same answer, a fraction of the visual tokens
 Training-free visual-token pruning inside a vision-language model · [paper (arXiv 2507.20630)](https://arxiv.org/abs/2507.20630)
-· code: the `transprune` library in this app's repository
+· {code}
 """
+
+
+def code_link() -> str:
+    """A link to this app's code on a Hugging Face Space; elsewhere, where it lives."""
+    space = os.environ.get("SPACE_ID", "").strip()
+    if space:
+        return f"[code](https://huggingface.co/spaces/{space}/tree/main) (the `transprune` library and this app)"
+    return "code: the `transprune` library in this app's repository"
 
 WHAT_YOU_SEE = """
 **What you are seeing.** One click asks the same question about the same image twice: once with every visual
@@ -52,7 +62,7 @@ have random weights: they exercise the pruning path end to end, but their answer
 
 
 def build_header():
-    return gr.Markdown(HEADER, elem_id="header")
+    return gr.Markdown(HEADER.format(code=code_link()), elem_id="header")
 
 
 def build_what_you_see():

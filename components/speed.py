@@ -2,16 +2,20 @@
 
 The tiny models the app answers with are too small for pruning to pay off in wall-clock time (the
 fixed cost per layer outweighs the FLOPs saved). So this panel times the baseline and the chosen
-schedule on a model with the LLaVA-1.5-7B language model's shape (32 layers, 576 visual tokens,
-a LLaVA-1.5 prompt), random weights (timing only: no answer is read), built with the benchmark's
-own code (transprune.bench): at full width on a GPU, at a quarter of the width on a CPU so that it
-fits in memory and seconds. Results are cached per schedule for the life of the process.
+schedule on a model with the language-model shape of the selected family's checkpoint (hidden and
+MLP width, depth, visual tokens; `FAMILY_ARCH`), random weights (timing only: no answer is read),
+built with the benchmark's own code (transprune.bench, a LLaVA-1.5-style model whose vision tower
+gives a square patch grid, so N is rounded to the nearest square): at full width on a GPU, at a
+quarter of the width on a CPU so that it fits in memory and seconds. On a CPU, families whose
+prompts carry thousands of visual tokens (AnyRes, video) would take minutes, so they are timed at
+LLaVA-1.5-7B's shape instead, and the panel says so. Results are cached per (shape, schedule).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import threading
 from dataclasses import dataclass
 
@@ -19,14 +23,32 @@ import torch
 
 from transprune import PruneConfig, bench, flops
 
-ARCH = "llava-1.5-7b"
+ARCH = "llava-1.5-7b"       # the default shape, and the CPU stand-in for long visual prompts
+FAMILY_ARCH = {"llava": "llava-1.5-7b", "llava_next": "llava-next-vicuna-7b", "qwen2_5_vl": "qwen2.5-vl-7b",
+               "video_llava": "video-llava-7b", "llava_onevision": "llava-onevision-7b"}
 CPU_WIDTH = 0.25
+CPU_MAX_VISUAL_TOKENS = 1024
 REPEATS = 3
+
+
+def timed_shape(family: str | None, cuda: bool) -> tuple[str, flops.Shape, str]:
+    """(arch name, the shape timed, a note) for a family: its checkpoint's language-model shape with N
+    rounded to a square; on a CPU, LLaVA-1.5-7B's when that N would take minutes."""
+    arch = FAMILY_ARCH.get(family or "", ARCH)
+    shape = flops.ARCHITECTURES[arch]
+    note = ""
+    if not cuda and shape.visual_tokens > CPU_MAX_VISUAL_TOKENS:
+        note = (f"this family's prompts carry {shape.visual_tokens} visual tokens, minutes per run on a CPU, "
+                "so the LLaVA-1.5-7B shape stands in")
+        arch, shape = ARCH, flops.ARCHITECTURES[ARCH]
+    side = round(math.sqrt(shape.visual_tokens))
+    return arch, dataclasses.replace(shape, visual_tokens=side * side), note
 
 
 @dataclass(frozen=True)
 class SpeedResult:
     arch: str
+    layers: int
     width_scale: float
     device: str
     baseline_ms: float
@@ -35,6 +57,7 @@ class SpeedResult:
     visual_tokens: int
     final_visual_tokens: int
     repeats: int
+    note: str = ""
 
     @property
     def speedup(self) -> float:
@@ -43,14 +66,16 @@ class SpeedResult:
     @property
     def where(self) -> str:
         width = "full width" if self.width_scale == 1 else f"{self.width_scale:g}× width"
-        return f"LLaVA-1.5-7B shape ({width}, 32 layers, {self.visual_tokens} visual tokens) on {self.device}"
+        return (f"{self.arch} language-model shape ({width}, {self.layers} layers, {self.visual_tokens} visual "
+                f"tokens) on {self.device}")
 
     def headline(self) -> str:
         return f"**{self.speedup:.2f}×** prefill at real size (bound {self.bound:.2f}×)"
 
     def markdown(self) -> str:
+        note = f" ({self.note})" if self.note else ""
         return (f"### {self.speedup:.2f}× faster prefill at real size\n"
-                f"{self.where}: baseline **{self.baseline_ms:.0f} ms**, pruned **{self.pruned_ms:.0f} ms** "
+                f"{self.where}{note}: baseline **{self.baseline_ms:.0f} ms**, pruned **{self.pruned_ms:.0f} ms** "
                 f"({self.visual_tokens} → {self.final_visual_tokens} visual tokens), median of {self.repeats} "
                 f"alternating runs after a warm-up. The analytic bound for this schedule is **{self.bound:.2f}×**, "
                 f"so it reaches **{self.speedup / self.bound:.0%}** of it. Random weights: timing only, no answer "
@@ -67,18 +92,24 @@ class RealSizeSpeed:
         self._lock = threading.Lock()
 
     @staticmethod
-    def _key(config: PruneConfig) -> PruneConfig:
+    def _key(arch: str, config: PruneConfig) -> tuple[str, PruneConfig]:
         # The schedule on the timed depth; the position mode and seed do not change its speed.
-        resolved = config.resolve(flops.ARCHITECTURES[ARCH].layers)
-        return dataclasses.replace(resolved, positions="compact", seed=0)
+        resolved = config.resolve(flops.ARCHITECTURES[arch].layers)
+        return arch, dataclasses.replace(resolved, positions="compact", seed=0)
 
-    def cached(self, config: PruneConfig | None) -> SpeedResult | None:
-        return self._cache.get(self._key(config)) if config is not None else None
+    def _shape(self, family: str | None):
+        return timed_shape(family, self.device.startswith("cuda"))
 
-    def measure(self, config: PruneConfig, progress=None) -> SpeedResult:
-        """Baseline vs `config` on the real-size shape (cached). `progress(fraction, text)` is told
-        where it is. Raises ValueError for a schedule the shape cannot run."""
-        key = self._key(config)
+    def cached(self, config: PruneConfig | None, family: str | None = None) -> SpeedResult | None:
+        if config is None:
+            return None
+        return self._cache.get(self._key(self._shape(family)[0], config))
+
+    def measure(self, config: PruneConfig, progress=None, family: str | None = None) -> SpeedResult:
+        """Baseline vs `config` on the real-size shape of `family` (cached). `progress(fraction, text)`
+        is told where it is. Raises ValueError (ConfigError) for a schedule the shape cannot run."""
+        arch, shape, note = self._shape(family)
+        key = self._key(arch, config)
         with self._lock:
             if key in self._cache:
                 return self._cache[key]
@@ -86,8 +117,8 @@ class RealSizeSpeed:
             width = 1.0 if cuda else self.cpu_width
             step = progress or (lambda fraction, text: None)
             step(0.05, "Building the real-size model (random weights)…")
-            model = bench.build(ARCH, width_scale=width, device=self.device,
-                                dtype=torch.float16 if cuda else torch.float32)
+            model = bench.build_shape(shape, description=arch, width_scale=width, device=self.device,
+                                      dtype=torch.float16 if cuda else torch.float32)
             try:
                 specs = [bench.MethodSpec("baseline"), bench.MethodSpec("pruned", config)]
                 done = [0]
@@ -101,12 +132,12 @@ class RealSizeSpeed:
                                          scoring_repeats=0, log=log)
                 baseline_full = flops.tflops([model.visual_tokens + model.text_tokens] * model.layers, model.hidden,
                                              model.intermediate)
-                figures = bench.analytic(specs[1], flops.ARCHITECTURES[ARCH], model, baseline_full)
-                result = SpeedResult(arch=ARCH, width_scale=width, device=self.device,
+                figures = bench.analytic(specs[1], shape, model, baseline_full)
+                result = SpeedResult(arch=arch, layers=model.layers, width_scale=width, device=self.device,
                                      baseline_ms=measured["baseline"]["prefill_ms"],
                                      pruned_ms=measured["pruned"]["prefill_ms"], bound=figures["bound"],
                                      visual_tokens=model.visual_tokens,
-                                     final_visual_tokens=figures["final_visual_tokens"], repeats=REPEATS)
+                                     final_visual_tokens=figures["final_visual_tokens"], repeats=REPEATS, note=note)
             finally:
                 del model
                 gc.collect()
@@ -128,8 +159,8 @@ def build() -> Panel:
     with gr.Group(elem_id="speed-panel"):
         result = gr.Markdown(
             "### Speed at real size\nThe built-in models are too small for pruning to pay off in wall-clock time. "
-            "This times the unpruned and the chosen schedule on a language model of **LLaVA-1.5-7B's shape** "
-            f"(random weights, timing only; {CPU_WIDTH:g}× width on a CPU), against the analytic bound. About half "
-            "a minute on a 2-core CPU.", elem_id="speed-result")
+            "This times the unpruned and the chosen schedule on a language model of the **selected family's real "
+            f"checkpoint shape** (e.g. LLaVA-1.5-7B; random weights, timing only; {CPU_WIDTH:g}× width on a CPU), "
+            "against the analytic bound. About half a minute on a 2-core CPU.", elem_id="speed-result")
         run = gr.Button("Measure speed at real size", elem_id="speed-run", variant="secondary")
     return Panel(result=result, run=run)

@@ -182,6 +182,8 @@ def test_diff_marks_only_differing_words():
     line = answers.heldout_line({"n": 500, "accuracy": 0.98}, {"accuracy": 1.0})
     assert "On 500 held-out scene questions" in line and "98.0%" in line and "100.0%" in line
     assert answers.heldout_line(None, None) is None
+    asked = answers.verdict("red", "red", 18, 144, 0.6, "x", question="**bold** <b>x</b> [link](y)?")
+    assert asked.startswith("<small>Q: \\*\\*bold\\*\\* \\<b\\>x\\</b\\> \\[link\\]\\(y\\)?</small>")
 
 
 # ---------------------------------------------------------------------------- engine and models
@@ -289,10 +291,11 @@ def test_every_example_agrees_at_the_default_settings_except_the_control(eng, ro
     same = record["baseline"]["text"] == record["pruned"]["text"]
     assert record["resolved_config"]["positions"] == "original"   # shapes-llava's recommended mode
     if examples.EXAMPLES[row].control:
-        assert not same and out[0].startswith("⚠ **Answers differ**")
+        assert not same and "⚠ **Answers differ**" in out[0]
     else:
-        assert same and out[0].startswith("✓ **Same answer**"), (question, record["baseline"]["text"],
-                                                                record["pruned"]["text"])
+        assert same and "✓ **Same answer**" in out[0], (question, record["baseline"]["text"],
+                                                       record["pruned"]["text"])
+    assert out[0].startswith(f"<small>Q: {answers.escape_markdown(question)}</small>")
 
 
 def test_compare_handler_with_visionzip(handlers, example_image):
@@ -675,3 +678,12 @@ def test_default_model_on_a_cpu_space_is_a_small_real_checkpoint(monkeypatch):
     reachable[0] = True
     assert e.default_model("auto") == "shapes-llava"                  # a laptop keeps the offline default
     assert e.default_model("tiny-llava") == "tiny-llava"              # a named model always wins
+
+
+def test_header_links_the_code_on_a_space(monkeypatch):
+    from components import notes
+
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert "repository" in notes.code_link() and "http" not in notes.code_link()
+    monkeypatch.setenv("SPACE_ID", "someone/transprune")
+    assert "(https://huggingface.co/spaces/someone/transprune/tree/main)" in notes.code_link()

@@ -223,3 +223,23 @@ def test_an_error_is_one_inline_sentence_in_the_result_area(url):
         page.locator("#run").click()
         page.wait_for_function("() => document.querySelector('#verdict').innerText.includes('visual tokens')",
                                timeout=120_000)
+
+
+def test_every_example_agrees_in_the_browser_except_the_control(url):
+    """Click each example row (it fills image, question, method and budget), run, read the verdict."""
+    from components import examples
+
+    with _page(url, VIEWPORTS["desktop"]) as page:
+        for example in examples.EXAMPLES:
+            page.get_by_text(example.label, exact=True).click()
+            page.wait_for_function(
+                "(q) => document.querySelector('#question textarea').value === q", arg=example.scene.question,
+                timeout=30_000)
+            page.locator("#run").click()
+            page.wait_for_function(
+                "(q) => { const v = document.querySelector('#verdict').innerText;"
+                " return v.includes('visual tokens') && v.includes(q); }", arg=example.scene.question,
+                timeout=120_000)
+            verdict = _text(page, "#verdict")
+            expected = "Answers differ" if example.control else "Same answer"
+            assert expected in verdict, (example.label, verdict)

@@ -42,7 +42,25 @@ def test_the_handler_answers_in_markdown_and_reports_bad_schedules_inline(narrow
     engine = Engine()
     engine.real_size = narrow
     handler = compare.make_speed_handler(engine)
-    text = handler("TransPrune", "High", progress=lambda *a, **k: None)
+    text = handler("shapes-llava", "TransPrune", "High", progress=lambda *a, **k: None)
     assert text.startswith("### ") and "faster prefill at real size" in text
-    bad = handler("TransPrune", "Custom", keep_ratio=0.0, progress=lambda *a, **k: None)
+    bad = handler("shapes-llava", "TransPrune", "Custom", keep_ratio=0.0, progress=lambda *a, **k: None)
     assert bad.startswith("⚠ This schedule cannot be timed at real size")
+
+
+def test_each_family_is_timed_at_its_checkpoints_shape_where_a_cpu_can():
+    arch, shape, note = speed.timed_shape("qwen2_5_vl", cuda=False)
+    assert arch == "qwen2.5-vl-7b" and (shape.hidden, shape.layers, shape.visual_tokens) == (3584, 28, 256)
+    assert note == ""
+    arch, shape, note = speed.timed_shape("llava_next", cuda=False)     # 2880 visual tokens: too slow on a CPU
+    assert arch == "llava-1.5-7b" and shape.visual_tokens == 576 and "2880 visual tokens" in note
+    arch, shape, note = speed.timed_shape("llava_next", cuda=True)      # on a GPU: its own, N rounded to a square
+    assert arch == "llava-next-vicuna-7b" and shape.visual_tokens == 54 * 54 and note == ""
+    assert speed.timed_shape(None, cuda=False)[0] == "llava-1.5-7b"
+
+
+def test_qwen_shape_measured_and_cached_separately(narrow):
+    result = narrow.measure(PruneConfig.preset("high"), family="qwen2_5_vl")
+    assert result.arch == "qwen2.5-vl-7b" and result.layers == 28 and result.visual_tokens == 256
+    assert narrow.cached(PruneConfig.preset("high"), family="qwen2_5_vl") is result
+    assert narrow.cached(PruneConfig.preset("high"), family="llava") is not result

@@ -181,6 +181,24 @@ def _to_device(inputs: dict, device, dtype) -> dict:
     return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
 
 
+def build_shape(shape: flops.Shape, description: str, width_scale: float = 1.0, layers: int | None = None,
+                device: str = "cpu", dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+                text_before: int = 35, text_after: int = 25, seed: int = 0) -> BenchModel:
+    """A random-weight model of a language-model `shape` (square N) with a LLaVA-1.5 prompt around it."""
+    model = random_llava(shape, width_scale, layers, attn_implementation, seed, device, dtype)
+    model = model.to(device=device, dtype=dtype)
+    inputs = _to_device(synthetic_inputs(model, text_before, text_after, seed), device, dtype)
+    return _bench_model(model, inputs, f"{description}-shaped, random weights, width x{width_scale:g}")
+
+
+def _bench_model(model, inputs: dict, description: str) -> BenchModel:
+    text = model.config.text_config
+    n_visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    return BenchModel(model=model, inputs=inputs, hidden=text.hidden_size, intermediate=text.intermediate_size,
+                      layers=text.num_hidden_layers, heads=text.num_attention_heads, visual_tokens=n_visual,
+                      text_tokens=inputs["input_ids"].shape[1] - n_visual, description=description)
+
+
 def build(arch: str, width_scale: float = 1.0, layers: int | None = None, checkpoint: str | None = None,
           device: str = "cpu", dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
           text_before: int = 35, text_after: int = 25, seed: int = 0) -> BenchModel:
@@ -200,19 +218,13 @@ def build(arch: str, width_scale: float = 1.0, layers: int | None = None, checkp
             model.generation_config.eos_token_id = None
             description = "tiny-llava (random weights)"
         elif arch in flops.ARCHITECTURES:
-            model = random_llava(flops.ARCHITECTURES[arch], width_scale, layers, attn_implementation, seed,
-                                 device, dtype)
-            description = f"{arch}-shaped, random weights, width x{width_scale:g}"
+            return build_shape(flops.ARCHITECTURES[arch], arch, width_scale, layers, device, dtype,
+                               attn_implementation, text_before, text_after, seed)
         else:
             raise SystemExit(f"Unknown --arch {arch!r}. Choose one of: {', '.join([*flops.ARCHITECTURES, TINY_ARCH])}.")
         model = model.to(device=device, dtype=dtype)
         inputs = _to_device(synthetic_inputs(model, text_before, text_after, seed), device, dtype)
-    text = model.config.text_config
-    image_token = model.config.image_token_id
-    n_visual = int((inputs["input_ids"][0] == image_token).sum())
-    return BenchModel(model=model, inputs=inputs, hidden=text.hidden_size, intermediate=text.intermediate_size,
-                      layers=text.num_hidden_layers, heads=text.num_attention_heads, visual_tokens=n_visual,
-                      text_tokens=inputs["input_ids"].shape[1] - n_visual, description=description)
+    return _bench_model(model, inputs, description)
 
 
 # ---------------------------------------------------------------------------------------- analytic
