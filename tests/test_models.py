@@ -79,3 +79,26 @@ def test_registry_labels_say_size_and_availability():
     assert "offline" in models.REGISTRY["tiny-llava"].display_name
     families = {spec.family for spec in models.REGISTRY.values()}
     assert families >= {"llava", "llava_next", "video_llava", "llava_onevision", "qwen2_5_vl"}
+
+
+def test_tiny_models_get_the_same_weights_when_built_in_parallel_threads():
+    """The app builds one while its start-up self-check builds others: the seed must still decide."""
+    import threading
+
+    from transprune import tiny
+
+    serial = tiny.tiny_llava()[0].state_dict()
+    built = {}
+
+    def build(index):
+        builder = tiny.tiny_llava if index % 2 else tiny.tiny_qwen2_5_vl
+        built[index] = builder()[0]
+
+    threads = [threading.Thread(target=build, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index in (1, 3):
+        state = built[index].state_dict()
+        assert all(torch.equal(serial[name], state[name]) for name in serial)

@@ -7,6 +7,8 @@ the presets' scaled schedules fit, and a fixed seed so two builds have equal wei
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<video>"]
@@ -107,11 +109,18 @@ def _vision_config(image_size: int, patch_size: int, hidden: int = 32):
                             num_attention_heads=4, image_size=image_size, patch_size=patch_size)
 
 
+# Random initialisation draws from torch's global generator, which every thread shares: seeding and
+# building under one lock keeps two builds in parallel threads (the app's start-up self-check and its
+# first model load) from interleaving their draws, so a seed always gives the same weights.
+_BUILD_LOCK = threading.Lock()
+
+
 def _finish(model_class, config, attn_implementation: str, seed: int):
     config._attn_implementation = attn_implementation
     config.text_config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = model_class(config).eval()
+    with _BUILD_LOCK:
+        torch.manual_seed(seed)
+        model = model_class(config).eval()
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     return model
