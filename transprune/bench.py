@@ -59,7 +59,7 @@ from pathlib import Path
 
 import torch
 
-from . import flops
+from . import flops, tiny
 from .config import ConfigError, PruneConfig
 from .methods import visionzip
 from .runner import apply
@@ -145,8 +145,8 @@ def random_llava(shape: flops.Shape, width_scale: float = 1.0, layers: int | Non
                          vision_feature_select_strategy="default", image_seq_length=shape.visual_tokens)
     config._attn_implementation = attn_implementation
     config.text_config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    with torch.device(device):
+    with tiny.BUILD_LOCK, torch.device(device):   # the global generator, shared with other builders
+        torch.manual_seed(seed)
         model = LlavaForConditionalGeneration._from_config(config, dtype=dtype).eval()
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None  # random weights: never stop early

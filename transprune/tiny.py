@@ -110,15 +110,15 @@ def _vision_config(image_size: int, patch_size: int, hidden: int = 32):
 
 
 # Random initialisation draws from torch's global generator, which every thread shares: seeding and
-# building under one lock keeps two builds in parallel threads (the app's start-up self-check and its
+# building under one lock (transprune.bench's random models take it too) keeps two builds in parallel threads (the app's start-up self-check and its
 # first model load) from interleaving their draws, so a seed always gives the same weights.
-_BUILD_LOCK = threading.Lock()
+BUILD_LOCK = threading.Lock()
 
 
 def _finish(model_class, config, attn_implementation: str, seed: int):
     config._attn_implementation = attn_implementation
     config.text_config._attn_implementation = attn_implementation
-    with _BUILD_LOCK:
+    with BUILD_LOCK:
         torch.manual_seed(seed)
         model = model_class(config).eval()
     model.generation_config.pad_token_id = config.text_config.pad_token_id
