@@ -26,6 +26,12 @@ from components.compare import ErrorInbox, make_handlers, make_speed_handler
 
 GPU_QUEUE = "gpu"        # one concurrency id for everything that touches the model
 QUEUE_SIZE = 16          # requests waiting beyond this are refused with "queue full"
+# Runs in the browser when Run is pressed: on a narrow screen, scroll the result area into view
+# (the inputs are below it there); the arguments go through unchanged.
+SCROLL_TO_RESULT = """(...args) => {
+  if (window.innerWidth < 700) { document.querySelector('#verdict')?.scrollIntoView({behavior: 'smooth'}); }
+  return args;
+}"""
 
 
 @dataclass
@@ -83,9 +89,12 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
                        patch_note, patch_table, gal.heat_stage, gal.heatmaps, dl.trace, dl.card, dl.preview, state]
         # Progress (and a failure's status) on the verdict only; the error sentence then replaces the
         # verdict's text (ErrorInbox) and stays there until the next run.
+        # On a phone the inputs sit below the result: bring the result into view when a run starts.
         run = gr.on([ins.run.click, ins.question.submit], compare, inputs=ins.run_inputs(), outputs=run_outputs,
-                    api_name="compare", concurrency_id=GPU_QUEUE, concurrency_limit=1, show_progress_on=[ans.verdict])
-        run.failure(errors.show, outputs=ans.verdict, api_visibility="private", queue=False, show_progress="hidden")
+                    api_name="compare", concurrency_id=GPU_QUEUE, concurrency_limit=1, show_progress_on=[ans.verdict],
+                    js=SCROLL_TO_RESULT)
+        run.failure(errors.show, outputs=[ans.verdict, ans.baseline, ans.pruned], api_visibility="private",
+                    queue=False, show_progress="hidden")
         real_size.run.click(make_speed_handler(eng), inputs=ins.schedule_inputs(), outputs=real_size.result,
                             api_name="speed_at_real_size", concurrency_id=GPU_QUEUE, concurrency_limit=1,
                             show_progress_on=[real_size.result])

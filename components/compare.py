@@ -83,12 +83,13 @@ class ErrorInbox:
                 self._messages.popitem(last=False)
 
     def show(self, request: gr.Request):
-        """Event handler: the session's last error as the verdict's text."""
+        """Event handler: the session's last error as the verdict's text, and both answer panels
+        emptied (so nothing left from an earlier run reads as this one's answer)."""
         with self._lock:
             message = self._messages.pop(getattr(request, "session_hash", None), None)
         if message is None:
-            return gr.skip()
-        return f"⚠ **Could not run:** {message}"
+            return gr.skip(), gr.skip(), gr.skip()
+        return f"⚠ **Could not run:** {message}", None, None
 
 
 def make_handlers(engine: Engine, default_model: str, errors: ErrorInbox | None = None):

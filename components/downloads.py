@@ -76,5 +76,6 @@ def build() -> Downloads:
         card_button = gr.DownloadButton("Export comparison card (PNG)", variant="primary", interactive=False,
                                         elem_id="download-card")
     with gr.Accordion("Comparison card preview (1920×1080, for slides and papers)", open=False):
-        preview = gr.Image(label="Comparison card", type="filepath", interactive=False, elem_id="card-preview")
+        preview = gr.Image(label="Comparison card", show_label=False, type="filepath", interactive=False,
+                           elem_id="card-preview")
     return Downloads(trace=trace_button, card=card_button, preview=preview)

@@ -302,15 +302,16 @@ class Galleries:
 
 
 def build_view() -> tuple[gr.Image, gr.Radio]:
-    inspect = gr.Image(label="What it kept", type="pil", interactive=False, format="png", elem_id="inspect-image",
-                       buttons=["download", "fullscreen"], height=380)
+    # No floating label: it would cover the top-left patches; the legend below says what this is.
+    inspect = gr.Image(label="What it kept", show_label=False, type="pil", interactive=False, format="png",
+                       elem_id="inspect-image", buttons=["download", "fullscreen"], height=380)
     gr.Markdown(LEGEND, elem_id="overlay-legend")
     segment = gr.Radio(["image"], value="image", label="View", visible=False, elem_id="segment",
                        info="AnyRes: the base view and the high-resolution tiles")
     return inspect, segment
 
 
-LEGEND = ("**Outlined** = kept after the last stage · **dimmed** = pruned (darker = pruned earlier) · "
+LEGEND = ("**What it kept.** **Outlined** = kept after the last stage · **dimmed** = pruned (darker = pruned earlier) · "
           "click a patch for its scores. A dimmed patch is not lost: by the pruning layer its content has "
           "already flowed into the kept tokens through attention, so the tokens kept are often edges and "
           "background next to an object rather than the object itself.")
@@ -327,12 +328,12 @@ def build_patch_panel() -> tuple[gr.Markdown, gr.Dataframe]:
 def build_galleries() -> Galleries:
     gr.Markdown("### What each stage kept\nBright, outlined patches survive; dimmed ones were pruned "
                 "(darker = pruned at an earlier stage). Hatched areas are outside the model's view.")
-    stages = gr.Gallery(label="Surviving patches after each stage", columns=3, format="png", height="auto",
+    stages = gr.Gallery(label="Surviving patches after each stage", show_label=False, columns=3, format="png", height="auto",
                         object_fit="contain", elem_id="stage-gallery", buttons=["download", "fullscreen"])
     gr.Markdown("### Why: the scores behind the choice\nEach candidate patch coloured from its lowest (dark) to "
                 "its highest (bright) score at the chosen stage; grey patches were already pruned.")
     heat_stage = gr.Radio(["Stage 1"], value="Stage 1", label="Heatmaps at", elem_id="heat-stage")
-    heatmaps = gr.Gallery(label="TTV, IGA and combined score", columns=3, format="png", height="auto",
+    heatmaps = gr.Gallery(label="TTV, IGA and combined score", show_label=False, columns=3, format="png", height="auto",
                           object_fit="contain", elem_id="heatmap-gallery", buttons=["download", "fullscreen"])
     return Galleries(stages=stages, heat_stage=heat_stage, heatmaps=heatmaps)
 

@@ -44,6 +44,10 @@ CSS = """
 .answer .textspan, .answer .textfield { word-break: normal !important; overflow-wrap: break-word !important;
                                         hyphens: none; }
 #overlay-legend { font-size: 0.95rem; }
+/* Galleries: three tiles a row whatever their number (one on a phone), the whole gallery shown. */
+#stage-gallery .grid-container, #heatmap-gallery .grid-container {
+    grid-template-columns: repeat(3, minmax(0, 1fr)) !important; }
+#stage-gallery .grid-wrap, #heatmap-gallery .grid-wrap { height: auto !important; max-height: none !important; }
 /* Gallery captions wrap instead of ending in an ellipsis. */
 #stage-gallery .caption-label, #heatmap-gallery .caption-label { white-space: normal !important;
     text-overflow: clip !important; overflow: visible !important; max-width: 95% !important; }
@@ -52,6 +56,8 @@ CSS = """
   #header h1 { font-size: 1.5rem; }
   #header p { font-size: 0.9rem; }
   .answer { min-height: 110px; }
+  #stage-gallery .grid-container, #heatmap-gallery .grid-container {
+      grid-template-columns: minmax(0, 1fr) !important; }
   #metrics-table th, #metrics-table td, #patch-table th, #patch-table td { font-size: 0.78rem !important;
       padding: 4px !important; }
   #metrics-table th .header, #patch-table th .header { word-break: keep-all !important;
