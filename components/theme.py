@@ -58,6 +58,7 @@ CSS = """
   .answer { min-height: 110px; }
   #stage-gallery .grid-container, #heatmap-gallery .grid-container {
       grid-template-columns: minmax(0, 1fr) !important; }
+  #model input { font-size: 0.85rem !important; }
   #metrics-table th, #metrics-table td, #patch-table th, #patch-table td { font-size: 0.78rem !important;
       padding: 4px !important; }
   #metrics-table th .header, #patch-table th .header { word-break: keep-all !important;

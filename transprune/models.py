@@ -99,7 +99,7 @@ def register(spec: ModelSpec) -> ModelSpec:
 
 
 for _spec in (
-    ModelSpec("shapes-llava", "Shapes LLaVA (trained on scenes)", "llava", "2.9M",
+    ModelSpec("shapes-llava", "Shapes LLaVA (trained)", "llava", "2.9M",
               builder=_shapes_llava,
               description="A small LLaVA trained on synthetic shape scenes; answers colour/shape/count/where questions.",
               positions="original",
