@@ -95,7 +95,8 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
                     js=SCROLL_TO_RESULT)
         run.failure(errors.show, outputs=[ans.verdict, ans.baseline, ans.pruned], api_visibility="private",
                     queue=False, show_progress="hidden")
-        real_size.run.click(make_speed_handler(eng), inputs=ins.schedule_inputs(), outputs=real_size.result,
+        real_size.run.click(make_speed_handler(eng), inputs=[*ins.schedule_inputs(), state],
+                            outputs=[real_size.result, ans.verdict],
                             api_name="speed_at_real_size", concurrency_id=GPU_QUEUE, concurrency_limit=1,
                             show_progress_on=[real_size.result])
         ins.model.change(load_model, inputs=[ins.model, ins.dtype, ins.attn], outputs=ins.model_info,

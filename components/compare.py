@@ -164,10 +164,23 @@ def make_handlers(engine: Engine, default_model: str, errors: ErrorInbox | None 
 
 
 def make_speed_handler(engine: Engine):
-    """The "Speed at real size" handler: the chosen schedule timed on a real-size shape (cached)."""
+    """The "Speed at real size" handler: the chosen schedule timed on a real-size shape (cached).
+
+    Returns the panel's text and the verdict: re-rendered to quote the new figure when the session's
+    last run (`state`, a RunState) used this schedule on this family, else left as it is.
+    """
 
     def measure_speed(model=None, method="TransPrune", budget="High", keep_ratio=0.125, alpha=0.5, layers="",
-                      positions="Model default", seed=0, progress=gr.Progress()):
+                      positions="Model default", seed=0, state=None, progress=gr.Progress()):
+        text = _measure(model, method, budget, keep_ratio, alpha, layers, positions, seed, progress)
+        comparison = getattr(state, "comparison", None)
+        if comparison is not None and comparison.spec.offline:
+            measured = engine.real_size.cached(comparison.config, comparison.spec.family or None)
+            if measured is not None and measured.markdown() == text:
+                return text, verdict_text(comparison, measured)
+        return text, gr.skip()
+
+    def _measure(model, method, budget, keep_ratio, alpha, layers, positions, seed, progress) -> str:
         spec = REGISTRY.get(model or "")
         try:
             config = schedule.build_config(method, budget, float(keep_ratio), float(alpha), layers, positions,
@@ -200,6 +213,15 @@ def speed_text(comparison, nums, real_size) -> str:
     return "speed: see **Speed at real size** below (a model this small is too small to show it)"
 
 
+def verdict_text(comparison, real_size=None) -> str:
+    """The verdict line of a comparison, quoting `real_size` (a SpeedResult) when there is one."""
+    nums = metrics.numbers(comparison)
+    heldout = comparison.heldout
+    return answers.verdict(comparison.baseline.text, comparison.pruned.text, len(comparison.pruned.trace.kept),
+                           nums.visual_tokens, nums.flops_saved, speed_text(comparison, nums, real_size),
+                           answers.heldout_line(*heldout) if heldout else None, comparison.question)
+
+
 def render_outputs(comparison, picture: Image.Image | None, method_label: str, budget: str,
                    real_size=None) -> tuple:
     """Everything /compare returns, in the order of app.py's `run_outputs`. `real_size`: the
@@ -213,11 +235,8 @@ def render_outputs(comparison, picture: Image.Image | None, method_label: str, b
     inspect_segment = segments[-1]
     labels = overlay.stage_labels(trace)
     card_path = downloads.write_card(comparison, canvas, method_label, budget, real_size)
-    heldout = comparison.heldout
     return (
-        answers.verdict(base_text, pruned_text, len(trace.kept), nums.visual_tokens, nums.flops_saved,
-                        speed_text(comparison, nums, real_size), answers.heldout_line(*heldout) if heldout else None,
-                        comparison.question),
+        verdict_text(comparison, real_size),
         status_line(comparison, method_label, budget),
         left,
         right,

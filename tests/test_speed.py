@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import gradio as gr
 import pytest
 
 from components import compare, speed
@@ -42,10 +43,36 @@ def test_the_handler_answers_in_markdown_and_reports_bad_schedules_inline(narrow
     engine = Engine()
     engine.real_size = narrow
     handler = compare.make_speed_handler(engine)
-    text = handler("shapes-llava", "TransPrune", "High", progress=lambda *a, **k: None)
+    text, verdict = handler("shapes-llava", "TransPrune", "High", progress=lambda *a, **k: None)
     assert text.startswith("### ") and "faster prefill at real size" in text
-    bad = handler("shapes-llava", "TransPrune", "Custom", keep_ratio=0.0, progress=lambda *a, **k: None)
+    assert verdict == gr.skip()                      # no run in this session yet: the verdict stays
+    bad, _ = handler("shapes-llava", "TransPrune", "Custom", keep_ratio=0.0, progress=lambda *a, **k: None)
     assert bad.startswith("⚠ This schedule cannot be timed at real size")
+
+
+def test_measuring_updates_the_verdict_of_the_sessions_last_run():
+    """After a run, measuring its schedule re-renders its verdict with the real-size figure."""
+    from PIL import Image
+
+    from components import examples
+
+    engine = Engine()
+    engine.real_size = fresh = speed.RealSizeSpeed(device="cpu", cpu_width=1 / 32)   # nothing measured yet
+    compare_run, _ = compare.make_handlers(engine, "shapes-llava")
+    path, question, *_ = examples.example_rows()[0]
+    out = compare_run(Image.open(path).convert("RGB"), question, model="shapes-llava", max_new_tokens=2, repeats=1,
+                      progress=lambda *a, **k: None)
+    state = out[-1]
+    before = out[0]
+    text, verdict = compare.make_speed_handler(engine)("shapes-llava", "TransPrune", "High", state=state,
+                                                       progress=lambda *a, **k: None)
+    result = fresh.cached(PruneConfig.preset("high"), "llava")
+    assert "prefill at real size" not in before and result is not None
+    assert isinstance(verdict, str) and f"**{result.speedup:.2f}×** prefill at real size" in verdict
+    assert verdict.split("visual tokens")[0] == before.split("visual tokens")[0]   # same answers and counts
+    _, other = compare.make_speed_handler(engine)("shapes-llava", "TransPrune", "Low", state=state,
+                                                  progress=lambda *a, **k: None)
+    assert other == gr.skip()                        # another schedule: the run's verdict is not about it
 
 
 def test_each_family_is_timed_at_its_checkpoints_shape_where_a_cpu_can():
