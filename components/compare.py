@@ -92,6 +92,21 @@ class ErrorInbox:
         return f"⚠ **Could not run:** {message}", None, None
 
 
+MAX_SEED = 2**31 - 1     # torch.Generator.manual_seed takes up to 2**64 - 1; the random method multiplies it
+
+
+def whole_number(value, name: str, low: int, high: int) -> int:
+    """`value` as an int in [low, high]; a fraction, a non-number or an out-of-range value is a UserError
+    (never silently truncated)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a whole number between {low} and {high}, not {value!r}.") from None
+    if not number.is_integer() or not low <= number <= high:
+        raise UserError(f"{name} must be a whole number between {low} and {high}, not {value}.")
+    return int(number)
+
+
 def make_handlers(engine: Engine, default_model: str, errors: ErrorInbox | None = None):
     """The event handlers of one app, as plain functions closing over its Engine. With `errors`,
     every error sentence of /compare is also left there for the page to show inline."""
@@ -123,17 +138,14 @@ def make_handlers(engine: Engine, default_model: str, errors: ErrorInbox | None 
                 picture, notices = prepare_image(image)
                 for notice in notices:
                     gr.Warning(notice)
+            seed = whole_number(seed or 0, "Seed", 0, MAX_SEED)
+            max_new_tokens = whole_number(max_new_tokens, "Max new tokens", 1, 512)
+            repeats = whole_number(repeats, "Timing repeats", 1, 20)
             try:
                 config = schedule.build_config(method, budget, float(keep_ratio), float(alpha), layers, positions,
-                                               int(seed or 0))
+                                               seed)
             except (ConfigError, ValueError, TypeError) as error:
                 raise UserError(f"Impossible pruning schedule: {error}") from None
-            max_new_tokens = int(max_new_tokens)
-            if not 1 <= max_new_tokens <= 512:
-                raise UserError(f"Max new tokens must be between 1 and 512, not {max_new_tokens}.")
-            repeats = int(repeats)
-            if not 1 <= repeats <= 20:
-                raise UserError(f"Timing repeats must be between 1 and 20, not {repeats}.")
             comparison = run_on_device(engine, model, picture, question, config, max_new_tokens, repeats,
                                        dtype, attn, progress, video)
             progress(0.97, desc="Drawing overlays…")

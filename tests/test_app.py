@@ -687,3 +687,17 @@ def test_header_links_the_code_on_a_space(monkeypatch):
     assert "repository" in notes.code_link() and "http" not in notes.code_link()
     monkeypatch.setenv("SPACE_ID", "someone/transprune")
     assert "(https://huggingface.co/spaces/someone/transprune/tree/main)" in notes.code_link()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("max_new_tokens", 2.7, "Max new tokens must be a whole number between 1 and 512, not 2.7"),
+    ("max_new_tokens", 0, "Max new tokens must be a whole number between 1 and 512"),
+    ("repeats", "many", "Timing repeats must be a whole number between 1 and 20, not 'many'"),
+    ("seed", 2**63, "Seed must be a whole number between 0 and 2147483647"),
+    ("seed", -3, "Seed must be a whole number between 0 and 2147483647"),
+])
+def test_numeric_settings_are_whole_numbers_in_range(handlers, example_image, field, value, message):
+    compare, _ = handlers
+    settings = dict(FAST, **{field: value})
+    with pytest.raises(gr.Error, match=message):
+        compare(example_image, "What color is the circle?", progress=noop_progress, **settings)
