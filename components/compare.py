@@ -196,10 +196,10 @@ def make_speed_handler(engine: Engine):
         spec = REGISTRY.get(model or "")
         try:
             config = schedule.build_config(method, budget, float(keep_ratio), float(alpha), layers, positions,
-                                           int(seed or 0))
+                                           whole_number(seed or 0, "Seed", 0, MAX_SEED))
             result = engine.real_size.measure(config, lambda fraction, text: progress(fraction, desc=text),
                                               family=spec.family if spec else None)
-        except (ConfigError, ValueError, TypeError) as error:
+        except (ConfigError, UserError, ValueError, TypeError) as error:
             return f"⚠ This schedule cannot be timed at real size: {error}"
         except Exception as error:  # never crash the app over a measurement
             log.exception("real-size timing failed")

@@ -106,11 +106,14 @@ def get(kwargs: Mapping, name: str, default=None):
     return default
 
 
+_MISSING = object()
+
+
 def require(kwargs: Mapping, name: str, where: str):
     """Like `get`, but a missing argument means the installed transformers passes it differently."""
-    for spelling in ARGUMENT_NAMES[name]:
-        if spelling in kwargs:
-            return kwargs[spelling]
+    value = get(kwargs, name, _MISSING)
+    if value is not _MISSING:
+        return value
     raise IncompatibleTransformersError(
         f"{where} received no `{name}` argument (it got: {', '.join(sorted(kwargs)) or 'none'}).")
 
