@@ -7,10 +7,11 @@ sentence saying what to do; the app keeps serving.
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import gradio as gr
 from PIL import Image
@@ -20,6 +21,7 @@ from transprune.flops import model_shape
 from transprune.models import REGISTRY
 
 from . import answers, downloads, metrics, overlay, schedule
+from .files import STORE
 from .engine import Engine, UserError, _oom, gpu_task
 from .inputs import check_video_file, model_info, prepare_image, prepare_question
 
@@ -28,9 +30,31 @@ log = logging.getLogger("transprune.app")
 
 @dataclass
 class RunState:
-    """The session's last run, kept in gr.State for the overlay and heatmap handlers."""
+    """The session's last run, kept in gr.State for the overlay, heatmap and speed handlers.
+
+    Every visitor's session holds one, so it is kept small (about 0.1 MB instead of 1.1 MB): the
+    comparison without the model inputs' pixels and video frames, and the canvas picture as PNG
+    bytes, decoded when a handler asks for the canvas.
+    """
     comparison: object
-    canvas: overlay.Canvas
+    canvas_without_image: overlay.Canvas
+    image_png: bytes
+
+    @classmethod
+    def keep(cls, comparison, canvas: overlay.Canvas) -> "RunState":
+        def slim(result):
+            ids = (result.inputs or {}).get("input_ids")
+            return replace(result, inputs=None if ids is None else {"input_ids": ids}, video=None)
+        buffer = io.BytesIO()
+        canvas.image.save(buffer, format="PNG")
+        return cls(comparison=replace(comparison, baseline=slim(comparison.baseline), pruned=slim(comparison.pruned),
+                                      frames=None),
+                   canvas_without_image=replace(canvas, image=None), image_png=buffer.getvalue())
+
+    @property
+    def canvas(self) -> overlay.Canvas:
+        with Image.open(io.BytesIO(self.image_png)) as image:
+            return replace(self.canvas_without_image, image=image.convert("RGB"))
 
 
 def status_line(comparison, method_label: str, budget: str) -> str:
@@ -253,16 +277,17 @@ def render_outputs(comparison, picture: Image.Image | None, method_label: str, b
         left,
         right,
         metrics.table(comparison, method_label),
-        metrics.sequence_chart(nums.baseline_lengths, nums.pruned_lengths, width=480, height=300),
-        overlay.stage_gallery(canvas),
-        overlay.inspect_view(canvas, inspect_segment),
+        STORE.image(metrics.sequence_chart(nums.baseline_lengths, nums.pruned_lengths, width=480, height=300),
+                    "sequence-chart"),
+        STORE.gallery(overlay.stage_gallery(canvas), "stage"),
+        STORE.image(overlay.inspect_view(canvas, inspect_segment), "kept"),
         gr.update(choices=segments, value=inspect_segment, visible=len(segments) > 1),
         "Outlined patches survived the last stage. Click any patch to see its TTV, IGA and score at each stage.",
         [],
         gr.update(choices=labels, value=labels[0]),
-        overlay.heatmap_gallery(canvas, 0),
+        STORE.gallery(overlay.heatmap_gallery(canvas, 0), "heatmap"),
         gr.update(value=downloads.write_trace(comparison, method_label, budget), interactive=True),
         gr.update(value=card_path, interactive=True),
         card_path,
-        RunState(comparison=comparison, canvas=canvas),
+        RunState.keep(comparison, canvas),
     )

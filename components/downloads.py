@@ -1,38 +1,18 @@
 """Downloads: the run's trace as JSON, and the slide-ready comparison card as PNG.
 
-Files go to a private folder under the system temp directory; files older than an hour are
-removed whenever a new one is written.
+Both are written through components.files (write-once, content-named, capped with the rest of
+Gradio's cache).
 """
 
 from __future__ import annotations
 
+import io
 import json
-import tempfile
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import gradio as gr
 from . import card, metrics
-
-EXPORT_DIR = Path(tempfile.gettempdir()) / "transprune-app"
-EXPORT_MAX_AGE_S = 3600
-
-
-def _export_path(stem: str, suffix: str) -> Path:
-    """A fresh file under EXPORT_DIR; files older than an hour are removed on the way."""
-    EXPORT_DIR.mkdir(parents=True, exist_ok=True)
-    now = time.time()
-    for old in EXPORT_DIR.iterdir():
-        try:
-            if now - old.stat().st_mtime > EXPORT_MAX_AGE_S:
-                old.unlink()
-        except OSError:
-            pass
-    handle = tempfile.NamedTemporaryFile(dir=EXPORT_DIR, prefix=f"{stem}-", suffix=suffix, delete=False)
-    handle.close()
-    return Path(handle.name)
-
+from .files import STORE
 
 def trace_record(comparison, method_label: str, budget: str) -> dict:
     """What "Download trace" saves: the config (requested and resolved), the trace with kept indices
@@ -52,15 +32,14 @@ def trace_record(comparison, method_label: str, budget: str) -> dict:
 
 
 def write_trace(comparison, method_label: str, budget: str) -> str:
-    path = _export_path("transprune-trace", ".json")
-    path.write_text(json.dumps(trace_record(comparison, method_label, budget), indent=1))
-    return str(path)
+    data = json.dumps(trace_record(comparison, method_label, budget), indent=1).encode()
+    return STORE.write(data, "transprune-trace", ".json")
 
 
 def write_card(comparison, canvas, method_label: str, budget: str, real_size=None) -> str:
-    path = _export_path("transprune-card", ".png")
-    card.render(comparison, canvas, method_label, budget, real_size).save(path, optimize=True)
-    return str(path)
+    buffer = io.BytesIO()
+    card.render(comparison, canvas, method_label, budget, real_size).save(buffer, format="PNG", optimize=True)
+    return STORE.write(buffer.getvalue(), "transprune-card", ".png")
 
 
 @dataclass

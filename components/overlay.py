@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from . import drawing
 from .drawing import INK, KEPT, PICK
+from .files import STORE
 from .metrics import stage_place
 
 DISPLAY_MAX = 768          # longer side of every overlay image, in pixels
@@ -338,19 +339,21 @@ def build_galleries() -> Galleries:
     return Galleries(stages=stages, heat_stage=heat_stage, heatmaps=heatmaps)
 
 
-# Handlers: `state` is the session's run (see components.compare.RunState).
+# Handlers: `state` is the session's run (see components.compare.RunState). Images go out as
+# write-once files (components/files.py), never as PIL images Gradio would rewrite in its cache.
 def on_heat_stage(state, label: str):
     if not state:
         return []
-    labels = stage_labels(state.canvas.trace)
+    canvas = state.canvas
+    labels = stage_labels(canvas.trace)
     index = labels.index(label) if label in labels else 0
-    return heatmap_gallery(state.canvas, index)
+    return STORE.gallery(heatmap_gallery(canvas, index), "heatmap")
 
 
 def on_segment(state, segment: str):
     if not state:
         return None
-    return inspect_view(state.canvas, segment)
+    return STORE.image(inspect_view(state.canvas, segment), "kept")
 
 
 def on_patch_click(state, segment: str, evt: gr.SelectData):
@@ -358,10 +361,11 @@ def on_patch_click(state, segment: str, evt: gr.SelectData):
     if not state:
         raise gr.Error("Run a comparison first, then click a patch of the overlay.")
     x, y = evt.index
-    segment = segment if segment in state.canvas.segments else state.canvas.segments[0]
-    token = find_patch(state.canvas, segment, x, y)
+    canvas = state.canvas
+    segment = segment if segment in canvas.segments else canvas.segments[0]
+    token = find_patch(canvas, segment, x, y)
     if token is None:
-        return (inspect_view(state.canvas, segment), "That point is outside the model's view (no patch there).",
-                [])
-    return (inspect_view(state.canvas, segment, token), token_label(state.canvas, token),
-            patch_table(state.canvas.trace, token))
+        return (STORE.image(inspect_view(canvas, segment), "kept"),
+                "That point is outside the model's view (no patch there).", [])
+    return (STORE.image(inspect_view(canvas, segment, token), "kept"), token_label(canvas, token),
+            patch_table(canvas.trace, token))

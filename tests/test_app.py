@@ -274,8 +274,10 @@ def test_compare_handler_outputs(handlers, example_image):
     assert list(table.columns)[2] == "TransPrune"
     assert record["resolved_config"]["prune_layers"] == [4, 5, 6]
     assert len(out[6]) == len(trace["stages"])          # one overlay per stage
-    for image, _ in out[6]:
-        assert image.size[0] / image.size[1] == pytest.approx(example_image.width / example_image.height, rel=0.01)
+    for path, _ in out[6]:
+        with Image.open(path) as image:
+            assert image.size[0] / image.size[1] == pytest.approx(example_image.width / example_image.height,
+                                                                  rel=0.01)
     card_image = Image.open(out[14]["value"])
     assert card_image.size == (card.WIDTH, card.HEIGHT)
 
@@ -311,8 +313,9 @@ def test_compare_handler_with_visionzip(handlers, example_image):
     rows = {r[0]: r[1:] for r in out[4].values.tolist()}
     assert rows["Visual tokens in"][:2] == ["144", "144"]
     assert rows[metrics.kept_row_name(0)][:2] == ["144", "16"]
-    (image, caption), = out[6]
+    (path, caption), = out[6]
     assert caption.startswith("Before the LLM (VisionZip):")
+    image = Image.open(path)
     assert image.size[0] / image.size[1] == pytest.approx(example_image.width / example_image.height, rel=0.01)
     assert Image.open(out[14]["value"]).size == (card.WIDTH, card.HEIGHT)
 
@@ -377,8 +380,8 @@ def test_patch_click_reports_scores_per_stage(eng, example_image):
     kept = int(comparison.pruned.trace.kept[0])
     x0, y0, x1, y1 = canvas.rect(kept)
     event = gr.SelectData(None, {"index": [(x0 + x1) / 2, (y0 + y1) / 2], "value": None, "selected": True})
-    image, note, table = overlay.on_patch_click(state, "image", event)
-    assert f"#{kept}" in note and image.size == canvas.image.size
+    path, note, table = overlay.on_patch_click(state, "image", event)
+    assert f"#{kept}" in note and Image.open(path).size == canvas.image.size
     stages = comparison.pruned.trace.stages
     assert list(table.columns) == ["", *[f"Layer {s.layer}" for s in stages]]
     assert list(table[""]) == overlay.PATCH_ROWS
@@ -464,7 +467,7 @@ def test_video_comparison_draws_every_frame(handlers, clip):
     record = _trace_json(out)
     assert record["trace"]["layout"]["frame"] is not None
     assert record["baseline"]["text"] and record["pruned"]["text"]
-    sheet = out[7]
+    sheet = Image.open(out[7])
     canvas = out[-1].canvas
     assert sheet.size == canvas.image.size and len(out[6]) == 3
     # Every placed token's box lies on the sheet; tokens of later frames sit further right or down.
