@@ -20,12 +20,17 @@ import threading
 from dataclasses import dataclass
 
 import gradio as gr
+from fastapi.exceptions import RequestValidationError
 
-from components import answers, downloads, engine, examples, health, inputs, metrics, notes, overlay, speed, theme
+from components import (answers, downloads, engine, examples, files, health, inputs, metrics, notes, overlay, speed,
+                        theme)
 from components.compare import ErrorInbox, make_handlers, make_speed_handler
 
 GPU_QUEUE = "gpu"        # one concurrency id for everything that touches the model
 QUEUE_SIZE = 16          # requests waiting beyond this are refused with "queue full"
+# Sessions whose state (the last run, for the overlay clicks) stays in memory; the least recently
+# used beyond this are dropped (their next patch click asks for a new run). ~0.2 MB each.
+STATE_SESSIONS = 64
 # Runs in the browser when Run is pressed: on a narrow screen, scroll the result area into view
 # (the inputs are below it there); the arguments go through unchanged.
 SCROLL_TO_RESULT = """(...args) => {
@@ -42,7 +47,8 @@ class App:
 
 
 def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | None = None,
-               device: str | None = None, self_check: health.StartupCheck | None = None) -> App:
+               device: str | None = None, self_check: health.StartupCheck | None = None,
+               queue_size: int = QUEUE_SIZE) -> App:
     """Build the Blocks. `model` is preloaded (falling back to an offline model if it cannot load).
 
     `self_check` defaults to the process's one background installation check (transprune.doctor).
@@ -109,15 +115,33 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
         segment.input(overlay.on_segment, [state, segment], inspect, api_visibility="private")
         inspect.select(overlay.on_patch_click, [state, segment], [inspect, patch_note, patch_table],
                        api_visibility="private")
-    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=2)
+    demo.queue(max_size=queue_size, default_concurrency_limit=2)
+    files.STORE.keep = lambda: files.gradio_keeps(demo)   # trimming the cache never removes the examples
     return App(demo=demo, engine=eng, default_model=default)
 
 
 def launch_kwargs(args) -> dict:
-    """Everything launch() needs apart from the Blocks: server, theme, upload cap."""
+    """Everything launch() needs apart from the Blocks: server, theme, upload cap, error policy.
+
+    show_error=False: the handlers' own sentences (gr.Error) still reach the page and API clients,
+    but an exception raised inside Gradio (a refused file path, a malformed payload) is not sent as
+    text: those messages name server paths and library internals. The page then shows
+    compare.UNREADABLE_REQUEST instead; a request FastAPI cannot parse gets a sentence, not
+    pydantic's raw report.
+    """
     return dict(server_name=args.host, server_port=args.port, share=args.share, theme=theme.theme(), css=theme.CSS,
-                head=theme.HEAD,
-                max_file_size=args.max_upload, show_error=True, footer_links=["api", "gradio"])
+                head=theme.HEAD, max_file_size=args.max_upload, show_error=False, footer_links=["api", "gradio"],
+                state_session_capacity=STATE_SESSIONS,
+                app_kwargs=dict(exception_handlers={RequestValidationError: unreadable_request}))
+
+
+async def unreadable_request(request, error):
+    """FastAPI's handler for a request body it cannot validate: one sentence, no pydantic internals."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(status_code=422, content={
+        "error": "This request is not what the API expects. Send JSON like {\"data\": [...]} with one value per "
+                 "input, as shown on the page's \"Use via API\" link (or use gradio_client)."})
 
 
 def _env_flag(name: str) -> bool:

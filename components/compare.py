@@ -8,7 +8,6 @@ sentence saying what to do; the app keeps serving.
 from __future__ import annotations
 
 import io
-import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -22,10 +21,9 @@ from transprune.models import REGISTRY
 
 from . import answers, downloads, metrics, overlay, schedule
 from .files import STORE
-from .engine import Engine, UserError, _oom, gpu_task
+from .engine import Engine, UserError, _oom, gpu_task, logged, public_message
 from .inputs import check_video_file, model_info, prepare_image, prepare_question
 
-log = logging.getLogger("transprune.app")
 
 
 @dataclass
@@ -111,11 +109,13 @@ class ErrorInbox:
         emptied (so nothing left from an earlier run reads as this one's answer)."""
         with self._lock:
             message = self._messages.pop(getattr(request, "session_hash", None), None)
-        if message is None:
-            return gr.skip(), gr.skip(), gr.skip()
+        if message is None:   # refused before the handler ran: Gradio could not read the request's files
+            message = UNREADABLE_REQUEST
         return f"⚠ **Could not run:** {message}", None, None
 
 
+UNREADABLE_REQUEST = ("The server could not take this request (a file that is not an upload of this page, a "
+                      "malformed request or a full queue). Upload the file again or wait a moment, then press Run.")
 MAX_SEED = 2**31 - 1     # torch.Generator.manual_seed takes up to 2**64 - 1; the random method multiplies it
 
 
@@ -136,6 +136,7 @@ def make_handlers(engine: Engine, default_model: str, errors: ErrorInbox | None 
     every error sentence of /compare is also left there for the page to show inline."""
 
     def fail(request, message: str) -> gr.Error:
+        message = public_message(message)
         if errors is not None:
             errors.put(request, message)
         # Shown inline by the page (ErrorInbox); the toast is only for pages without that wiring.
@@ -180,17 +181,18 @@ def make_handlers(engine: Engine, default_model: str, errors: ErrorInbox | None 
         except gr.Error as error:
             raise fail(request, error.message) from None
         except Exception as error:  # a bug, not the user's fault: say so, log it, keep serving
-            log.exception("compare failed")
-            raise fail(request, f"Something went wrong ({type(error).__name__}: {error}). The app is still "
-                                "running; try again or pick other settings.") from None
+            reference = logged(error, "compare failed")
+            raise fail(request, f"Something went wrong on the server (error {reference} in its log). The app is "
+                                "still running; try again or pick other settings.") from None
 
     def load_model(model, dtype="auto", attn="sdpa", progress=gr.Progress()):
         """Load the chosen model now (with progress) and describe it; a failure is a warning."""
         try:
             lm = engine.get(model, dtype, attn, progress)
         except UserError as error:
-            gr.Warning(str(error))
-            return f"⚠ **{model} is not available:** {error}"
+            message = public_message(error)
+            gr.Warning(message)
+            return f"⚠ **{public_message(model, 80)} is not available:** {message}"
         layers = model_shape(lm.model)[2]
         high = schedule.describe(schedule.build_config("TransPrune", "High"), layers)
         return (model_info(engine, model) + f" · {layers} decoder layers · High preset here: {high} · loaded on "
@@ -224,9 +226,9 @@ def make_speed_handler(engine: Engine):
             result = engine.real_size.measure(config, lambda fraction, text: progress(fraction, desc=text),
                                               family=spec.family if spec else None)
         except (ConfigError, UserError, ValueError, TypeError) as error:
-            return f"⚠ This schedule cannot be timed at real size: {error}"
+            return f"⚠ This schedule cannot be timed at real size: {public_message(error)}"
         except Exception as error:  # never crash the app over a measurement
-            log.exception("real-size timing failed")
+            logged(error, "real-size timing failed")
             if _oom(error):
                 return "⚠ Not enough memory here to build the real-size model; try again when no other run is going."
             return f"⚠ The real-size timing failed ({type(error).__name__}); the app is still running, try again."

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import gc
 import itertools
+import logging
 import os
 import re
 import socket
 import statistics
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
@@ -44,8 +46,34 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 BYTES_PER_PARAM = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
+# An upload the cache clean-up (components/files.py) or Gradio's age limit already removed.
+GONE = ("The uploaded {what} is no longer on the server (uploads are kept for a limited time): upload it again, "
+        "then press Run.")
+
+
+log = logging.getLogger("transprune.app")
+
+
 class UserError(Exception):
     """Something the person at the UI can fix; the message says what to do and is shown as is."""
+
+
+def logged(error: BaseException, what: str) -> str:
+    """Log `error` with its traceback under a short reference, and return the reference, so a
+    visitor's message can point to the log without showing server internals."""
+    reference = uuid.uuid4().hex[:8]
+    log.error("%s [%s]", what, reference, exc_info=error)
+    return reference
+
+
+# An absolute path that is not part of a URL (no ':' '/' '.' or word character just before it).
+_SERVER_PATH = re.compile(r"(?<![\w:/.~-])/(?:[\w.@+~-]+/)+[\w.@+~-]*")
+
+
+def public_message(text: str, limit: int = 500) -> str:
+    """`text` fit to show a visitor: server paths replaced, at most `limit` characters."""
+    text = _SERVER_PATH.sub("(a file on the server)", str(text))
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
 
 
 def _oom(error: BaseException) -> bool:
@@ -282,7 +310,8 @@ class Engine:
                 _release_memory()
                 raise UserError(f"{spec.label} does not fit in memory on {self.device}. Pick float16/bfloat16, "
                                 "a smaller model, or a built-in offline model.") from error
-            raise UserError(f"{spec.label} could not be loaded ({type(error).__name__}: {error}). "
+            reference = logged(error, f"loading {name} failed")
+            raise UserError(f"{spec.label} could not be loaded (error {reference} in the server log). "
                             "Pick another model.") from error
 
     # ------------------------------------------------------------------ the comparison
@@ -362,8 +391,9 @@ class Engine:
                 _release_memory()
                 raise UserError(f"Ran out of memory during the run on {lm.device}. Try fewer new tokens, a "
                                 "smaller image, float16/bfloat16, or a smaller model.") from error
-            raise UserError(f"The run failed ({type(error).__name__}: {error}). Try float32, sdpa attention "
-                            "or another model.") from error
+            reference = logged(error, f"run on {name} failed")
+            raise UserError(f"The run failed inside the model (error {reference} in the server log). Try float32, "
+                            "sdpa attention or another model.") from error
         if results["pruned"].trace is None:
             raise UserError("The prompt had no visual tokens to prune; upload an image.")
         return Comparison(model=name, spec=lm.spec, device=str(lm.device), dtype=str(lm.dtype).replace("torch.", ""),
@@ -374,13 +404,22 @@ class Engine:
 
 
 def _as_video(lm: LoadedModel, path):
-    """The sampled video (transprune.video.Video); its errors become UserErrors with their message."""
+    """The sampled video (transprune.video.Video); its errors become UserErrors with their summary.
+
+    The file goes in as a file object, so the library calls it "the uploaded video" instead of
+    naming the server's upload path, and the decoder's own text (VideoError.detail) stays in the log.
+    """
     from transprune.video import VideoError
 
     try:
-        return lm.as_video(path)
+        with open(path, "rb") as file:
+            return lm.as_video(file)
+    except FileNotFoundError:
+        raise UserError(GONE.format(what="video")) from None
     except VideoError as error:
-        raise UserError(str(error)) from None
+        if error.detail:
+            log.info("video refused: %s", error)
+        raise UserError(error.summary) from None
 
 
 def gpu_task(fn, duration: int = 120):

@@ -12,13 +12,15 @@ Limits (documented in the README and the "how this is measured" note):
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 import gradio as gr
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import engine as engine_module
-from .engine import ATTENTION_CHOICES, DTYPE_CHOICES, UserError
+from .engine import ATTENTION_CHOICES, DTYPE_CHOICES, GONE, UserError
 from .examples import SCENES, example_rows
 from .schedule import BUDGETS, METHODS, POSITION_CHOICES
 
@@ -33,6 +35,8 @@ DEFAULT_QUESTION = SCENES[0].question   # goes with the preloaded first example 
 # ---------------------------------------------------------------------------- validation
 def check_image_file(path: str) -> None:
     """Refuse files that are not images or are too large, reading only the header."""
+    if not os.path.isfile(path):
+        raise UserError(GONE.format(what="image"))
     try:
         with Image.open(path) as image:
             width, height = image.size
@@ -80,6 +84,8 @@ def check_video_file(path: str) -> None:
     """Refuse a video that is unreadable, too long or too large per frame, from its header only."""
     import av
 
+    if not os.path.isfile(str(path)):
+        raise UserError(GONE.format(what="video"))
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:

@@ -11,8 +11,9 @@ from .runner import Pruner, PruningInputError, apply
 from .trace import PruneTrace, Stage, VisualLayout
 from .adapters import UnsupportedModelError
 from .compat import IncompatibleTransformersError
+from .images import ImageInputError
 from . import compat, models  # noqa: E402  (`transprune.models.load(...)` after a plain import)
 
-__all__ = ["PruneConfig", "ConfigError", "Pruner", "PruningInputError", "apply", "PruneTrace", "Stage",
+__all__ = ["ImageInputError", "PruneConfig", "ConfigError", "Pruner", "PruningInputError", "apply", "PruneTrace", "Stage",
            "VisualLayout", "UnsupportedModelError", "IncompatibleTransformersError", "compat", "models"]
 __version__ = "0.1.0"

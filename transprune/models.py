@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from .config import PruneConfig
+from .images import as_image
 from .runner import apply
 from .trace import PruneTrace
 
@@ -274,12 +275,14 @@ class LoadedModel:
                                                   add_generation_prompt=True)
 
     def prepare(self, image, question: str) -> dict:
-        """Processor inputs for one image (a PIL image, or None for a text-only prompt) and a question."""
+        """Processor inputs for one image (see transprune.images.as_image: a path, bytes, a PIL image, an
+        array or a tensor; None for a text-only prompt) and a question."""
+        image = as_image(image)
         if image is None:
             inputs = self.processor(text=self.prompt(question, media="text").replace("  ", " "),
                                     return_tensors="pt")
         else:
-            inputs = self.processor(images=image.convert("RGB"), text=self.prompt(question), return_tensors="pt")
+            inputs = self.processor(images=image, text=self.prompt(question), return_tensors="pt")
         return {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
                 for k, v in inputs.items()}
 
@@ -309,12 +312,13 @@ class LoadedModel:
         from .video import video_inputs
 
         video = self.as_video(video, num_frames)
+        image = as_image(image)
         content = ([{"type": "image"}] if image is not None else []) + [{"type": "video"},
                                                                         {"type": "text", "text": question}]
         prompt = self.processor.apply_chat_template([{"role": "user", "content": content}],
                                                     add_generation_prompt=True)
         inputs = video_inputs(self.processor, self._family, [prompt], [video],
-                              images=[image.convert("RGB")] if image is not None else None)
+                              images=[image] if image is not None else None)
         return {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
                 for k, v in inputs.items()}
 
@@ -340,8 +344,10 @@ class LoadedModel:
         """Greedy answer to `question` about `image` and/or `video`, pruned with `config` (None = unpruned).
 
         `video`: a path, bytes, a list of PIL frames or a transprune.video.Video; a file is sampled
-        to `num_frames` frames (default: transprune.video.DEFAULT_FRAMES for the family).
+        to `num_frames` frames (default: transprune.video.DEFAULT_FRAMES for the family; at most
+        transprune.video.MAX_FRAMES). `image`: see transprune.images.as_image.
         """
+        image = as_image(image)
         if video is not None:
             video = self.as_video(video, num_frames)
             if inputs is None:

@@ -45,10 +45,59 @@ DEFAULT_FRAMES = {"video_llava": 8, "llava_onevision": 8, "qwen2_5_vl": 8}
 REQUIRED_FRAMES = {"video_llava": 8}
 # Qwen2VLVideoProcessor's per-frame pixel cap (size["longest_edge"]).
 QWEN_VIDEO_MAX_PIXELS = 768 * 28 * 28
+# The most frames a file may be sampled to. The paper's largest setting is 32 (OneVision); 64 leaves
+# room, and keeps a mistyped count (10000) from decoding gigabytes of frames.
+MAX_FRAMES = 64
+# The sampled frames are held decoded (RGB, 3 bytes a pixel) before the processor sees them; a
+# request needing more than this (or than half the memory the system reports available) is refused
+# before decoding.
+MAX_DECODED_BYTES = 2 * 2**30
 
 
 class VideoError(ValueError):
-    """A video could not be used; the message says what was wrong and what to pass instead."""
+    """A video could not be used; the message says what was wrong and what to pass instead.
+
+    `summary` is the message without the decoder's own text (`detail`), for showing to end users.
+    """
+
+    def __init__(self, summary: str, detail: str | None = None):
+        super().__init__(summary + (f" (decoder: {detail})" if detail else ""))
+        self.summary = summary
+        self.detail = detail
+
+
+def check_num_frames(num_frames) -> int:
+    """`num_frames` as an int in [1, MAX_FRAMES]; anything else is a VideoError saying what to pass."""
+    if isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer)):
+        raise VideoError(f"num_frames must be a whole number from 1 to {MAX_FRAMES}, got {num_frames!r}.")
+    if not 1 <= num_frames <= MAX_FRAMES:
+        raise VideoError(f"num_frames must be from 1 to {MAX_FRAMES}, got {num_frames}.")
+    return int(num_frames)
+
+
+def _available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_decoded_size(width: int, height: int, num_frames: int, available: int | None = None) -> None:
+    """Refuse sampling `num_frames` frames of width x height when holding them decoded would need more
+    than MAX_DECODED_BYTES or half the available memory."""
+    needed = 3 * width * height * num_frames
+    available = _available_memory_bytes() if available is None else available
+    budget = MAX_DECODED_BYTES if available is None else min(MAX_DECODED_BYTES, available // 2)
+    if needed > budget:
+        fit = max(1, budget // (3 * width * height))
+        raise VideoError(f"Sampling {num_frames} frames of {width}x{height} needs about {needed / 2**30:.1f} GB of "
+                         f"memory (the limit here is {budget / 2**30:.1f} GB): pass num_frames={fit} or fewer, "
+                         "or a smaller video.")
 
 
 @dataclass
@@ -94,9 +143,17 @@ def sample_indices(total: int, num_frames: int) -> list[int]:
 
 
 def _describe(source) -> str:
+    """How messages name the video: its path when the caller gave one (a file object or bytes, as the
+    app passes them, are "the uploaded video": no server path reaches a visitor)."""
     if isinstance(source, (str, os.PathLike)):
-        return repr(os.fspath(source))
+        return f"the video {os.fspath(source)!r}"
     return "the uploaded video"
+
+
+def _subject(source) -> str:
+    """_describe(source) at the start of a sentence."""
+    text = _describe(source)
+    return text[0].upper() + text[1:]
 
 
 def _open(source):
@@ -105,25 +162,26 @@ def _open(source):
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
     if isinstance(source, (str, os.PathLike)) and not os.path.exists(source):
-        raise VideoError(f"Video file {_describe(source)} does not exist.")
+        raise VideoError(f"{_subject(source)} does not exist.")
     try:
         return av.open(source if not isinstance(source, os.PathLike) else os.fspath(source), mode="r")
     except (av.error.FFmpegError, OSError, EOFError) as error:
-        raise VideoError(f"Could not read {_describe(source)} as a video ({error}). The file is corrupt, "
-                         "truncated or not a video: upload an MP4, WebM, AVI or MKV file.") from error
+        raise VideoError(f"Could not read {_describe(source)} as a video. The file is corrupt, truncated or not "
+                         "a video: upload an MP4, WebM, AVI or MKV file.", detail=str(error)) from error
 
 
 def _video_stream(container, source):
     if container.streams.video:
         return container.streams.video[0]
     if container.streams.audio:
-        raise VideoError(f"{_describe(source)} contains only audio (no video stream). Upload a file with a "
+        raise VideoError(f"{_subject(source)} contains only audio (no video stream). Upload a file with a "
                          "video track.")
-    raise VideoError(f"{_describe(source)} has no video stream. Upload a video file (MP4, WebM, AVI, MKV).")
+    raise VideoError(f"{_subject(source)} has no video stream. Upload a video file (MP4, WebM, AVI, MKV).")
 
 
 def _decode(source, keep: set[int] | None):
-    """(frames kept, number of frames decoded); frames are PIL RGB, `keep=None` keeps none."""
+    """(frames kept, number of frames decoded, fps, (width, height) of the stream); frames are PIL
+    RGB, `keep=None` keeps none."""
     import av
 
     kept: dict[int, Image.Image] = {}
@@ -139,13 +197,14 @@ def _decode(source, keep: set[int] | None):
                 count += 1
         except (av.error.FFmpegError, EOFError) as error:
             if count == 0:
-                raise VideoError(f"Could not decode any frame of {_describe(source)} ({error}). The video track "
-                                 "is corrupt or uses an unsupported codec.") from error
+                raise VideoError(f"Could not decode any frame of {_describe(source)}. The video track is corrupt "
+                                 "or uses an unsupported codec.", detail=str(error)) from error
             # A damaged tail: use the frames before it.
         fps = float(stream.average_rate) if stream.average_rate else None
+        size = (stream.codec_context.width, stream.codec_context.height)
     finally:
         container.close()
-    return kept, count, fps
+    return kept, count, fps, size
 
 
 def read_video(source, num_frames: int) -> Video:
@@ -153,16 +212,20 @@ def read_video(source, num_frames: int) -> Video:
 
     Counts the decodable frames in a first pass (container frame counts are often missing or
     wrong), then decodes again keeping the sampled ones. Raises VideoError for a corrupt or
-    non-video file, an audio-only file and a video track with no decodable frame.
+    non-video file, an audio-only file, a video track with no decodable frame, a `num_frames`
+    outside [1, MAX_FRAMES], and frames that would not fit in memory decoded (checked before the
+    second pass, which is the one that holds frames).
     """
+    num_frames = check_num_frames(num_frames)
     if hasattr(source, "seek"):
         source = source.read()  # two passes need the bytes twice
-    _, total, _ = _decode(source, None)
+    _, total, _, (width, height) = _decode(source, None)
     if total == 0:
-        raise VideoError(f"{_describe(source)} has a video stream but no decodable frames (an empty or "
+        raise VideoError(f"{_subject(source)} has a video stream but no decodable frames (an empty or "
                          "truncated recording). Upload a video with at least one frame.")
+    check_decoded_size(width, height, num_frames)
     indices = sample_indices(total, num_frames)
-    kept, _, fps = _decode(source, set(indices))
+    kept, _, fps, _ = _decode(source, set(indices))
     missing = [i for i in indices if i not in kept]
     if missing:
         raise VideoError(f"Frames {missing} of {_describe(source)} could not be decoded on the second pass; "
@@ -203,10 +266,12 @@ def as_video(video, family: str, num_frames: int | None = None) -> Video:
     A path uses `num_frames` or the family's default count. Frames given directly are used as
     they are, except that a family needing an exact count (Video-LLaVA: 8) refuses others.
     """
+    if num_frames is not None:
+        check_num_frames(num_frames)
     if isinstance(video, Video):
         result = video
     elif isinstance(video, (str, os.PathLike, bytes, bytearray)) or hasattr(video, "read"):
-        result = read_video(video, num_frames or DEFAULT_FRAMES.get(family, 8))
+        result = read_video(video, DEFAULT_FRAMES.get(family, 8) if num_frames is None else num_frames)
     else:
         result = Video.from_frames(video)
     required = REQUIRED_FRAMES.get(family)
