@@ -235,18 +235,34 @@ def test_bug_messages_name_a_log_reference_not_the_exception(monkeypatch):
     assert "error " in message and "still running" in message
 
 
+def _zero_frame_video(path: Path) -> Path:
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mjpeg", rate=5)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuvj420p"
+        container.start_encoding()  # header only, no frame
+    return path
+
+
 def test_video_messages_name_no_server_path_or_decoder_text(tmp_path):
+    import gradio as gr
+
     engine = Engine()
     compare, _ = make_handlers(engine, MODEL)
-    import gradio as gr
-    empty = tmp_path / "empty-recording.mp4"
-    empty.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
-    for video in (empty,):
+    secret = tmp_path / "private-upload-folder"
+    secret.mkdir()
+    garbage = secret / "clip.mp4"
+    garbage.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 64)
+    cases = {_zero_frame_video(secret / "empty.avi"): "no decodable frames", garbage: "not a video",
+             secret / "gone.mp4": "no longer on the server"}
+    for video, expected in cases.items():
         with pytest.raises(gr.Error) as raised:
             compare(None, "What happens?", video=str(video), progress=lambda *a, **k: None,
                     **dict(FAST, model="tiny-video-llava"))
         message = raised.value.message
-        assert str(tmp_path) not in message and "empty-recording" not in message
+        assert expected in message
+        assert "private-upload-folder" not in message and "/tmp" not in message
         assert "decoder" not in message and "Errno" not in message
 
 
