@@ -131,6 +131,17 @@ def whole_number(value, name: str, low: int, high: int) -> int:
     return int(number)
 
 
+def share(value, name: str) -> float:
+    """`value` as a float in [0, 1]; text, NaN or out of range is a UserError naming the setting."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a number from 0 to 1, not {value!r}.") from None
+    if not 0.0 <= number <= 1.0:     # also False for NaN
+        raise UserError(f"{name} must be a number from 0 to 1, not {value}.")
+    return number
+
+
 def make_handlers(engine: Engine, default_model: str, errors: ErrorInbox | None = None):
     """The event handlers of one app, as plain functions closing over its Engine. With `errors`,
     every error sentence of /compare is also left there for the page to show inline."""
@@ -166,9 +177,9 @@ def make_handlers(engine: Engine, default_model: str, errors: ErrorInbox | None 
             seed = whole_number(seed or 0, "Seed", 0, MAX_SEED)
             max_new_tokens = whole_number(max_new_tokens, "Max new tokens", 1, 512)
             repeats = whole_number(repeats, "Timing repeats", 1, 20)
+            keep_ratio, alpha = share(keep_ratio, "Keep ratio r"), share(alpha, "α (the TTV vs IGA weight)")
             try:
-                config = schedule.build_config(method, budget, float(keep_ratio), float(alpha), layers, positions,
-                                               seed)
+                config = schedule.build_config(method, budget, keep_ratio, alpha, layers, positions, seed)
             except (ConfigError, ValueError, TypeError) as error:
                 raise UserError(f"Impossible pruning schedule: {error}") from None
             comparison = run_on_device(engine, model, picture, question, config, max_new_tokens, repeats,
@@ -221,7 +232,8 @@ def make_speed_handler(engine: Engine):
     def _measure(model, method, budget, keep_ratio, alpha, layers, positions, seed, progress) -> str:
         spec = REGISTRY.get(model or "")
         try:
-            config = schedule.build_config(method, budget, float(keep_ratio), float(alpha), layers, positions,
+            config = schedule.build_config(method, budget, share(keep_ratio, "Keep ratio r"),
+                                           share(alpha, "α (the TTV vs IGA weight)"), layers, positions,
                                            whole_number(seed or 0, "Seed", 0, MAX_SEED))
             result = engine.real_size.measure(config, lambda fraction, text: progress(fraction, desc=text),
                                               family=spec.family if spec else None)
