@@ -290,6 +290,7 @@ def main_questions(args):
     plot_path = Path(args.plot) if args.plot else Path(args.out) / "summary.png"
     plotted = eval_questions.plot(summary, plot_path, f"{args.model} on {Path(args.questions).name}")
     print(json.dumps(dict(questions=args.questions, model=args.model, out=args.out,
+                          processes=eval_questions.distributed_state().num_processes,
                           plot=str(plot_path) if plotted else None,
                           results={name: {k: r[k] for k in ("n", "errors", "accuracy", "tflops")}
                                    for name, r in summary.items()})))

@@ -166,9 +166,18 @@ def answer_question(lm, question: Question, images: Path, config, yes_no_data: b
 
 # ------------------------------------------------------------------------------------------- the run
 def distributed_state():
-    """accelerate's PartialState: one process unless started by `accelerate launch` (or torchrun)."""
+    """accelerate's PartialState: one process unless started by `accelerate launch` (or torchrun).
+
+    Without CUDA (or under `accelerate launch --cpu`) the processes talk over gloo: accelerate only
+    picks its multi-CPU mode when asked with cpu=True. Its `--cpu` flag alone starts a single
+    process, so several CPU processes are `accelerate launch --multi_gpu --num_processes N` (or
+    torchrun) on a machine without GPUs.
+    """
+    import torch
     from accelerate import PartialState
-    return PartialState()
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
 
 
 def run_method(lm, questions: list[Question], images: Path, name: str, factory, out: Path, state,
@@ -224,6 +233,9 @@ def evaluate(model: str, questions_file, images, methods: list[str], out, annota
                      device_map=device_map)
     factories = check_methods(methods, model_shape(lm.model)[2])
     bad = sum(q.error is not None for q in questions)
+    if state.is_main_process:
+        print(f"{len(questions)} questions, {'yes/no' if yes_no_data else 'exact-match'} scoring, "
+              f"{state.num_processes} process(es) on {lm.device}", file=sys.stderr)
     if state.is_main_process and bad:
         print(f"{bad} of {len(questions)} lines cannot be asked (reported in every answers file), e.g. "
               f"{next(q.error for q in questions if q.error)}", file=sys.stderr)
