@@ -150,18 +150,23 @@ def answer_question(lm, question: Question, images: Path, config, yes_no_data: b
         return error_record(question, f"the processor rejected image {question.image}: {error}")
     result = lm.generate(image, question.text + prompt_suffix, config=config, max_new_tokens=max_new_tokens,
                          inputs=inputs)
-    hidden, intermediate, layers = model_shape(lm.model)
-    if result.trace is not None:
-        tflops = trace_tflops(result.trace, hidden, intermediate)
-        tflops_full = trace_tflops(result.trace, hidden, intermediate, full_sequence=True)
-    else:   # unpruned (or nothing visual to prune): every layer sees every token
-        from .adapters import for_model
-        input_ids = result.inputs["input_ids"]
-        visual = int(for_model(lm.model).visual_mask(lm.model, input_ids).sum())
-        tflops = config_tflops(None, Shape(hidden, intermediate, layers, visual))
-        tflops_full = config_tflops(None, Shape(hidden, intermediate, layers, input_ids.shape[1]))
+    tflops, tflops_full = result_tflops(lm, result)
     correct = eval_metrics.is_correct(result.text, question.answer, yes_no_data)
     return _record(question, result.text, correct, None, tflops, tflops_full)
+
+
+def result_tflops(lm, result) -> tuple[float, float]:
+    """Analytic prefill TFLOPs of one generate() result: (visual tokens only, every token)."""
+    hidden, intermediate, layers = model_shape(lm.model)
+    if result.trace is not None:
+        return (trace_tflops(result.trace, hidden, intermediate),
+                trace_tflops(result.trace, hidden, intermediate, full_sequence=True))
+    # Unpruned (or nothing visual to prune): every layer sees every token.
+    from .adapters import for_model
+    input_ids = result.inputs["input_ids"]
+    visual = int(for_model(lm.model).visual_mask(lm.model, input_ids).sum())
+    return (config_tflops(None, Shape(hidden, intermediate, layers, visual)),
+            config_tflops(None, Shape(hidden, intermediate, layers, input_ids.shape[1])))
 
 
 # ------------------------------------------------------------------------------------------- the run
