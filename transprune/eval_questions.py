@@ -2,7 +2,7 @@
 
     python -m transprune.eval --questions llava_pope_test.jsonl --annotations pope/coco --images val2014 \\
         --model llava-1.5-7b --methods baseline,high,low,fastv,pdrop --out runs/pope
-    accelerate launch --num_processes 8 -m transprune.eval --questions ... --out runs/pope   # data parallel
+    accelerate launch --multi_gpu --num_processes 8 -m transprune.eval --questions ... --out runs/pope  # 8 processes
 
 For each method (the bench's names: "baseline", presets such as "high", "low", "fastv", "pdrop",
 "random", "visionzip-64", stacks such as "visionzip-128+high"; "ttv"/"iga" = High scored by TTV or
@@ -173,16 +173,23 @@ def result_tflops(lm, result) -> tuple[float, float]:
 def distributed_state():
     """accelerate's PartialState: one process unless started by `accelerate launch` (or torchrun).
 
-    Without CUDA (or under `accelerate launch --cpu`) the processes talk over gloo: accelerate only
-    picks its multi-CPU mode when asked with cpu=True. Its `--cpu` flag alone starts a single
-    process, so several CPU processes are `accelerate launch --multi_gpu --num_processes N` (or
-    torchrun) on a machine without GPUs.
+    The processes only exchange answer records, so they always talk over gloo (accelerate's
+    multi-CPU mode, chosen with cpu=True), whatever the devices; each process then puts its model
+    on a GPU itself (`process_device`). That also lets several processes share one GPU.
+    accelerate's own `--cpu` flag starts a single process: start N processes with
+    `accelerate launch --multi_gpu --num_processes N` (it is what accelerate picks by itself on a
+    machine with several GPUs).
     """
-    import torch
     from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
+    return PartialState(cpu=True)
 
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+
+def process_device(state) -> str:
+    """This process's device: GPU (local index modulo the GPUs there are) where CUDA is available, else CPU."""
+    import torch
+    if torch.cuda.is_available():
+        return f"cuda:{state.local_process_index % torch.cuda.device_count()}"
+    return "cpu"
 
 
 def run_method(lm, questions: list[Question], images: Path, name: str, factory, out: Path, state,
@@ -234,8 +241,8 @@ def evaluate(model: str, questions_file, images, methods: list[str], out, annota
     yes_no_data = eval_metrics.is_yes_no([q.answer for q in questions if q.error is None and q.answer is not None])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    lm = models.load(model, device=device or str(state.device), dtype=dtype, attn_implementation=attn,
-                     device_map=device_map)
+    device = device or (None if device_map else process_device(state))
+    lm = models.load(model, device=device, dtype=dtype, attn_implementation=attn, device_map=device_map)
     factories = check_methods(methods, model_shape(lm.model)[2])
     bad = sum(q.error is not None for q in questions)
     if state.is_main_process:

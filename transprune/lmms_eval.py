@@ -79,7 +79,8 @@ class TransPrune(lmms):
         self._rank = int(os.environ.get("RANK", 0))
         self._world_size = int(os.environ.get("WORLD_SIZE", 1))
         if torch.cuda.is_available() and device_map is None and (device is None or self._world_size > 1):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"   # one GPU per process
+            # One GPU per process (processes share GPUs when there are more of them than GPUs).
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
         self.loaded = models.load(pretrained, device=device or "cpu", dtype=dtype,
                                   attn_implementation=attn_implementation, device_map=device_map)
         self.preset = preset
