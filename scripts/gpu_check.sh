@@ -33,6 +33,8 @@ work=$(mktemp -d)
 json=$out/gpu_check_$stamp.json
 log=$out/gpu_check_$stamp.log
 budget=${TRANSPRUNE_GPU_BUDGET:-470}
+scale=1     # step limits are sized for the GPU machine; a shared CPU running the dry run gets 4x as long
+if [ "$dry_run" = 1 ]; then scale=4; budget=${TRANSPRUNE_GPU_BUDGET:-1800}; fi
 start=$(date +%s)
 py=${PYTHON:-python3}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -43,7 +45,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # step NAME SECONDS COMMAND...: runs COMMAND under timeout (never past the overall budget), logs its output,
 # appends {"name", "rc", "seconds"} to steps.jsonl. rc 124 = timed out; "skipped" when no time is left.
 step() {
-    local name=$1 limit=$2; shift 2
+    local name=$1 limit=$(( $2 * scale )); shift 2
     local left=$(( budget - ($(date +%s) - start) ))
     if [ "$left" -lt 10 ]; then
         echo "{\"name\": \"$name\", \"rc\": null, \"seconds\": 0, \"skipped\": \"no time left\"}" >> "$work/steps.jsonl"
