@@ -250,3 +250,31 @@ def test_two_processes_give_the_same_answers_and_metrics(tmp_path):
     for method in methods.split(","):
         assert ((tmp_path / "two" / f"answers-{method}.jsonl").read_text()
                 == (tmp_path / "one" / f"answers-{method}.jsonl").read_text())
+
+
+def test_registry_names_load_real_checkpoints_with_device_map(monkeypatch):
+    """--model llava-1.5-7b goes to from_pretrained("llava-hf/llava-1.5-7b-hf"); --device-map auto is passed on."""
+    import transformers
+
+    from transprune import models
+
+    calls = []
+
+    class FakeModel:
+        @classmethod
+        def from_pretrained(cls, checkpoint, **kwargs):
+            calls.append((checkpoint, kwargs))
+            return cls()
+
+        def to(self, *args, **kwargs):
+            raise AssertionError("a model placed by device_map must not be moved")
+
+        def eval(self):
+            return self
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda name: None)
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda name: "processor")
+    monkeypatch.setattr(models, "_model_class", lambda family: FakeModel)
+    loaded = models.load("llava-1.5-7b", dtype="float16", device_map="auto")
+    assert calls == [("llava-hf/llava-1.5-7b-hf", dict(dtype=torch.float16, device_map="auto"))]
+    assert loaded.processor == "processor"
