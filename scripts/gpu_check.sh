@@ -6,7 +6,8 @@
 #
 # Steps, each under its own `timeout` inside an overall budget (TRANSPRUNE_GPU_BUDGET seconds, default 470);
 # a failing step is recorded and the next one still runs:
-#   1. install  the pinned set: wheels in .whl/ (carried there: no network) into /tmp/transprune-site with
+#   1. install  the pinned set: wheels in .whl/ (scripts/gpu_wheels.sh fills it here; carry it along, since the
+#               GPU machine has no network) into /tmp/transprune-site with
 #               --no-index --no-deps (the machine's own torch is kept: a CUDA torch does not travel), else
 #               `pip install -r requirements.txt` minus torch, which fails offline and is recorded as such;
 #               flash-attn too where a wheel for it is in .whl/;
