@@ -275,3 +275,20 @@ def test_registry_names_load_real_checkpoints_with_device_map(monkeypatch):
     loaded = models.load("llava-1.5-7b", dtype="float16", device_map="auto")
     assert calls == [("llava-hf/llava-1.5-7b-hf", dict(dtype=torch.float16, device_map="auto"))]
     assert loaded.processor == "processor"
+
+
+def test_gpu_check_script_parses_and_its_commands_exist():
+    """scripts/gpu_check.sh cannot run here; its syntax and every flag it hands our CLIs are checked
+    (the whole script runs on a CPU with --dry-run, in about two minutes)."""
+    from transprune import bench
+
+    for script in ("gpu_check.sh", "gpu_wheels.sh", "test_lmms_eval.sh"):
+        subprocess.run(["bash", "-n", str(REPO / "scripts" / script)], check=True)
+    text = (REPO / "scripts" / "gpu_check.sh").read_text()
+    assert "set -euo pipefail" in text and "timeout" in text and "gpu_check_$stamp.json" in text
+    bench.parser().parse_args(["--arch", "llava-1.5-7b", "--device", "cuda", "--dtype", "float16", "--repeats", "5",
+                               "--decode-repeats", "2", "--new-tokens", "16", "--scoring-repeats", "2", "--attn",
+                               "flash_attention_2", "--methods", "baseline,fastv,pdrop,high,low", "--json", "x.json",
+                               "--plot", "x.png"])
+    eval_cli.parser().parse_args(["--questions", "q.jsonl", "--images", "i", "--model", "shapes-llava", "--methods",
+                                  "baseline,high,low", "--max-new-tokens", "3", "--out", "o"])
