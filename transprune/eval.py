@@ -282,7 +282,7 @@ def main_questions(args):
                                           annotations=args.annotations, device=args.device, dtype=args.dtype,
                                           attn=args.attn, device_map=args.device_map,
                                           max_new_tokens=args.max_new_tokens, prompt_suffix=args.prompt_suffix)
-    except (DataError, ConfigError, ModelLoadError, ValueError) as error:
+    except (DataError, ConfigError, ModelLoadError, eval_questions.EvalError) as error:
         raise SystemExit(str(error)) from None
     if summary is None:      # not the main process of a data-parallel run
         return None

@@ -36,6 +36,10 @@ from .flops import Shape, config_tflops, model_shape, trace_tflops
 ANSWER_FIELDS = ("id", "question", "answer", "prediction", "correct", "error")
 
 
+class EvalError(ValueError):
+    """The evaluation was asked for something it cannot do; the message says what to change."""
+
+
 # ------------------------------------------------------------------------------------------- methods
 def method_factory(name: str):
     """A function question id -> PruneConfig (None = unpruned) for a method name; ConfigError if unknown.
@@ -235,7 +239,7 @@ def evaluate(model: str, questions_file, images, methods: list[str], out, annota
 
     state = distributed_state()
     if device_map and state.num_processes > 1:
-        raise ValueError("--device-map auto spreads one model over all GPUs, so run it as one process "
+        raise EvalError("--device-map auto spreads one model over all GPUs, so run it as one process "
                          "(python -m transprune.eval), not under a multi-process accelerate launch.")
     questions = read_questions(questions_file, annotations)
     yes_no_data = eval_metrics.is_yes_no([q.answer for q in questions if q.error is None and q.answer is not None])
