@@ -22,7 +22,7 @@ counts it. Images are opened per question by `load_image`, which raises ImageErr
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -76,7 +76,7 @@ def parse_line(line: str, number: int) -> Question:
 
 
 def _with_error(question: Question, error: str) -> Question:
-    return Question(question.id, question.text, question.answer, question.image, question.category, error)
+    return replace(question, error=error)
 
 
 def read_questions(path: str | Path, annotations: str | Path | None = None) -> list[Question]:
@@ -99,9 +99,8 @@ def read_questions(path: str | Path, annotations: str | Path | None = None) -> l
         count = seen.get(question.id, 0)
         seen[question.id] = count + 1
         if count:
-            question = _with_error(Question(f"{question.id}#{count + 1}", question.text, question.answer,
-                                            question.image, question.category),
-                                   question.error or f"duplicate question id {question.id!r}")
+            question = replace(question, id=f"{question.id}#{count + 1}",
+                               error=question.error or f"duplicate question id {question.id!r}")
         elif question.error is None and question.answer is None:
             question = _with_error(question, f"question {question.id!r} has no gold answer "
                                              "('label' or 'answer', or --annotations)")
@@ -134,8 +133,7 @@ def join_annotations(questions: list[Question], annotations: str | Path) -> list
         qid, label = _first(record, "question_id", "id"), _first(record, "label", "answer")
         if qid is not None and label is not None:
             labels[str(qid)] = str(label)
-    return [q if q.error or q.id not in labels else
-            Question(q.id, q.text, labels[q.id], q.image, q.category) for q in questions]
+    return [q if q.error or q.id not in labels else replace(q, answer=labels[q.id]) for q in questions]
 
 
 def _join_by_category(questions: list[Question], folder: Path) -> list[Question]:
@@ -154,7 +152,7 @@ def _join_by_category(questions: list[Question], folder: Path) -> list[Question]
             index = used.get(q.category, 0)
             used[q.category] = index + 1
             if index < len(labels[q.category]):
-                q = Question(q.id, q.text, labels[q.category][index], q.image, q.category)
+                q = replace(q, answer=labels[q.category][index])
         joined.append(q)
     for category, count in used.items():
         if count != len(labels[category]):
