@@ -1,14 +1,11 @@
 #!/usr/bin/env bash
-# Fills .whl/ (git-ignored) with the pinned packages the GPU machine's image lacks or has at other versions,
+# Fills .whl/ (in .gitignore) with the pinned packages the GPU machine's image lacks or has at other versions,
 # as Python 3.12 x86-64 wheels: the GPU machine reaches no network, so scripts/gpu_check.sh installs them
 # from there (--no-index --no-deps), keeping the image's own CUDA torch. Run it here, then carry .whl along.
 # The image had transformers 5.17 and huggingface_hub 1.33 (transformers 5.24 needs hub >= 1.31, and hub 2.x
 # needs httpx2); versions below are requirements.txt's and the ones this project's machines resolve to.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exclude=$(git rev-parse --git-path info/exclude)
-mkdir -p "$(dirname "$exclude")"
-grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
 mkdir -p .whl
 python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
