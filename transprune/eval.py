@@ -1,4 +1,8 @@
-"""Accuracy vs. budget on held-out shape scenes, on a CPU: `python -m transprune.eval --suite shapes`.
+"""Accuracy vs. budget: held-out shape scenes (`--suite shapes`) or your own questions (`--questions`).
+
+Your own data (question JSONL + image folder, POPE/MME/GQA-style; one process or `accelerate
+launch`) is `transprune.eval_questions`: see its docstring and the README's "Evaluate on your data".
+The rest of this module is the shapes suite, on a CPU:
 
     python -m transprune.eval --suite shapes --seed 1 --n 500 --json runs/eval.json --plot runs/eval.png
 
@@ -208,22 +212,45 @@ def plot(results: dict, path: Path, title: str):
     plt.close(fig)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--suite", default="shapes", choices=["shapes"])
-    parser.add_argument("--model", default="shapes-llava")
-    parser.add_argument("--seed", type=int, default=1, help="seed of the held-out questions")
-    parser.add_argument("--n", type=int, default=500, help="number of questions")
-    parser.add_argument("--methods", default=",".join(method_table()),
-                        help="comma-separated subset of: " + ", ".join(method_table()))
-    parser.add_argument("--json", default=None, help="write the results here")
-    parser.add_argument("--plot", default=None, help="PNG path (default: next to --json)")
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m transprune.eval", description=__doc__.split("\n")[0])
+    parser.add_argument("--suite", default="shapes", choices=["shapes"], help="built-in suite (without --questions)")
+    parser.add_argument("--model", default="shapes-llava", help="registry name or Hugging Face id")
+    parser.add_argument("--seed", type=int, default=1, help="shapes: seed of the held-out questions")
+    parser.add_argument("--n", type=int, default=500, help="shapes: number of questions")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated; shapes (default all): " + ", ".join(method_table()) +
+                             "; --questions (default baseline,high,low): the bench's names (baseline, high, low, "
+                             "fastv, pdrop, random, visionzip-64, visionzip-128+high, ...), ttv, iga, ttv-low, "
+                             "iga-low, any with -original or -compact")
+    parser.add_argument("--json", default=None, help="shapes: write the results here")
+    parser.add_argument("--plot", default=None, help="PNG path (default: next to --json; --questions: OUT/summary.png)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    args = parser.parse_args(argv)
+    own = parser.add_argument_group("your own data (python -m transprune.eval --questions ...)")
+    own.add_argument("--questions", default=None, help="question file, JSONL (LLaVA/POPE fields)")
+    own.add_argument("--images", default=".", help="folder the questions' image paths are relative to")
+    own.add_argument("--annotations", default=None,
+                     help="gold answers kept apart: a JSONL by question_id, or a folder of coco_pope_<category>.json")
+    own.add_argument("--out", default=None, help="output folder (answers-<method>.jsonl, summary.json, summary.png)")
+    own.add_argument("--max-new-tokens", type=int, default=16)
+    own.add_argument("--prompt-suffix", default="",
+                     help="appended to every question, e.g. ' Answer the question using a single word or phrase.'")
+    own.add_argument("--device", default=None, help="default: this process's accelerate device (cuda:i or cpu)")
+    own.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    own.add_argument("--attn", default=None, help="attention implementation: sdpa, eager, flash_attention_2")
+    own.add_argument("--device-map", default=None, choices=["auto"],
+                     help="spread a model too large for one GPU over all GPUs (one process only)")
+    return parser
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    names = [name.strip() for name in args.methods.split(",") if name.strip()]
+    if args.questions is not None:
+        return main_questions(args)
+    names = [name.strip() for name in (args.methods or ",".join(method_table())).split(",") if name.strip()]
     if "baseline" not in names:
         names.insert(0, "baseline")
     results = run_shapes(args.model, args.seed, args.n, names)
@@ -237,6 +264,37 @@ def main(argv=None):
     summary = {name: dict(accuracy=round(r["accuracy"], 4), tflops=r["tflops"]) for name, r in results.items()}
     print(json.dumps(dict(suite=args.suite, model=args.model, seed=args.seed, n=args.n, results=summary,
                           json=args.json, plot=str(plot_path) if plot_path else None)))
+
+
+def main_questions(args):
+    from . import eval_questions
+    from .config import ConfigError
+    from .eval_data import DataError
+    from .models import ModelLoadError
+
+    if args.out is None:
+        raise SystemExit("--questions needs --out DIR: the folder for the answers files and summary.json.")
+    names = [name.strip() for name in (args.methods or "baseline,high,low").split(",") if name.strip()]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"--methods lists a method twice: {args.methods}")
+    try:
+        summary = eval_questions.evaluate(args.model, args.questions, args.images, names, args.out,
+                                          annotations=args.annotations, device=args.device, dtype=args.dtype,
+                                          attn=args.attn, device_map=args.device_map,
+                                          max_new_tokens=args.max_new_tokens, prompt_suffix=args.prompt_suffix)
+    except (DataError, ConfigError, ModelLoadError, eval_questions.EvalError) as error:
+        raise SystemExit(str(error)) from None
+    if summary is None:      # not the main process of a data-parallel run
+        return None
+    print(eval_questions.markdown_table(summary))
+    plot_path = Path(args.plot) if args.plot else Path(args.out) / "summary.png"
+    plotted = eval_questions.plot(summary, plot_path, f"{args.model} on {Path(args.questions).name}")
+    print(json.dumps(dict(questions=args.questions, model=args.model, out=args.out,
+                          processes=eval_questions.distributed_state().num_processes,
+                          plot=str(plot_path) if plotted else None,
+                          results={name: {k: r[k] for k in ("n", "errors", "accuracy", "tflops")}
+                                   for name, r in summary.items()})))
+    return summary
 
 
 if __name__ == "__main__":

@@ -171,8 +171,13 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load(name: str, device: str | None = None, dtype=None, attn_implementation: str | None = None) -> "LoadedModel":
-    """Load a registered model (or any Hugging Face id of a supported family) with its processor."""
+def load(name: str, device: str | None = None, dtype=None, attn_implementation: str | None = None,
+         device_map: str | None = None) -> "LoadedModel":
+    """Load a registered model (or any Hugging Face id of a supported family) with its processor.
+
+    `device_map="auto"` (Hub checkpoints) lets accelerate spread a model too large for one GPU over
+    all visible GPUs; `device` is then ignored. Offline models are tiny and always go to `device`.
+    """
     device = device or default_device()
     dtype = _parse_dtype(dtype)
     if name in REGISTRY:
@@ -189,25 +194,26 @@ def load(name: str, device: str | None = None, dtype=None, attn_implementation: 
             model.config.text_config._attn_implementation = attn_implementation
         model = model.to(device=device, dtype=dtype or torch.float32)
     else:
-        model, processor = _from_pretrained(spec, device, dtype, attn_implementation)
+        model, processor = _from_pretrained(spec, device, dtype, attn_implementation, device_map)
     return LoadedModel(spec=spec, model=model.eval(), processor=processor)
 
 
-def _from_pretrained(spec: ModelSpec, device: str, dtype, attn_implementation):
+def _from_pretrained(spec: ModelSpec, device: str, dtype, attn_implementation, device_map: str | None = None):
     import transformers
     from transformers import AutoConfig, AutoProcessor
 
-    dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
+    on_gpu = device.startswith("cuda") or (device_map is not None and torch.cuda.is_available())
+    dtype = dtype or (torch.float16 if on_gpu else torch.float32)
     try:
         config = AutoConfig.from_pretrained(spec.checkpoint)
         model_class = getattr(transformers, config.architectures[0]) if not spec.family else _model_class(spec.family)
         kwargs = dict(dtype=dtype)
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
-        if device.startswith("cuda"):
-            kwargs["device_map"] = device
+        if device_map is not None or device.startswith("cuda"):
+            kwargs["device_map"] = device_map or device
         model = model_class.from_pretrained(spec.checkpoint, **kwargs)
-        if not device.startswith("cuda"):
+        if "device_map" not in kwargs:
             model = model.to(device)
         processor = AutoProcessor.from_pretrained(spec.checkpoint)
     except torch.cuda.OutOfMemoryError as error:
