@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import gradio as gr
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from transprune.adapters import FAMILIES, video_families
+
 from . import engine as engine_module
 from .engine import ATTENTION_CHOICES, DTYPE_CHOICES, UserError
 from .examples import SCENES, example_rows
@@ -175,7 +177,8 @@ def model_info(engine: engine_module.Engine, name: str) -> str:
 
     spec = REGISTRY.get(name)
     if spec is None:
-        return f"**{name}**: a Hugging Face checkpoint of a supported family (LLaVA-1.5, LLaVA-NeXT)."
+        families = ", ".join(adapter.label for adapter in FAMILIES.values())
+        return f"**{name}**: a Hugging Face checkpoint of a supported family ({families})."
     text = f"**{spec.label}** · {spec.size} parameters"
     if spec.description:
         text += f" · {spec.description}"
@@ -191,7 +194,7 @@ def build(engine: engine_module.Engine, default_model: str) -> Inputs:
                                            sources=["upload", "clipboard"], height=300, elem_id="input-image"))
         with gr.Tab("Video", visible=engine.video_enabled(), elem_id="tab-video"):
             # format=None, include_audio=True: the upload is passed on as is (no ffmpeg needed).
-            video = gr.Video(label="Video (Video-LLaVA, LLaVA-OneVision, Qwen2.5-VL)", height=300,
+            video = gr.Video(label=f"Video ({', '.join(FAMILIES[f].label for f in video_families())})", height=300,
                              sources=["upload"], format=None, include_audio=True, elem_id="input-video")
     question = gr.Textbox(label="Question", value=DEFAULT_QUESTION, lines=1, max_lines=4,
                           max_length=MAX_QUESTION_CHARS * 2, placeholder="Ask about the image…",

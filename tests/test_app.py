@@ -456,7 +456,6 @@ def clip(tmp_path_factory):
     return make_clip(tmp_path_factory.mktemp("video") / "clip.mp4")
 
 
-@pytest.mark.skipif(not engine.VIDEO_INPUTS, reason="this transprune has no video input")
 def test_video_comparison_draws_every_frame(handlers, clip):
     compare, _ = handlers
     out = compare(None, "What happens in the video?", video=str(clip), model="tiny-video-llava",
@@ -475,7 +474,6 @@ def test_video_comparison_draws_every_frame(handlers, clip):
                                                                     canvas.rect(int(first))[0])
 
 
-@pytest.mark.skipif(not engine.VIDEO_INPUTS, reason="this transprune has no video input")
 def test_video_errors(handlers, clip, example_image, tmp_path, monkeypatch):
     compare, _ = handlers
     cases = [
@@ -622,7 +620,6 @@ def test_client_bad_input_then_good_request(served, bad_files, case, monkeypatch
     assert "visual tokens" in out[0] and out[2] and out[3]
 
 
-@pytest.mark.skipif(not engine.VIDEO_INPUTS, reason="this transprune has no video input")
 def test_client_video(served, clip):
     from gradio_client import handle_file
 

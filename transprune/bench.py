@@ -45,6 +45,7 @@ Method names: "baseline" (no pruning), any PruneConfig preset ("high", "low", "f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -345,79 +346,51 @@ def decode_tokens_per_s(model, attached: _Attached, new_tokens: int, device) -> 
 
 
 class _ScoringClock:
-    """Wraps the scoring code of one attached method with timers (instrumented runs only)."""
+    """Times the scoring of one attached method (instrumented runs only) through the pruner's
+    public timing hook (`Pruner.timer`): TTV, the scores with their side passes, and a pre-LLM
+    stage's own scoring (VisionZip's CLS attention and merge)."""
 
     def __init__(self, attached: _Attached, device):
-        self.device, self.total, self._undo = device, 0.0, []
-        pruner = attached.pruner
-        if pruner is not None:
-            self._wrap(pruner, "_record_ttv")
-            if pruner.method is not None:
-                self._wrap(pruner.method, "score")
-        if attached.spec.visionzip:
-            self._wrap(visionzip, "cls_attention_and_keys", module=True)
-            self._wrap(visionzip, "select_tokens", module=True)
+        self.device, self.total, self.pruner = device, 0.0, attached.pruner
+        if self.pruner is not None:
+            self.pruner.timer = self._span
 
-    def _wrap(self, owner, name, module=False):
-        original = getattr(owner, name)
-
-        def timed(*args, **kwargs):
+    @contextlib.contextmanager
+    def _span(self, name):
+        _sync(self.device)
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
             _sync(self.device)
-            begin = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                _sync(self.device)
-                self.total += time.perf_counter() - begin
-
-        setattr(owner, name, timed)
-        self._undo.append((owner, name, original if module else None))
+            self.total += time.perf_counter() - begin
 
     def remove(self):
-        for owner, name, original in self._undo:
-            if original is not None:
-                setattr(owner, name, original)
-            else:
-                delattr(owner, name)  # instance attribute: the class method shows through again
-        self._undo = []
+        if self.pruner is not None:
+            self.pruner.timer = None
 
 
 class _ReuseClock:
     """Times the key projections a pruner avoided (the layer after a stage took the survivors' keys
-    from the side pass) by running each avoided projection once more. Only in separate runs: it adds
-    that work to the prefill it instruments."""
+    from the side pass) by running each avoided projection once more, through the pruner's public
+    `reuse_listener` hook. Only in separate runs: it adds that work to the prefill it instruments."""
 
     def __init__(self, attached: _Attached, device):
-        from .runner import _KeyReuse
+        self.device, self.total, self.pruner = device, 0.0, attached.pruner
+        self.active = self.pruner is not None and self.pruner.needs.next_layer_qk and bool(self.pruner.prune_layers)
+        if self.active:
+            self.pruner.reuse_listener = self._redo
 
-        self.device, self.total, self._reuses = device, 0.0, []
-        handles = attached.pruner._handles if attached.pruner is not None else []
-        for reuse in (h for h in handles if isinstance(h, _KeyReuse)):
-            self._reuses.append((reuse, reuse.take))
-            reuse.take = self._timed(reuse)
-
-    def _timed(self, reuse):
-        take = reuse.take
-
-        def timed(hidden):
-            keys = take(hidden)
-            if keys is not None:
-                _sync(self.device)
-                begin = time.perf_counter()
-                reuse.project(hidden)
-                _sync(self.device)
-                self.total += time.perf_counter() - begin
-            return keys
-        return timed
-
-    @property
-    def active(self) -> bool:
-        return bool(self._reuses)
+    def _redo(self, project, hidden):
+        _sync(self.device)
+        begin = time.perf_counter()
+        project(hidden)
+        _sync(self.device)
+        self.total += time.perf_counter() - begin
 
     def remove(self):
-        for reuse, take in self._reuses:
-            reuse.take = take
-        self._reuses = []
+        if self.pruner is not None:
+            self.pruner.reuse_listener = None
 
 
 def measure(bench: BenchModel, specs: list[MethodSpec], repeats: int, new_tokens: int, decode_repeats: int,
