@@ -12,7 +12,6 @@ from code in seconds and need no network.
 from __future__ import annotations
 
 import dataclasses
-import resource
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import torch
 from . import adapters
 from .config import PruneConfig
 from .errors import ModelLoadError
+from .measure import TokenClock, parse_dtype, peak_memory_mb, sync
 from .runner import apply
 from .trace import PruneTrace
 
@@ -120,16 +120,6 @@ for _spec in (
     register(_spec)
 
 
-def _parse_dtype(dtype):
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in table:
-        raise ValueError(f"Unknown dtype {dtype!r}; use one of {', '.join(table)}.")
-    return table[dtype]
-
-
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -137,7 +127,7 @@ def default_device() -> str:
 def load(name: str, device: str | None = None, dtype=None, attn_implementation: str | None = None) -> "LoadedModel":
     """Load a registered model (or any Hugging Face id of a supported family) with its processor."""
     device = device or default_device()
-    dtype = _parse_dtype(dtype)
+    dtype = parse_dtype(dtype)
     if name in REGISTRY:
         spec = REGISTRY[name]
     elif "/" in name:
@@ -191,29 +181,6 @@ class Result:
     output_ids: torch.Tensor | None = None
     inputs: dict | None = None
     video: object | None = None    # transprune.video.Video actually used (sampled frames), None for images
-
-
-class _Clock:
-    """A generate() streamer that notes when each new token is ready (first one = end of prefill)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.stamps: list[float] = []
-        self._prompt_seen = False
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def put(self, value):
-        if not self._prompt_seen:  # generate() first hands over the prompt
-            self._prompt_seen = True
-            return
-        self._sync()
-        self.stamps.append(time.perf_counter())
-
-    def end(self):
-        pass
 
 
 @dataclass
@@ -316,7 +283,7 @@ class LoadedModel:
         inputs = inputs if inputs is not None else self.prepare(image, question)
         config = self.config_for(config)
         device = self.device
-        clock = _Clock(device)
+        clock = TokenClock(device)
         with self.lock:
             return self._generate_locked(image, inputs, config, max_new_tokens, clock, device, video)
 
@@ -331,7 +298,7 @@ class LoadedModel:
                 inputs = pruner.prepare_inputs(inputs)   # VisionZip (before the LLM) is part of the timed run
             output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                          streamer=clock)
-            clock._sync()
+            sync(device)
             end = time.perf_counter()
             trace = pruner.trace if pruner is not None else None
             pre_stage = pruner.pre_stage if pruner is not None else None
@@ -347,7 +314,7 @@ class LoadedModel:
                        new_tokens=len(new_ids),
                        decode_tokens_per_s=(decode_steps / decode_seconds) if decode_steps and decode_seconds > 0
                        else None,
-                       peak_mb=self._peak_memory_mb(device))
+                       peak_mb=peak_memory_mb(device))
         if trace is not None and video is not None:
             # One video alone: a per-frame layout. Image + video in one prompt: no layout (one
             # VisualLayout describes one picture or one video).
@@ -361,10 +328,3 @@ class LoadedModel:
 
     def visual_layout(self, image_size, num_tokens):
         return self._adapter.visual_layout(self.model, self.processor, image_size, num_tokens)
-
-    @staticmethod
-    def _peak_memory_mb(device: torch.device) -> float:
-        if device.type == "cuda":
-            return torch.cuda.max_memory_allocated(device) / 2**20
-        # CPU: the process's peak resident set size (Linux reports KiB); monotonic over the process.
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

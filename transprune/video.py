@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
+from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from . import adapters
 from .adapters.qwen2_5_vl import qwen_frame_size  # noqa: F401  (re-exported: where a Qwen frame is resized to)
@@ -230,8 +231,8 @@ def _normalise(frames: list[Image.Image], image_processor) -> torch.Tensor:
     array = np.stack([np.asarray(f, dtype=np.float32) for f in frames]) * float(
         _get(image_processor, "rescale_factor", 1 / 255))
     if _get(image_processor, "do_normalize", True):
-        mean = np.asarray(_get(image_processor, "image_mean", [0.48145466, 0.4578275, 0.40821073]), np.float32)
-        std = np.asarray(_get(image_processor, "image_std", [0.26862954, 0.26130258, 0.27577711]), np.float32)
+        mean = np.asarray(_get(image_processor, "image_mean", OPENAI_CLIP_MEAN), np.float32)
+        std = np.asarray(_get(image_processor, "image_std", OPENAI_CLIP_STD), np.float32)
         array = (array - mean) / std
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
 
