@@ -11,7 +11,7 @@ import torch
 
 import transprune
 from transprune import PruneConfig, models
-from transprune.video import (DEFAULT_FRAMES, Video, VideoError, read_frames, read_video, sample_indices,
+from transprune.video import (DEFAULT_FRAMES, Video, VideoError, read_video, sample_indices,
                               video_inputs, video_overlay, video_token_count)
 
 from conftest import sample_image, tiny_model
@@ -68,11 +68,11 @@ def _video_span(model, inputs):
 
 
 # ------------------------------------------------------------------------------ decoding
-def test_read_frames_samples_uniformly_in_order(video_file):
+def test_read_video_samples_uniformly_in_order(video_file):
     video = read_video(video_file, 4)
     assert video.indices == [0, 3, 6, 9] == sample_indices(FRAMES, 4)
     assert video.total_frames == FRAMES and video.fps == pytest.approx(FPS)
-    frames = read_frames(video_file, 4)
+    frames = read_video(video_file, 4).frames
     assert [f.size for f in frames] == [(WIDTH, HEIGHT)] * 4 and all(f.mode == "RGB" for f in frames)
     for frame, index in zip(frames, video.indices):
         background = np.asarray(frame)[50:60, :].reshape(-1, 3).mean(0)
@@ -220,7 +220,7 @@ def test_video_file_to_pruned_answer_and_overlay(video_family, video_file):
 
 
 def test_frames_list_is_accepted_and_video_llava_needs_eight(video_file):
-    frames = read_frames(video_file, 4)
+    frames = read_video(video_file, 4).frames
     lm = models.load("tiny-llava-onevision")
     result = lm.generate(None, QUESTION, config="high", max_new_tokens=2, video=frames)
     assert len(result.video.frames) == 4 and result.trace.layout.frame.max() == 3
@@ -233,9 +233,9 @@ def test_corrupt_file_is_a_clear_error(tmp_path):
     path = tmp_path / "junk.mp4"
     path.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
     with pytest.raises(VideoError, match="corrupt, truncated or not a video"):
-        read_frames(path, 8)
+        read_video(path, 8).frames
     with pytest.raises(VideoError, match="corrupt"):
-        read_frames(path.read_bytes(), 8)
+        read_video(path.read_bytes(), 8).frames
 
 
 def test_audio_only_file_is_a_clear_error(tmp_path):
@@ -250,7 +250,7 @@ def test_audio_only_file_is_a_clear_error(tmp_path):
         for packet in [*stream.encode(frame), *stream.encode()]:
             container.mux(packet)
     with pytest.raises(VideoError, match="only audio"):
-        read_frames(path, 8)
+        read_video(path, 8).frames
 
 
 def test_zero_frame_video_is_a_clear_error(tmp_path):
@@ -262,14 +262,14 @@ def test_zero_frame_video_is_a_clear_error(tmp_path):
         stream.width, stream.height, stream.pix_fmt = 64, 64, "yuvj420p"
         container.start_encoding()  # header only, no frame
     with pytest.raises(VideoError, match="no decodable frames"):
-        read_frames(path, 8)
+        read_video(path, 8).frames
     with pytest.raises(VideoError, match="zero frames"):
         Video.from_frames([])
 
 
 def test_missing_file_and_image_only_model_are_clear_errors(tmp_path, video_file):
     with pytest.raises(VideoError, match="does not exist"):
-        read_frames(tmp_path / "nope.mp4", 8)
+        read_video(tmp_path / "nope.mp4", 8).frames
     with pytest.raises(VideoError, match="takes images only"):
         models.load("tiny-llava").generate(None, QUESTION, video=str(video_file))
     assert os.path.exists(video_file)

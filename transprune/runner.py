@@ -1,7 +1,7 @@
 """The generic runner: hook plumbing that prunes visual tokens inside any supported model's text decoder.
 
 Nothing of the model is replaced except, per instance and until `remove()`, the `forward` of the
-key projection right after each stage (see `_KeyReuse`). `Pruner` attaches forward hooks and pre-hooks:
+key projection right after each stage (see `transprune.sidepass.KeyReuse`). `Pruner` attaches forward hooks and pre-hooks:
 
 - on the outer model: read `input_ids` to find the visual tokens and the instruction of each
   sample (the language model itself only sees `inputs_embeds`), and tell prefill from decode;
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from . import adapters, compat, methods, scoring, sequence
+from .sidepass import KeyReuse, SidePasses
 from .config import ConfigError, PruneConfig
 from .methods.base import Needs, StageContext
 from .trace import PruneTrace, Stage
@@ -43,21 +44,8 @@ class PruningInputError(ValueError):
 _ATTACHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
-class _Memo:
-    """Values computed once per source objects: the language model hands every layer the same
-    position ids, rotary and mask objects, so each is adjusted once per stage (or decode step).
-    Sources are matched by identity and held, so a freed object's id is never mistaken for them."""
-
-    def __init__(self):
-        self._entries: list[tuple[str, tuple, object]] = []
-
-    def get(self, kind: str, sources: tuple, compute: Callable):
-        for entry_kind, entry_sources, value in self._entries:
-            if entry_kind == kind and all(a is b for a, b in zip(entry_sources, sources)):
-                return value
-        value = compute()
-        self._entries.append((kind, sources, value))
-        return value
+def _no_timer(name):
+    return nullcontext()
 
 
 @dataclass
@@ -68,11 +56,11 @@ class _Prefill:
     layer_kwargs: dict | None = None         # what the latest layer received (after our changes)
     layer_inputs: dict = field(default_factory=dict)       # layer -> its input (Needs.this_layer_qk)
     key_projections: dict = field(default_factory=dict)    # layer -> its key projection, to reuse
-    memo: _Memo = field(default_factory=_Memo)              # per stage: gathered layer kwargs
+    memo: sequence.Memo = field(default_factory=sequence.Memo)        # per stage: gathered layer kwargs
     cache_lengths: list[int] | None = None   # per layer, what its KV cache held after prefill
     decoding: bool = False
     steps: int = 0                           # tokens decoded before the current step
-    step_memo: _Memo = field(default_factory=_Memo)         # per decode step: adjusted layer kwargs
+    step_memo: sequence.Memo = field(default_factory=sequence.Memo)   # per decode step: adjusted layer kwargs
 
 
 class Pruner:
@@ -137,10 +125,11 @@ class Pruner:
             return inputs
         return self.pre_stage.prepare_inputs(self.model, inputs, span=self.span)
 
+    @contextmanager
     def span(self, name: str):
         """Context manager around a named part of the pruner's work (see the class docstring)."""
-        timer = self.timer(name) if self.timer is not None else nullcontext()
-        return _Both(torch.profiler.record_function(f"transprune.{name}"), timer)
+        with torch.profiler.record_function(f"transprune.{name}"), (self.timer or _no_timer)(name):
+            yield
 
     def _attach(self):
         hook, adapter = self._handles.append, self.adapter
@@ -158,7 +147,7 @@ class Pruner:
             # the survivors' keys from the side pass instead of projecting them again, and a layer
             # whose input a method reads (FastV) lends its own keys to the side pass.
             if number - 1 in self.prune_layers and self.needs.next_layer_qk:
-                hook(_KeyReuse(adapter.key_projection(layer), functools.partial(self._take_keys, number)))
+                hook(KeyReuse(adapter.key_projection(layer), functools.partial(self._take_keys, number)))
             if number in self.input_layers:
                 hook(adapter.key_projection(layer).register_forward_hook(functools.partial(self._lend_keys, number)))
         if self.pre_stage is not None:
@@ -217,20 +206,8 @@ class Pruner:
         return None
 
     def _continues_unseen_cache(self, kwargs, input_ids) -> bool:
-        """True for a call that continues a KV cache the pruner could not find (it is then run as is).
-
-        A new prompt starts at position 0 and its attention mask is as long as its input; a call whose
-        position ids start later, or whose 2-D mask also covers cached tokens, continues a cache even
-        when that cache travels under a name or type we do not know.
-        """
-        mask = compat.get(kwargs, "attention_mask")
-        position_ids = compat.get(kwargs, "position_ids")
-        embeds = compat.get(kwargs, "inputs_embeds")
-        length = input_ids.shape[1] if input_ids is not None else embeds.shape[1] if embeds is not None else None
-        longer_mask = mask is not None and mask.dim() == 2 and length is not None and mask.shape[1] > length
-        later_positions = isinstance(position_ids, torch.Tensor) and position_ids.numel() > 0 and \
-            int(position_ids.min()) > 0
-        if not (longer_mask or later_positions):
+        """True for a call that continues a KV cache the pruner could not find (it is then run as is)."""
+        if not compat.continues_cache(kwargs, input_ids):
             return False
         if self._state is not None and self._state.cache_lengths is not None:
             raise compat.IncompatibleTransformersError(
@@ -263,7 +240,7 @@ class Pruner:
     # kept in prefill plus the tokens decoded since. Both are checked before and after each step
     # (a few integer reads); a violation raises instead of decoding with the wrong positions/mask.
     def _cache_lengths(self, cache) -> list[int]:
-        return [compat.cache_length(cache, i) for i in range(len(self.layers))]
+        return compat.cache_lengths(cache, len(self.layers))
 
     def _begin_decode_step(self, cache):
         state = self._state
@@ -280,16 +257,10 @@ class Pruner:
             return
         steps = compat.cache_length(cache, 0) - state.sequence.prompt.length
         self._check_cache(cache, steps, "before a decode step")
-        state.decoding, state.steps, state.step_memo = True, steps, _Memo()
+        state.decoding, state.steps, state.step_memo = True, steps, sequence.Memo()
 
     def _check_cache(self, cache, steps: int, when: str):
-        expected = [length + steps for length in self._state.cache_lengths]
-        actual = self._cache_lengths(cache)
-        if actual != expected:
-            raise compat.IncompatibleTransformersError(
-                f"{when}, the KV cache holds {actual} tokens per decoder layer where the pruned prefill "
-                f"and {steps} decoded tokens leave {expected} (a cache from another run, passed by hand, does "
-                "this too: continue with the cache the pruned prefill returned).")
+        compat.check_cache_lengths(cache, self._state.cache_lengths, steps, when)
 
     # ------------------------------------------------------------------ decoder layers
     def _before_layer(self, number, module, args, kwargs):
@@ -303,10 +274,12 @@ class Pruner:
                 return None
             sources = (view, compat.get(kwargs, "attention_mask"),
                        compat.require(kwargs, "position_embeddings", "A decoder layer")[0])
-            updates = state.step_memo.get("decode", sources, lambda: self._decode_kwargs(view, kwargs, hidden))
+            updates = state.step_memo.get("decode", sources, lambda: sequence.decode_layer_kwargs(
+                view, kwargs, hidden, self.config.positions, self.masks, self._rotary, state.steps))
             return args, compat.replace(kwargs, **updates)
         if state.sequence.pruned:
-            kwargs = compat.replace(kwargs, **self._prefill_kwargs(state.sequence.view, kwargs, hidden))
+            kwargs = compat.replace(kwargs, **sequence.prefill_layer_kwargs(
+                state.sequence.view, kwargs, hidden, self.config.positions, self.masks, self._rotary, state.memo))
         state.layer_kwargs = kwargs
         if number in self.input_layers:
             state.layer_inputs[number] = hidden
@@ -316,39 +289,8 @@ class Pruner:
             trace.visual_tokens_per_layer.append(len(state.sequence.alive[b]))
         return args, kwargs
 
-    def _prefill_kwargs(self, view: sequence.SequenceView, kwargs: dict, hidden: torch.Tensor) -> dict:
-        """The survivors' position ids, position embeddings and mask for a layer after a stage."""
-        memo, result = self._state.memo, {}
-        position_ids = compat.get(kwargs, "position_ids")
-        length = self._state.sequence.prompt.length
-        new_ids = memo.get("ids", (position_ids,), lambda: sequence.prefill_positions(
-            view, torch.arange(length, device=hidden.device)[None] if position_ids is None else position_ids,
-            self.config.positions))
-        if position_ids is not None:  # a layer that got no position ids (M-RoPE models) gets none
-            result["position_ids"] = new_ids
-            if self.masks.gap_free_position_ids:
-                result["position_ids"] = torch.arange(view.width, device=hidden.device)[None].expand(hidden.shape[0], -1)
-        embeddings = compat.require(kwargs, "position_embeddings", "A decoder layer")
-        if self.config.positions == "compact":
-            rotary = lambda: self.adapter.rotary(self.model, hidden, new_ids)  # noqa: E731
-        else:
-            rotary = lambda: sequence.gather_rotary(view, embeddings)  # noqa: E731
-        result["position_embeddings"] = memo.get("rope", (embeddings[0],), rotary)
-        mask = compat.get(kwargs, "attention_mask")
-        result["attention_mask"] = memo.get("mask", (mask,), lambda: self.masks.prefill(view, mask))
-        return result
-
-    def _decode_kwargs(self, view: sequence.SequenceView, kwargs, hidden: torch.Tensor) -> dict:
-        result = {}
-        mask = compat.get(kwargs, "attention_mask")
-        new_mask = self.masks.decode(view, mask, self._state.steps, hidden.shape[1])
-        if new_mask is not mask:
-            result["attention_mask"] = new_mask
-        if self.config.positions == "compact":
-            position_ids = compat.require(kwargs, "position_ids", "A decoder layer in decoding")
-            result["position_ids"] = sequence.decode_positions(view, position_ids)
-            result["position_embeddings"] = self.adapter.rotary(self.model, hidden, result["position_ids"])
-        return result
+    def _rotary(self, hidden, position_ids):
+        return self.adapter.rotary(self.model, hidden, position_ids)
 
     def _after_attention(self, module, args, kwargs, output):
         self._record_ttv(compat.hidden_states(args, kwargs), output[0] if isinstance(output, tuple) else output)
@@ -372,8 +314,11 @@ class Pruner:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
         ratio = self.config.keep_ratios[self.prune_layers.index(number)]
-        seq, scorer = state.sequence, _SidePasses(self, number, hidden)
+        seq = state.sequence
         prompt, view = seq.prompt, seq.view
+        scorer = SidePasses(self.adapter, self.layers, number, hidden,
+                            compat.get(state.layer_kwargs, "position_embeddings"), seq.query_slots(),
+                            state.layer_inputs.get(number), state.key_projections.get(number))
         alive = list(seq.alive)
         for b, candidates in enumerate(seq.alive):
             if len(prompt.visual_positions[b]) == 0:
@@ -396,7 +341,7 @@ class Pruner:
         state.layer_inputs.pop(number, None)
         state.key_projections.pop(number, None)
         gather = seq.prune(number, alive)
-        state.memo = _Memo()
+        state.memo = sequence.Memo()
         if scorer.next_key_proj is not None:
             state.key_projections[number + 1] = sequence.gather_slots(scorer.next_key_proj, gather)
         if number == self.prune_layers[-1]:
@@ -428,84 +373,6 @@ class Pruner:
         if state is not None and not state.decoding:
             self.traces = self.pre_stage.map_traces(state.traces)
         return None
-
-
-class _Both:
-    """Two context managers entered as one (record_function range + optional timer)."""
-
-    def __init__(self, first, second):
-        self.first, self.second = first, second
-
-    def __enter__(self):
-        self.first.__enter__()
-        self.second.__enter__()
-
-    def __exit__(self, *exc):
-        self.second.__exit__(*exc)
-        self.first.__exit__(*exc)
-        return False
-
-
-class _KeyReuse:
-    """Lets a key projection return keys computed earlier instead of projecting again.
-
-    `take(hidden, project)` returns those keys or None (then the module projects). Sets an
-    instance-level `forward` on the module (a forward hook runs only after the projection it would
-    replace); `remove()` puts back exactly what was there before, including another library's own
-    instance-level forward (e.g. accelerate's offloading hooks).
-    """
-
-    def __init__(self, module: nn.Module, take):
-        self.module = module
-        self._had_own = "forward" in module.__dict__
-        self._previous = module.__dict__.get("forward")
-        project = module.forward
-
-        def forward(hidden, *args, **kwargs):
-            keys = take(hidden, project)
-            return project(hidden, *args, **kwargs) if keys is None else keys
-
-        module.forward = forward
-
-    def remove(self):
-        if self.module is None:
-            return
-        if self._had_own:
-            self.module.forward = self._previous
-        else:
-            del self.module.forward
-        self.module = None
-
-
-class _SidePasses:
-    """Lazy q/k projections for the scores of one pruning stage, shared by the batch's samples."""
-
-    def __init__(self, pruner: Pruner, number: int, hidden: torch.Tensor):
-        self.pruner, self.number, self.hidden = pruner, number, hidden
-        adapter, layers = pruner.adapter, pruner.layers
-        self.next_scaling = adapter.attention_scaling(layers[number])
-        self.this_scaling = adapter.attention_scaling(layers[number - 1])
-        self._next = self._this = None
-        self.next_key_proj = None      # layer number+1's key projection of `hidden`, once projected
-
-    @torch.no_grad()
-    def next_layer_qk(self, sample: int):
-        if self._next is None:
-            state = self.pruner._state
-            *self._next, self.next_key_proj = self.pruner.adapter.side_projection(
-                self.pruner.layers[self.number], self.hidden, compat.get(state.layer_kwargs, "position_embeddings"),
-                state.sequence.query_slots())
-        return self._next[0][sample], self._next[1][sample]
-
-    @torch.no_grad()
-    def this_layer_qk(self, sample: int):
-        if self._this is None:
-            state = self.pruner._state
-            *self._this, _ = self.pruner.adapter.side_projection(
-                self.pruner.layers[self.number - 1], state.layer_inputs[self.number],
-                compat.get(state.layer_kwargs, "position_embeddings"), state.sequence.query_slots(),
-                key_proj=state.key_projections.get(self.number))
-        return self._this[0][sample], self._this[1][sample]
 
 
 def apply(model: nn.Module, config: PruneConfig | str = "high") -> Pruner:

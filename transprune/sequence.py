@@ -2,7 +2,8 @@
 decoder layer needs to see that sequence (positions, rotary, attention mask), in prefill and decode.
 
 Pure tensor functions and small dataclasses; no model, no hooks. `transprune.runner` keeps one
-`PrunedSequence` per prefill and asks it for the kwargs of every layer.
+`PrunedSequence` per prefill and asks this module for the kwargs of every layer after a stage
+(`prefill_layer_kwargs`, `decode_layer_kwargs`).
 
 Shapes: B samples, L tokens in the prompt, n slots in the current (pruned) sequence. Samples of a
 padded batch may keep different numbers of tokens; shorter rows are left-filled with masked
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import scoring
+from . import compat, scoring
 
 
 # ---------------------------------------------------------------------------- the prompt
@@ -286,6 +287,65 @@ def mask_builder(attn_implementation: str | None):
     if name in MASK_BUILDERS:
         return MASK_BUILDERS[name]
     return PaddingMask if "flash" in name else DenseMask
+
+
+# ---------------------------------------------------------------------------- what a decoder layer receives
+class Memo:
+    """Values computed once per source objects: the language model hands every layer the same
+    position ids, rotary and mask objects, so each is adjusted once per stage (or decode step).
+    Sources are matched by identity and held, so a freed object's id is never mistaken for them."""
+
+    def __init__(self):
+        self._entries: list[tuple[str, tuple, object]] = []
+
+    def get(self, kind: str, sources: tuple, compute):
+        for entry_kind, entry_sources, value in self._entries:
+            if entry_kind == kind and all(a is b for a, b in zip(entry_sources, sources)):
+                return value
+        value = compute()
+        self._entries.append((kind, sources, value))
+        return value
+
+
+def prefill_layer_kwargs(view: SequenceView, kwargs: dict, hidden: torch.Tensor, mode: str, masks, rotary,
+                         memo: Memo) -> dict:
+    """The survivors' position ids, position embeddings and mask for a layer after a stage, from the
+    full-sequence ones the language model passed. `rotary(hidden, position_ids)` -> (cos, sin)
+    recomputes the rotary embedding ("compact" positions); `masks` is the backend's mask builder."""
+    result = {}
+    position_ids = compat.get(kwargs, "position_ids")
+    length = view.slot_of_pos.shape[1]
+    new_ids = memo.get("ids", (position_ids,), lambda: prefill_positions(
+        view, torch.arange(length, device=hidden.device)[None] if position_ids is None else position_ids, mode))
+    if position_ids is not None:  # a layer that got no position ids (M-RoPE models) gets none
+        result["position_ids"] = new_ids
+        if masks.gap_free_position_ids:
+            result["position_ids"] = torch.arange(view.width, device=hidden.device)[None].expand(hidden.shape[0], -1)
+    embeddings = compat.require(kwargs, "position_embeddings", "A decoder layer")
+    if mode == "compact":
+        compute = lambda: rotary(hidden, new_ids)  # noqa: E731
+    else:
+        compute = lambda: gather_rotary(view, embeddings)  # noqa: E731
+    result["position_embeddings"] = memo.get("rope", (embeddings[0],), compute)
+    mask = compat.get(kwargs, "attention_mask")
+    result["attention_mask"] = memo.get("mask", (mask,), lambda: masks.prefill(view, mask))
+    return result
+
+
+def decode_layer_kwargs(view: SequenceView, kwargs: dict, hidden: torch.Tensor, mode: str, masks, rotary,
+                        decoded: int) -> dict:
+    """What changes for a decode step of a layer that saw `view` in prefill: the mask columns of its
+    cache and, for "compact" positions, the shifted position ids and their rotary embedding."""
+    result = {}
+    mask = compat.get(kwargs, "attention_mask")
+    new_mask = masks.decode(view, mask, decoded, hidden.shape[1])
+    if new_mask is not mask:
+        result["attention_mask"] = new_mask
+    if mode == "compact":
+        position_ids = compat.require(kwargs, "position_ids", "A decoder layer in decoding")
+        result["position_ids"] = decode_positions(view, position_ids)
+        result["position_embeddings"] = rotary(hidden, result["position_ids"])
+    return result
 
 
 # ---------------------------------------------------------------------------- the state of a prefill

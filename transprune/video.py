@@ -177,11 +177,6 @@ def read_video(source, num_frames: int) -> Video:
     return Video(frames=frames, indices=indices, total_frames=total, fps=fps)
 
 
-def read_frames(source, num_frames: int) -> list[Image.Image]:
-    """`num_frames` uniformly sampled RGB frames of the video `source` (see `read_video`)."""
-    return read_video(source, num_frames).frames
-
-
 def _as_rgb_frames(frames) -> list[Image.Image]:
     if isinstance(frames, (torch.Tensor, np.ndarray)) and getattr(frames, "ndim", 0) == 4:
         frames = list(frames)
