@@ -1,7 +1,8 @@
 """The generic runner: hook plumbing that prunes visual tokens inside any supported model's text decoder.
 
 Nothing of the model is replaced except, per instance and until `remove()`, the `forward` of the
-key projection right after each stage (see `transprune.sidepass.KeyReuse`). `Pruner` attaches forward hooks and pre-hooks:
+key projection right after each stage (see `transprune.sidepass.KeyReuse`). `Pruner` attaches
+forward hooks and pre-hooks:
 
 - on the outer model: read `input_ids` to find the visual tokens and the instruction of each
   sample (the language model itself only sees `inputs_embeds`), and tell prefill from decode;
@@ -29,9 +30,9 @@ import torch
 from torch import nn
 
 from . import adapters, compat, methods, scoring, sequence
-from .sidepass import KeyReuse, SidePasses
 from .config import ConfigError, PruneConfig
 from .methods.base import Needs, StageContext
+from .sidepass import KeyReuse, SidePasses
 from .trace import PruneTrace, Stage
 
 

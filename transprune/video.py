@@ -317,13 +317,6 @@ def video_inputs(processor, family: str, text, videos: list[Video], images=None)
         raise VideoError(f"The processor refused the video: {error}") from error
 
 
-def video_token_count(family: str, model_config, processor, num_frames: int, frame_size) -> int:
-    """How many visual tokens one video of `num_frames` frames of size (W, H) becomes."""
-    if family not in DEFAULT_FRAMES:
-        raise VideoError(f"{family} models take no video.")
-    return adapters.by_family(family).video_token_count(model_config, processor, num_frames, frame_size)
-
-
 # ---------------------------------------------------------------------------- overlay
 def frame_token_groups(layout, num_frames: int) -> list[torch.Tensor]:
     """Per frame, the visual tokens drawn on it: those whose layout frame is the latest one at or
