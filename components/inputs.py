@@ -22,7 +22,7 @@ from transprune.adapters import FAMILIES, video_families
 from . import engine as engine_module
 from .engine import ATTENTION_CHOICES, DTYPE_CHOICES, UserError
 from .examples import SCENES, example_rows
-from .schedule import BUDGETS, METHODS, POSITION_CHOICES
+from .schedule import BUDGETS, METHODS, POSITION_CHOICES, method_kind
 
 MAX_UPLOAD = "20mb"
 MAX_PIXELS = 40_000_000
@@ -236,10 +236,11 @@ def on_budget(budget: str):
 
 
 def budget_info(method: str) -> str:
-    if method == "VisionZip":
+    kind = method_kind(method)
+    if kind == "pre_llm":
         return ("Before the LLM: High keeps 1/3 of the patches (192 of 576 on LLaVA-1.5), Low 1/9 (64 of 576); "
                 "Custom sets the share. LLaVA-1.5 models only.")
-    if method in ("FastV", "PDrop"):
+    if kind == "own_preset":
         return f"High is {method}'s published schedule, Low halves its keep ratios; Custom sets the final share."
     return ("High keeps 88% → 62% → 12% of the visual tokens over three stages, Low 50% → 25% → 6%; "
             "Custom sets the final share.")
@@ -247,5 +248,5 @@ def budget_info(method: str) -> str:
 
 def on_method(method: str):
     """α only matters for TransPrune's combined score; VisionZip has no pruning layers."""
-    return (gr.update(interactive=method == "TransPrune"), gr.update(info=budget_info(method)),
-            gr.update(interactive=method != "VisionZip"))
+    return (gr.update(interactive=METHODS[method] == ("transprune", "transprune")), gr.update(info=budget_info(method)),
+            gr.update(interactive=method_kind(method) != "pre_llm"))

@@ -40,6 +40,19 @@ METHODS.update({stage.label: (name, "transprune") for name, stage in method_regi
                 if name not in TRANSPRUNE_SCHEDULE and name in PRESETS})
 METHODS.update({stage.label: (name, "transprune") for name, stage in method_registry.PRE_LLM.items()})
 METHODS["Random"] = ("random", "transprune")
+
+
+def method_kind(method_label: str) -> str:
+    """"pre_llm" (VisionZip: before the language model), "own_preset" (a peer with its published
+    schedule, FastV / PDrop) or "transprune_schedule" (TransPrune, its criteria, random)."""
+    name = METHODS[method_label][0]
+    if name in method_registry.PRE_LLM:
+        return "pre_llm"
+    if name not in TRANSPRUNE_SCHEDULE and name in PRESETS:
+        return "own_preset"
+    return "transprune_schedule"
+
+
 VISIONZIP_BUDGETS = {"High": PRESETS["visionzip-192"]["visionzip_keep"], "Low": PRESETS["visionzip-64"]["visionzip_keep"]}
 BUDGETS = ("High", "Low", "Custom")
 POSITION_CHOICES = ("Model default", "compact", "original")

@@ -1,9 +1,11 @@
 """What the runner, the app and the tests need to know about a model family, with Llama-style defaults.
 
 A new family = one module in this package with an `Adapter` subclass + one `register(...)` line in
-`transprune/adapters/__init__.py` (and, for the registry's real checkpoints, their `ModelSpec`
-lines in `transprune.models`). Nothing else names the family: `transprune.models`, `.video`,
-`.flops`, the app and `tests/conftest.py` read everything below from the adapter registry.
+`transprune/adapters/__init__.py`. Nothing else has to name the family: `transprune.models`,
+`.video`, the app and `tests/conftest.py` (whose FAMILIES parametrise every invariant) read
+everything below from the adapter registry. Optional extras: `ModelSpec` lines in
+`transprune.models` for its checkpoints (and a "tiny-<family>" entry built by `build_tiny`), and
+`transprune.flops.ARCHITECTURES` entries for their analytic FLOPs.
 
 A family's adapter provides (class attributes unless noted; the defaults fit Llama-style decoders):
 
@@ -14,11 +16,16 @@ A family's adapter provides (class attributes unless noted; the defaults fit Lla
   attention's `key_projection_name`, `query_projection_name`;
 - positions: `default_positions`, `allowed_positions`, `rotary(model, hidden, position_ids)` and
   `apply_rotary` (M-RoPE families override them if their layout differs);
+- side passes: `side_projection(layer, hidden, position_embeddings, query_slots)` (input norm,
+  q/k projections with biases, q/k norms, rotary; override for another attention layout) and
+  `attention_scaling(layer)`; `attn_implementation(model)` picks the mask builder;
 - tokens: `visual_token_ids(model)` / `visual_mask(model, input_ids)` (every token the vision
   path fills in), `read_prompt(...)` (visual spans and the instruction; see
   `transprune.sequence.read_prompt`);
 - `build_tiny(attn_implementation=..., seed=...)` -> (model, processor): the offline tiny model
-  of the family (16 decoder layers, random weights, offline processor) the tests and the app use;
+  of the family (16 decoder layers, random weights, float32, fixed seed, offline processor) the
+  tests and the app use; write it in the family's module (`transprune.tiny` has the shared
+  word-level tokenizer, chat template and config pieces);
 - video facts: `video_frames` (default frames sampled from a file; None = the family takes no
   video), `required_frames` (a count its checkpoints insist on), `video_frames_style` (how
   `transprune.video.FramesVideoProcessor` preprocesses frames without torchvision),

@@ -19,15 +19,21 @@ nothing else needs to know the method. There are two kinds of stage, with a comm
   change, for a config this method cannot run; the config raises it as a ConfigError).
 
 **A pre-LLM stage** (VisionZip) subclasses `PreLLMStage` and provides `name`, `label`,
-`supported_models` (words for an error message), `check_model`,
-`prepare_inputs` (rewrites the processor's inputs before the model sees them), `is_prepared`
-(tells a model call with those inputs from one with the processor's own), `map_traces`
-(re-indexes the in-LLM traces into the original visual tokens, with itself as a stage at layer 0)
-`tokens_entering_llm` (for the analytic FLOPs), and `patches` / `layout` (for the overlays). It runs alone (`PruneConfig(method=name)`) or
-before any in-LLM method (`PruneConfig.visionzip_keep`).
+`supported_models` (words for an error message), `check_model`, `prepare_inputs` (rewrites the
+processor's inputs before the model sees them), `is_prepared` (tells a model call with those
+inputs from one with the processor's own), `map_traces` (re-indexes the in-LLM traces into the
+original visual tokens, with itself as a stage at layer 0), `tokens_entering_llm` (for the
+analytic FLOPs), and `patches` / `layout` (for the overlays). It runs alone
+(`PruneConfig(method=name)`) or before any in-LLM method (today through `PruneConfig.visionzip_keep`,
+see `methods.pre_llm_stage`).
 
-Methods read model facts only through what the runner hands them; a method module imports
-neither the adapters nor the runner.
+Also, for a new method: a preset of its own name in `transprune.config.PRESETS` (the app offers
+every registered method that has one, under its `label`; the bench and eval take presets by
+name), and a line in the tests' method matrix (`tests/test_peers.py`).
+
+An in-LLM method reads the model only through what the runner hands it (`StageContext`); a
+pre-LLM stage gets the model itself. No method module imports the adapters or the runner
+(`tests/test_imports.py` checks).
 """
 
 from __future__ import annotations
