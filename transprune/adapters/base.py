@@ -30,7 +30,9 @@ A family's adapter provides (class attributes unless noted; the defaults fit Lla
   video), `required_frames` (a count its checkpoints insist on), `video_frames_style` (how
   `transprune.video.FramesVideoProcessor` preprocesses frames without torchvision),
   `video_metadata` (its processor reads the frame rate), `video_token_count(...)`, `video_layout(...)`;
-- overlays: `visual_layout(model, processor, image_size, num_tokens)`.
+- overlays: `visual_layout(model, processor, image_size, num_tokens)`;
+- `timing_arch`: the `transprune.flops.ARCHITECTURES` entry whose shape the app's "speed at real
+  size" times for this family (None: LLaVA-1.5-7B's).
 
 The KV cache travels however transformers passes it: `transprune.compat` finds it by type.
 """
@@ -49,6 +51,7 @@ class Adapter:
     family = "base"
     label = "base"
     model_classes: tuple[str, ...] = ()
+    timing_arch: str | None = None   # the transprune.flops.ARCHITECTURES shape the app times at real size
     default_positions = "compact"
     allowed_positions = ("compact", "original")
     # Sub-module names of one decoder layer (and of its attention).

@@ -35,6 +35,7 @@ class LlavaAdapter(Adapter):
     family = "llava"
     label = "LLaVA-1.5"
     model_classes = ("LlavaForConditionalGeneration",)
+    timing_arch = "llava-1.5-7b"
     build_tiny = staticmethod(tiny.tiny_llava)
 
     def visual_layout(self, model, processor, image_size, num_tokens):

@@ -41,6 +41,7 @@ class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     label = "LLaVA-NeXT"
     model_classes = ("LlavaNextForConditionalGeneration",)
+    timing_arch = "llava-next-vicuna-7b"
     build_tiny = staticmethod(tiny.tiny_llava_next)
 
     def max_tiles(self, model) -> int | None:

@@ -21,6 +21,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava_onevision"
     label = "LLaVA-OneVision"
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
+    timing_arch = "llava-onevision-7b"
     build_tiny = staticmethod(tiny.tiny_llava_onevision)
     # 8 frames: the Hugging Face examples' count (the paper evaluates with 32: pass num_frames=32).
     video_frames = 8

@@ -53,6 +53,7 @@ class Qwen2_5_VLAdapter(Adapter):
     family = "qwen2_5_vl"
     label = "Qwen2.5-VL"
     model_classes = ("Qwen2_5_VLForConditionalGeneration",)
+    timing_arch = "qwen2.5-vl-7b"
     build_tiny = staticmethod(tiny.tiny_qwen2_5_vl)
     video_frames = 8              # even: two consecutive frames form one temporal patch (4 steps)
     video_frames_style = "qwen_patches"

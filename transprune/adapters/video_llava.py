@@ -17,6 +17,7 @@ class VideoLlavaAdapter(LlavaAdapter):
     family = "video_llava"
     label = "Video-LLaVA"
     model_classes = ("VideoLlavaForConditionalGeneration",)
+    timing_arch = "video-llava-7b"
     build_tiny = staticmethod(tiny.tiny_video_llava)
     video_frames = 8              # trained on exactly 8 frames, and its checkpoints take no other count
     required_frames = 8
