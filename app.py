@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 
 from components import (answers, downloads, engine, examples, files, health, inputs, metrics, notes, overlay, speed,
                         theme)
-from components.compare import ErrorInbox, make_handlers, make_speed_handler
+from components.compare import CompareOutputs, ErrorInbox, make_handlers, make_speed_handler
 
 GPU_QUEUE = "gpu"        # one concurrency id for everything that touches the model
 QUEUE_SIZE = 16          # requests waiting beyond this are refused with "queue full"
@@ -91,8 +91,11 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
         # ------------------------------------------------------------------ wiring
         demo.load(self_check.banner, outputs=health_warning, api_visibility="private", concurrency_limit=None,
                   show_progress="hidden")
-        run_outputs = [ans.verdict, status, ans.baseline, ans.pruned, table, chart, gal.stages, inspect, segment,
-                       patch_note, patch_table, gal.heat_stage, gal.heatmaps, dl.trace, dl.card, dl.preview, state]
+        run_outputs = list(CompareOutputs(
+            verdict=ans.verdict, status=status, baseline=ans.baseline, pruned=ans.pruned, table=table, chart=chart,
+            stages=gal.stages, inspect=inspect, segment=segment, patch_note=patch_note, patch_table=patch_table,
+            heat_stage=gal.heat_stage, heatmaps=gal.heatmaps, trace=dl.trace, card=dl.card, preview=dl.preview,
+            state=state))
         # Progress (and a failure's status) on the verdict only; the error sentence then replaces the
         # verdict's text (ErrorInbox) and stays there until the next run.
         # On a phone the inputs sit below the result: bring the result into view when a run starts.

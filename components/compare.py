@@ -11,6 +11,7 @@ import io
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import gradio as gr
 from PIL import Image
@@ -24,6 +25,28 @@ from .files import STORE
 from .engine import Engine, UserError, _oom, gpu_task, logged, public_message
 from .inputs import check_video_file, model_info, prepare_image, prepare_question
 
+
+
+class CompareOutputs(NamedTuple):
+    """Everything /compare returns, by name; app.py wires its components in this order and the API
+    client receives them in this order (without `state`)."""
+    verdict: object
+    status: object
+    baseline: object
+    pruned: object
+    table: object
+    chart: object
+    stages: object          # overlay gallery, one per stage
+    inspect: object         # the patch inspector's image
+    segment: object
+    patch_note: object
+    patch_table: object
+    heat_stage: object
+    heatmaps: object
+    trace: object           # trace JSON download
+    card: object            # card PNG download
+    preview: object         # card preview
+    state: object           # RunState (not part of the API result)
 
 
 @dataclass
@@ -273,9 +296,9 @@ def verdict_text(comparison, real_size=None) -> str:
 
 
 def render_outputs(comparison, picture: Image.Image | None, method_label: str, budget: str,
-                   real_size=None) -> tuple:
-    """Everything /compare returns, in the order of app.py's `run_outputs`. `real_size`: the
-    schedule's SpeedResult at real size, if one was measured."""
+                   real_size=None) -> CompareOutputs:
+    """Everything /compare returns (see CompareOutputs). `real_size`: the schedule's SpeedResult at
+    real size, if one was measured."""
     base_text, pruned_text = comparison.baseline.text, comparison.pruned.text
     left, right = answers.diff_segments(base_text, pruned_text)
     nums = metrics.numbers(comparison)
@@ -285,7 +308,7 @@ def render_outputs(comparison, picture: Image.Image | None, method_label: str, b
     inspect_segment = segments[-1]
     labels = overlay.stage_labels(trace)
     card_path = downloads.write_card(comparison, canvas, method_label, budget, real_size)
-    return (
+    return CompareOutputs(
         verdict_text(comparison, real_size),
         status_line(comparison, method_label, budget),
         left,

@@ -26,9 +26,9 @@ from urllib.parse import urlparse
 import torch
 
 from transprune import ConfigError, IncompatibleTransformersError, PruneConfig, PruningInputError
+from transprune import methods
 from transprune.adapters import UnsupportedModelError, for_model
 from transprune.flops import model_shape
-from transprune.methods import visionzip
 from transprune.eval import heldout_record
 
 from .speed import RealSizeSpeed
@@ -40,8 +40,6 @@ OFFLINE_DEFAULTS = ("shapes-llava", "tiny-llava")
 CPU_SPACE_DEFAULT = "llava-onevision-0.5b"
 ATTENTION_CHOICES = ("sdpa", "eager")
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
-# Video upload is offered once the library can prepare video inputs (transprune.video).
-VIDEO_INPUTS = hasattr(LoadedModel, "prepare_video")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 BYTES_PER_PARAM = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -210,7 +208,7 @@ class Engine:
     def video_enabled(self) -> bool:
         """Whether to show the video input: a video-capable model is offered and the library can
         prepare video inputs."""
-        return VIDEO_INPUTS and any(REGISTRY[n].video for n in self.model_names() if n in REGISTRY)
+        return any(REGISTRY[n].video for n in self.model_names() if n in REGISTRY)
 
     def default_model(self, preferred: str | None = None, log=print) -> str:
         """`preferred` if it loads, else the first offline default that loads (the offline fallback).
@@ -333,12 +331,13 @@ class Engine:
             resolved = config.resolve(len(adapter.decoder_layers(lm.model)), adapter.default_positions)
         except ConfigError as error:
             raise UserError(f"Impossible pruning schedule for {lm.spec.label}: {error}") from error
-        if config.visionzip_keep is not None:
+        pre_stage = methods.pre_llm_stage(resolved)
+        if pre_stage is not None:
             try:
-                visionzip.check_model(lm.model)
+                pre_stage.check_model(lm.model)
             except UnsupportedModelError:
-                raise UserError(f"VisionZip runs on LLaVA-1.5-family models only; {lm.spec.label} is a "
-                                f"{adapter.family} model. Pick another method or a LLaVA-1.5 model.") from None
+                raise UserError(f"{pre_stage.label} runs on {pre_stage.supported_models} only; {lm.spec.label} is a "
+                                f"{adapter.family} model. Pick another method or a model it supports.") from None
         if resolved.positions not in adapter.allowed_positions:
             raise UserError(f"Position mode {resolved.positions!r} is not valid for {adapter.family} models; "
                             f"use one of {', '.join(adapter.allowed_positions)}.")

@@ -19,9 +19,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from transprune.shapes.scenes import COLORS as COLOURS   # the training scenes' colours, so answers transfer
+
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
 
-COLOURS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (230, 195, 25)}
 VIEW = 504                 # side of the square the model sees (3 x 168)
 RADIUS = 21 / 168          # circumradius as a share of VIEW, mid-range of the training scenes
 CELLS = {"top": (0.5, 1 / 6), "left": (1 / 6, 0.5), "center": (0.5, 0.5), "right": (5 / 6, 0.5),

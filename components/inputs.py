@@ -19,10 +19,12 @@ from dataclasses import dataclass
 import gradio as gr
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from transprune.adapters import FAMILIES, video_families
+
 from . import engine as engine_module
 from .engine import ATTENTION_CHOICES, DTYPE_CHOICES, GONE, UserError
 from .examples import SCENES, example_rows
-from .schedule import BUDGETS, METHODS, POSITION_CHOICES
+from .schedule import BUDGETS, METHODS, POSITION_CHOICES, method_kind
 
 MAX_UPLOAD = "20mb"
 MAX_PIXELS = 40_000_000
@@ -181,7 +183,8 @@ def model_info(engine: engine_module.Engine, name: str) -> str:
 
     spec = REGISTRY.get(name)
     if spec is None:
-        return f"**{name}**: a Hugging Face checkpoint of a supported family (LLaVA-1.5, LLaVA-NeXT)."
+        families = ", ".join(adapter.label for adapter in FAMILIES.values())
+        return f"**{name}**: a Hugging Face checkpoint of a supported family ({families})."
     text = f"**{spec.label}** · {spec.size} parameters"
     if spec.description:
         text += f" · {spec.description}"
@@ -197,7 +200,7 @@ def build(engine: engine_module.Engine, default_model: str) -> Inputs:
                                            sources=["upload", "clipboard"], height=300, elem_id="input-image"))
         with gr.Tab("Video", visible=engine.video_enabled(), elem_id="tab-video"):
             # format=None, include_audio=True: the upload is passed on as is (no ffmpeg needed).
-            video = gr.Video(label="Video (Video-LLaVA, LLaVA-OneVision, Qwen2.5-VL)", height=300,
+            video = gr.Video(label=f"Video ({', '.join(FAMILIES[f].label for f in video_families())})", height=300,
                              sources=["upload"], format=None, include_audio=True, elem_id="input-video")
     question = gr.Textbox(label="Question", value=DEFAULT_QUESTION, lines=1, max_lines=4,
                           max_length=MAX_QUESTION_CHARS * 2, placeholder="Ask about the image…",
@@ -239,10 +242,11 @@ def on_budget(budget: str):
 
 
 def budget_info(method: str) -> str:
-    if method == "VisionZip":
+    kind = method_kind(method)
+    if kind == "pre_llm":
         return ("Before the LLM: High keeps 1/3 of the patches (192 of 576 on LLaVA-1.5), Low 1/9 (64 of 576); "
                 "Custom sets the share. LLaVA-1.5 models only.")
-    if method in ("FastV", "PDrop"):
+    if kind == "own_preset":
         return f"High is {method}'s published schedule, Low halves its keep ratios; Custom sets the final share."
     return ("High keeps 88% → 62% → 12% of the visual tokens over three stages, Low 50% → 25% → 6%; "
             "Custom sets the final share.")
@@ -250,5 +254,5 @@ def budget_info(method: str) -> str:
 
 def on_method(method: str):
     """α only matters for TransPrune's combined score; VisionZip has no pruning layers."""
-    return (gr.update(interactive=method == "TransPrune"), gr.update(info=budget_info(method)),
-            gr.update(interactive=method != "VisionZip"))
+    return (gr.update(interactive=METHODS[method] == ("transprune", "transprune")), gr.update(info=budget_info(method)),
+            gr.update(interactive=method_kind(method) != "pre_llm"))

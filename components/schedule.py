@@ -23,11 +23,10 @@ from __future__ import annotations
 import re
 
 from transprune import ConfigError, PruneConfig
-from transprune.config import METHODS as LIBRARY_METHODS
+from transprune import methods as method_registry
 from transprune.config import PRESETS
 
 TRANSPRUNE_SCHEDULE = ("transprune", "random")   # methods that run on TransPrune's High/Low schedules
-PEER_LABELS = {"fastv": "FastV", "pdrop": "PDrop", "visionzip": "VisionZip"}
 
 # Label shown in the UI -> (PruneConfig.method, criterion).
 METHODS: dict[str, tuple[str, str]] = {
@@ -35,10 +34,25 @@ METHODS: dict[str, tuple[str, str]] = {
     "TTV-only": ("transprune", "ttv"),
     "IGA-only": ("transprune", "iga"),
 }
-METHODS.update({PEER_LABELS.get(name, name.title()): (name, "transprune") for name in LIBRARY_METHODS
+# Every registered method with a preset of its own name (FastV, PDrop, ...), then the pre-LLM
+# stages (VisionZip), then the random control.
+METHODS.update({stage.label: (name, "transprune") for name, stage in method_registry.REGISTRY.items()
                 if name not in TRANSPRUNE_SCHEDULE and name in PRESETS})
-METHODS["VisionZip"] = ("visionzip", "transprune")
+METHODS.update({stage.label: (name, "transprune") for name, stage in method_registry.PRE_LLM.items()})
 METHODS["Random"] = ("random", "transprune")
+
+
+def method_kind(method_label: str) -> str:
+    """"pre_llm" (VisionZip: before the language model), "own_preset" (a peer with its published
+    schedule, FastV / PDrop) or "transprune_schedule" (TransPrune, its criteria, random)."""
+    name = METHODS[method_label][0]
+    if name in method_registry.PRE_LLM:
+        return "pre_llm"
+    if name not in TRANSPRUNE_SCHEDULE and name in PRESETS:
+        return "own_preset"
+    return "transprune_schedule"
+
+
 VISIONZIP_BUDGETS = {"High": PRESETS["visionzip-192"]["visionzip_keep"], "Low": PRESETS["visionzip-64"]["visionzip_keep"]}
 BUDGETS = ("High", "Low", "Custom")
 POSITION_CHOICES = ("Model default", "compact", "original")

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 import torch
 
 from transprune import PruneConfig, bench, flops
+from transprune.adapters import FAMILIES
 
 ARCH = "llava-1.5-7b"       # the default shape, and the CPU stand-in for long visual prompts
-FAMILY_ARCH = {"llava": "llava-1.5-7b", "llava_next": "llava-next-vicuna-7b", "qwen2_5_vl": "qwen2.5-vl-7b",
-               "video_llava": "video-llava-7b", "llava_onevision": "llava-onevision-7b"}
+# Family -> the architecture whose shape it is timed at (each adapter's `timing_arch`).
+FAMILY_ARCH = {name: adapter.timing_arch for name, adapter in FAMILIES.items() if adapter.timing_arch}
 CPU_WIDTH = 0.25
 CPU_MAX_VISUAL_TOKENS = 1024
 REPEATS = 3

@@ -1,4 +1,9 @@
-"""Shared fixtures: seeded float32 tiny models of each family, offline processors, test images."""
+"""Shared fixtures: seeded float32 tiny models of each family, offline processors, test images.
+
+Tests take these as fixtures (`def test_x(tiny_model, make_inputs): ...`), never by importing this
+module. `tiny_model`, `sample_image`, `make_inputs` and `write_clip` are session fixtures whose
+value is the helper function below; `family` parametrises a test over every registered family.
+"""
 
 from __future__ import annotations
 
@@ -13,30 +18,29 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-# Every invariant runs on each family listed here (a new family = one entry).
-FAMILIES = ["llava", "llava_next", "video_llava", "llava_onevision", "qwen2_5_vl"]
+from transprune import adapters
+
+# Every invariant runs on each registered family (a new family = its adapter's registry line).
+FAMILIES = list(adapters.FAMILIES)
 ATTENTION = ["eager", "sdpa"]
 
 
 @functools.lru_cache(maxsize=None)
 def _build(family: str, attn: str):
-    from transprune import tiny
-    builder = {"llava": tiny.tiny_llava, "llava_next": tiny.tiny_llava_next, "video_llava": tiny.tiny_video_llava,
-               "llava_onevision": tiny.tiny_llava_onevision, "qwen2_5_vl": tiny.tiny_qwen2_5_vl}[family]
-    return builder(attn_implementation=attn)
+    return adapters.by_family(family).build_tiny(attn_implementation=attn)
 
 
-def tiny_model(family: str, attn: str = "sdpa"):
+def _tiny_model(family: str, attn: str = "sdpa"):
     """(model, processor); built once per (family, attention) and shared, never mutated by tests."""
     return _build(family, attn)
 
 
-def sample_image(width=200, height=120, seed=0) -> Image.Image:
+def _sample_image(width=200, height=120, seed=0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8))
 
 
-def make_inputs(processor, images, questions):
+def _make_inputs(processor, images, questions):
     """Processor inputs for a batch of (image or None, question) pairs, left-padded."""
     conversations = []
     for image, question in zip(images, questions):
@@ -50,12 +54,7 @@ def make_inputs(processor, images, questions):
     return dict(processor(**kwargs))
 
 
-@pytest.fixture(params=FAMILIES)
-def family(request):
-    return request.param
-
-
-def write_clip(path, draw_frame, frames: int, width: int, height: int, fps: int = 8, codec: str = "mpeg4"):
+def _write_clip(path, draw_frame, frames: int, width: int, height: int, fps: int = 8, codec: str = "mpeg4"):
     """Encode a small video with PyAV; `draw_frame(i)` returns frame i as (height, width, 3) uint8."""
     import av
 
@@ -68,3 +67,43 @@ def write_clip(path, draw_frame, frames: int, width: int, height: int, fps: int 
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(params=ATTENTION)
+def attn(request):
+    """Each attention implementation the tiny models are built with."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def attention_implementations():
+    return list(ATTENTION)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """(family, attn="sdpa") -> (model, processor), built once and shared: never mutate it."""
+    return _tiny_model
+
+
+@pytest.fixture(scope="session")
+def sample_image():
+    """(width=200, height=120, seed=0) -> a random RGB PIL image."""
+    return _sample_image
+
+
+@pytest.fixture(scope="session")
+def make_inputs():
+    """(processor, images, questions) -> left-padded processor inputs of a batch."""
+    return _make_inputs
+
+
+@pytest.fixture(scope="session")
+def write_clip():
+    """(path, draw_frame, frames, width, height, fps=8, codec="mpeg4") -> path of a small video."""
+    return _write_clip

@@ -22,7 +22,7 @@ from PIL import Image
 
 import app as app_module
 from components import answers, card, engine, examples, inputs, metrics, overlay, schedule
-from components.compare import make_handlers
+from components.compare import CompareOutputs, make_handlers
 from components.engine import Engine, Settings, UserError
 from transprune import PruneConfig
 from transprune.models import REGISTRY, LoadedModel, ModelLoadError
@@ -256,7 +256,7 @@ def test_gpu_task_is_identity_without_spaces():
 
 # ---------------------------------------------------------------------------- the compare handler
 def _trace_json(outputs) -> dict:
-    return json.loads(Path(outputs[13]["value"]).read_text())
+    return json.loads(Path(outputs.trace["value"]).read_text())
 
 
 def test_compare_handler_outputs(handlers, example_image):
@@ -264,9 +264,9 @@ def test_compare_handler_outputs(handlers, example_image):
     out = compare(example_image, "What color is the circle?", progress=noop_progress, **FAST)
     record = _trace_json(out)
     trace = record["trace"]
-    assert "".join(t for t, _ in out[2]) == record["baseline"]["text"]
-    assert "".join(t for t, _ in out[3]) == record["pruned"]["text"]
-    table = out[4]
+    assert "".join(t for t, _ in out.baseline) == record["baseline"]["text"]
+    assert "".join(t for t, _ in out.pruned) == record["pruned"]["text"]
+    table = out.table
     rows = {r[0]: r[1:] for r in table.values.tolist()}
     for stage in trace["stages"]:
         assert rows[metrics.kept_row_name(stage["layer"])][1] == str(len(stage["kept"]))
@@ -274,12 +274,12 @@ def test_compare_handler_outputs(handlers, example_image):
     assert rows[metrics.SPEEDUP_ROW][1] == f"{record['measured_prefill_speedup']:.2f}×"
     assert list(table.columns)[2] == "TransPrune"
     assert record["resolved_config"]["prune_layers"] == [4, 5, 6]
-    assert len(out[6]) == len(trace["stages"])          # one overlay per stage
-    for path, _ in out[6]:
+    assert len(out.stages) == len(trace["stages"])          # one overlay per stage
+    for path, _ in out.stages:
         with Image.open(path) as image:
             assert image.size[0] / image.size[1] == pytest.approx(example_image.width / example_image.height,
                                                                   rel=0.01)
-    card_image = Image.open(out[14]["value"])
+    card_image = Image.open(out.card["value"])
     assert card_image.size == (card.WIDTH, card.HEIGHT)
 
 
@@ -294,11 +294,11 @@ def test_every_example_agrees_at_the_default_settings_except_the_control(eng, ro
     same = record["baseline"]["text"] == record["pruned"]["text"]
     assert record["resolved_config"]["positions"] == "original"   # shapes-llava's recommended mode
     if examples.EXAMPLES[row].control:
-        assert not same and "⚠ **Answers differ**" in out[0]
+        assert not same and "⚠ **Answers differ**" in out.verdict
     else:
-        assert same and "✓ **Same answer**" in out[0], (question, record["baseline"]["text"],
+        assert same and "✓ **Same answer**" in out.verdict, (question, record["baseline"]["text"],
                                                        record["pruned"]["text"])
-    assert out[0].startswith(f"<small>Q: {answers.escape_markdown(question)}</small>")
+    assert out.verdict.startswith(f"<small>Q: {answers.escape_markdown(question)}</small>")
 
 
 def test_compare_handler_with_visionzip(handlers, example_image):
@@ -311,14 +311,14 @@ def test_compare_handler_with_visionzip(handlers, example_image):
     stages = record["trace"]["stages"]
     assert [(s["layer"], len(s["kept"])) for s in stages] == [(0, 16)]
     assert record["resolved_config"]["visionzip_keep"] == pytest.approx(1 / 9)
-    rows = {r[0]: r[1:] for r in out[4].values.tolist()}
+    rows = {r[0]: r[1:] for r in out.table.values.tolist()}
     assert rows["Visual tokens in"][:2] == ["144", "144"]
     assert rows[metrics.kept_row_name(0)][:2] == ["144", "16"]
-    (path, caption), = out[6]
+    (path, caption), = out.stages
     assert caption.startswith("Before the LLM (VisionZip):")
     image = Image.open(path)
     assert image.size[0] / image.size[1] == pytest.approx(example_image.width / example_image.height, rel=0.01)
-    assert Image.open(out[14]["value"]).size == (card.WIDTH, card.HEIGHT)
+    assert Image.open(out.card["value"]).size == (card.WIDTH, card.HEIGHT)
 
 
 def test_visionzip_on_another_family_is_a_clear_message(example_image):
@@ -443,10 +443,8 @@ def test_sequence_chart_and_examples_are_reproducible(tmp_path):
 
 
 # ---------------------------------------------------------------------------- video
-def make_clip(path: Path, frames: int = 24, size=(160, 120)) -> Path:
+def make_clip(write_clip, path: Path, frames: int = 24, size=(160, 120)) -> Path:
     """A small MP4: a white bar sweeping across a dark background, 8 frames per second."""
-    from conftest import write_clip
-
     def draw(i):
         pixels = np.full((size[1], size[0], 3), 30, np.uint8)
         pixels[:, (i * 6) % size[0]:(i * 6) % size[0] + 20] = 255
@@ -456,11 +454,10 @@ def make_clip(path: Path, frames: int = 24, size=(160, 120)) -> Path:
 
 
 @pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    return make_clip(tmp_path_factory.mktemp("video") / "clip.mp4")
+def clip(tmp_path_factory, write_clip):
+    return make_clip(write_clip, tmp_path_factory.mktemp("video") / "clip.mp4")
 
 
-@pytest.mark.skipif(not engine.VIDEO_INPUTS, reason="this transprune has no video input")
 def test_video_comparison_draws_every_frame(handlers, clip):
     compare, _ = handlers
     out = compare(None, "What happens in the video?", video=str(clip), model="tiny-video-llava",
@@ -468,9 +465,9 @@ def test_video_comparison_draws_every_frame(handlers, clip):
     record = _trace_json(out)
     assert record["trace"]["layout"]["frame"] is not None
     assert record["baseline"]["text"] and record["pruned"]["text"]
-    sheet = Image.open(out[7])
-    canvas = out[-1].canvas
-    assert sheet.size == canvas.image.size and len(out[6]) == 3
+    sheet = Image.open(out.inspect)
+    canvas = out.state.canvas
+    assert sheet.size == canvas.image.size and len(out.stages) == 3
     # Every placed token's box lies on the sheet; tokens of later frames sit further right or down.
     boxes = canvas.layout.boxes[torch.isfinite(canvas.layout.boxes).all(dim=1)]
     assert boxes[:, 2].max() <= sheet.width + 1 and boxes[:, 3].max() <= sheet.height + 1
@@ -479,7 +476,6 @@ def test_video_comparison_draws_every_frame(handlers, clip):
                                                                     canvas.rect(int(first))[0])
 
 
-@pytest.mark.skipif(not engine.VIDEO_INPUTS, reason="this transprune has no video input")
 def test_video_errors(handlers, clip, example_image, tmp_path, monkeypatch):
     compare, _ = handlers
     cases = [
@@ -525,8 +521,14 @@ def test_flags_and_environment(monkeypatch):
 def _ask(client, image, question="What color is the circle?", **kwargs):
     from gradio_client import handle_file
 
-    return client.predict(image=None if image is None else handle_file(str(image)), question=question,
-                          api_name="/compare", **kwargs)
+    return api_outputs(client.predict(image=None if image is None else handle_file(str(image)), question=question,
+                                      api_name="/compare", **kwargs))
+
+
+def api_outputs(result) -> CompareOutputs:
+    """The API's result by name: every output but the session state."""
+    assert len(result) == len(CompareOutputs._fields) - 1
+    return CompareOutputs(*result, state=None)
 
 
 def test_client_compare_end_to_end(served):
@@ -534,8 +536,8 @@ def test_client_compare_end_to_end(served):
     path = examples.example_rows()[3][0]   # the wide frame: 2:1
     source = Image.open(path)
     out = _ask(client, path, "What shape is yellow?")
-    verdict, baseline, pruned, table = out[0], out[2], out[3], out[4]
-    record = json.loads(Path(out[13]["value"]).read_text())
+    verdict, baseline, pruned, table = out.verdict, out.baseline, out.pruned, out.table
+    record = json.loads(Path(out.trace["value"]).read_text())
     trace = record["trace"]
     assert "visual tokens" in verdict
     assert "".join(s["token"] for s in baseline) == record["baseline"]["text"] != ""
@@ -552,12 +554,12 @@ def test_client_compare_end_to_end(served):
     assert record["model"] == MODEL and record["config"]["keep_ratios"] == list(PruneConfig.preset("high").keep_ratios)
     assert len(record["prefill_ms_samples"]["pruned"]) == 3
     aspect = source.width / source.height
-    overlays = [item["image"] for item in out[6]] + [out[7]] + [item["image"] for item in out[12]]
-    assert len(out[6]) == 3 and len(out[12]) == 3
+    overlays = [item["image"] for item in out.stages] + [out.inspect] + [item["image"] for item in out.heatmaps]
+    assert len(out.stages) == 3 and len(out.heatmaps) == 3
     for file in overlays:
         with Image.open(file) as image:
             assert image.width / image.height == pytest.approx(aspect, rel=0.01)
-    with Image.open(out[15]) as card_image:
+    with Image.open(out.preview) as card_image:
         assert card_image.size == (card.WIDTH, card.HEIGHT)
 
 
@@ -593,10 +595,10 @@ def test_client_visionzip_through_the_api(served):
     client, _ = served
     out = _ask(client, examples.example_rows()[0][0], method="VisionZip", budget="Custom", keep_ratio=0.25,
                max_new_tokens=3, repeats=1)
-    record = json.loads(Path(out[13]["value"]).read_text())
+    record = json.loads(Path(out.trace["value"]).read_text())
     assert record["config"]["method"] == "visionzip" and record["config"]["visionzip_keep"] == 0.25
     assert [(s["layer"], len(s["kept"])) for s in record["trace"]["stages"]] == [(0, 36)]
-    rows = {r[0]: r[1:] for r in out[4]["data"]}
+    rows = {r[0]: r[1:] for r in out.table["data"]}
     assert rows[metrics.kept_row_name(0)][:2] == ["144", "36"]
 
 
@@ -623,20 +625,19 @@ def test_client_bad_input_then_good_request(served, bad_files, case, monkeypatch
         _ask(client, image, question, **kwargs)
     monkeypatch.undo()
     out = _ask(client, examples.example_rows()[0][0], **FAST)
-    assert "visual tokens" in out[0] and out[2] and out[3]
+    assert "visual tokens" in out.verdict and out.baseline and out.pruned
 
 
-@pytest.mark.skipif(not engine.VIDEO_INPUTS, reason="this transprune has no video input")
 def test_client_video(served, clip):
     from gradio_client import handle_file
 
     client, _ = served
-    out = client.predict(image=None, question="What happens in the video?", video=handle_file(str(clip)),
-                         model="tiny-qwen2.5-vl", api_name="/compare", **FAST)
-    record = json.loads(Path(out[13]["value"]).read_text())
+    out = api_outputs(client.predict(image=None, question="What happens in the video?", video=handle_file(str(clip)),
+                                     model="tiny-qwen2.5-vl", api_name="/compare", **FAST))
+    record = json.loads(Path(out.trace["value"]).read_text())
     assert record["model"] == "tiny-qwen2.5-vl" and record["resolved_config"]["positions"] == "original"
-    assert "".join(s["token"] for s in out[3]) == record["pruned"]["text"]
-    assert len(out[6]) == 3
+    assert "".join(s["token"] for s in out.pruned) == record["pruned"]["text"]
+    assert len(out.stages) == 3
 
 
 def test_client_upload_size_is_capped(served, tmp_path):
@@ -645,7 +646,7 @@ def test_client_upload_size_is_capped(served, tmp_path):
     big.write_bytes(os.urandom(21 * 2**20))   # above the 20mb cap
     with pytest.raises(Exception, match="maximum file size"):
         _ask(client, big, **FAST)
-    assert "visual tokens" in _ask(client, examples.example_rows()[0][0], **FAST)[0]
+    assert "visual tokens" in _ask(client, examples.example_rows()[0][0], **FAST).verdict
 
 
 def test_client_large_image_is_downscaled(served, tmp_path):
@@ -653,9 +654,9 @@ def test_client_large_image_is_downscaled(served, tmp_path):
     path = tmp_path / "large.png"
     Image.new("RGB", (3000, 1500), (230, 230, 230)).save(path)
     out = _ask(client, path, **FAST)
-    record = json.loads(Path(out[13]["value"]).read_text())
+    record = json.loads(Path(out.trace["value"]).read_text())
     assert max(record["image_size"]) == inputs.MAX_SIDE
-    with Image.open(out[7]) as image:
+    with Image.open(out.inspect) as image:
         assert image.width / image.height == pytest.approx(2.0, rel=0.01)
 
 

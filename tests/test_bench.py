@@ -53,8 +53,10 @@ def test_parse_method():
     assert stacked.visionzip and stacked.config.method == "transprune"
     assert stacked.config.visionzip_keep == 128 / 576
     assert bench.parse_method("visionzip").config == PruneConfig.preset("visionzip-64")
-    with pytest.raises(SystemExit, match="Unknown method"):
+    with pytest.raises(bench.BenchError, match="Unknown method"):
         bench.parse_method("fastest")
+    with pytest.raises(SystemExit, match="Unknown method"):
+        bench.main(["--flops-only", "--methods", "fastest"])
 
 
 def test_visual_schedule_composes_visionzip():

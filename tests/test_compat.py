@@ -14,7 +14,6 @@ from transformers import DynamicCache
 import transprune
 from transprune import PruneConfig, compat
 
-from conftest import FAMILIES, make_inputs, sample_image, tiny_model
 from transprune.reference import Reference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +43,7 @@ def test_arguments_are_read_and_written_under_the_callers_spelling():
         compat.require({"rotary": 1}, "position_embeddings", "A decoder layer")
 
 
-def test_cache_keyword_follows_the_installed_signature():
+def test_cache_keyword_follows_the_installed_signature(tiny_model):
     model, _ = tiny_model("llava")
     layer = model.model.language_model.layers[0]
     expected = "cache" if Version(transformers.__version__) >= Version("5.24.0") else "past_key_values"
@@ -144,14 +143,18 @@ def _fake_future_release(model, pruner_attach, hide: bool, hide_others: bool = F
     return pruner, remove
 
 
-def _llava_inputs(attn="eager"):
-    model, processor = tiny_model("llava", attn)
-    return model, make_inputs(processor, [sample_image()], ["What color is the circle ?"])
+@pytest.fixture
+def llava_inputs(tiny_model, make_inputs, sample_image):
+    """(attn="eager") -> (model, inputs): the tiny LLaVA and one prompt."""
+    def build(attn="eager"):
+        model, processor = tiny_model("llava", attn)
+        return model, make_inputs(processor, [sample_image()], ["What color is the circle ?"])
+    return build
 
 
 @pytest.mark.parametrize("positions", ["compact", "original"])
-def test_a_renamed_cache_is_still_found_and_answers_match_the_reference(positions):
-    model, inputs = _llava_inputs()
+def test_a_renamed_cache_is_still_found_and_answers_match_the_reference(positions, llava_inputs):
+    model, inputs = llava_inputs()
     config = PruneConfig.preset("high", positions=positions)
     reference = Reference(model, config.resolve(16)).run(inputs, max_new_tokens=5)
     pruner, remove = _fake_future_release(model, lambda: transprune.apply(model, config), hide=False)
@@ -170,11 +173,11 @@ def test_a_renamed_cache_is_still_found_and_answers_match_the_reference(position
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("hide_others", [False, True], ids=["positions-visible", "mask-and-positions-hidden"])
-def test_a_cache_the_pruner_cannot_find_raises_instead_of_answering_wrong(hide_others, attn):
+def test_a_cache_the_pruner_cannot_find_raises_instead_of_answering_wrong(hide_others, attn, llava_inputs):
     """Caught before the step from the positions (or a mask over the cache), else right after it
     from the per-layer cache lengths: before generate can use the step's logits. With everything
     hidden, eager attention fails even earlier on its full-width 4-D mask (also never an answer)."""
-    model, inputs = _llava_inputs(attn)
+    model, inputs = llava_inputs(attn)
     pruner, remove = _fake_future_release(model, lambda: transprune.apply(model, "high"), hide=True,
                                           hide_others=hide_others)
     expected = RuntimeError if hide_others and attn == "eager" else compat.IncompatibleTransformersError
@@ -189,9 +192,9 @@ def test_a_cache_the_pruner_cannot_find_raises_instead_of_answering_wrong(hide_o
         assert "pip install -r requirements.txt" in message
 
 
-def test_the_same_fakes_without_a_pruner_change_nothing():
+def test_the_same_fakes_without_a_pruner_change_nothing(llava_inputs):
     """The fakes are faithful: with no pruner between them the model computes exactly as before."""
-    model, inputs = _llava_inputs()
+    model, inputs = llava_inputs()
     with torch.no_grad():
         plain = model.generate(**inputs, max_new_tokens=4, do_sample=False)
 
@@ -207,8 +210,8 @@ def test_the_same_fakes_without_a_pruner_change_nothing():
     assert torch.equal(plain, faked)
 
 
-def test_a_cache_the_pruned_prefill_did_not_fill_is_refused_at_the_next_step():
-    model, inputs = _llava_inputs()
+def test_a_cache_the_pruned_prefill_did_not_fill_is_refused_at_the_next_step(llava_inputs):
+    model, inputs = llava_inputs()
     with torch.no_grad():
         unpruned = model(**inputs, use_cache=True)
         with transprune.apply(model, "high"):
@@ -221,8 +224,7 @@ def test_a_cache_the_pruned_prefill_did_not_fill_is_refused_at_the_next_step():
                 model(**step)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_decode_steps_keep_the_trace_and_per_layer_cache_lengths(family):
+def test_decode_steps_keep_the_trace_and_per_layer_cache_lengths(family, tiny_model, make_inputs, sample_image):
     """The 5.24 regression: after generate, the trace of the prefill is still there."""
     model, processor = tiny_model(family)
     inputs = make_inputs(processor, [sample_image()], ["What color is the circle ?"])

@@ -9,7 +9,6 @@ import torch
 import transprune
 from transprune import PruneConfig, tiny
 
-from conftest import make_inputs, sample_image
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -20,7 +19,7 @@ def _cuda_model(builder, attn, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_keep_all_is_identical_on_gpu(dtype):
+def test_keep_all_is_identical_on_gpu(dtype, make_inputs, sample_image):
     model, processor = _cuda_model(tiny.tiny_llava, "sdpa", dtype)
     inputs = {k: v.to("cuda") for k, v in make_inputs(processor, [sample_image()], ["What is it ?"]).items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
@@ -32,7 +31,7 @@ def test_keep_all_is_identical_on_gpu(dtype):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn not installed")
-def test_flash_attention_2_selects_like_sdpa():
+def test_flash_attention_2_selects_like_sdpa(make_inputs, sample_image):
     kept = {}
     for attn in ("sdpa", "flash_attention_2"):
         model, processor = _cuda_model(tiny.tiny_llava, attn, torch.float16)
@@ -46,7 +45,7 @@ def test_flash_attention_2_selects_like_sdpa():
 
 @pytest.mark.skipif(os.environ.get("TRANSPRUNE_REAL_CHECKPOINTS") != "1",
                     reason="set TRANSPRUNE_REAL_CHECKPOINTS=1 to download and test llava-hf/llava-1.5-7b-hf")
-def test_real_llava_1_5_keeps_its_answer_with_high():
+def test_real_llava_1_5_keeps_its_answer_with_high(sample_image):
     from transprune import models
     loaded = models.load("llava-1.5-7b", device="cuda", dtype="float16")
     image = sample_image(336, 336)

@@ -6,13 +6,12 @@ import torch
 import transprune
 from transprune import models
 
-from conftest import sample_image
 
 OFFLINE = [name for name, spec in models.REGISTRY.items() if spec.offline and name.startswith("tiny-")]
 
 
 @pytest.mark.parametrize("name", OFFLINE)
-def test_offline_models_generate_pruned_and_unpruned(name):
+def test_offline_models_generate_pruned_and_unpruned(name, sample_image):
     loaded = models.load(name, device="cpu")
     image = sample_image(200, 120)
     baseline = loaded.generate(image, "What color is the circle ?", config=None, max_new_tokens=4)
@@ -34,7 +33,7 @@ def test_offline_models_generate_pruned_and_unpruned(name):
     assert placed[:, 1].min() >= -1e-3 and placed[:, 3].max() <= 120 + 1e-3
 
 
-def test_generate_is_deterministic_and_pruning_is_per_call():
+def test_generate_is_deterministic_and_pruning_is_per_call(sample_image):
     loaded = models.load("tiny-llava")
     image = sample_image()
     plain = loaded.generate(image, "What is in the picture ?", config=None, max_new_tokens=6)
@@ -47,7 +46,7 @@ def test_generate_is_deterministic_and_pruning_is_per_call():
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in loaded.model.modules()) == hooks
 
 
-def test_keep_all_through_generate_matches_unpruned_text():
+def test_keep_all_through_generate_matches_unpruned_text(sample_image):
     loaded = models.load("tiny-llava-next")
     image = sample_image(160, 90)
     assert torch.equal(loaded.generate(image, "Describe the image", config="off", max_new_tokens=6).output_ids,

@@ -226,7 +226,8 @@ def test_random_is_seeded_and_deterministic(tiny):
 
 # ------------------------------------------------------------------------------------ VisionZip
 def test_visionzip_is_registered_outside_the_in_llm_methods():
-    assert PRE_LLM["visionzip"] is visionzip.compress_inputs
+    assert PRE_LLM["visionzip"] is visionzip.VisionZip               # a pre-LLM stage
+    assert PRE_LLM["visionzip"].pre_llm
     assert "visionzip" not in transprune.methods.METHODS       # no in-LLM stage of its own
 
 
@@ -419,7 +420,7 @@ def test_visionzip_config_batch_maps_each_row_to_its_own_image(tiny):
     inputs = two_image_batch(processor)
     with torch.inference_mode(), transprune.apply(model, "visionzip-128+high") as pruner:
         model(**pruner.prepare_inputs(inputs), use_cache=True)
-        selection, _, _ = pruner._zip
+        selection = pruner.pre_stage.selection
         traces = pruner.traces
     assert len(traces) == 2
     for row, trace in enumerate(traces):

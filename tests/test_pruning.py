@@ -7,24 +7,26 @@ import transprune
 from transprune import PruneConfig, compat
 from transprune.adapters import UnsupportedModelError
 
-from conftest import ATTENTION, make_inputs, sample_image, tiny_model
 from transprune.reference import Reference
 
 QUESTION = "What color is the circle ?"
 
 
-def _single(family, attn="sdpa", question=QUESTION, image=None):
-    model, processor = tiny_model(family, attn)
-    return model, make_inputs(processor, [image or sample_image()], [question])
+@pytest.fixture
+def single(tiny_model, make_inputs, sample_image):
+    """(family, attn="sdpa", question=QUESTION, image=None) -> (model, inputs) of one prompt."""
+    def build(family, attn="sdpa", question=QUESTION, image=None):
+        model, processor = tiny_model(family, attn)
+        return model, make_inputs(processor, [image or sample_image()], [question])
+    return build
 
 
 def _greedy(model, inputs, tokens=5):
     return model.generate(**inputs, max_new_tokens=tokens, do_sample=False)
 
 
-@pytest.mark.parametrize("attn", ATTENTION)
-def test_keep_all_schedule_is_bit_identical(family, attn):
-    model, inputs = _single(family, attn)
+def test_keep_all_schedule_is_bit_identical(family, attn, single):
+    model, inputs = single(family, attn)
     with torch.no_grad():
         logits, ids = model(**inputs).logits, _greedy(model, inputs)
         with transprune.apply(model, PruneConfig.preset("off")) as pruner:
@@ -38,8 +40,8 @@ def test_keep_all_schedule_is_bit_identical(family, attn):
 
 @pytest.mark.parametrize("positions", ["compact", "original"])
 @pytest.mark.parametrize("preset", ["high", "low"])
-def test_pruned_prefill_and_generation_match_slow_reference(family, positions, preset):
-    model, inputs = _single(family, "eager")
+def test_pruned_prefill_and_generation_match_slow_reference(family, positions, preset, single):
+    model, inputs = single(family, "eager")
     config = PruneConfig.preset(preset, positions=positions)
     if family == "qwen2_5_vl" and positions == "compact":
         with pytest.raises(transprune.ConfigError, match="not valid for qwen2_5_vl"):
@@ -59,19 +61,19 @@ def test_pruned_prefill_and_generation_match_slow_reference(family, positions, p
     assert output.sequences[0, inputs["input_ids"].shape[1]:].tolist() == reference["ids"]
 
 
-def test_sdpa_matches_eager_selection(family):
+def test_sdpa_matches_eager_selection(family, single, attention_implementations):
     """The side passes never read the model's attention weights, so the kernel does not matter."""
     kept = {}
-    for attn in ATTENTION:
-        model, inputs = _single(family, attn)
+    for attn in attention_implementations:
+        model, inputs = single(family, attn)
         with torch.no_grad(), transprune.apply(model, "high") as pruner:
             model(**inputs)
         kept[attn] = [stage.kept for stage in pruner.trace.stages]
     assert all(torch.equal(a, b) for a, b in zip(kept["eager"], kept["sdpa"]))
 
 
-def test_trace_counts_and_kv_cache_lengths(family):
-    model, inputs = _single(family)
+def test_trace_counts_and_kv_cache_lengths(family, single):
+    model, inputs = single(family)
     config = PruneConfig.preset("high")
     with torch.no_grad(), transprune.apply(model, config) as pruner:
         output = model(**inputs, use_cache=True)
@@ -95,8 +97,7 @@ def test_trace_counts_and_kv_cache_lengths(family):
         assert torch.isin(stage.kept, stage.candidates).all()
 
 
-@pytest.mark.parametrize("attn", ATTENTION)
-def test_padded_batch_equals_each_prompt_alone(attn):
+def test_padded_batch_equals_each_prompt_alone(attn, tiny_model, make_inputs, sample_image):
     """Two prompts of different lengths and (LLaVA-NeXT) different visual-token counts."""
     model, processor = tiny_model("llava_next", attn)
     images = [sample_image(200, 120, seed=1), sample_image(120, 230, seed=2)]
@@ -113,12 +114,12 @@ def test_padded_batch_equals_each_prompt_alone(attn):
             ids = _greedy(model, alone)
         new = ids.shape[1] - alone["input_ids"].shape[1]
         assert batch_ids[b, -new:].tolist() == ids[0, -new:].tolist()
-        for batched, single in zip(batch_traces[b].stages, pruner.trace.stages):
-            assert torch.equal(batched.kept, single.kept)
+        for batched, alone_stage in zip(batch_traces[b].stages, pruner.trace.stages):
+            assert torch.equal(batched.kept, alone_stage.kept)
 
 
 @pytest.mark.parametrize("positions", ["compact", "original"])
-def test_padded_batch_of_llava_prompts(positions):
+def test_padded_batch_of_llava_prompts(positions, tiny_model, make_inputs, sample_image):
     model, processor = tiny_model("llava", "eager")
     questions = ["What color is it ?", "Is there a red square on the left of the picture ?"]
     images = [sample_image(seed=3), sample_image(seed=4)]
@@ -135,7 +136,7 @@ def test_padded_batch_of_llava_prompts(positions):
         assert all(torch.equal(x.kept, y.kept) for x, y in zip(traces[b].stages, pruner.trace.stages))
 
 
-def test_prompt_without_image_is_untouched(family):
+def test_prompt_without_image_is_untouched(family, tiny_model, make_inputs):
     model, processor = tiny_model(family)
     inputs = make_inputs(processor, [None], ["What color is the circle ?"])
     with torch.no_grad():
@@ -150,8 +151,8 @@ def _hook_counts(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-def test_remove_restores_the_model_exactly(family):
-    model, inputs = _single(family)
+def test_remove_restores_the_model_exactly(family, single):
+    model, inputs = single(family)
     with torch.no_grad():
         before = model(**inputs).logits  # transformers adds hooks of its own on a first call
     keys = list(model.state_dict())
@@ -170,8 +171,8 @@ def test_remove_restores_the_model_exactly(family):
     assert {name: set(vars(m)) for name, m in model.named_modules()} == attributes
 
 
-def test_context_manager_removes_hooks_on_error(family):
-    model, inputs = _single(family)
+def test_context_manager_removes_hooks_on_error(family, single):
+    model, inputs = single(family)
     with torch.no_grad():
         model(**inputs)
     hooks = _hook_counts(model)
@@ -181,8 +182,8 @@ def test_context_manager_removes_hooks_on_error(family):
     assert _hook_counts(model) == hooks
 
 
-def test_a_second_pruner_on_the_same_model_is_refused(family):
-    model, inputs = _single(family)
+def test_a_second_pruner_on_the_same_model_is_refused(family, single):
+    model, inputs = single(family)
     first = transprune.apply(model, "high")
     with pytest.raises(transprune.PruningInputError, match="already attached"):
         transprune.apply(model, "low")
@@ -194,10 +195,10 @@ def test_a_second_pruner_on_the_same_model_is_refused(family):
     transprune.apply(model, "high").remove()  # free again after the block
 
 
-def test_layer_after_a_stage_takes_the_side_pass_keys(family):
+def test_layer_after_a_stage_takes_the_side_pass_keys(family, single):
     """The IGA side pass projects layer p+1's keys for every token; layer p+1 then uses the
     survivors' rows instead of projecting them again (results unchanged: the reference tests)."""
-    model, inputs = _single(family)
+    model, inputs = single(family)
     layers = transprune.adapters.for_model(model).decoder_layers(model)
     k_proj = layers[4].self_attn.k_proj      # layer 5, right after the first High stage (layer 4 of 16)
     projected = []
@@ -224,8 +225,8 @@ def test_layer_after_a_stage_takes_the_side_pass_keys(family):
 
 
 @pytest.mark.parametrize("criterion", ["ttv", "iga"])
-def test_single_criterion_ranks_by_that_score(criterion):
-    model, inputs = _single("llava")
+def test_single_criterion_ranks_by_that_score(criterion, single):
+    model, inputs = single("llava")
     with torch.no_grad(), transprune.apply(model, PruneConfig.preset("high", criterion=criterion)) as pruner:
         model(**inputs)
     for stage in pruner.trace.stages:
@@ -241,27 +242,27 @@ def test_unsupported_model_names_the_supported_families():
         transprune.apply(model, "high")
 
 
-def test_schedule_too_deep_for_the_model_is_refused(family):
-    model, _ = _single(family)
+def test_schedule_too_deep_for_the_model_is_refused(family, single):
+    model, _ = single(family)
     with pytest.raises(transprune.ConfigError, match="does not fit"):
         transprune.apply(model, PruneConfig(prune_layers=(10, 16), keep_ratios=(0.5, 0.25)))
 
 
-def test_inputs_embeds_only_is_refused(family):
-    model, inputs = _single(family)
+def test_inputs_embeds_only_is_refused(family, single):
+    model, inputs = single(family)
     embeds = model.get_input_embeddings()(inputs["input_ids"])
     with transprune.apply(model, "high"), pytest.raises(transprune.PruningInputError, match="input_ids"):
         model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
 
 
-def test_static_cache_is_refused(family):
-    model, inputs = _single(family)
+def test_static_cache_is_refused(family, single):
+    model, inputs = single(family)
     with transprune.apply(model, "high"), pytest.raises(transprune.PruningInputError, match="dynamic KV cache"):
         model.generate(**inputs, max_new_tokens=2, cache_implementation="static")
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
-def test_two_image_prompt_prunes_each_span_with_its_own_budget(family):
+def test_two_image_prompt_prunes_each_span_with_its_own_budget(family, tiny_model, sample_image):
     model, processor = tiny_model(family, "eager")
     content = [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"},
                {"type": "text", "text": "Which image shows a red circle ?"}]

@@ -22,7 +22,7 @@ from PIL import Image
 
 import app as app_module
 from components import examples, files, overlay
-from components.compare import UNREADABLE_REQUEST, RunState, make_handlers
+from components.compare import UNREADABLE_REQUEST, CompareOutputs, RunState, make_handlers
 from components.engine import Engine, public_message
 from transprune import ImageInputError
 from transprune.images import as_image
@@ -73,14 +73,15 @@ def _ask(client, **kwargs):
     return client.predict(image=handle_file(path), question=question, api_name="/compare", **dict(FAST, **kwargs))
 
 
-def _complete(out) -> str:
+def _complete(result) -> str:
     """The pruned answer of a /compare response, after checking every file in it is whole."""
-    assert "visual tokens" in out[0]
-    record = json.loads(Path(out[13]["value"]).read_text())          # the trace: parses to the end
-    for path in [out[5], out[7], out[15]] + [item["image"] for item in out[6] + out[12]]:
+    out = CompareOutputs(*result, state=None)
+    assert "visual tokens" in out.verdict
+    record = json.loads(Path(out.trace["value"]).read_text())          # the trace: parses to the end
+    for path in [out.chart, out.inspect, out.preview] + [item["image"] for item in out.stages + out.heatmaps]:
         with Image.open(path) as image:
-            image.load()                                              # a truncated PNG raises here
-    assert "".join(s["token"] for s in out[3]) == record["pruned"]["text"] != ""
+            image.load()                                                # a truncated PNG raises here
+    assert "".join(s["token"] for s in out.pruned) == record["pruned"]["text"] != ""
     return record["pruned"]["text"]
 
 
@@ -172,11 +173,11 @@ def test_a_sessions_run_state_is_small_and_redraws_the_same_canvas():
     compare, _ = make_handlers(engine, MODEL)
     image = Image.open(examples.example_rows()[0][0]).convert("RGB")
     out = compare(image, "What color is the circle?", progress=lambda *a, **k: None, **FAST)
-    state = out[-1]
+    state = out.state
     assert isinstance(state, RunState)
     assert len(pickle.dumps(state)) < 250_000
     assert state.comparison.baseline.inputs.keys() == {"input_ids"} and state.comparison.pruned.video is None
-    with Image.open(out[7]) as shown:
+    with Image.open(out.inspect) as shown:
         redrawn = state.canvas
         again = overlay.inspect_view(redrawn, redrawn.segments[-1])
         assert np.array_equal(np.asarray(shown.convert("RGB")), np.asarray(again))

@@ -62,8 +62,8 @@ def test_measuring_updates_the_verdict_of_the_sessions_last_run():
     path, question, *_ = examples.example_rows()[0]
     out = compare_run(Image.open(path).convert("RGB"), question, model="shapes-llava", max_new_tokens=2, repeats=1,
                       progress=lambda *a, **k: None)
-    state = out[-1]
-    before = out[0]
+    state = out.state
+    before = out.verdict
     text, verdict = compare.make_speed_handler(engine)("shapes-llava", "TransPrune", "High", state=state,
                                                        progress=lambda *a, **k: None)
     result = fresh.cached(PruneConfig.preset("high"), "llava")

@@ -10,14 +10,13 @@ import pytest
 import torch
 
 import transprune
-from transprune import PruneConfig, models
-from transprune.video import (DEFAULT_FRAMES, Video, VideoError, read_frames, read_video, sample_indices,
-                              video_inputs, video_overlay, video_token_count)
+from transprune import PruneConfig, adapters, models
+from transprune.video import (DEFAULT_FRAMES, Video, VideoError, read_video, sample_indices,
+                              video_inputs, video_overlay)
 
-from conftest import sample_image, tiny_model
 from transprune.reference import Reference
 
-VIDEO_FAMILIES = ["video_llava", "llava_onevision", "qwen2_5_vl"]
+VIDEO_FAMILIES = adapters.video_families()
 REGISTRY_NAME = {"video_llava": "tiny-video-llava", "llava_onevision": "tiny-llava-onevision",
                  "qwen2_5_vl": "tiny-qwen2.5-vl"}
 QUESTION = "What color is the square in this video ?"
@@ -28,10 +27,8 @@ COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220)]
 TEST_FRAMES = {"video_llava": 8, "llava_onevision": 8, "qwen2_5_vl": 4}
 
 
-def write_video(path, frames=FRAMES, width=WIDTH, height=HEIGHT, codec="mpeg4", fps=FPS):
-    """Frame i: a background of COLOURS[i % 3] and a white square moving right."""
-    from conftest import write_clip
-
+def write_video(write_clip, path, frames=FRAMES, width=WIDTH, height=HEIGHT, codec="mpeg4", fps=FPS):
+    """Frame i: a background of COLOURS[i % 3] and a white square moving right (`write_clip`: the fixture)."""
     def draw(i):
         pixels = np.empty((height, width, 3), np.uint8)
         pixels[:] = COLOURS[i % 3]
@@ -43,8 +40,8 @@ def write_video(path, frames=FRAMES, width=WIDTH, height=HEIGHT, codec="mpeg4", 
 
 
 @pytest.fixture(scope="module")
-def video_file(tmp_path_factory):
-    return write_video(tmp_path_factory.mktemp("video") / "squares.mp4")
+def video_file(tmp_path_factory, write_clip):
+    return write_video(write_clip, tmp_path_factory.mktemp("video") / "squares.mp4")
 
 
 @pytest.fixture(params=VIDEO_FAMILIES)
@@ -52,7 +49,13 @@ def video_family(request):
     return request.param
 
 
-def _inputs(family, attn, path, image=None, question=QUESTION):
+@pytest.fixture
+def video_prompt(tiny_model):
+    """(family, attn, path, image=None, question=QUESTION) -> (model, inputs, video)."""
+    return lambda *args, **kwargs: _inputs(tiny_model, *args, **kwargs)
+
+
+def _inputs(tiny_model, family, attn, path, image=None, question=QUESTION):
     model, processor = tiny_model(family, attn)
     video = read_video(path, TEST_FRAMES[family])
     content = ([{"type": "image"}] if image is not None else []) + [{"type": "video"},
@@ -68,11 +71,11 @@ def _video_span(model, inputs):
 
 
 # ------------------------------------------------------------------------------ decoding
-def test_read_frames_samples_uniformly_in_order(video_file):
+def test_read_video_samples_uniformly_in_order(video_file):
     video = read_video(video_file, 4)
     assert video.indices == [0, 3, 6, 9] == sample_indices(FRAMES, 4)
     assert video.total_frames == FRAMES and video.fps == pytest.approx(FPS)
-    frames = read_frames(video_file, 4)
+    frames = read_video(video_file, 4).frames
     assert [f.size for f in frames] == [(WIDTH, HEIGHT)] * 4 and all(f.mode == "RGB" for f in frames)
     for frame, index in zip(frames, video.indices):
         background = np.asarray(frame)[50:60, :].reshape(-1, 3).mean(0)
@@ -88,10 +91,11 @@ def test_default_frame_counts():
 
 
 # ------------------------------------------------------------------------------ inputs
-def test_inputs_carry_exactly_the_video_tokens_the_model_expects(video_family, video_file):
-    model, inputs, video = _inputs(video_family, "sdpa", video_file)
+def test_inputs_carry_exactly_the_video_tokens_the_model_expects(video_family, video_file, tiny_model, video_prompt):
+    model, inputs, video = video_prompt(video_family, "sdpa", video_file)
     _, processor = tiny_model(video_family)
-    expected = video_token_count(video_family, model.config, processor, len(video.frames), video.size)
+    expected = adapters.by_family(video_family).video_token_count(model.config, processor, len(video.frames),
+                                                                  video.size)
     assert _video_span(model, inputs) == expected
     if video_family == "qwen2_5_vl":
         grid = inputs["video_grid_thw"][0].tolist()
@@ -110,7 +114,7 @@ def test_inputs_carry_exactly_the_video_tokens_the_model_expects(video_family, v
 
 
 @pytest.mark.parametrize("family", ["llava_onevision", "qwen2_5_vl"])
-def test_still_video_frames_match_the_image_processor(family):
+def test_still_video_frames_match_the_image_processor(family, tiny_model, sample_image):
     """Without torchvision the frames are prepared by us; a still video must match the image path
     (OneVision: the image's base tile; Qwen: an image is one temporal patch of two equal frames)."""
     from transprune.video import FramesVideoProcessor
@@ -128,8 +132,8 @@ def test_still_video_frames_match_the_image_processor(family):
 
 
 # ------------------------------------------------------------------------------ invariants
-def test_keep_all_video_is_bit_identical(video_family, video_file):
-    model, inputs, _ = _inputs(video_family, "sdpa", video_file)
+def test_keep_all_video_is_bit_identical(video_family, video_file, video_prompt):
+    model, inputs, _ = video_prompt(video_family, "sdpa", video_file)
     with torch.no_grad():
         logits = model(**inputs).logits
         ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
@@ -143,9 +147,9 @@ def test_keep_all_video_is_bit_identical(video_family, video_file):
     assert all(torch.equal(stage.kept, torch.arange(trace.visual_tokens)) for stage in trace.stages)
 
 
-def test_pruned_video_generation_matches_slow_reference(video_family, video_file):
+def test_pruned_video_generation_matches_slow_reference(video_family, video_file, video_prompt):
     """Default positions: compact for the 1-D RoPE families, original M-RoPE for Qwen2.5-VL."""
-    model, inputs, _ = _inputs(video_family, "eager", video_file)
+    model, inputs, _ = video_prompt(video_family, "eager", video_file)
     config = PruneConfig.preset("high")
     resolved = config.resolve(len(model.model.language_model.layers),
                               transprune.adapters.for_model(model).default_positions)
@@ -162,9 +166,9 @@ def test_pruned_video_generation_matches_slow_reference(video_family, video_file
     assert output.sequences[0, inputs["input_ids"].shape[1]:].tolist() == reference["ids"]
 
 
-def test_image_and_video_prompt_prunes_each_span_with_its_own_budget(video_family, video_file):
+def test_image_and_video_prompt_prunes_each_span_with_its_own_budget(video_family, video_file, sample_image, video_prompt):
     image = sample_image(120, 90, seed=7)
-    model, inputs, _ = _inputs(video_family, "eager", video_file, image=image)
+    model, inputs, _ = video_prompt(video_family, "eager", video_file, image=image)
     ids = inputs["input_ids"][0]
     sizes = [int((ids == model.config.image_token_id).sum()), _video_span(model, inputs)]
     assert min(sizes) > 0
@@ -220,7 +224,7 @@ def test_video_file_to_pruned_answer_and_overlay(video_family, video_file):
 
 
 def test_frames_list_is_accepted_and_video_llava_needs_eight(video_file):
-    frames = read_frames(video_file, 4)
+    frames = read_video(video_file, 4).frames
     lm = models.load("tiny-llava-onevision")
     result = lm.generate(None, QUESTION, config="high", max_new_tokens=2, video=frames)
     assert len(result.video.frames) == 4 and result.trace.layout.frame.max() == 3
@@ -233,9 +237,9 @@ def test_corrupt_file_is_a_clear_error(tmp_path):
     path = tmp_path / "junk.mp4"
     path.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
     with pytest.raises(VideoError, match="corrupt, truncated or not a video"):
-        read_frames(path, 8)
+        read_video(path, 8).frames
     with pytest.raises(VideoError, match="corrupt"):
-        read_frames(path.read_bytes(), 8)
+        read_video(path.read_bytes(), 8).frames
 
 
 def test_audio_only_file_is_a_clear_error(tmp_path):
@@ -250,7 +254,7 @@ def test_audio_only_file_is_a_clear_error(tmp_path):
         for packet in [*stream.encode(frame), *stream.encode()]:
             container.mux(packet)
     with pytest.raises(VideoError, match="only audio"):
-        read_frames(path, 8)
+        read_video(path, 8).frames
 
 
 def test_zero_frame_video_is_a_clear_error(tmp_path):
@@ -262,14 +266,14 @@ def test_zero_frame_video_is_a_clear_error(tmp_path):
         stream.width, stream.height, stream.pix_fmt = 64, 64, "yuvj420p"
         container.start_encoding()  # header only, no frame
     with pytest.raises(VideoError, match="no decodable frames"):
-        read_frames(path, 8)
+        read_video(path, 8).frames
     with pytest.raises(VideoError, match="zero frames"):
         Video.from_frames([])
 
 
 def test_missing_file_and_image_only_model_are_clear_errors(tmp_path, video_file):
     with pytest.raises(VideoError, match="does not exist"):
-        read_frames(tmp_path / "nope.mp4", 8)
+        read_video(tmp_path / "nope.mp4", 8).frames
     with pytest.raises(VideoError, match="takes images only"):
         models.load("tiny-llava").generate(None, QUESTION, video=str(video_file))
     assert os.path.exists(video_file)

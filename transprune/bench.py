@@ -45,11 +45,11 @@ Method names: "baseline" (no pruning), any PruneConfig preset ("high", "low", "f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import re
-import resource
 import statistics
 import sys
 import textwrap
@@ -62,6 +62,7 @@ import torch
 from . import flops, tiny
 from .config import ConfigError, PruneConfig
 from .methods import visionzip
+from .measure import DTYPES, TokenClock, peak_memory_mb, reset_peak_memory, sync  # noqa: F401  (re-exported)
 from .runner import apply
 
 TINY_ARCH = "tiny-llava"
@@ -70,6 +71,10 @@ LLAVA_IMAGE_TOKEN = 32000
 
 
 # ---------------------------------------------------------------------------------------- methods
+class BenchError(ValueError):
+    """A benchmark that cannot run as asked; the message says what to change (`main` exits with it)."""
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """One benchmark entry: a name and its PruneConfig (None = the unpruned baseline)."""
@@ -93,7 +98,7 @@ def parse_method(name: str) -> MethodSpec:
     try:
         return MethodSpec(name=key, config=PruneConfig.preset("visionzip-64" if key == "visionzip" else key))
     except ConfigError as error:
-        raise SystemExit(f"Unknown method {name!r}: {error} Or use baseline.") from None
+        raise BenchError(f"Unknown method {name!r}: {error} Or use baseline.") from None
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -129,7 +134,7 @@ def random_llava(shape: flops.Shape, width_scale: float = 1.0, layers: int | Non
 
     side = int(round(shape.visual_tokens ** 0.5))
     if side * side != shape.visual_tokens:
-        raise SystemExit(f"The random-weight bench builds LLaVA-1.5-style models (a square patch grid); "
+        raise BenchError(f"The random-weight bench builds LLaVA-1.5-style models (a square patch grid); "
                          f"N={shape.visual_tokens} is not square. Use --flops-only or --checkpoint for this arch.")
     hidden = max(8, int(round(shape.hidden * width_scale)))
     heads = _heads_for(hidden)
@@ -221,7 +226,7 @@ def build(arch: str, width_scale: float = 1.0, layers: int | None = None, checkp
             return build_shape(flops.ARCHITECTURES[arch], arch, width_scale, layers, device, dtype,
                                attn_implementation, text_before, text_after, seed)
         else:
-            raise SystemExit(f"Unknown --arch {arch!r}. Choose one of: {', '.join([*flops.ARCHITECTURES, TINY_ARCH])}.")
+            raise BenchError(f"Unknown --arch {arch!r}. Choose one of: {', '.join([*flops.ARCHITECTURES, TINY_ARCH])}.")
         model = model.to(device=device, dtype=dtype)
         inputs = _to_device(synthetic_inputs(model, text_before, text_after, seed), device, dtype)
     return _bench_model(model, inputs, description)
@@ -250,11 +255,6 @@ def analytic(spec: MethodSpec, arch_shape: flops.Shape, bench: BenchModel, basel
 
 
 # ---------------------------------------------------------------------------------------- measuring
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_ms(fn, device: torch.device):
     """(result, milliseconds): CUDA events on a GPU, perf_counter on CPU."""
     if device.type == "cuda":
@@ -268,27 +268,6 @@ def timed_ms(fn, device: torch.device):
     begin = time.perf_counter()
     result = fn()
     return result, (time.perf_counter() - begin) * 1e3
-
-
-def reset_peak_memory(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # Linux: writing 5 resets the peak RSS (VmHWM) of this process
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        pass
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as handle:
-            return int(re.search(r"VmHWM:\s+(\d+)", handle.read()).group(1)) / 1024.0
-    except (OSError, AttributeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 class _Attached:
@@ -316,25 +295,8 @@ class _Attached:
         return False
 
 
-class _TokenClock:
-    """A generate() streamer noting when each new token is ready (the prompt comes first)."""
-
-    def __init__(self, device):
-        self.device, self.stamps, self._prompt_seen = device, [], False
-
-    def put(self, value):
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        _sync(self.device)
-        self.stamps.append(time.perf_counter())
-
-    def end(self):
-        pass
-
-
 def decode_tokens_per_s(model, attached: _Attached, new_tokens: int, device) -> float | None:
-    clock = _TokenClock(device)
+    clock = TokenClock(device)
     model.generate(**attached.prepare(), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                    streamer=clock)
     gaps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
@@ -345,79 +307,51 @@ def decode_tokens_per_s(model, attached: _Attached, new_tokens: int, device) -> 
 
 
 class _ScoringClock:
-    """Wraps the scoring code of one attached method with timers (instrumented runs only)."""
+    """Times the scoring of one attached method (instrumented runs only) through the pruner's
+    public timing hook (`Pruner.timer`): TTV, the scores with their side passes, and a pre-LLM
+    stage's own scoring (VisionZip's CLS attention and merge)."""
 
     def __init__(self, attached: _Attached, device):
-        self.device, self.total, self._undo = device, 0.0, []
-        pruner = attached.pruner
-        if pruner is not None:
-            self._wrap(pruner, "_record_ttv")
-            if pruner.method is not None:
-                self._wrap(pruner.method, "score")
-        if attached.spec.visionzip:
-            self._wrap(visionzip, "cls_attention_and_keys", module=True)
-            self._wrap(visionzip, "select_tokens", module=True)
+        self.device, self.total, self.pruner = device, 0.0, attached.pruner
+        if self.pruner is not None:
+            self.pruner.timer = self._span
 
-    def _wrap(self, owner, name, module=False):
-        original = getattr(owner, name)
-
-        def timed(*args, **kwargs):
-            _sync(self.device)
-            begin = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                _sync(self.device)
-                self.total += time.perf_counter() - begin
-
-        setattr(owner, name, timed)
-        self._undo.append((owner, name, original if module else None))
+    @contextlib.contextmanager
+    def _span(self, name):
+        sync(self.device)
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync(self.device)
+            self.total += time.perf_counter() - begin
 
     def remove(self):
-        for owner, name, original in self._undo:
-            if original is not None:
-                setattr(owner, name, original)
-            else:
-                delattr(owner, name)  # instance attribute: the class method shows through again
-        self._undo = []
+        if self.pruner is not None:
+            self.pruner.timer = None
 
 
 class _ReuseClock:
     """Times the key projections a pruner avoided (the layer after a stage took the survivors' keys
-    from the side pass) by running each avoided projection once more. Only in separate runs: it adds
-    that work to the prefill it instruments."""
+    from the side pass) by running each avoided projection once more, through the pruner's public
+    `reuse_listener` hook. Only in separate runs: it adds that work to the prefill it instruments."""
 
     def __init__(self, attached: _Attached, device):
-        from .runner import _KeyReuse
+        self.device, self.total, self.pruner = device, 0.0, attached.pruner
+        self.active = self.pruner is not None and self.pruner.needs.next_layer_qk and bool(self.pruner.prune_layers)
+        if self.active:
+            self.pruner.reuse_listener = self._redo
 
-        self.device, self.total, self._reuses = device, 0.0, []
-        handles = attached.pruner._handles if attached.pruner is not None else []
-        for reuse in (h for h in handles if isinstance(h, _KeyReuse)):
-            self._reuses.append((reuse, reuse.take))
-            reuse.take = self._timed(reuse)
-
-    def _timed(self, reuse):
-        take = reuse.take
-
-        def timed(hidden):
-            keys = take(hidden)
-            if keys is not None:
-                _sync(self.device)
-                begin = time.perf_counter()
-                reuse.project(hidden)
-                _sync(self.device)
-                self.total += time.perf_counter() - begin
-            return keys
-        return timed
-
-    @property
-    def active(self) -> bool:
-        return bool(self._reuses)
+    def _redo(self, project, hidden):
+        sync(self.device)
+        begin = time.perf_counter()
+        project(hidden)
+        sync(self.device)
+        self.total += time.perf_counter() - begin
 
     def remove(self):
-        for reuse, take in self._reuses:
-            reuse.take = take
-        self._reuses = []
+        if self.pruner is not None:
+            self.pruner.reuse_listener = None
 
 
 def measure(bench: BenchModel, specs: list[MethodSpec], repeats: int, new_tokens: int, decode_repeats: int,
@@ -602,10 +536,9 @@ def run(args) -> dict[str, dict]:
         specs.insert(0, MethodSpec("baseline"))  # every speedup is relative to it
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
-        raise SystemExit(f"--methods lists a method twice: {args.methods}")
+        raise BenchError(f"--methods lists a method twice: {args.methods}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
-        args.dtype or ("float16" if device.type == "cuda" else "float32")]
+    dtype = DTYPES[args.dtype or ("float16" if device.type == "cuda" else "float32")]
     load_before = _load()
     if args.flops_only and not args.checkpoint and args.arch in flops.ARCHITECTURES:
         shape = flops.ARCHITECTURES[args.arch]
@@ -711,7 +644,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict[str, dict]:
-    return run(parser().parse_args(argv))
+    try:
+        return run(parser().parse_args(argv))
+    except BenchError as error:   # a bad flag: the message, not a traceback
+        raise SystemExit(str(error)) from None
 
 
 if __name__ == "__main__":

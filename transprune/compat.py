@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping
 
+import torch
 import transformers
 from packaging.version import Version
 from transformers import Cache
@@ -96,6 +97,36 @@ def output_cache(output) -> Cache | None:
 def cache_length(cache: Cache, layer_index: int) -> int:
     """Tokens cached by decoder layer `layer_index` (0-based)."""
     return int(cache.get_seq_length(layer_index))
+
+
+def cache_lengths(cache: Cache, num_layers: int) -> list[int]:
+    """Tokens cached by each of the first `num_layers` decoder layers."""
+    return [cache_length(cache, i) for i in range(num_layers)]
+
+
+def check_cache_lengths(cache: Cache, prefill_lengths: list[int], steps: int, when: str):
+    """Raise unless each layer caches what it kept in the pruned prefill plus `steps` decoded tokens."""
+    expected = [length + steps for length in prefill_lengths]
+    actual = cache_lengths(cache, len(prefill_lengths))
+    if actual != expected:
+        raise IncompatibleTransformersError(
+            f"{when}, the KV cache holds {actual} tokens per decoder layer where the pruned prefill "
+            f"and {steps} decoded tokens leave {expected} (a cache from another run, passed by hand, does "
+            "this too: continue with the cache the pruned prefill returned).")
+
+
+def continues_cache(kwargs: Mapping, input_ids) -> bool:
+    """True for a model call that continues a KV cache, whether or not the cache can be found.
+
+    A new prompt starts at position 0 and its attention mask is as long as its input; a call whose
+    position ids start later, or whose 2-D mask also covers cached tokens, continues a cache even
+    when that cache travels under a name or type we do not know.
+    """
+    mask, position_ids, embeds = get(kwargs, "attention_mask"), get(kwargs, "position_ids"), get(kwargs, "inputs_embeds")
+    length = input_ids.shape[1] if input_ids is not None else embeds.shape[1] if embeds is not None else None
+    longer_mask = mask is not None and mask.dim() == 2 and length is not None and mask.shape[1] > length
+    later_positions = isinstance(position_ids, torch.Tensor) and position_ids.numel() > 0 and int(position_ids.min()) > 0
+    return bool(longer_mask or later_positions)
 
 
 def get(kwargs: Mapping, name: str, default=None):

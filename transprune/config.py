@@ -11,7 +11,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-METHODS = ("transprune", "fastv", "pdrop", "random", "visionzip")
+from . import methods as registry   # method names are validated against the method registry
+
 CRITERIA = ("transprune", "ttv", "iga")
 DIRECTIONS = ("one_minus_cos", "one_minus_abs_cos")
 POSITIONS = ("compact", "original")
@@ -67,7 +68,7 @@ def scale_layers(layers, num_layers: int, reference_depth: int = REFERENCE_DEPTH
 
 @dataclass(frozen=True)
 class PruneConfig:
-    method: str = field(default="transprune", metadata={"help": f"one of {METHODS}"})
+    method: str = field(default="transprune", metadata={"help": f"one of {registry.names()}"})
     prune_layers: tuple[int, ...] = field(
         default=(7, 9, 12), metadata={"help": "1-indexed layers on whose output pruning happens, increasing"})
     keep_ratios: tuple[float, ...] = field(
@@ -90,13 +91,15 @@ class PruneConfig:
                           "method='visionzip' runs it alone"})
 
     def __post_init__(self):
-        if self.method == "visionzip":
-            # VisionZip alone: no in-LLM stages, whatever the schedule fields say.
+        if self.method not in registry.REGISTRY:
+            raise ConfigError(f"Unknown method {self.method!r}. Choose one of: {', '.join(registry.names())}.")
+        if self._stage.pre_llm:
+            # A pre-LLM stage alone (VisionZip): no in-LLM stages, whatever the schedule fields say.
             object.__setattr__(self, "prune_layers", ())
             object.__setattr__(self, "keep_ratios", ())
             object.__setattr__(self, "accumulation_layers", ())
             if self.visionzip_keep is None:
-                object.__setattr__(self, "visionzip_keep", 64 / 576)
+                object.__setattr__(self, "visionzip_keep", self._stage.default_keep)
         # Accept lists from JSON / the CLI, store tuples so the config stays hashable.
         object.__setattr__(self, "prune_layers", tuple(int(x) for x in self.prune_layers))
         object.__setattr__(self, "keep_ratios", tuple(float(x) for x in self.keep_ratios))
@@ -112,7 +115,7 @@ class PruneConfig:
         written for 32 layers. "visionzip-N+preset" stacks VisionZip before the LLM with an in-LLM preset."""
         key = name.lower().replace(" ", "")
         zip_part, plus, key = key.rpartition("+")
-        if plus and not (zip_part in PRESETS and PRESETS[zip_part].get("method") == "visionzip"):
+        if plus and not (zip_part in PRESETS and PRESETS[zip_part].get("method") in registry.PRE_LLM):
             raise ConfigError(f"Cannot stack {name!r}: write a VisionZip preset, '+', then an in-LLM preset, "
                               "e.g. 'visionzip-128+high'.")
         if key not in PRESETS:
@@ -120,7 +123,7 @@ class PruneConfig:
                               "(or stack, e.g. 'visionzip-128+high').")
         values = dict(PRESETS[key], reference_depth=REFERENCE_DEPTH)
         if plus:
-            if values["method"] == "visionzip":
+            if values["method"] in registry.PRE_LLM:
                 raise ConfigError(f"{name!r} stacks VisionZip on VisionZip; put an in-LLM preset after '+'.")
             values["visionzip_keep"] = PRESETS[zip_part]["visionzip_keep"]
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
@@ -138,6 +141,10 @@ class PruneConfig:
 
     # ------------------------------------------------------------------ derived values
     @property
+    def _stage(self) -> type[registry.PruningStage]:
+        return registry.REGISTRY[self.method]
+
+    @property
     def effective_alpha(self) -> float:
         return {"transprune": self.alpha, "ttv": 1.0, "iga": 0.0}[self.criterion]
 
@@ -145,7 +152,7 @@ class PruneConfig:
     def effective_accumulation_layers(self) -> tuple[int, ...]:
         if self.accumulation_layers is not None:
             return self.accumulation_layers
-        if self.method != "transprune":
+        if not self._stage.accumulates_ttv:
             return ()
         return tuple(range(self.prune_layers[0], self.prune_layers[-1] + 1))
 
@@ -171,7 +178,7 @@ class PruneConfig:
 
     # ------------------------------------------------------------------ validation
     def _check_names(self):
-        for name, value, allowed in (("method", self.method, METHODS), ("criterion", self.criterion, CRITERIA),
+        for name, value, allowed in (("method", self.method, registry.names()), ("criterion", self.criterion, CRITERIA),
                                      ("direction", self.direction, DIRECTIONS)):
             if value not in allowed:
                 raise ConfigError(f"Unknown {name} {value!r}. Choose one of: {', '.join(allowed)}.")
@@ -183,7 +190,7 @@ class PruneConfig:
         if self.visionzip_keep is not None and not (0.0 < self.visionzip_keep <= 1.0):
             raise ConfigError(f"visionzip_keep {self.visionzip_keep} must lie in (0, 1]: it is the share of "
                               "each image's patches VisionZip keeps.")
-        if self.method == "visionzip":
+        if self._stage.pre_llm:
             return
         if not layers:
             raise ConfigError("prune_layers is empty: give at least one pruning layer, e.g. (7, 9, 12).")
@@ -206,8 +213,9 @@ class PruneConfig:
         if accumulate and max(accumulate) > layers[-1]:
             raise ConfigError(f"accumulation_layers {accumulate} reach past the last pruning layer {layers[-1]}; "
                               "TTV recorded after the last stage is never used.")
-        if self.method == "transprune" and self.effective_alpha > 0 and not accumulate:
-            raise ConfigError("TransPrune with alpha > 0 needs accumulation_layers at or before the pruning layers.")
+        problem = self._stage.check_config(self)
+        if problem:
+            raise ConfigError(problem)
         if self.reference_depth is not None and self.reference_depth < 1:
             raise ConfigError(f"reference_depth {self.reference_depth} must be a positive layer count.")
 

@@ -126,16 +126,16 @@ def self_check() -> Report:
     """Versions plus the keep-all and reference checks on tiny LLaVA and Qwen2.5-VL models (seconds)."""
     from PIL import Image
 
-    from . import tiny
+    from . import adapters
 
     start = time.perf_counter()
     report = Report(versions=versions(), device="cuda" if torch.cuda.is_available() else "cpu",
                     transformers_tested=compat.transformers_is_tested())
     image = Image.new("RGB", (96, 64), (40, 40, 40))
     image.paste((220, 30, 30), (10, 10, 40, 40))
-    for family, builder in (("llava", tiny.tiny_llava), ("qwen2_5_vl", tiny.tiny_qwen2_5_vl)):
+    for family in ("llava", "qwen2_5_vl"):   # 1-D RoPE and M-RoPE
         try:
-            model, processor = builder(layers=16, attn_implementation="sdpa")
+            model, processor = adapters.by_family(family).build_tiny(layers=16, attn_implementation="sdpa")
             prompt = processor.apply_chat_template(
                 [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is it ?"}]}],
                 add_generation_prompt=True)

@@ -151,7 +151,7 @@ def run_shapes(model_name: str, seed: int, n: int, names: list[str]) -> dict:
     table = method_table()
     unknown = [name for name in names if name not in table]
     if unknown:
-        raise SystemExit(f"Unknown method(s) {unknown}; choose from {', '.join(table)}.")
+        raise ValueError(f"Unknown method(s) {unknown}; choose from {', '.join(table)}.")
     lm = models.load(model_name, device="cpu")
     examples = scenes.dataset(seed, n)
     shape = model_shape(lm.model)
@@ -253,7 +253,10 @@ def main(argv=None):
     names = [name.strip() for name in (args.methods or ",".join(method_table())).split(",") if name.strip()]
     if "baseline" not in names:
         names.insert(0, "baseline")
-    results = run_shapes(args.model, args.seed, args.n, names)
+    try:
+        results = run_shapes(args.model, args.seed, args.n, names)
+    except ValueError as error:   # a bad --methods: the message, not a traceback
+        raise SystemExit(str(error)) from None
     print(markdown_table(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import methods
 from .config import PruneConfig
 from .scoring import keep_count
 
@@ -52,9 +53,9 @@ def schedule_tokens(config: PruneConfig | None, visual_tokens: int, layers: int)
     if config is None:
         return [visual_tokens] * layers
     config = config.resolve(layers)
-    if config.visionzip_keep is not None:   # VisionZip first: the LLM sees T tokens (N = the patches)
-        from .methods.visionzip import counts as visionzip_counts
-        visual_tokens = sum(visionzip_counts(config.visionzip_keep, visual_tokens))
+    pre_stage = methods.pre_llm_stage(config)
+    if pre_stage is not None:   # e.g. VisionZip: the LLM sees fewer tokens (N stays the patches)
+        visual_tokens = pre_stage.tokens_entering_llm(visual_tokens)
     counts, alive = [], visual_tokens
     stages = dict(zip(config.prune_layers, config.keep_ratios))
     for number in range(1, layers + 1):

@@ -12,7 +12,6 @@ from code in seconds and need no network.
 from __future__ import annotations
 
 import dataclasses
-import resource
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,8 +20,11 @@ from typing import Callable
 
 import torch
 
+from . import adapters
 from .config import PruneConfig
+from .errors import ModelLoadError
 from .images import as_image
+from .measure import TokenClock, parse_dtype, peak_memory_mb, sync
 from .runner import apply
 from .trace import PruneTrace
 
@@ -58,29 +60,9 @@ class ModelSpec:
         return f"{self.label} · {self.size} · {where}"
 
 
-def _tiny_llava():
-    from .tiny import tiny_llava
-    return tiny_llava()
-
-
-def _tiny_llava_next():
-    from .tiny import tiny_llava_next
-    return tiny_llava_next()
-
-
-def _tiny_video_llava():
-    from .tiny import tiny_video_llava
-    return tiny_video_llava()
-
-
-def _tiny_llava_onevision():
-    from .tiny import tiny_llava_onevision
-    return tiny_llava_onevision()
-
-
-def _tiny_qwen2_5_vl():
-    from .tiny import tiny_qwen2_5_vl
-    return tiny_qwen2_5_vl()
+def _tiny(family: str) -> Callable:
+    """The offline tiny model of a family (its adapter's builder), with default arguments."""
+    return lambda: adapters.by_family(family).build_tiny()
 
 
 def _shapes_llava():
@@ -109,16 +91,16 @@ for _spec in (
                                 "original positions and 86.4 % with the released code's compact renumbering "
                                 "(where 73 %, count 63 %)"),
               heldout="assets/shapes-llava/eval.json"),
-    ModelSpec("tiny-llava", "Tiny LLaVA (random weights)", "llava", "0.65M", builder=_tiny_llava,
+    ModelSpec("tiny-llava", "Tiny LLaVA (random weights)", "llava", "0.65M", builder=_tiny("llava"),
               description="LLaVA-1.5 architecture, 16 layers, random weights: exercises pruning, answers are noise."),
-    ModelSpec("tiny-llava-next", "Tiny LLaVA-NeXT (random weights)", "llava_next", "0.9M", builder=_tiny_llava_next,
+    ModelSpec("tiny-llava-next", "Tiny LLaVA-NeXT (random weights)", "llava_next", "0.9M", builder=_tiny("llava_next"),
               description="LLaVA-NeXT AnyRes architecture, random weights."),
     ModelSpec("tiny-video-llava", "Tiny Video-LLaVA (random weights)", "video_llava", "0.9M",
-              builder=_tiny_video_llava, video=True, description="Video-LLaVA architecture, random weights."),
+              builder=_tiny("video_llava"), video=True, description="Video-LLaVA architecture, random weights."),
     ModelSpec("tiny-llava-onevision", "Tiny LLaVA-OneVision (random weights)", "llava_onevision", "0.9M",
-              builder=_tiny_llava_onevision, video=True, description="LLaVA-OneVision architecture, random weights."),
+              builder=_tiny("llava_onevision"), video=True, description="LLaVA-OneVision architecture, random weights."),
     ModelSpec("tiny-qwen2.5-vl", "Tiny Qwen2.5-VL (random weights)", "qwen2_5_vl", "0.9M",
-              builder=_tiny_qwen2_5_vl, video=True, description="Qwen2.5-VL architecture (M-RoPE), random weights."),
+              builder=_tiny("qwen2_5_vl"), video=True, description="Qwen2.5-VL architecture (M-RoPE), random weights."),
     ModelSpec("llava-1.5-7b", "LLaVA-1.5-7B", "llava", "7B", checkpoint="llava-hf/llava-1.5-7b-hf"),
     ModelSpec("llava-1.5-13b", "LLaVA-1.5-13B", "llava", "13B", checkpoint="llava-hf/llava-1.5-13b-hf"),
     ModelSpec("llava-next-vicuna-7b", "LLaVA-NeXT-Vicuna-7B", "llava_next", "7B",
@@ -139,34 +121,6 @@ for _spec in (
     register(_spec)
 
 
-# Model classes that take video input (for LoadedModels built around a model outside the registry).
-_VIDEO_CLASSES = {"VideoLlavaForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
-                  "Qwen2_5_VLForConditionalGeneration"}
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message says why and what to try."""
-
-
-def _model_class(family: str):
-    import transformers
-    names = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
-             "video_llava": "VideoLlavaForConditionalGeneration",
-             "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-             "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
-    return getattr(transformers, names[family])
-
-
-def _parse_dtype(dtype):
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in table:
-        raise ValueError(f"Unknown dtype {dtype!r}; use one of {', '.join(table)}.")
-    return table[dtype]
-
-
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -179,7 +133,7 @@ def load(name: str, device: str | None = None, dtype=None, attn_implementation: 
     all visible GPUs; `device` is then ignored. Offline models are tiny and always go to `device`.
     """
     device = device or default_device()
-    dtype = _parse_dtype(dtype)
+    dtype = parse_dtype(dtype)
     if name in REGISTRY:
         spec = REGISTRY[name]
     elif "/" in name:
@@ -206,7 +160,8 @@ def _from_pretrained(spec: ModelSpec, device: str, dtype, attn_implementation, d
     dtype = dtype or (torch.float16 if on_gpu else torch.float32)
     try:
         config = AutoConfig.from_pretrained(spec.checkpoint)
-        model_class = getattr(transformers, config.architectures[0]) if not spec.family else _model_class(spec.family)
+        model_class = (getattr(transformers, config.architectures[0]) if not spec.family
+                       else adapters.by_family(spec.family).model_class())
         kwargs = dict(dtype=dtype)
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
@@ -233,29 +188,6 @@ class Result:
     output_ids: torch.Tensor | None = None
     inputs: dict | None = None
     video: object | None = None    # transprune.video.Video actually used (sampled frames), None for images
-
-
-class _Clock:
-    """A generate() streamer that notes when each new token is ready (first one = end of prefill)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.stamps: list[float] = []
-        self._prompt_seen = False
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def put(self, value):
-        if not self._prompt_seen:  # generate() first hands over the prompt
-            self._prompt_seen = True
-            return
-        self._sync()
-        self.stamps.append(time.perf_counter())
-
-    def end(self):
-        pass
 
 
 @dataclass
@@ -299,15 +231,18 @@ class LoadedModel:
         model takes no video or the file is unusable."""
         from .video import VideoError, as_video
 
-        if not self.spec.video and type(self.model).__name__ not in _VIDEO_CLASSES:
+        if not self.spec.video and not self._adapter.video_frames:
             video_models = ", ".join(name for name, spec in REGISTRY.items() if spec.video)
             raise VideoError(f"{self.spec.label} takes images only. Pick a video model: {video_models}.")
         return as_video(video, self._family, num_frames)
 
     @property
+    def _adapter(self) -> adapters.Adapter:
+        return adapters.for_model(self.model)
+
+    @property
     def _family(self) -> str:
-        from .adapters import for_model
-        return for_model(self.model).family
+        return self._adapter.family
 
     def prepare_video(self, video, question: str, image=None, num_frames: int | None = None) -> dict:
         """Processor inputs for one video (path, frames or Video), an optional image and a question.
@@ -329,8 +264,7 @@ class LoadedModel:
                 for k, v in inputs.items()}
 
     def video_layout(self, video, num_tokens):
-        from .adapters import for_model
-        return for_model(self.model).video_layout(self.model, self.processor, video.size, len(video.frames),
+        return self._adapter.video_layout(self.model, self.processor, video.size, len(video.frames),
                                                   num_tokens)
     # -- end video input ---------------------------------------------------------------------
 
@@ -361,7 +295,7 @@ class LoadedModel:
         inputs = inputs if inputs is not None else self.prepare(image, question)
         config = self.config_for(config)
         device = self.device
-        clock = _Clock(device)
+        clock = TokenClock(device)
         with self.lock:
             return self._generate_locked(image, inputs, config, max_new_tokens, clock, device, video)
 
@@ -376,9 +310,10 @@ class LoadedModel:
                 inputs = pruner.prepare_inputs(inputs)   # VisionZip (before the LLM) is part of the timed run
             output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                          streamer=clock)
-            clock._sync()
+            sync(device)
             end = time.perf_counter()
             trace = pruner.trace if pruner is not None else None
+            pre_stage = pruner.pre_stage if pruner is not None else None
         finally:
             if pruner is not None:
                 pruner.remove()
@@ -391,27 +326,17 @@ class LoadedModel:
                        new_tokens=len(new_ids),
                        decode_tokens_per_s=(decode_steps / decode_seconds) if decode_steps and decode_seconds > 0
                        else None,
-                       peak_mb=self._peak_memory_mb(device))
+                       peak_mb=peak_memory_mb(device))
         if trace is not None and video is not None:
             # One video alone: a per-frame layout. Image + video in one prompt: no layout (one
             # VisualLayout describes one picture or one video).
             trace.layout = self.video_layout(video, trace.visual_tokens) if image is None else None
-        elif trace is not None and image is not None and config.visionzip_keep is not None:
-            from .methods import visionzip
-            patches = visionzip.num_patches(self.model)
-            trace.layout = visionzip.patch_layout(self.visual_layout(image.size, patches),
-                                                  keep_cls=trace.visual_tokens > patches)
+        elif trace is not None and image is not None and pre_stage is not None:
+            # The trace is in the pre-LLM stage's patch space: the family's layout of those patches.
+            trace.layout = pre_stage.layout(self.visual_layout(image.size, pre_stage.patches(self.model)), trace)
         elif trace is not None and image is not None:
             trace.layout = self.visual_layout(image.size, trace.visual_tokens)
         return Result(text=text, trace=trace, timings=timings, output_ids=output, inputs=inputs, video=video)
 
     def visual_layout(self, image_size, num_tokens):
-        from .adapters import for_model
-        return for_model(self.model).visual_layout(self.model, self.processor, image_size, num_tokens)
-
-    @staticmethod
-    def _peak_memory_mb(device: torch.device) -> float:
-        if device.type == "cuda":
-            return torch.cuda.max_memory_allocated(device) / 2**20
-        # CPU: the process's peak resident set size (Linux reports KiB); monotonic over the process.
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        return self._adapter.visual_layout(self.model, self.processor, image_size, num_tokens)

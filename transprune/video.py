@@ -8,15 +8,19 @@ frames of the first video stream, frame i of n is round(i * (T - 1) / (n - 1)) -
 first and last frame included (n = 1 takes the middle frame); a clip shorter than n frames repeats
 frames so the model still gets n.
 
+Which families take video, how many frames they sample and how many tokens a video becomes are
+adapter facts (`transprune.adapters`: `video_frames`, `required_frames`, `video_token_count`).
+
 transformers' video processors need torchvision. When the processor has one (a real checkpoint on
 a machine with torchvision) it is used as is. Otherwise `FramesVideoProcessor` stands in: it does
-what the family's video processor does, with the image processor's parameters, in PIL/numpy:
+what the family's video processor does, with the image processor's parameters, in PIL/numpy, in
+the style the family's adapter names (`video_frames_style`):
 
-- Video-LLaVA: each frame through the image processor (shortest-edge resize, centre crop, CLIP
+- "clip_frames" (Video-LLaVA): each frame through the image processor (shortest-edge resize, centre crop, CLIP
   normalisation, exactly like VideoLlavaVideoProcessor); the CLS token of every frame is kept.
-- LLaVA-OneVision: each frame squashed to the base tile (size height x width, no crop, no AnyRes),
+- "squashed_tile" (LLaVA-OneVision): each frame squashed to the base tile (size height x width, no crop, no AnyRes),
   normalised; the model pools each frame's patch grid 2x2 and appends one newline token.
-- Qwen2.5-VL: frames resized with smart_resize (multiples of 28 px, pixel count within the image
+- "qwen_patches" (Qwen2.5-VL): frames resized with smart_resize (multiples of 28 px, pixel count within the image
   processor's min_pixels and min(max_pixels, 768*28*28), the video processor's cap), an odd frame
   count padded by repeating the last frame, patchified into (T/2 * h/14 * w/14, 3*2*14*14) with
   video_grid_thw = (T/2, h/14, w/14); second_per_grid_ts = 2 / sampled fps.
@@ -29,22 +33,22 @@ from __future__ import annotations
 
 import copy
 import io
-import math
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
+from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-# Frames sampled from a file when the caller does not say. Video-LLaVA was trained on exactly 8.
-# OneVision: 8 (the Hugging Face examples' count; the paper evaluates with 32 -- pass num_frames=32).
-# Qwen2.5-VL: 8, even because two consecutive frames form one temporal patch (4 temporal steps).
-DEFAULT_FRAMES = {"video_llava": 8, "llava_onevision": 8, "qwen2_5_vl": 8}
+from . import adapters
+from .adapters.qwen2_5_vl import qwen_frame_size  # noqa: F401  (re-exported: where a Qwen frame is resized to)
+
+# Frames sampled from a file when the caller does not say, per video family (adapter facts).
+DEFAULT_FRAMES = {name: adapter.video_frames for name, adapter in adapters.FAMILIES.items() if adapter.video_frames}
 # Families whose checkpoints only work with one frame count.
-REQUIRED_FRAMES = {"video_llava": 8}
-# Qwen2VLVideoProcessor's per-frame pixel cap (size["longest_edge"]).
-QWEN_VIDEO_MAX_PIXELS = 768 * 28 * 28
+REQUIRED_FRAMES = {name: adapter.required_frames for name, adapter in adapters.FAMILIES.items()
+                   if adapter.required_frames}
 # The most frames a file may be sampled to. The paper's largest setting is 32 (OneVision); 64 leaves
 # room, and keeps a mistyped count (10000) from decoding gigabytes of frames.
 MAX_FRAMES = 64
@@ -236,11 +240,6 @@ def read_video(source, num_frames: int) -> Video:
     return Video(frames=frames, indices=indices, total_frames=total, fps=fps)
 
 
-def read_frames(source, num_frames: int) -> list[Image.Image]:
-    """`num_frames` uniformly sampled RGB frames of the video `source` (see `read_video`)."""
-    return read_video(source, num_frames).frames
-
-
 def _as_rgb_frames(frames) -> list[Image.Image]:
     if isinstance(frames, (torch.Tensor, np.ndarray)) and getattr(frames, "ndim", 0) == 4:
         frames = list(frames)
@@ -292,32 +291,10 @@ def _normalise(frames: list[Image.Image], image_processor) -> torch.Tensor:
     array = np.stack([np.asarray(f, dtype=np.float32) for f in frames]) * float(
         _get(image_processor, "rescale_factor", 1 / 255))
     if _get(image_processor, "do_normalize", True):
-        mean = np.asarray(_get(image_processor, "image_mean", [0.48145466, 0.4578275, 0.40821073]), np.float32)
-        std = np.asarray(_get(image_processor, "image_std", [0.26862954, 0.26130258, 0.27577711]), np.float32)
+        mean = np.asarray(_get(image_processor, "image_mean", OPENAI_CLIP_MEAN), np.float32)
+        std = np.asarray(_get(image_processor, "image_std", OPENAI_CLIP_STD), np.float32)
         array = (array - mean) / std
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
-
-
-def qwen_frame_size(processor, height: int, width: int) -> tuple[int, int]:
-    """(height, width) Qwen2.5-VL video frames are resized to: multiples of 28 px (patch x merge).
-
-    `processor` is the full processor or an image processor. A real video processor's own pixel
-    bounds win; otherwise the image processor's, with max_pixels capped at 768*28*28.
-    """
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-    video_processor = getattr(processor, "video_processor", None)
-    if video_processor is not None and not isinstance(video_processor, FramesVideoProcessor):
-        source, cap = video_processor, None
-    else:
-        source, cap = getattr(processor, "image_processor", processor), QWEN_VIDEO_MAX_PIXELS
-    patch, merge = int(_get(source, "patch_size", 14)), int(_get(source, "merge_size", 2))
-    size = _get(source, "size", {})
-    min_pixels = int(_get(size, "shortest_edge") or _get(source, "min_pixels", 56 * 56))
-    max_pixels = int(_get(size, "longest_edge") or _get(source, "max_pixels", QWEN_VIDEO_MAX_PIXELS))
-    if cap is not None:
-        max_pixels = min(max_pixels, cap)
-    return smart_resize(height, width, factor=patch * merge, min_pixels=min_pixels, max_pixels=max_pixels)
 
 
 class FramesVideoProcessor:
@@ -327,10 +304,13 @@ class FramesVideoProcessor:
     and returns `pixel_values_videos` (plus `video_grid_thw` for Qwen) and `video_metadata`.
     """
 
+    stand_in = True   # not a transformers video processor (qwen_frame_size applies the video pixel cap)
+
     def __init__(self, family: str, image_processor):
         if family not in DEFAULT_FRAMES:
             raise VideoError(f"{family} models take no video; video families: {', '.join(DEFAULT_FRAMES)}.")
         self.family, self.image_processor = family, image_processor
+        self.style = adapters.FAMILIES[family].video_frames_style
         self.patch_size = int(_get(image_processor, "patch_size", 14))
         self.merge_size = int(_get(image_processor, "merge_size", 2))
         self.temporal_patch_size = int(_get(image_processor, "temporal_patch_size", 2))
@@ -340,17 +320,17 @@ class FramesVideoProcessor:
 
         clips = [[Image.fromarray(np.asarray(frame, dtype=np.uint8)) for frame in video] for video in videos]
         metadata = video_metadata or [Video.from_frames(clip).metadata() for clip in clips]
-        if self.family == "qwen2_5_vl":
+        if self.style == "qwen_patches":
             patches, grids = zip(*(self._qwen(clip) for clip in clips))
             data = dict(pixel_values_videos=torch.cat(patches), video_grid_thw=torch.tensor(grids))
         else:
-            resize = self._video_llava if self.family == "video_llava" else self._onevision
+            resize = {"clip_frames": self._clip_frames, "squashed_tile": self._squashed_tile}[self.style]
             data = dict(pixel_values_videos=torch.stack([resize(clip) for clip in clips]))
         from transformers.video_utils import VideoMetadata
         data["video_metadata"] = [m if isinstance(m, VideoMetadata) else VideoMetadata(**m) for m in metadata]
         return BatchFeature(data, skip_tensor_conversion=["video_metadata"])
 
-    def _video_llava(self, frames) -> torch.Tensor:
+    def _clip_frames(self, frames) -> torch.Tensor:
         kwargs = dict(return_tensors="pt")
         if "return_legacy_image_output" in getattr(getattr(self.image_processor, "valid_kwargs", None),
                                                    "__annotations__", {}):
@@ -358,7 +338,7 @@ class FramesVideoProcessor:
         out = self.image_processor(images=frames, **kwargs)
         return out.get("pixel_values_images", out.get("pixel_values"))
 
-    def _onevision(self, frames) -> torch.Tensor:
+    def _squashed_tile(self, frames) -> torch.Tensor:
         size = _get(self.image_processor, "size", {})
         height, width = int(_get(size, "height")), int(_get(size, "width"))
         return _normalise([f.resize((width, height), Image.BICUBIC) for f in frames], self.image_processor)
@@ -392,30 +372,14 @@ def video_inputs(processor, family: str, text, videos: list[Video], images=None)
     clips = [np.stack([np.asarray(frame) for frame in video.frames]) for video in videos]
     kwargs = dict(text=text, videos=clips, video_metadata=[video.metadata() for video in videos],
                   return_tensors="pt")
-    if family != "qwen2_5_vl":
-        kwargs.pop("video_metadata")  # only Qwen's processor reads the metadata (for the frame rate)
+    if not adapters.FAMILIES[family].video_metadata:
+        kwargs.pop("video_metadata")  # only some processors (Qwen's) read the metadata (for the frame rate)
     if images:
         kwargs["images"] = images
     try:
         return dict(processor(**kwargs))
     except ValueError as error:
         raise VideoError(f"The processor refused the video: {error}") from error
-
-
-def video_token_count(family: str, model_config, processor, num_frames: int, frame_size) -> int:
-    """How many visual tokens one video of `num_frames` frames of size (W, H) becomes."""
-    vision = model_config.vision_config
-    if family == "video_llava":
-        side = vision.image_size // vision.patch_size
-        return num_frames * (side * side + 1)
-    if family == "llava_onevision":
-        side = math.ceil(vision.image_size // vision.patch_size / 2)
-        return num_frames * side * side + 1
-    if family == "qwen2_5_vl":
-        height, width = qwen_frame_size(processor, frame_size[1], frame_size[0])
-        cell = vision.patch_size * vision.spatial_merge_size
-        return math.ceil(num_frames / vision.temporal_patch_size) * (height // cell) * (width // cell)
-    raise VideoError(f"{family} models take no video.")
 
 
 # ---------------------------------------------------------------------------- overlay

@@ -1,7 +1,12 @@
-"""Model-family adapters, registered by class name. A new family = module + one line here."""
+"""Model-family adapters, registered by family and by model class name.
+
+A new family = one module here (see `base.py` for what its Adapter provides) + one `register`
+line below. Everything else (models, video, flops, the app, the tests' FAMILIES) reads this registry.
+"""
 
 from __future__ import annotations
 
+from ..errors import UnsupportedModelError
 from .base import Adapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
@@ -9,10 +14,14 @@ from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .video_llava import VideoLlavaAdapter
 
-ADAPTERS: dict[str, type[Adapter]] = {}
+ADAPTERS: dict[str, type[Adapter]] = {}      # model class name -> adapter
+FAMILIES: dict[str, type[Adapter]] = {}      # family -> adapter, in registration order
 
 
 def register(adapter_class: type[Adapter]) -> type[Adapter]:
+    if adapter_class.family in FAMILIES:
+        raise ValueError(f"Family {adapter_class.family!r} is already registered ({FAMILIES[adapter_class.family].__name__}).")
+    FAMILIES[adapter_class.family] = adapter_class
     for name in adapter_class.model_classes:
         if name in ADAPTERS:
             raise ValueError(f"Model class {name} already has an adapter ({ADAPTERS[name].__name__}).")
@@ -22,13 +31,20 @@ def register(adapter_class: type[Adapter]) -> type[Adapter]:
 
 register(LlavaAdapter)
 register(LlavaNextAdapter)
+register(VideoLlavaAdapter)
 register(LlavaOnevisionAdapter)
 register(Qwen2_5_VLAdapter)
-register(VideoLlavaAdapter)
 
 
-class UnsupportedModelError(TypeError):
-    """The model is not one of the supported families."""
+def by_family(family: str) -> Adapter:
+    if family not in FAMILIES:
+        raise UnsupportedModelError(f"Unknown model family {family!r}. Supported: {', '.join(FAMILIES)}.")
+    return FAMILIES[family]()
+
+
+def video_families() -> list[str]:
+    """Families whose models take video input."""
+    return [name for name, adapter in FAMILIES.items() if adapter.video_frames]
 
 
 def for_model(model) -> Adapter:

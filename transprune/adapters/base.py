@@ -1,7 +1,40 @@
-"""What the runner needs to know about a model family, with Llama-style defaults.
+"""What the runner, the app and the tests need to know about a model family, with Llama-style defaults.
 
-A family adapter overrides only what differs: how visual tokens are found, how positions are
-embedded, how token indices map onto the image (for overlays).
+A new family = one module in this package with an `Adapter` subclass + one `register(...)` line in
+`transprune/adapters/__init__.py`. Nothing else has to name the family: `transprune.models`,
+`.video`, the app and `tests/conftest.py` (whose FAMILIES parametrise every invariant) read
+everything below from the adapter registry. Optional extras: `ModelSpec` lines in
+`transprune.models` for its checkpoints (and a "tiny-<family>" entry built by `build_tiny`), and
+`transprune.flops.ARCHITECTURES` entries for their analytic FLOPs.
+
+A family's adapter provides (class attributes unless noted; the defaults fit Llama-style decoders):
+
+- `family` (registry key, e.g. "llava"), `label` (shown to users), `model_classes` (the
+  transformers class names it handles; the first one is loaded by `transprune.models`);
+- structure: `language_model(model)` / `decoder_layers(model)`, and the names of a decoder
+  layer's sub-modules the runner hooks: `attention_name`, `mlp_name`, `input_norm_name`, and the
+  attention's `key_projection_name`, `query_projection_name`;
+- positions: `default_positions`, `allowed_positions`, `rotary(model, hidden, position_ids)` and
+  `apply_rotary` (M-RoPE families override them if their layout differs);
+- side passes: `side_projection(layer, hidden, position_embeddings, query_slots)` (input norm,
+  q/k projections with biases, q/k norms, rotary; override for another attention layout) and
+  `attention_scaling(layer)`; `attn_implementation(model)` picks the mask builder;
+- tokens: `visual_token_ids(model)` / `visual_mask(model, input_ids)` (every token the vision
+  path fills in), `read_prompt(...)` (visual spans and the instruction; see
+  `transprune.sequence.read_prompt`);
+- `build_tiny(attn_implementation=..., seed=...)` -> (model, processor): the offline tiny model
+  of the family (16 decoder layers, random weights, float32, fixed seed, offline processor) the
+  tests and the app use; write it in the family's module (`transprune.tiny` has the shared
+  word-level tokenizer, chat template and config pieces);
+- video facts: `video_frames` (default frames sampled from a file; None = the family takes no
+  video), `required_frames` (a count its checkpoints insist on), `video_frames_style` (how
+  `transprune.video.FramesVideoProcessor` preprocesses frames without torchvision),
+  `video_metadata` (its processor reads the frame rate), `video_token_count(...)`, `video_layout(...)`;
+- overlays: `visual_layout(model, processor, image_size, num_tokens)`;
+- `timing_arch`: the `transprune.flops.ARCHITECTURES` entry whose shape the app's "speed at real
+  size" times for this family (None: LLaVA-1.5-7B's).
+
+The KV cache travels however transformers passes it: `transprune.compat` finds it by type.
 """
 
 from __future__ import annotations
@@ -11,19 +44,54 @@ import sys
 import torch
 from torch import nn
 
+from .. import sequence
+
 
 class Adapter:
     family = "base"
+    label = "base"
     model_classes: tuple[str, ...] = ()
+    timing_arch: str | None = None   # the transprune.flops.ARCHITECTURES shape the app times at real size
     default_positions = "compact"
     allowed_positions = ("compact", "original")
+    # Sub-module names of one decoder layer (and of its attention).
+    attention_name = "self_attn"
+    mlp_name = "mlp"
+    input_norm_name = "input_layernorm"
+    key_projection_name = "k_proj"
+    query_projection_name = "q_proj"
+    # Video: None = images only.
+    video_frames: int | None = None
+    required_frames: int | None = None
+    video_frames_style: str | None = None
+    video_metadata = False
 
     # ----------------------------------------------------------------- structure
+    @classmethod
+    def model_class(cls):
+        """The transformers class `transprune.models` loads a checkpoint of this family with."""
+        import transformers
+        return getattr(transformers, cls.model_classes[0])
+
+    @staticmethod
+    def build_tiny(**kwargs):
+        """(model, processor): the family's offline tiny random model."""
+        raise NotImplementedError
+
     def language_model(self, model: nn.Module) -> nn.Module:
         return model.model.language_model
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return self.language_model(model).layers
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.attention_name)
+
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.mlp_name)
+
+    def key_projection(self, layer: nn.Module) -> nn.Module:
+        return getattr(self.attention(layer), self.key_projection_name)
 
     def attn_implementation(self, model: nn.Module) -> str:
         text_config = getattr(model.config, "text_config", model.config)
@@ -45,6 +113,11 @@ class Adapter:
             mask |= input_ids == token_id
         return mask
 
+    def read_prompt(self, model: nn.Module, input_ids: torch.Tensor, is_visual: torch.Tensor,
+                    attention_mask: torch.Tensor | None) -> sequence.Prompt:
+        """Visual tokens, their spans (one per image or video) and the instruction of each sample."""
+        return sequence.read_prompt(input_ids, is_visual, attention_mask)
+
     # ----------------------------------------------------------------- positions
     def rotary(self, model: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor):
         """(cos, sin) for the given position ids, as the language model computes them."""
@@ -54,34 +127,30 @@ class Adapter:
         module = sys.modules[type(attn).__module__]
         return module.apply_rotary_pos_emb(query, key, cos, sin)
 
-    def project_qk(self, layer: nn.Module, hidden: torch.Tensor, position_embeddings,
-                   query_slots: torch.Tensor | None = None):
-        """Queries (B, H, n, hd) and keys (B, Hkv, n, hd) that `layer` would compute from `hidden`.
+    def side_projection(self, layer: nn.Module, hidden: torch.Tensor, position_embeddings,
+                        query_slots: torch.Tensor | None = None, key_proj: torch.Tensor | None = None):
+        """Queries (B, H, n, hd) and keys (B, Hkv, n, hd) that `layer` would compute from `hidden`,
+        and the raw key projection (B, n, Hkv*hd) it used.
 
         Runs the layer's input norm, q/k projections (with their biases), q/k norms where the
         model has them, and its rotary embedding; the model's attention kernel is not involved.
         With `query_slots` (B, m) only those queries are computed (the scores read no others);
-        the other query rows are left at zero. That halves the projection work of a side pass.
+        the other query rows are left at zero. Pass `key_proj` when the projection is already
+        known (the layer computed it in its own forward) to skip it; the runner also hands it to
+        the next layer so survivors are not projected twice.
         """
-        query, key, _ = self.side_projection(layer, hidden, position_embeddings, query_slots)
-        return query, key
-
-    def side_projection(self, layer: nn.Module, hidden: torch.Tensor, position_embeddings,
-                        query_slots: torch.Tensor | None = None, key_proj: torch.Tensor | None = None):
-        """`project_qk`, plus the raw `k_proj` output (B, n, Hkv*hd) it used. Pass `key_proj` when
-        that output is already known (the layer computed it in its own forward) to skip the
-        projection; the runner also hands it to the next layer so survivors are not projected twice."""
-        attn = layer.self_attn
-        normed = layer.input_layernorm(hidden)
+        attn = self.attention(layer)
+        normed = getattr(layer, self.input_norm_name)(hidden)
+        q_proj, k_proj = getattr(attn, self.query_projection_name), getattr(attn, self.key_projection_name)
         cos, sin = position_embeddings
         if key_proj is None:
-            key_proj = attn.k_proj(normed)
+            key_proj = k_proj(normed)
         key = key_proj.view(*normed.shape[:-1], -1, attn.head_dim)
         if query_slots is None:
-            query = attn.q_proj(normed).view(*normed.shape[:-1], -1, attn.head_dim)
+            query = q_proj(normed).view(*normed.shape[:-1], -1, attn.head_dim)
         else:
             picked = normed.gather(1, query_slots[:, :, None].expand(-1, -1, normed.shape[-1]))
-            query = attn.q_proj(picked).view(*picked.shape[:-1], -1, attn.head_dim)
+            query = q_proj(picked).view(*picked.shape[:-1], -1, attn.head_dim)
         if getattr(attn, "q_norm", None) is not None:
             query, key = attn.q_norm(query), attn.k_norm(key)
         query, key = query.transpose(1, 2), key.transpose(1, 2)
@@ -97,7 +166,12 @@ class Adapter:
         return full, key, key_proj
 
     def attention_scaling(self, layer: nn.Module) -> float:
-        return float(layer.self_attn.scaling)
+        return float(self.attention(layer).scaling)
+
+    # ----------------------------------------------------------------- video
+    def video_token_count(self, model_config, processor, num_frames: int, frame_size) -> int:
+        """How many visual tokens one video of `num_frames` frames of size (W, H) becomes."""
+        raise NotImplementedError(f"{self.family} models take no video.")
 
     # ----------------------------------------------------------------- overlays
     def visual_layout(self, model: nn.Module, processor, image_size: tuple[int, int], num_tokens: int):

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from .. import tiny
 from ..trace import VisualLayout
 from .base import Adapter
 
@@ -32,7 +33,10 @@ def grid_boxes(rows: int, cols: int, x0: float, y0: float, x1: float, y1: float)
 
 class LlavaAdapter(Adapter):
     family = "llava"
+    label = "LLaVA-1.5"
     model_classes = ("LlavaForConditionalGeneration",)
+    timing_arch = "llava-1.5-7b"
+    build_tiny = staticmethod(tiny.tiny_llava)
 
     def visual_layout(self, model, processor, image_size, num_tokens):
         """Map the patch grid back through the processor's resize + center crop."""

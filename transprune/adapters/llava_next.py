@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import tiny
 from ..trace import VisualLayout
 from .llava import LlavaAdapter, grid_boxes
 
@@ -38,7 +39,10 @@ def anyres_feature_grid(image_size_hw, grid_pinpoints, tile_size: int, patches_p
 
 class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
+    label = "LLaVA-NeXT"
     model_classes = ("LlavaNextForConditionalGeneration",)
+    timing_arch = "llava-next-vicuna-7b"
+    build_tiny = staticmethod(tiny.tiny_llava_next)
 
     def max_tiles(self, model) -> int | None:
         return None

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from .. import tiny
 from ..trace import VisualLayout
 from .llava import grid_boxes
 from .llava_next import LlavaNextAdapter
@@ -18,7 +19,13 @@ from .llava_next import LlavaNextAdapter
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava_onevision"
+    label = "LLaVA-OneVision"
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
+    timing_arch = "llava-onevision-7b"
+    build_tiny = staticmethod(tiny.tiny_llava_onevision)
+    # 8 frames: the Hugging Face examples' count (the paper evaluates with 32: pass num_frames=32).
+    video_frames = 8
+    video_frames_style = "squashed_tile"
 
     def max_tiles(self, model) -> int | None:
         aspect = getattr(model.config, "vision_aspect_ratio", "anyres_max_9")
@@ -28,6 +35,12 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return side * side
 
     # -- video (transprune.video) --------------------------------------------------------------
+    def video_token_count(self, model_config, processor, num_frames, frame_size):
+        """Per frame a ceil(side/2)^2 pooled grid, then one newline token."""
+        vision = model_config.vision_config
+        side = math.ceil(vision.image_size // vision.patch_size / 2)
+        return num_frames * side * side + 1
+
     def video_layout(self, model, processor, frame_size, num_frames, num_tokens):
         """Per frame a ceil(side/2)^2 pooled grid over the whole (squashed) frame; then one newline.
 

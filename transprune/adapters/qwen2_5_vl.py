@@ -12,14 +12,52 @@ import math
 
 import torch
 
+from .. import tiny
 from ..trace import VisualLayout
 from .base import Adapter
 from .llava import grid_boxes
 
+# Qwen2VLVideoProcessor's per-frame pixel cap (size["longest_edge"]).
+VIDEO_MAX_PIXELS = 768 * 28 * 28
+
+
+def _get(obj, name, default=None):
+    value = obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
+    return default if value is None else value
+
+
+def qwen_frame_size(processor, height: int, width: int) -> tuple[int, int]:
+    """(height, width) Qwen2.5-VL video frames are resized to: multiples of 28 px (patch x merge).
+
+    `processor` is the full processor or an image processor. A real video processor's own pixel
+    bounds win; otherwise (no video processor, or transprune.video's torchvision-free stand-in)
+    the image processor's, with max_pixels capped at 768*28*28.
+    """
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    video_processor = getattr(processor, "video_processor", None)
+    if video_processor is not None and not getattr(video_processor, "stand_in", False):
+        source, cap = video_processor, None
+    else:
+        source, cap = getattr(processor, "image_processor", processor), VIDEO_MAX_PIXELS
+    patch, merge = int(_get(source, "patch_size", 14)), int(_get(source, "merge_size", 2))
+    size = _get(source, "size", {})
+    min_pixels = int(_get(size, "shortest_edge") or _get(source, "min_pixels", 56 * 56))
+    max_pixels = int(_get(size, "longest_edge") or _get(source, "max_pixels", VIDEO_MAX_PIXELS))
+    if cap is not None:
+        max_pixels = min(max_pixels, cap)
+    return smart_resize(height, width, factor=patch * merge, min_pixels=min_pixels, max_pixels=max_pixels)
+
 
 class Qwen2_5_VLAdapter(Adapter):
     family = "qwen2_5_vl"
+    label = "Qwen2.5-VL"
     model_classes = ("Qwen2_5_VLForConditionalGeneration",)
+    timing_arch = "qwen2.5-vl-7b"
+    build_tiny = staticmethod(tiny.tiny_qwen2_5_vl)
+    video_frames = 8              # even: two consecutive frames form one temporal patch (4 steps)
+    video_frames_style = "qwen_patches"
+    video_metadata = True         # its processor reads the sampled frame rate
     default_positions = "original"
     allowed_positions = ("original",)
 
@@ -44,13 +82,17 @@ class Qwen2_5_VLAdapter(Adapter):
                             image_size=(width, height))
 
     # -- video (transprune.video) --------------------------------------------------------------
+    def video_token_count(self, model_config, processor, num_frames, frame_size):
+        vision = model_config.vision_config
+        height, width = qwen_frame_size(processor, frame_size[1], frame_size[0])
+        cell = vision.patch_size * vision.spatial_merge_size
+        return math.ceil(num_frames / vision.temporal_patch_size) * (height // cell) * (width // cell)
+
     def video_layout(self, model, processor, frame_size, num_frames, num_tokens):
         """Per temporal patch (two consecutive frames) the 28 px merged-cell grid of the resized frame.
 
         A token covers both frames of its pair; `frame` names the first (0, 2, 4, ...).
         """
-        from ..video import qwen_frame_size
-
         width, height = frame_size
         vision = model.config.vision_config
         cell = vision.patch_size * vision.spatial_merge_size

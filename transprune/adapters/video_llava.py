@@ -8,15 +8,28 @@ from __future__ import annotations
 
 import torch
 
+from .. import tiny
 from ..trace import VisualLayout
 from .llava import LlavaAdapter
 
 
 class VideoLlavaAdapter(LlavaAdapter):
     family = "video_llava"
+    label = "Video-LLaVA"
     model_classes = ("VideoLlavaForConditionalGeneration",)
+    timing_arch = "video-llava-7b"
+    build_tiny = staticmethod(tiny.tiny_video_llava)
+    video_frames = 8              # trained on exactly 8 frames, and its checkpoints take no other count
+    required_frames = 8
+    video_frames_style = "clip_frames"
 
     # -- video (transprune.video) --------------------------------------------------------------
+    def video_token_count(self, model_config, processor, num_frames, frame_size):
+        """Per frame the CLS token and the patch grid."""
+        vision = model_config.vision_config
+        side = vision.image_size // vision.patch_size
+        return num_frames * (side * side + 1)
+
     def video_layout(self, model, processor, frame_size, num_frames, num_tokens):
         """Per frame: the CLS token (no place, NaN box), then the patch grid through resize + crop."""
         vision = model.config.vision_config

@@ -1,23 +1,61 @@
-"""Pruning criteria, registered by the name used in PruneConfig.method."""
+"""Pruning stages, registered by the name used in `PruneConfig.method`.
+
+A new method = one module in this package (see `base.py` for what it provides) + one
+`register(...)` line below. `PruneConfig` validates method names against this registry.
+"""
 
 from __future__ import annotations
 
-from ..config import PruneConfig
-from .base import Method, StageContext, StageScores
+from .base import Method, Needs, PreLLMStage, PruningStage, StageContext, StageScores
 from .peers import FastV, PDrop, RandomKeep
 from .transprune import TransPrune
+from .visionzip import VisionZip
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (TransPrune, FastV, PDrop, RandomKeep)}
-
-# VisionZip compresses the image tokens *before* the language model (it rewrites the inputs), so
-# it is not a per-stage Method above. PruneConfig(method="visionzip") / `visionzip_keep` run it
-# through the pruner (`pruner.prepare_inputs`); by hand with exact counts:
-# `new_inputs, kept = PRE_LLM["visionzip"](model, inputs, dominant=54, contextual=10)`.
-from . import visionzip  # noqa: E402
-PRE_LLM = {"visionzip": visionzip.compress_inputs}
+REGISTRY: dict[str, type[PruningStage]] = {}
+METHODS: dict[str, type[Method]] = {}          # in-LLM methods
+PRE_LLM: dict[str, type[PreLLMStage]] = {}     # stages before the language model (VisionZip)
 
 
-def for_config(config: PruneConfig) -> Method:
+def register(stage_class: type[PruningStage]) -> type[PruningStage]:
+    if stage_class.name in REGISTRY:
+        raise ValueError(f"A pruning method named {stage_class.name!r} is already registered.")
+    REGISTRY[stage_class.name] = stage_class
+    (PRE_LLM if stage_class.pre_llm else METHODS)[stage_class.name] = stage_class
+    return stage_class
+
+
+register(TransPrune)
+register(FastV)
+register(PDrop)
+register(RandomKeep)
+register(VisionZip)
+
+
+def names() -> tuple[str, ...]:
+    return tuple(REGISTRY)
+
+
+def stage_class(name: str) -> type[PruningStage]:
+    if name not in REGISTRY:
+        raise ValueError(f"Unknown method {name!r}. Choose one of: {', '.join(REGISTRY)}.")
+    return REGISTRY[name]
+
+
+def for_config(config) -> Method | None:
+    """The in-LLM method of a (resolved) config; None when it has no in-LLM stage."""
+    if not config.prune_layers:
+        return None
     if config.method not in METHODS:
-        raise ValueError(f"Unknown method {config.method!r}. Choose one of: {', '.join(METHODS)}.")
+        raise ValueError(f"Unknown in-LLM method {config.method!r}. Choose one of: {', '.join(METHODS)}.")
     return METHODS[config.method](config)
+
+
+def pre_llm_stage(config) -> PreLLMStage | None:
+    """The stage before the language model of a config (VisionZip), None without one."""
+    if config.visionzip_keep is None:
+        return None
+    return PRE_LLM["visionzip"](config)
+
+
+__all__ = ["Method", "Needs", "PreLLMStage", "PruningStage", "StageContext", "StageScores", "REGISTRY",
+           "METHODS", "PRE_LLM", "register", "names", "stage_class", "for_config", "pre_llm_stage"]

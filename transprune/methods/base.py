@@ -1,21 +1,63 @@
-"""The interface between the runner and a pruning criterion.
+"""The stage protocol between the runner and a pruning method.
 
-The runner owns the bookkeeping (which tokens are alive, gathers, caches); a method only turns
-a StageContext (one sample at one pruning layer) into StageScores over the candidate tokens.
+A method is one file in `transprune/methods/` plus one `register(...)` line in
+`transprune/methods/__init__.py`; the config validates method names against that registry and
+nothing else needs to know the method. There are two kinds of stage, with a common base:
+
+**An in-LLM method** (TransPrune, FastV, PDrop, random) subclasses `Method` and provides:
+
+- `name`: the string of `PruneConfig.method` (unique in the registry), and `label` (shown in the app);
+- `needs(self) -> Needs`: what its scores read, from `self.config` (the PruneConfig resolved for
+  the model's depth). The runner computes exactly that and nothing more: TTV recorded at
+  `ttv_layers`, q/k of the layer after each stage on the stage's output (`next_layer_qk`), q/k of
+  the pruning layer on its own input (`this_layer_qk`). How these are computed, shared between
+  the samples of a batch and reused by the model's own forward (key reuse) is the runner's business;
+- `score(self, ctx: StageContext) -> StageScores`: one sample at one pruning layer, a score per
+  candidate (higher = keep). The runner keeps the top floor(N_span * r) per span, in order;
+- optionally `accumulates_ttv = True` (the config then defaults `accumulation_layers` to the
+  first..last pruning layer) and `check_config(config) -> str | None` (a sentence saying what to
+  change, for a config this method cannot run; the config raises it as a ConfigError).
+
+**A pre-LLM stage** (VisionZip) subclasses `PreLLMStage` and provides `name`, `label`,
+`supported_models` (words for an error message), `check_model`, `prepare_inputs` (rewrites the
+processor's inputs before the model sees them), `is_prepared` (tells a model call with those
+inputs from one with the processor's own), `map_traces` (re-indexes the in-LLM traces into the
+original visual tokens, with itself as a stage at layer 0), `tokens_entering_llm` (for the
+analytic FLOPs), and `patches` / `layout` (for the overlays). It runs alone
+(`PruneConfig(method=name)`) or before any in-LLM method (today through `PruneConfig.visionzip_keep`,
+see `methods.pre_llm_stage`).
+
+Also, for a new method: a preset of its own name in `transprune.config.PRESETS` (the app offers
+every registered method that has one, under its `label`; the bench and eval take presets by
+name), and a line in the tests' method matrix (`tests/test_peers.py`).
+
+An in-LLM method reads the model only through what the runner hands it (`StageContext`); a
+pre-LLM stage gets the model itself. No method module imports the adapters or the runner
+(`tests/test_imports.py` checks).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from ..config import PruneConfig
+if TYPE_CHECKING:   # no import at run time: the config imports this registry
+    from ..config import PruneConfig
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method's scores read; the runner provides exactly this."""
+    ttv_layers: frozenset[int] = frozenset()   # layers whose TTV (attention + MLP) is accumulated, prefill only
+    next_layer_qk: bool = False                 # ctx.next_layer_qk(): layer p+1's q/k on layer p's output
+    this_layer_qk: bool = False                 # ctx.this_layer_qk(): layer p's q/k on its own input
 
 
 @dataclass
 class StageContext:
+    """One sample at one pruning layer p, in the current (possibly already pruned) sequence."""
     sample: int
     layer: int                          # 1-indexed pruning layer p
     candidates: torch.Tensor            # (c,) alive visual-token indices into the original visual tokens
@@ -23,7 +65,7 @@ class StageContext:
     instruction_slots: torch.Tensor     # (q,) instruction-token positions in the current sequence
     last_slot: int                      # position of the last prompt token
     key_valid: torch.Tensor             # (n,) bool, False at padding
-    ttv_acc: torch.Tensor | None        # (c,) accumulated TTV of the candidates (TransPrune only)
+    ttv_acc: torch.Tensor | None        # (c,) accumulated TTV of the candidates (when Needs.ttv_layers)
     next_layer_qk: Callable             # () -> (q (H, n, hd), k (Hkv, n, hd)) of layer p+1 on layer p's output
     this_layer_qk: Callable             # () -> (q, k) of layer p on its own input (FastV)
     next_scaling: float
@@ -37,18 +79,61 @@ class StageScores:
     iga: torch.Tensor | None = None
 
 
-class Method:
-    """Override `score`; override `layers_needing_input` if the method reads a layer's input, and
-    set `reads_next_layer` if `score` calls `ctx.next_layer_qk()` (the runner then lets the next
-    layer reuse the keys that side pass projected)."""
+class PruningStage:
+    """What every registered stage has: a name, a label for people, the config, and a config check."""
     name = "base"
-    reads_next_layer = False
+    label = "base"
+    pre_llm = False
+    accumulates_ttv = False
 
-    def __init__(self, config: PruneConfig):
+    def __init__(self, config: "PruneConfig"):
         self.config = config
 
-    def layers_needing_input(self) -> set[int]:
-        return set()
+    @classmethod
+    def check_config(cls, config: "PruneConfig") -> str | None:
+        """None if this stage can run `config`, else a sentence saying what to change."""
+        return None
+
+
+class Method(PruningStage):
+    """An in-LLM pruning criterion: override `score`, and `needs` if it reads more than nothing."""
+
+    def needs(self) -> Needs:
+        return Needs()
 
     def score(self, ctx: StageContext) -> StageScores:
         raise NotImplementedError
+
+
+class PreLLMStage(PruningStage):
+    """A stage before the language model that rewrites the inputs (see the module docstring)."""
+    pre_llm = True
+    supported_models = "some models"
+
+    def check_model(self, model) -> None:
+        """Raise UnsupportedModelError for a model this stage cannot run on."""
+
+    def prepare_inputs(self, model, inputs: dict, span=None) -> dict:
+        """The processor's inputs rewritten for this stage. `span(name)`, if given, returns a
+        context manager timing a named part (the runner's public timing hook)."""
+        raise NotImplementedError
+
+    def is_prepared(self, input_ids, pixel_values) -> bool:
+        """True for a model call made with what `prepare_inputs` returned (the runner refuses others)."""
+        raise NotImplementedError
+
+    def map_traces(self, traces: list) -> list:
+        """The in-LLM traces of the last prepared inputs, in the original visual tokens."""
+        return traces
+
+    def tokens_entering_llm(self, visual_tokens: int) -> int:
+        """How many of `visual_tokens` reach the language model."""
+        return visual_tokens
+
+    def patches(self, model) -> int:
+        """Tokens one image has before this stage (what its traces index)."""
+        raise NotImplementedError
+
+    def layout(self, image_layout, trace):
+        """The family's VisualLayout of one image's `patches(model)` tokens, in `trace`'s token space."""
+        return image_layout

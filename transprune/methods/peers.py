@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import scoring
-from .base import Method, StageContext, StageScores
+from .base import Method, Needs, StageContext, StageScores
 
 
 def _last_token_attention(query, key, ctx: StageContext, scaling: float) -> torch.Tensor:
@@ -19,9 +19,10 @@ class FastV(Method):
     """FastV (Chen et al. 2024): after layer K, keep the visual tokens the last prompt token
     attends to most in layer K itself (recomputed as a side pass, so SDPA/FA2 still work)."""
     name = "fastv"
+    label = "FastV"
 
-    def layers_needing_input(self) -> set[int]:
-        return set(self.config.prune_layers)
+    def needs(self) -> Needs:
+        return Needs(this_layer_qk=True)
 
     def score(self, ctx: StageContext) -> StageScores:
         query, key = ctx.this_layer_qk()
@@ -32,7 +33,10 @@ class PDrop(Method):
     """PyramidDrop (Xing et al. 2024): at each stage, rank by the last instruction token's
     attention, computed like IGA with the next layer's projections."""
     name = "pdrop"
-    reads_next_layer = True
+    label = "PDrop"
+
+    def needs(self) -> Needs:
+        return Needs(next_layer_qk=True)
 
     def score(self, ctx: StageContext) -> StageScores:
         query, key = ctx.next_layer_qk()
@@ -42,6 +46,7 @@ class PDrop(Method):
 class RandomKeep(Method):
     """Uniform random keep at the same schedule: the control every method must beat."""
     name = "random"
+    label = "Random"
 
     def score(self, ctx: StageContext) -> StageScores:
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + ctx.layer * 1009 + ctx.sample)

@@ -41,13 +41,16 @@ Supported: LLaVA-1.5 (`LlavaForConditionalGeneration`) with one vision feature l
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from .. import compat
-from ..adapters import UnsupportedModelError
+from ..errors import UnsupportedModelError
+from ..trace import Stage, VisualLayout
+from .base import PreLLMStage
 
 SUPPORTED_MODELS = ("LlavaForConditionalGeneration",)
 CONTEXTUAL_SHARE = 10 / 64
@@ -175,8 +178,11 @@ def select_tokens(features: torch.Tensor, cls_attention: torch.Tensor, keys: tor
 
 @torch.no_grad()
 def compress_features(model, pixel_values: torch.Tensor, dominant: int = 54, contextual: int = 10,
-                      keep_cls: bool = True):
-    """Run the vision tower and return (projected tokens (I, T, d_text), VisionZipSelection)."""
+                      keep_cls: bool = True, span=None):
+    """Run the vision tower and return (projected tokens (I, T, d_text), VisionZipSelection).
+
+    `span(name)`, if given, returns a context manager around VisionZip's own scoring ("score":
+    the CLS attention and keys, then the merge); the tower and projector run outside it."""
     check_model(model)
     tower = model.model.vision_tower
     feature_layer = model.config.vision_feature_layer
@@ -193,8 +199,9 @@ def compress_features(model, pixel_values: torch.Tensor, dominant: int = 54, con
     finally:
         handle.remove()
     features = out.hidden_states[feature_layer]
-    cls_attention, keys = cls_attention_and_keys(attn, captured["normed"])
-    tokens, selection = select_tokens(features, cls_attention, keys, dominant, contextual, keep_cls)
+    with (span or _no_span)("score"):
+        cls_attention, keys = cls_attention_and_keys(attn, captured["normed"])
+        tokens, selection = select_tokens(features, cls_attention, keys, dominant, contextual, keep_cls)
     return model.model.multi_modal_projector(tokens), selection
 
 
@@ -218,8 +225,6 @@ def to_patch_space(trace, selection: VisionZipSelection, images: list[int], keep
     without CLS), so overlays and metrics see the whole picture; the VisionZip stage keeps every
     token that entered the LLM (its score is the CLS attention), later stages keep a subset of those.
     """
-    from ..trace import Stage
-
     if not images:   # a text-only row of the batch: nothing was compressed or pruned
         return trace
     patches = selection.group.shape[1]
@@ -245,8 +250,6 @@ def to_patch_space(trace, selection: VisionZipSelection, images: list[int], keep
 def patch_layout(layout, keep_cls: bool = True):
     """The family's VisualLayout of one image's N patches, plus a place-less (NaN) CLS token at
     index N, matching `to_patch_space`."""
-    from ..trace import VisualLayout
-
     if not keep_cls:
         return layout
     nan = torch.full((1, 4), float("nan"), dtype=layout.boxes.dtype)
@@ -283,7 +286,7 @@ def compress_inputs(model, inputs: dict, dominant: int = 54, contextual: int = 1
 
 
 @torch.no_grad()
-def compress(model, inputs: dict, dominant: int = 54, contextual: int = 10, keep_cls: bool = True):
+def compress(model, inputs: dict, dominant: int = 54, contextual: int = 10, keep_cls: bool = True, span=None):
     """`compress_inputs` returning (new inputs, VisionZipSelection, per row the list of its image numbers)."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -292,7 +295,7 @@ def compress(model, inputs: dict, dominant: int = 54, contextual: int = 10, keep
         raise ValueError("VisionZip needs the image: pass the processor's inputs including pixel_values.")
     input_ids = inputs["input_ids"]
     image_token = model.config.image_token_id
-    tokens, selection = compress_features(model, inputs["pixel_values"], dominant, contextual, keep_cls)
+    tokens, selection = compress_features(model, inputs["pixel_values"], dominant, contextual, keep_cls, span)
     count = tokens.shape[1]
     attention_mask = inputs.get("attention_mask")
     if attention_mask is None:
@@ -327,3 +330,58 @@ def compress(model, inputs: dict, dominant: int = 54, contextual: int = 10, keep
     new_inputs.update(input_ids=new_ids, attention_mask=new_mask,
                       mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(tokens))})
     return new_inputs, selection, row_images
+
+
+def _no_span(name):
+    return nullcontext()
+
+
+class VisionZip(PreLLMStage):
+    """VisionZip as a registered pre-LLM stage: keeps the share `config.visionzip_keep` of each
+    image's patches (see `counts`), and maps the in-LLM traces back into patch space."""
+    name = "visionzip"
+    label = "VisionZip"
+    supported_models = "LLaVA-1.5-family models"
+    default_keep = 64 / 576          # the released LLaVA-1.5 "64" setting
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.keep = config.visionzip_keep
+        self._last = None            # (VisionZipSelection, images of each row, input_ids) of prepare_inputs
+
+    @property
+    def selection(self) -> VisionZipSelection | None:
+        """What the last `prepare_inputs` kept of each image."""
+        return self._last[0] if self._last is not None else None
+
+    def check_model(self, model):
+        check_model(model)
+
+    def prepare_inputs(self, model, inputs: dict, span=None) -> dict:
+        dominant, contextual = counts(self.keep, num_patches(model))
+        new_inputs, selection, row_images = compress(model, inputs, dominant, contextual, span=span)
+        self._last = (selection, row_images, new_inputs["input_ids"])
+        return new_inputs
+
+    def is_prepared(self, input_ids, pixel_values) -> bool:
+        """True for a model call with the inputs `prepare_inputs` returned last."""
+        return pixel_values is None and (input_ids is None or (
+            self._last is not None and torch.equal(input_ids, self._last[2])))
+
+    def map_traces(self, traces: list) -> list:
+        if self._last is None:
+            return traces
+        selection, row_images, _ = self._last
+        return [to_patch_space(trace, selection, images, self.keep) for trace, images in zip(traces, row_images)]
+
+    def tokens_entering_llm(self, visual_tokens: int) -> int:
+        return sum(counts(self.keep, visual_tokens))
+
+    def patches(self, model) -> int:
+        """Patches per image: the tokens one image has before this stage."""
+        return num_patches(model)
+
+    def layout(self, image_layout, trace):
+        """The family's layout of one image's patches (`image_layout`), in the patch space of
+        `trace` (a place-less CLS token after the patches when the trace counts it)."""
+        return patch_layout(image_layout, keep_cls=trace.visual_tokens > len(image_layout.boxes))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ModelLoadError
 from ..tiny import BASE_WORDS, llava_processor, word_tokenizer
 from . import scenes
 
@@ -118,8 +119,6 @@ def load_shapes_llava(directory: Path | str | None = None, attn_implementation: 
 
     `directory` defaults to $TRANSPRUNE_SHAPES_DIR if set, else the package's assets folder.
     """
-    from ..models import ModelLoadError
-
     directory = Path(directory or os.environ.get("TRANSPRUNE_SHAPES_DIR") or ASSET_DIR)
     missing = [name for name in (WEIGHTS, CONFIG, "tokenizer.json") if not (directory / name).is_file()]
     if missing:

@@ -46,13 +46,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from .. import compat
 from . import model as shapes_model
 from . import scenes
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+CLIP_MEAN = np.array(OPENAI_CLIP_MEAN, dtype=np.float32)    # what the CLIP image processor normalises with
+CLIP_STD = np.array(OPENAI_CLIP_STD, dtype=np.float32)
 COLOR_IDS = {c: i + 1 for i, c in enumerate(scenes.COLORS)}     # 0 = background
 SHAPE_IDS = {s: i + 1 for i, s in enumerate(scenes.SHAPES)}
 CELL_IDS = {c: i + 1 for i, c in enumerate(scenes.CELLS)}

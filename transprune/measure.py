@@ -1,0 +1,68 @@
+"""Clocks, peak memory and dtype names shared by `transprune.models` (the app's timings) and
+`transprune.bench`: one implementation of each, so both report the same quantities."""
+
+from __future__ import annotations
+
+import re
+import resource
+import time
+
+import torch
+
+# Names accepted for a dtype on the command line and in the app.
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(dtype):
+    """A torch dtype from a name in DTYPES (None and dtypes pass through)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def sync(device: torch.device):
+    """Wait for the device's queued work (a no-op on CPU), before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TokenClock:
+    """A generate() streamer noting when each new token is ready (the first one: end of prefill)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.stamps, self._prompt_seen = device, [], False
+
+    def put(self, value):
+        if not self._prompt_seen:  # generate() first hands over the prompt
+            self._prompt_seen = True
+            return
+        sync(self.device)
+        self.stamps.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def reset_peak_memory(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 resets the peak RSS (VmHWM) of this process
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated since the last reset; CPU: the process's peak resident set (VmHWM)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as handle:
+            return int(re.search(r"VmHWM:\s+(\d+)", handle.read()).group(1)) / 1024.0
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
