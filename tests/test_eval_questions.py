@@ -271,7 +271,8 @@ def test_registry_names_load_real_checkpoints_with_device_map(monkeypatch):
 
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda name: None)
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda name: "processor")
-    monkeypatch.setattr(models, "_model_class", lambda family: FakeModel)
+    family = models.adapters.FAMILIES[models.REGISTRY["llava-1.5-7b"].family]
+    monkeypatch.setattr(family, "model_class", classmethod(lambda cls: FakeModel))
     loaded = models.load("llava-1.5-7b", dtype="float16", device_map="auto")
     assert calls == [("llava-hf/llava-1.5-7b-hf", dict(dtype=torch.float16, device_map="auto"))]
     assert loaded.processor == "processor"

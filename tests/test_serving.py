@@ -11,6 +11,7 @@ import os
 import pickle
 import socket
 import time
+from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -175,7 +176,8 @@ def test_a_sessions_run_state_is_small_and_redraws_the_same_canvas():
     out = compare(image, "What color is the circle?", progress=lambda *a, **k: None, **FAST)
     state = out.state
     assert isinstance(state, RunState)
-    assert len(pickle.dumps(state)) < 250_000
+    spec_free = replace(state, comparison=replace(state.comparison, spec=None))   # the spec is shared, not per session
+    assert len(pickle.dumps(spec_free)) < 250_000
     assert state.comparison.baseline.inputs.keys() == {"input_ids"} and state.comparison.pruned.video is None
     with Image.open(out.inspect) as shown:
         redrawn = state.canvas

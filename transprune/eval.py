@@ -249,7 +249,15 @@ def main(argv=None):
         import torch
         torch.set_num_threads(args.threads)
     if args.questions is not None:
-        return main_questions(args)
+        from . import eval_questions
+        from .config import ConfigError
+        from .eval_data import DataError
+        from .models import ModelLoadError
+
+        try:
+            return run_questions(args)
+        except (DataError, ConfigError, ModelLoadError, eval_questions.EvalError) as error:
+            raise SystemExit(str(error)) from None
     names = [name.strip() for name in (args.methods or ",".join(method_table())).split(",") if name.strip()]
     if "baseline" not in names:
         names.insert(0, "baseline")
@@ -269,24 +277,20 @@ def main(argv=None):
                           json=args.json, plot=str(plot_path) if plot_path else None)))
 
 
-def main_questions(args):
+def run_questions(args):
+    """The --questions mode; usage and data errors raise (main() turns them into one-line exits)."""
     from . import eval_questions
-    from .config import ConfigError
-    from .eval_data import DataError
-    from .models import ModelLoadError
 
     if args.out is None:
-        raise SystemExit("--questions needs --out DIR: the folder for the answers files and summary.json.")
+        raise eval_questions.EvalError("--questions needs --out DIR: the folder for the answers files and "
+                                       "summary.json.")
     names = [name.strip() for name in (args.methods or "baseline,high,low").split(",") if name.strip()]
     if len(set(names)) != len(names):
-        raise SystemExit(f"--methods lists a method twice: {args.methods}")
-    try:
-        summary = eval_questions.evaluate(args.model, args.questions, args.images, names, args.out,
-                                          annotations=args.annotations, device=args.device, dtype=args.dtype,
-                                          attn=args.attn, device_map=args.device_map,
-                                          max_new_tokens=args.max_new_tokens, prompt_suffix=args.prompt_suffix)
-    except (DataError, ConfigError, ModelLoadError, eval_questions.EvalError) as error:
-        raise SystemExit(str(error)) from None
+        raise eval_questions.EvalError(f"--methods lists a method twice: {args.methods}")
+    summary = eval_questions.evaluate(args.model, args.questions, args.images, names, args.out,
+                                      annotations=args.annotations, device=args.device, dtype=args.dtype,
+                                      attn=args.attn, device_map=args.device_map,
+                                      max_new_tokens=args.max_new_tokens, prompt_suffix=args.prompt_suffix)
     if summary is None:      # not the main process of a data-parallel run
         return None
     print(eval_questions.markdown_table(summary))
