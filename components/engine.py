@@ -29,6 +29,7 @@ from transprune import ConfigError, IncompatibleTransformersError, PruneConfig, 
 from transprune import methods
 from transprune.adapters import UnsupportedModelError, for_model
 from transprune.flops import model_shape
+from transprune.measure import available_memory_bytes
 from transprune.eval import heldout_record
 
 from .speed import RealSizeSpeed
@@ -97,14 +98,7 @@ def free_memory_bytes(device: str) -> int | None:
     """Memory a new model could use on `device`: free GPU memory, or MemAvailable on Linux."""
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.mem_get_info(torch.device(device))[0]
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return available_memory_bytes()
 
 
 _hub_checked: dict[str, tuple[float, bool]] = {}

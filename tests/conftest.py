@@ -7,8 +7,10 @@ value is the helper function below; `family` parametrises a test over every regi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import socket
 
 import numpy as np
 import pytest
@@ -107,3 +109,33 @@ def make_inputs():
 def write_clip():
     """(path, draw_frame, frames, width, height, fps=8, codec="mpeg4") -> path of a small video."""
     return _write_clip
+
+
+@contextlib.contextmanager
+def _serve_app(temp, model: str, **build_kwargs):
+    """app.py's demo, built for `model`, served on a free loopback port with Gradio's cache in `temp`;
+    yields (url, app) and closes the server afterwards."""
+    import app as app_module
+
+    old = os.environ.get("GRADIO_TEMP_DIR")
+    os.environ["GRADIO_TEMP_DIR"] = str(temp)
+    built = app_module.build_demo(model, **build_kwargs)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = app_module.parse_args(["--port", str(port), "--host", "127.0.0.1"])
+    built.demo.launch(**app_module.launch_kwargs(args), prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/", built
+    finally:
+        built.demo.close()
+        if old is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def serve_app():
+    """(temp folder, model, **build_demo kwargs) -> context manager yielding (url, app) of the served demo."""
+    return _serve_app

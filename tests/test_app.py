@@ -10,7 +10,6 @@ import dataclasses
 import json
 import re
 import os
-import socket
 import threading
 from pathlib import Path
 
@@ -61,33 +60,14 @@ def example_image():
     return Image.open(examples.example_rows()[0][0]).convert("RGB")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, serve_app):
     """(client, app) for the app launched in-process on a free port; closed afterwards."""
     from gradio_client import Client
 
     temp = tmp_path_factory.mktemp("gradio")
-    old = os.environ.get("GRADIO_TEMP_DIR")
-    os.environ["GRADIO_TEMP_DIR"] = str(temp)
-    built = app_module.build_demo(MODEL)
-    port = _free_port()
-    args = app_module.parse_args(["--port", str(port), "--host", "127.0.0.1"])
-    built.demo.launch(**app_module.launch_kwargs(args), prevent_thread_lock=True, quiet=True)
-    try:
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(temp / "downloads"))
-        yield client, built
-    finally:
-        built.demo.close()
-        if old is None:
-            os.environ.pop("GRADIO_TEMP_DIR", None)
-        else:
-            os.environ["GRADIO_TEMP_DIR"] = old
+    with serve_app(temp, MODEL) as (url, built):
+        yield Client(url, verbose=False, download_files=str(temp / "downloads")), built
 
 
 # ---------------------------------------------------------------------------- schedules

@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import socket
 import time
-from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -21,7 +20,6 @@ import pytest
 import torch
 from PIL import Image
 
-import app as app_module
 from components import examples, files, overlay
 from components.compare import UNREADABLE_REQUEST, CompareOutputs, RunState, make_handlers
 from components.engine import Engine, public_message
@@ -35,30 +33,12 @@ QUEUE = 4
 FAST = dict(model=MODEL, max_new_tokens=4, repeats=1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, serve_app):
     """(url, temp folder, app) for the app served on a free loopback port with a queue of QUEUE."""
     temp = tmp_path_factory.mktemp("serving")
-    old = os.environ.get("GRADIO_TEMP_DIR")
-    os.environ["GRADIO_TEMP_DIR"] = str(temp / "gradio")
-    built = app_module.build_demo(MODEL, queue_size=QUEUE)
-    port = _free_port()
-    args = app_module.parse_args(["--port", str(port), "--host", "127.0.0.1"])
-    built.demo.launch(**app_module.launch_kwargs(args), prevent_thread_lock=True, quiet=True)
-    try:
-        yield f"http://127.0.0.1:{port}/", temp, built
-    finally:
-        built.demo.close()
-        if old is None:
-            os.environ.pop("GRADIO_TEMP_DIR", None)
-        else:
-            os.environ["GRADIO_TEMP_DIR"] = old
+    with serve_app(temp / "gradio", MODEL, queue_size=QUEUE) as (url, built):
+        yield url, temp, built
 
 
 def _client(url, temp):

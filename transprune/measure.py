@@ -23,6 +23,18 @@ def parse_dtype(dtype):
     return DTYPES[dtype]
 
 
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def sync(device: torch.device):
     """Wait for the device's queued work (a no-op on CPU), before reading a clock."""
     if device.type == "cuda":

@@ -42,6 +42,7 @@ from PIL import Image
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from . import adapters
+from .measure import available_memory_bytes
 from .adapters.qwen2_5_vl import qwen_frame_size  # noqa: F401  (re-exported: where a Qwen frame is resized to)
 
 # Frames sampled from a file when the caller does not say, per video family (adapter facts).
@@ -79,23 +80,11 @@ def check_num_frames(num_frames) -> int:
     return int(num_frames)
 
 
-def _available_memory_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), else None."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def check_decoded_size(width: int, height: int, num_frames: int, available: int | None = None) -> None:
     """Refuse sampling `num_frames` frames of width x height when holding them decoded would need more
     than MAX_DECODED_BYTES or half the available memory."""
     needed = 3 * width * height * num_frames
-    available = _available_memory_bytes() if available is None else available
+    available = available_memory_bytes() if available is None else available
     budget = MAX_DECODED_BYTES if available is None else min(MAX_DECODED_BYTES, available // 2)
     if needed > budget:
         fit = max(1, budget // (3 * width * height))
