@@ -1,6 +1,6 @@
 """The inputs panel: media, question, model, method, budget and the Advanced accordion.
 
-Limits (documented in the README and the "how this is measured" note):
+Limits (documented in docs/app.md and the "how this is measured" note):
 - uploads above MAX_UPLOAD are refused by the server before they reach the app;
 - images above MAX_PIXELS are refused (decompression bombs never get decoded);
 - images with a side above MAX_SIDE pixels are downscaled to MAX_SIDE on the longer side, with a

@@ -1,6 +1,6 @@
 """From the controls (method, budget, keep ratio, advanced fields) to one PruneConfig.
 
-Budget rules, shown in the UI and the README:
+Budget rules, shown in the UI and docs/app.md:
 - "High" and "Low" are the library's presets (written for 32 layers, scaled to the model's depth).
   TTV-only / IGA-only / Random use TransPrune's schedules. A peer method (FastV, PDrop, and any
   later method that has a preset of its own name in transprune.config) uses its preset at "High"

@@ -1,7 +1,7 @@
 """Accuracy vs. budget: held-out shape scenes (`--suite shapes`) or your own questions (`--questions`).
 
 Your own data (question JSONL + image folder, POPE/MME/GQA-style; one process or `accelerate
-launch`) is `transprune.eval_questions`: see its docstring and the README's "Evaluate on your data".
+launch`) is `transprune.eval_questions`: see its docstring and docs/evaluation.md.
 The rest of this module is the shapes suite, on a CPU:
 
     python -m transprune.eval --suite shapes --seed 1 --n 500 --json runs/eval.json --plot runs/eval.png

@@ -27,7 +27,7 @@ reached 57 %: it never bound a colour to a shape or an object to a place):
   say the asked object's colour/shape/cell. Probes are dropped at export.
   This shapes the model's attention at layer 9 only; the pruning presets scaled to 12 layers
   score tokens at layers 3-6 (TransPrune/IGA/TTV) and 1-10 (FastV, PDrop), which are not
-  supervised -- see the README for what that means for the benchmark.
+  supervised -- see docs/shapes-llava.md ("Training") for what that means for the benchmark.
 
 The data stream is a pure function of (seed, step), so a resumed run sees the data it would have
 seen without the interruption.
