@@ -51,7 +51,7 @@ def test_round_trip_through_dict():
     (dict(prune_layers=(7, 9), keep_ratios=(0.5,)), "one keep ratio per pruning layer"),
     (dict(prune_layers=(), keep_ratios=()), "empty"),
     (dict(prune_layers=(7,), keep_ratios=(0.5,), accumulation_layers=(7, 8)), "past the last pruning layer"),
-    (dict(method="sparsevlm"), "Unknown method"),
+    (dict(method="tome"), "Unknown method"),
     (dict(criterion="both"), "Unknown criterion"),
     (dict(direction="angle"), "Unknown direction"),
     (dict(positions="relative"), "Unknown positions"),

@@ -107,6 +107,7 @@ def test_full_sequence_variant_counts_text_tokens(tiny):
 SCHEDULES = {
     "fastv": [(1, 72)],
     "pdrop": [(4, 72), (8, 36), (12, 18)],
+    "sparsevlm": [(2, 75), (4, 50), (8, 27)],
     "random": [(4, 126), (5, 90), (6, 18)],
     "high": [(4, 126), (5, 90), (6, 18)],
     "low": [(4, 72), (5, 36), (6, 9)],

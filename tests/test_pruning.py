@@ -47,7 +47,11 @@ def test_pruned_prefill_and_generation_match_slow_reference(family, positions, p
         with pytest.raises(transprune.ConfigError, match="not valid for qwen2_5_vl"):
             transprune.apply(model, config)
         return
-    reference = Reference(model, config.resolve(len(model.model.language_model.layers))).run(inputs, max_new_tokens=5)
+    layers = transprune.adapters.for_model(model).decoder_layers(model)
+    # One image = one span, written here independently of the adapter (for SmolVLM the image's
+    # tiles and global view, which text markup separates).
+    visual = int(transprune.adapters.for_model(model).visual_mask(model, inputs["input_ids"]).sum())
+    reference = Reference(model, config.resolve(len(layers)), spans=[0] * visual).run(inputs, max_new_tokens=5)
     with torch.no_grad(), transprune.apply(model, config) as pruner:
         logits = model(**inputs).logits[0, -1]
         output = model.generate(**inputs, max_new_tokens=5, do_sample=False, output_logits=True,
@@ -79,7 +83,7 @@ def test_trace_counts_and_kv_cache_lengths(family, single):
         output = model(**inputs, use_cache=True)
     trace = pruner.trace
     n = trace.visual_tokens
-    layers = len(model.model.language_model.layers)
+    layers = len(transprune.adapters.for_model(model).decoder_layers(model))
     resolved = config.resolve(layers)
     expected = [n] * layers
     for layer, ratio in zip(resolved.prune_layers, resolved.keep_ratios):

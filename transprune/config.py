@@ -34,6 +34,14 @@ PRESETS: dict[str, dict] = {
                   accumulation_layers=(), positions="compact"),
     "random": dict(method="random", prune_layers=(7, 9, 12), keep_ratios=(0.875, 0.625, 0.125),
                    accumulation_layers=()),
+    # SparseVLM's released LLaVA budgets: after 1-indexed layers 3, 7, 16 keep 300/200/110 ("192"),
+    # 303/110/36 ("128") or 66/30/17 ("64") of N = 576 (transprune.methods.sparsevlm).
+    "sparsevlm": dict(method="sparsevlm", prune_layers=(3, 7, 16), keep_ratios=(300 / 576, 200 / 576, 110 / 576),
+                      accumulation_layers=(), positions="compact"),
+    "sparsevlm-128": dict(method="sparsevlm", prune_layers=(3, 7, 16),
+                          keep_ratios=(303 / 576, 110 / 576, 36 / 576), accumulation_layers=(), positions="compact"),
+    "sparsevlm-64": dict(method="sparsevlm", prune_layers=(3, 7, 16), keep_ratios=(66 / 576, 30 / 576, 17 / 576),
+                         accumulation_layers=(), positions="compact"),
     # VisionZip alone, before the language model, at the released LLaVA-1.5 token counts (of 576
     # patches); the share carries over to other patch grids. Stack with an in-LLM preset by name,
     # e.g. "visionzip-128+high".

@@ -56,6 +56,7 @@ def method_table() -> dict:
         "random-low": ("random", "low", _with_seed("random", keep_ratios=low, **compact)),
         "fastv": ("FastV", "fastv", _fixed(PruneConfig.preset("fastv"))),
         "pdrop": ("PDrop", "pdrop", _fixed(PruneConfig.preset("pdrop"))),
+        "sparsevlm": ("SparseVLM", "sparsevlm", _fixed(PruneConfig.preset("sparsevlm"))),
         # VisionZip before the LLM at the released shares of LLaVA-1.5's 576 patches (192 and 64),
         # alone and stacked with TransPrune High.
         "visionzip-192": ("VisionZip", "192/576", _fixed(PruneConfig.preset("visionzip-192"))),

@@ -101,6 +101,8 @@ for _spec in (
               builder=_tiny("llava_onevision"), video=True, description="LLaVA-OneVision architecture, random weights."),
     ModelSpec("tiny-qwen2.5-vl", "Tiny Qwen2.5-VL (random weights)", "qwen2_5_vl", "0.9M",
               builder=_tiny("qwen2_5_vl"), video=True, description="Qwen2.5-VL architecture (M-RoPE), random weights."),
+    ModelSpec("tiny-smolvlm", "Tiny SmolVLM (random weights)", "smolvlm", "0.9M", builder=_tiny("smolvlm"),
+              description="SmolVLM architecture (image splitting: 2x2 tiles + global view), random weights."),
     ModelSpec("llava-1.5-7b", "LLaVA-1.5-7B", "llava", "7B", checkpoint="llava-hf/llava-1.5-7b-hf"),
     ModelSpec("llava-1.5-13b", "LLaVA-1.5-13B", "llava", "13B", checkpoint="llava-hf/llava-1.5-13b-hf"),
     ModelSpec("llava-next-vicuna-7b", "LLaVA-NeXT-Vicuna-7B", "llava_next", "7B",
@@ -117,6 +119,11 @@ for _spec in (
               checkpoint="llava-hf/llava-onevision-qwen2-0.5b-ov-hf", video=True),
     ModelSpec("llava-onevision-7b", "LLaVA-OneVision-7B", "llava_onevision", "8B",
               checkpoint="llava-hf/llava-onevision-qwen2-7b-ov-hf", video=True),
+    # SmolVLM's processor needs the `num2words` package (transformers imports it for video prompts).
+    ModelSpec("smolvlm-256m", "SmolVLM-256M-Instruct", "smolvlm", "256M",
+              checkpoint="HuggingFaceTB/SmolVLM-256M-Instruct"),
+    ModelSpec("smolvlm-500m", "SmolVLM-500M-Instruct", "smolvlm", "500M",
+              checkpoint="HuggingFaceTB/SmolVLM-500M-Instruct"),
 ):
     register(_spec)
 

@@ -32,10 +32,15 @@ def _additive_causal_mask(n, dtype):
 
 
 class Reference:
-    def __init__(self, model, config):
-        """`config` must already be resolved for the model's depth (PruneConfig.resolve)."""
-        self.model, self.config = model, config
-        self.lm = model.model.language_model
+    def __init__(self, model, config, spans=None):
+        """`config` must already be resolved for the model's depth (PruneConfig.resolve).
+
+        `spans`: span number of each visual token (a sequence of ints), for layouts where one image
+        is not one contiguous run (SmolVLM tiles); None = runs of adjacent tokens with one token id.
+        """
+        self.model, self.config, self.span_override = model, config, spans
+        inner = model.model
+        self.lm = inner.language_model if hasattr(inner, "language_model") else inner.text_model   # SmolVLM
         self.layers = self.lm.layers
         self.stages = dict(zip(config.prune_layers, config.keep_ratios))
 
@@ -88,6 +93,9 @@ class Reference:
                 spans.append(0)
             spans[-1] += 1
             span_of.append(len(spans) - 1)
+        if self.span_override is not None:
+            span_of = [int(x) for x in self.span_override]
+            spans = [span_of.count(span) for span in range(max(span_of) + 1)]
         hidden, model_positions = self._embeds(inputs)
         length = hidden.shape[1]
         # M-RoPE models (Qwen2.5-VL) hand the LM 3-D positions (a 4th leading row = text positions).

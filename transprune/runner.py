@@ -56,6 +56,7 @@ class _Prefill:
     traces: list[PruneTrace]
     layer_kwargs: dict | None = None         # what the latest layer received (after our changes)
     layer_inputs: dict = field(default_factory=dict)       # layer -> its input (Needs.this_layer_qk)
+    input_embeddings: torch.Tensor | None = None           # layer 1's input (Needs.input_embeddings)
     key_projections: dict = field(default_factory=dict)    # layer -> its key projection, to reuse
     memo: sequence.Memo = field(default_factory=sequence.Memo)        # per stage: gathered layer kwargs
     cache_lengths: list[int] | None = None   # per layer, what its KV cache held after prefill
@@ -284,6 +285,8 @@ class Pruner:
         state.layer_kwargs = kwargs
         if number in self.input_layers:
             state.layer_inputs[number] = hidden
+        if number == 1 and self.needs.input_embeddings:
+            state.input_embeddings = hidden
         counts = state.sequence.view.token_valid.sum(dim=1).tolist()
         for b, trace in enumerate(state.traces):
             trace.tokens_per_layer.append(int(counts[b]))
@@ -331,10 +334,12 @@ class Pruner:
                 key_valid=view.token_valid[b], ttv_acc=seq.ttv_acc[b][candidates],
                 next_layer_qk=functools.partial(scorer.next_layer_qk, b),
                 this_layer_qk=functools.partial(scorer.this_layer_qk, b),
-                next_scaling=scorer.next_scaling, this_scaling=scorer.this_scaling)
+                next_scaling=scorer.next_scaling, this_scaling=scorer.this_scaling,
+                input_embeddings=(functools.partial(self._input_embeddings, b) if self.needs.input_embeddings
+                                  else None))
             with self.span("score"):
                 scores = self.method.score(context)
-            alive[b] = candidates[seq.select(b, scores.score, ratio)]
+            alive[b] = candidates[seq.select(b, scores.score, ratio, scores.keep)]
             plain = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
             state.traces[b].stages.append(Stage(
                 layer=number, keep_ratio=ratio, candidates=candidates.cpu(), kept=alive[b].cpu(),
@@ -349,6 +354,13 @@ class Pruner:
             self.traces = state.traces
         pruned = sequence.gather_slots(hidden, gather)
         return (pruned, *output[1:]) if isinstance(output, tuple) else pruned
+
+    def _input_embeddings(self, sample: int):
+        """(visual (N, d), instruction (q, d)): sample's rows of the first decoder layer's input
+        (original positions: nothing is pruned before layer 1)."""
+        state = self._state
+        first, prompt = state.input_embeddings[sample], state.sequence.prompt
+        return first[prompt.visual_positions[sample]], first[prompt.instruction_positions[sample]]
 
     def _take_keys(self, number, hidden, project) -> torch.Tensor | None:
         """The key projection of layer `number` on `hidden` if a side pass already computed it."""

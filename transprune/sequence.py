@@ -410,9 +410,12 @@ class PrunedSequence:
         for b, alive in enumerate(self.alive):
             self.ttv_acc[b][alive] += values[b, self.candidate_slots(b)]
 
-    def select(self, sample: int, score: torch.Tensor, ratio: float) -> torch.Tensor:
+    def select(self, sample: int, score: torch.Tensor, ratio: float, keep: int | None = None) -> torch.Tensor:
         """Indices into the sample's candidates to keep: per span the top floor(N_span * ratio)
-        by `score`, in their original order."""
+        by `score`, in their original order; with `keep` (a method's own count), the top `keep`
+        over all candidates."""
+        if keep is not None:
+            return scoring.topk_keep(score, keep)
         spans = self.prompt.visual_spans[sample]
         candidate_spans = spans[self.alive[sample]]
         keep = []

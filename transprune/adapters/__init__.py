@@ -12,6 +12,7 @@ from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .smolvlm import SmolVLMAdapter
 from .video_llava import VideoLlavaAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {}      # model class name -> adapter
@@ -34,6 +35,7 @@ register(LlavaNextAdapter)
 register(VideoLlavaAdapter)
 register(LlavaOnevisionAdapter)
 register(Qwen2_5_VLAdapter)
+register(SmolVLMAdapter)
 
 
 def by_family(family: str) -> Adapter:

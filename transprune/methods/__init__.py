@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .base import Method, Needs, PreLLMStage, PruningStage, StageContext, StageScores
 from .peers import FastV, PDrop, RandomKeep
+from .sparsevlm import SparseVLM, SparseVLMRank
 from .transprune import TransPrune
 from .visionzip import VisionZip
 
@@ -29,6 +30,8 @@ register(FastV)
 register(PDrop)
 register(RandomKeep)
 register(VisionZip)
+register(SparseVLM)
+register(SparseVLMRank)
 
 
 def names() -> tuple[str, ...]:

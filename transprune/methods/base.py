@@ -10,10 +10,13 @@ nothing else needs to know the method. There are two kinds of stage, with a comm
 - `needs(self) -> Needs`: what its scores read, from `self.config` (the PruneConfig resolved for
   the model's depth). The runner computes exactly that and nothing more: TTV recorded at
   `ttv_layers`, q/k of the layer after each stage on the stage's output (`next_layer_qk`), q/k of
-  the pruning layer on its own input (`this_layer_qk`). How these are computed, shared between
-  the samples of a batch and reused by the model's own forward (key reuse) is the runner's business;
+  the pruning layer on its own input (`this_layer_qk`), the input embeddings (`input_embeddings`:
+  the first decoder layer's input at the visual and instruction tokens). How these are computed,
+  shared between the samples of a batch and reused by the model's own forward (key reuse) is the
+  runner's business;
 - `score(self, ctx: StageContext) -> StageScores`: one sample at one pruning layer, a score per
-  candidate (higher = keep). The runner keeps the top floor(N_span * r) per span, in order;
+  candidate (higher = keep). The runner keeps the top floor(N_span * r) per span, in order, or
+  the top `StageScores.keep` over all candidates when the method sets that count (rank-adaptive);
 - optionally `accumulates_ttv = True` (the config then defaults `accumulation_layers` to the
   first..last pruning layer) and `check_config(config) -> str | None` (a sentence saying what to
   change, for a config this method cannot run; the config raises it as a ConfigError).
@@ -53,6 +56,7 @@ class Needs:
     ttv_layers: frozenset[int] = frozenset()   # layers whose TTV (attention + MLP) is accumulated, prefill only
     next_layer_qk: bool = False                 # ctx.next_layer_qk(): layer p+1's q/k on layer p's output
     this_layer_qk: bool = False                 # ctx.this_layer_qk(): layer p's q/k on its own input
+    input_embeddings: bool = False              # ctx.input_embeddings(): the first decoder layer's input
 
 
 @dataclass
@@ -70,6 +74,10 @@ class StageContext:
     this_layer_qk: Callable             # () -> (q, k) of layer p on its own input (FastV)
     next_scaling: float
     this_scaling: float
+    # () -> (visual (N, d), instruction (q, d)): the first decoder layer's input (the input
+    # embeddings) at all the sample's visual tokens and at its instruction tokens; None unless
+    # Needs.input_embeddings (SparseVLM picks its text raters there).
+    input_embeddings: Callable | None = None
 
 
 @dataclass
@@ -77,6 +85,9 @@ class StageScores:
     score: torch.Tensor                 # (c,) higher = keep
     ttv: torch.Tensor | None = None
     iga: torch.Tensor | None = None
+    # How many candidates to keep when the method decides it (SparseVLM's rank-adaptive count): the
+    # top `keep` over all the sample's candidates; None = the schedule's floor(N_span * r) per span.
+    keep: int | None = None
 
 
 class PruningStage:

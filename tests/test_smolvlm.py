@@ -1,0 +1,160 @@
+"""SmolVLM: tiles + global view with text markup in between, pruned as one visual set per image.
+
+The generic invariants (keep-all, slow reference, undo, errors) run on tiny-smolvlm as on every
+registered family (tests/conftest.py); these check what is particular to the Idefics3-style layout.
+"""
+
+import pytest
+import torch
+
+import transprune
+from transprune import PruneConfig, adapters, flops
+from transprune.reference import Reference
+
+QUESTION = "What color is the circle ?"
+
+
+@pytest.fixture
+def inputs_of(make_inputs, sample_image):
+    """(processor, images=None, question=QUESTION) -> inputs of one prompt (default: a 200x120 image)."""
+    return lambda processor, images=None, question=QUESTION: make_inputs(processor, images or [sample_image()],
+                                                                          [question])
+
+
+def _image_mask(model, inputs):
+    return inputs["input_ids"][0] == model.config.image_token_id
+
+
+def test_text_model_and_image_splitting_layout(tiny_model, inputs_of):
+    model, processor = tiny_model("smolvlm")
+    adapter = adapters.for_model(model)
+    assert adapter.family == "smolvlm"
+    assert adapter.language_model(model) is model.model.text_model
+    assert len(adapter.decoder_layers(model)) == 16
+    inputs = inputs_of(processor)
+    tokens = processor.tokenizer.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
+    # A 200x120 image: 2x2 tiles + the global view, 16 <image> tokens each, markup in between.
+    assert inputs["pixel_values"].shape[1] == 5
+    assert tokens.count("<image>") == 80
+    assert [t for t in tokens if t.startswith("<row_")] == ["<row_1_col_1>", "<row_1_col_2>", "<row_2_col_1>",
+                                                             "<row_2_col_2>"]
+    assert tokens.count("<global-img>") == 1 and tokens.count("<fake_token_around_image>") == 6
+
+
+def test_trace_counts_all_tiles_as_one_visual_set(tiny_model, inputs_of):
+    model, processor = tiny_model("smolvlm")
+    inputs = inputs_of(processor)
+    is_image = _image_mask(model, inputs)
+    length = inputs["input_ids"].shape[1]
+    with torch.no_grad(), transprune.apply(model, "high") as pruner:
+        model(**inputs)
+    trace = pruner.trace
+    assert trace.visual_tokens == int(is_image.sum()) == 80
+    # One budget for the whole image: floor(80 * r) at each stage (not per tile).
+    assert [len(stage.kept) for stage in trace.stages] == [70, 50, 10]
+    # Text markup is never dropped: every layer sees all text tokens + the alive image tokens.
+    assert trace.tokens_per_layer == [length - 80 + n for n in trace.visual_tokens_per_layer]
+
+
+def test_kept_indices_map_to_image_tokens_and_markup_survives(tiny_model, inputs_of):
+    """Gather the last layer's input and check it against the kept <image> tokens and all text."""
+    model, processor = tiny_model("smolvlm", "eager")
+    inputs = inputs_of(processor)
+    ids = inputs["input_ids"][0]
+    image_positions = _image_mask(model, inputs).nonzero().flatten()
+    config = PruneConfig.preset("low", positions="original")
+    layers = adapters.for_model(model).decoder_layers(model)
+    seen = {}
+
+    def grab(module, args, kwargs):    # registered after the pruner's: sees what the layer gets
+        seen["position_ids"] = kwargs.get("position_ids")
+
+    with torch.no_grad(), transprune.apply(model, config) as pruner:
+        hook = layers[-1].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            model(**inputs)
+        finally:
+            hook.remove()
+    kept = pruner.trace.kept
+    expected = torch.cat([(~_image_mask(model, inputs)).nonzero().flatten(), image_positions[kept]]).sort().values
+    # "original" positions: the last layer's position ids are exactly the surviving sequence positions.
+    assert torch.equal(seen["position_ids"][0], expected)
+    survivors = ids[expected]
+    markup = processor.tokenizer.convert_tokens_to_ids(
+        ["<fake_token_around_image>", "<global-img>", "<row_1_col_1>", "<row_2_col_2>"])
+    for token in markup:
+        assert int((survivors == token).sum()) == int((ids == token).sum())
+
+
+@pytest.mark.parametrize("positions", ["compact", "original"])
+def test_two_images_each_keep_their_own_budget_and_match_reference(positions, tiny_model, sample_image):
+    model, processor = tiny_model("smolvlm", "eager")
+    content = [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"},
+               {"type": "text", "text": "Which image shows a red circle ?"}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    # 2x2 tiles + global view, then a wide image: 1x2 tiles + global view.
+    images = [sample_image(200, 120, seed=5), sample_image(200, 40, seed=6)]
+    inputs = dict(processor(images=images, text=[prompt], return_tensors="pt"))
+    assert int(_image_mask(model, inputs).sum()) == 80 + 48
+    sizes = [80, 48]
+    spans = [0] * 80 + [1] * 48      # written by hand from the layout, independent of the adapter
+    adapter = adapters.for_model(model)
+    positions_ = _image_mask(model, inputs).nonzero().flatten()
+    assert adapter.visual_spans(model, inputs["input_ids"][0], positions_).tolist() == spans
+    config = PruneConfig.preset("high", positions=positions)
+    reference = Reference(model, config.resolve(16), spans=spans).run(inputs, max_new_tokens=4)
+    with torch.no_grad(), transprune.apply(model, config) as pruner:
+        logits = model(**inputs).logits[0, -1]
+        output = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True)
+    for stage, kept in zip(pruner.trace.stages, reference["kept"], strict=True):
+        assert torch.equal(stage.kept, kept)
+        per_span = [int((stage.kept < 80).sum()), int((stage.kept >= 80).sum())]
+        assert per_span == [int(size * stage.keep_ratio + 1e-9) for size in sizes]
+    torch.testing.assert_close(logits, reference["logits"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.stack(output.logits)[:, 0], reference["step_logits"].float(), rtol=1e-4,
+                               atol=1e-5)
+    assert output.sequences[0, inputs["input_ids"].shape[1]:].tolist() == reference["ids"]
+
+
+def test_visual_layout_tiles_then_global_view(tiny_model):
+    model, processor = tiny_model("smolvlm")
+    layout = adapters.for_model(model).visual_layout(model, processor, (200, 120), 80)
+    assert layout.boxes.shape == (80, 4) and layout.segments == ["tiles", "global"]
+    assert int((layout.segment == 1).sum()) == 16
+    tiles, whole = layout.boxes[:64], layout.boxes[64:]
+    torch.testing.assert_close(tiles[0], torch.tensor([0.0, 0.0, 25.0, 15.0]))          # tile (1,1), cell (0,0)
+    torch.testing.assert_close(tiles[-1], torch.tensor([175.0, 105.0, 200.0, 120.0]))   # tile (2,2), last cell
+    torch.testing.assert_close(whole[-1], torch.tensor([150.0, 90.0, 200.0, 120.0]))
+    assert adapters.for_model(model).visual_layout(model, processor, (200, 120), 81) is None
+
+
+def test_generic_flops_path(tiny_model, inputs_of):
+    model, processor = tiny_model("smolvlm")
+    inputs = inputs_of(processor)
+    with torch.no_grad(), transprune.apply(model, "high") as pruner:
+        model(**inputs)
+    hidden, intermediate, layers = flops.model_shape(model)
+    assert (hidden, layers) == (64, 16)
+    expected = flops.tflops(flops.schedule_tokens(PruneConfig.preset("high"), 80, layers), hidden, intermediate)
+    assert flops.trace_tflops(pruner.trace, hidden, intermediate) == pytest.approx(expected)
+
+
+def test_registry_entries(sample_image):
+    from transprune import models
+    assert models.REGISTRY["smolvlm-256m"].checkpoint == "HuggingFaceTB/SmolVLM-256M-Instruct"
+    assert models.REGISTRY["smolvlm-500m"].checkpoint == "HuggingFaceTB/SmolVLM-500M-Instruct"
+    assert models.REGISTRY["tiny-smolvlm"].offline and models.REGISTRY["tiny-smolvlm"].family == "smolvlm"
+    lm = models.load("tiny-smolvlm", device="cpu")
+    result = lm.generate(sample_image(), QUESTION, config="high", max_new_tokens=3)
+    assert result.trace.visual_tokens == 80 and result.trace.layout is not None
+    assert result.timings["new_tokens"] >= 1
+
+
+@pytest.mark.parametrize("size", [(200, 120), (120, 200), (200, 40), (40, 200), (64, 64), (65, 63), (1000, 10)])
+def test_tile_grid_follows_the_image_processor(size, tiny_model, sample_image):
+    from transprune.adapters.smolvlm import tile_grid
+    _, processor = tiny_model("smolvlm")
+    image_processor = processor.image_processor
+    out = image_processor(images=[sample_image(*size)], return_row_col_info=True)
+    assert tile_grid(image_processor, *size) == (out["rows"][0][0], out["cols"][0][0])
