@@ -102,8 +102,8 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
         run = gr.on([ins.run.click, ins.question.submit], compare, inputs=ins.run_inputs(), outputs=run_outputs,
                     api_name="compare", concurrency_id=GPU_QUEUE, concurrency_limit=1, show_progress_on=[ans.verdict],
                     js=SCROLL_TO_RESULT)
-        run.failure(errors.show, outputs=[ans.verdict, ans.baseline, ans.pruned], api_visibility="private",
-                    queue=False, show_progress="hidden")
+        run.failure(errors.show, inputs=ins.image, outputs=[ans.verdict, ans.baseline, ans.pruned],
+                    preprocess=False, api_visibility="private", queue=False, show_progress="hidden")
         real_size.run.click(make_speed_handler(eng), inputs=[*ins.schedule_inputs(), state],
                             outputs=[real_size.result, ans.verdict],
                             api_name="speed_at_real_size", concurrency_id=GPU_QUEUE, concurrency_limit=1,

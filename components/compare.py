@@ -23,7 +23,7 @@ from transprune.models import REGISTRY
 from . import answers, downloads, metrics, overlay, schedule
 from .files import STORE
 from .engine import Engine, UserError, _oom, gpu_task, logged, public_message
-from .inputs import check_video_file, model_info, prepare_image, prepare_question
+from .inputs import check_video_file, model_info, prepare_image, prepare_question, upload_problem
 
 
 
@@ -127,13 +127,17 @@ class ErrorInbox:
             while len(self._messages) > self._capacity:
                 self._messages.popitem(last=False)
 
-    def show(self, request: gr.Request):
+    def show(self, image_payload=None, request: gr.Request = None):
         """Event handler: the session's last error as the verdict's text, and both answer panels
-        emptied (so nothing left from an earlier run reads as this one's answer)."""
+        emptied (so nothing left from an earlier run reads as this one's answer).
+
+        Wired with the image input unprocessed (`preprocess=False`): when the run failed before its
+        handler (an upload Gradio could not decode), the sentence comes from the upload itself.
+        """
         with self._lock:
             message = self._messages.pop(getattr(request, "session_hash", None), None)
-        if message is None:   # refused before the handler ran: Gradio could not read the request's files
-            message = UNREADABLE_REQUEST
+        if message is None:   # refused before the handler ran
+            message = upload_problem(image_payload) or UNREADABLE_REQUEST
         return f"⚠ **Could not run:** {message}", None, None
 
 

@@ -119,13 +119,33 @@ def prepare_question(question) -> str:
     return text
 
 
+UNREADABLE_IMAGE = "That file is not an image this app can read. Upload a PNG, JPEG or WebP image."
+
+
+def upload_problem(payload) -> str | None:
+    """The sentence guard_uploads gave for this raw image payload (a FileData dict), or None."""
+    path = payload.get("path") if isinstance(payload, dict) else None
+    if not path:
+        return None
+    try:
+        check_image_file(path)
+        with Image.open(path) as image:
+            image.load()
+    except UserError as error:
+        return str(error)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return UNREADABLE_IMAGE
+    return None
+
+
 def guard_uploads(image: gr.Image) -> gr.Image:
     """Make a corrupt, non-image or oversized upload to `image` fail with a sentence.
 
     Such a file fails inside gr.Image.preprocess (PIL cannot open it), which Gradio reports as a
     bare processing error. The instance's preprocess is wrapped (not subclassed: a gr.Image
     subclass makes Gradio write a .pyi stub next to this module) to check the header first and
-    turn PIL's errors into a gr.Error that says what to do.
+    turn PIL's errors into a gr.Error that says what to do. The page shows that sentence inline
+    (compare.ErrorInbox.show asks `upload_problem` again: the handler never ran, so it left none).
     """
     original = image.preprocess
 
@@ -135,10 +155,9 @@ def guard_uploads(image: gr.Image) -> gr.Image:
                 check_image_file(payload.path)
             return original(payload)
         except UserError as error:
-            raise gr.Error(str(error), print_exception=False) from None
+            raise gr.Error(str(error), print_exception=False, visible=False) from None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            raise gr.Error("That file is not an image this app can read. Upload a PNG, JPEG or WebP image.",
-                           print_exception=False) from None
+            raise gr.Error(UNREADABLE_IMAGE, print_exception=False, visible=False) from None
 
     image.preprocess = preprocess
     return image

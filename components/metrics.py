@@ -195,7 +195,7 @@ def sequence_chart(baseline: list[int], pruned: list[int], width: int = 760, hei
 
 def build_table() -> gr.Dataframe:
     return gr.Dataframe(headers=HEADERS, value=[], label="Metrics", interactive=False, wrap=True,
-                        elem_id="metrics-table", max_height=2000, column_widths=["38%", "21%", "25%", "16%"])
+                        elem_id="metrics-table", max_height=2000, column_widths=["33%", "22%", "25%", "20%"])
 
 
 def build_chart() -> gr.Image:

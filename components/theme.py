@@ -63,6 +63,11 @@ CSS = """
       padding: 4px !important; }
   #metrics-table th .header, #patch-table th .header { word-break: keep-all !important;
       overflow-wrap: normal !important; }
+  /* Numbers ("0.000347", "2.17×") never split across lines: a wide cell scrolls in the table's panel. */
+  #metrics-table .body-cell span.text, #patch-table .body-cell span.text { word-break: normal !important;
+      overflow-wrap: normal !important; font-size: 0.74rem !important; }
+  #metrics-table .body-cell .cell-wrap, #patch-table .body-cell .cell-wrap { padding-left: 3px !important;
+      padding-right: 3px !important; }
   #metrics-table th .cell-wrap, #patch-table th .cell-wrap { padding-left: 2px !important;
       padding-right: 2px !important; }
   .verdict { font-size: 1.1rem; }

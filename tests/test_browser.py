@@ -225,6 +225,24 @@ def test_an_error_is_one_inline_sentence_in_the_result_area(url):
                                timeout=120_000)
 
 
+def test_a_bad_upload_is_one_inline_sentence_saying_what_to_upload(url, tmp_path):
+    """A text file named .png fails while Gradio reads the inputs (before the handler): the page still
+    shows the sentence about the file inline, not a generic one, and no toast."""
+    junk = tmp_path / "holiday.png"
+    junk.write_text("definitely not a PNG")
+    with _page(url, VIEWPORTS["desktop"]) as page:
+        page.locator("#input-image input[type=file]").set_input_files(str(junk))
+        page.wait_for_timeout(1500)
+        page.locator("#run").click()
+        page.wait_for_function("() => document.querySelector('#verdict').innerText.includes('Could not run')",
+                               timeout=60_000)
+        page.wait_for_timeout(1500)
+        verdict = _text(page, "#verdict")
+        assert "not an image this app can read" in verdict, verdict
+        assert "/tmp" not in verdict and page.locator(".toast-body").count() == 0
+        page.screenshot(path=str(_shots() / "app-bad-upload.png"))
+
+
 def test_every_example_agrees_in_the_browser_except_the_control(url):
     """Click each example row (it fills image, question, method and budget), run, read the verdict."""
     from components import examples

@@ -195,12 +195,19 @@ def test_malformed_payloads_and_foreign_paths_get_no_internals(server):
     assert "error" in text and secret not in text and "Traceback" not in text and os.getcwd() not in text
 
 
-def test_the_page_explains_a_request_refused_before_the_handler():
+def test_the_page_explains_a_request_refused_before_the_handler(tmp_path):
     from components.compare import ErrorInbox
+    from components.inputs import UNREADABLE_IMAGE
 
     request = type("Request", (), {"session_hash": "abc"})()
-    verdict, baseline, pruned = ErrorInbox().show(request)
+    verdict, baseline, pruned = ErrorInbox().show(None, request)
     assert UNREADABLE_REQUEST in verdict and baseline is None and pruned is None
+    junk = tmp_path / "holiday.png"         # an upload Gradio could not decode: its own sentence
+    junk.write_text("not a PNG")
+    assert UNREADABLE_IMAGE in ErrorInbox().show({"path": str(junk)}, request)[0]
+    good = tmp_path / "fine.png"
+    Image.new("RGB", (8, 8)).save(good)
+    assert UNREADABLE_REQUEST in ErrorInbox().show({"path": str(good)}, request)[0]
 
 
 def test_bug_messages_name_a_log_reference_not_the_exception(monkeypatch):
