@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -34,33 +33,21 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed
 
 
 @contextlib.contextmanager
-def _served(tmp_path_factory, model: str, **build_kwargs):
-    import app as app_module
-
+def _served(serve_app, temp, model: str, **build_kwargs):
+    """The demo served (conftest's serve_app) with one torch thread: the browser needs the other core."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    old = os.environ.get("GRADIO_TEMP_DIR")
-    os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio"))
-    built = app_module.build_demo(model, **build_kwargs)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = app_module.parse_args(["--port", str(port), "--host", "127.0.0.1"])
-    built.demo.launch(**app_module.launch_kwargs(args), prevent_thread_lock=True, quiet=True)
     try:
-        yield f"http://127.0.0.1:{port}/"
+        with serve_app(temp, model, **build_kwargs) as (address, _):
+            yield address
     finally:
-        built.demo.close()
         torch.set_num_threads(threads)
-        if old is None:
-            os.environ.pop("GRADIO_TEMP_DIR", None)
-        else:
-            os.environ["GRADIO_TEMP_DIR"] = old
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory):
-    with _served(tmp_path_factory, "shapes-llava") as address:  # the offline default: real answers on screen
+def url(tmp_path_factory, serve_app):
+    # The offline default: real answers on screen.
+    with _served(serve_app, tmp_path_factory.mktemp("gradio"), "shapes-llava") as address:
         yield address
 
 
@@ -138,7 +125,7 @@ def test_browser_run_and_screenshot(url):
     assert (shots / "app.png").stat().st_size > 10_000
 
 
-def test_a_failed_self_check_shows_one_warning_line(tmp_path_factory):
+def test_a_failed_self_check_shows_one_warning_line(tmp_path_factory, serve_app):
     """The start-up self-check (transprune.doctor) runs in the background; its warning reaches the page."""
     import transformers
 
@@ -148,7 +135,8 @@ def test_a_failed_self_check_shows_one_warning_line(tmp_path_factory):
     def failing():
         return doctor.Report(versions=doctor.versions(), device="cpu", transformers_tested=True, checks=[
             doctor.Check("llava: high vs reference", False, "pruned decoding differs from the reference.")])
-    with _served(tmp_path_factory, "tiny-llava", self_check=health.StartupCheck(failing)) as address, \
+    with _served(serve_app, tmp_path_factory.mktemp("gradio"), "tiny-llava",
+                 self_check=health.StartupCheck(failing)) as address, \
             _page(address, VIEWPORTS["desktop"], ready="#health-warning") as page:
         warning = page.locator("#health-warning")
         text = warning.inner_text()
