@@ -99,6 +99,21 @@ def sample_image():
     return _sample_image
 
 
+def _llava_prompt_inputs(processor, question="what color is the circle on the left ?", seed=0) -> dict:
+    """Processor inputs for one seeded random 200x180 image and `question` in the processor's chat template."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(180, 200, 3, generator=generator) * 255).to(torch.uint8).numpy()
+    content = [{"type": "image"}, {"type": "text", "text": question}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return dict(processor(images=Image.fromarray(pixels), text=prompt, return_tensors="pt"))
+
+
+@pytest.fixture(scope="session")
+def prompt_inputs():
+    """(processor, question=..., seed=0) -> inputs of one random image and a question (the peer-method tests)."""
+    return _llava_prompt_inputs
+
+
 @pytest.fixture(scope="session")
 def make_inputs():
     """(processor, images, questions) -> left-padded processor inputs of a batch."""

@@ -38,14 +38,6 @@ def tiny_eager():
     return tiny_llava(attn_implementation="eager")
 
 
-def prompt_inputs(processor, question="what color is the circle on the left ?", seed=0):
-    from PIL import Image
-    generator = torch.Generator().manual_seed(seed)
-    pixels = (torch.rand(180, 200, 3, generator=generator) * 255).to(torch.uint8).numpy()
-    prompt = chat(processor, [{"type": "image"}, {"type": "text", "text": question}])
-    return dict(processor(images=Image.fromarray(pixels), text=prompt, return_tensors="pt"))
-
-
 def chat(processor, content) -> str:
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
@@ -83,7 +75,7 @@ def test_layer_flops_formula():
     assert flops.tflops([n, n], d, m) == pytest.approx(2 * flops.layer_flops(n, d, m) / 1e12)
 
 
-def test_full_sequence_variant_counts_text_tokens(tiny):
+def test_full_sequence_variant_counts_text_tokens(tiny, prompt_inputs):
     model, processor = tiny
     inputs = prompt_inputs(processor)
     trace = pruned_trace(model, inputs, PruneConfig.preset("high"))
@@ -115,7 +107,7 @@ SCHEDULES = {
 
 
 @pytest.mark.parametrize("preset", list(SCHEDULES))
-def test_peer_keeps_right_tokens_at_right_layers(tiny, preset):
+def test_peer_keeps_right_tokens_at_right_layers(tiny, preset, prompt_inputs):
     model, processor = tiny
     inputs = prompt_inputs(processor)
     length = inputs["input_ids"].shape[1]
@@ -142,7 +134,7 @@ def eager_attentions(model, inputs):
 
 
 @pytest.mark.parametrize("layer", [1, 3])
-def test_fastv_score_is_last_token_attention_of_layer_k(tiny_eager, layer):
+def test_fastv_score_is_last_token_attention_of_layer_k(tiny_eager, layer, prompt_inputs):
     model, processor = tiny_eager
     inputs = prompt_inputs(processor)
     config = PruneConfig(method="fastv", prune_layers=(layer,), keep_ratios=(0.5,), accumulation_layers=(),
@@ -156,7 +148,7 @@ def test_fastv_score_is_last_token_attention_of_layer_k(tiny_eager, layer):
     assert torch.equal(stage.kept, reference.topk(72).indices.sort().values)
 
 
-def test_fastv_preset_on_sdpa_model_matches_eager_reference(tiny, tiny_eager):
+def test_fastv_preset_on_sdpa_model_matches_eager_reference(tiny, tiny_eager, prompt_inputs):
     # The side pass does not need eager attention: same weights, SDPA model, same scores.
     inputs = prompt_inputs(tiny[1])
     sdpa = pruned_trace(tiny[0], inputs, PruneConfig.preset("fastv"))
@@ -164,7 +156,7 @@ def test_fastv_preset_on_sdpa_model_matches_eager_reference(tiny, tiny_eager):
     assert_close(sdpa.stages[0].score, eager.stages[0].score)
 
 
-def test_pdrop_score_is_last_token_attention_with_next_layer_projections(tiny_eager):
+def test_pdrop_score_is_last_token_attention_with_next_layer_projections(tiny_eager, prompt_inputs):
     model, processor = tiny_eager
     inputs = prompt_inputs(processor)
     trace = pruned_trace(model, inputs, PruneConfig.preset("pdrop"))
@@ -178,7 +170,7 @@ def test_pdrop_score_is_last_token_attention_with_next_layer_projections(tiny_ea
     assert torch.equal(first.kept, reference.topk(72).indices.sort().values)
 
 
-def test_pdrop_later_stage_matches_hand_computation(tiny_eager):
+def test_pdrop_later_stage_matches_hand_computation(tiny_eager, prompt_inputs):
     """Stage 2 by hand: compact positions, next layer's q/k on layer 8's pruned output."""
     model, processor = tiny_eager
     inputs = prompt_inputs(processor)
@@ -210,7 +202,7 @@ def test_pdrop_later_stage_matches_hand_computation(tiny_eager):
     assert_close(stage.score, reference)
 
 
-def test_random_is_seeded_and_deterministic(tiny):
+def test_random_is_seeded_and_deterministic(tiny, prompt_inputs):
     model, processor = tiny
     inputs = prompt_inputs(processor)
     first = pruned_trace(model, inputs, PruneConfig.preset("random", seed=3))
@@ -232,7 +224,7 @@ def test_visionzip_is_registered_outside_the_in_llm_methods():
     assert "visionzip" not in transprune.methods.METHODS       # no in-LLM stage of its own
 
 
-def test_visionzip_dominant_tokens_are_cls_attention_topk(tiny):
+def test_visionzip_dominant_tokens_are_cls_attention_topk(tiny, prompt_inputs):
     model, processor = tiny
     inputs = prompt_inputs(processor)
     tower = model.model.vision_tower
@@ -279,7 +271,7 @@ def test_visionzip_keys_merge_by_similarity():
     assert tokens.shape == (1, 4, 2)
 
 
-def test_visionzip_then_transprune_composes_counts(tiny):
+def test_visionzip_then_transprune_composes_counts(tiny, prompt_inputs):
     model, processor = tiny
     inputs = prompt_inputs(processor)
     new_inputs, kept = visionzip.compress_inputs(model, inputs, dominant=20, contextual=12)
@@ -293,7 +285,7 @@ def test_visionzip_then_transprune_composes_counts(tiny):
     assert trace.visual_tokens_per_layer == [32] * 4 + [28, 20] + [4] * 10
 
 
-def test_visionzip_inputs_equal_manual_embedding_and_generate(tiny):
+def test_visionzip_inputs_equal_manual_embedding_and_generate(tiny, prompt_inputs):
     model, processor = tiny
     inputs = prompt_inputs(processor)
     new_inputs, _ = visionzip.compress_inputs(model, inputs, dominant=54, contextual=10)
@@ -351,7 +343,7 @@ def test_visionzip_configs_presets_and_stacks():
         PruneConfig.preset("high+low")
 
 
-def test_visionzip_config_equals_compressing_by_hand(tiny):
+def test_visionzip_config_equals_compressing_by_hand(tiny, prompt_inputs):
     """apply(model, "visionzip-64+high") + prepare_inputs == compress_inputs then apply("high"),
     and its trace is the by-hand trace re-indexed into patches, with VisionZip as stage 0."""
     model, processor = tiny
@@ -385,7 +377,7 @@ def test_visionzip_config_equals_compressing_by_hand(tiny):
     assert trace.visual_tokens_per_layer == token_trace.visual_tokens_per_layer
 
 
-def test_visionzip_alone_equals_plain_generation_on_compressed_inputs(tiny):
+def test_visionzip_alone_equals_plain_generation_on_compressed_inputs(tiny, prompt_inputs):
     model, processor = tiny
     inputs = prompt_inputs(processor)
     with torch.inference_mode():
@@ -399,7 +391,7 @@ def test_visionzip_alone_equals_plain_generation_on_compressed_inputs(tiny):
     assert trace.visual_tokens_per_layer == [32] * LAYERS
 
 
-def test_visionzip_config_refuses_raw_pixels_and_other_families(tiny):
+def test_visionzip_config_refuses_raw_pixels_and_other_families(tiny, prompt_inputs):
     model, processor = tiny
     inputs = prompt_inputs(processor)
     with transprune.apply(model, "visionzip-64") as pruner, torch.inference_mode():
@@ -447,7 +439,7 @@ def test_visionzip_through_the_model_registry_and_its_layout():
     assert token_result.trace.visual_tokens == 64
 
 
-def test_visionzip_rejects_other_families_and_bad_counts(tiny):
+def test_visionzip_rejects_other_families_and_bad_counts(tiny, prompt_inputs):
     next_model, next_processor = tiny_llava_next()
     with pytest.raises(transprune.UnsupportedModelError, match="VisionZip supports"):
         visionzip.compress_features(next_model, torch.zeros(1, 3, 112, 112))

@@ -23,15 +23,6 @@ def tiny_eager():
     return tiny_llava(attn_implementation="eager")
 
 
-def prompt_inputs(processor, question="what color is the circle on the left ?", seed=0):
-    from PIL import Image
-    generator = torch.Generator().manual_seed(seed)
-    pixels = (torch.rand(180, 200, 3, generator=generator) * 255).to(torch.uint8).numpy()
-    content = [{"type": "image"}, {"type": "text", "text": question}]
-    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    return dict(processor(images=Image.fromarray(pixels), text=prompt, return_tensors="pt"))
-
-
 def run(model, inputs, config, capture_layers=()):
     """Trace, plus each captured layer's (input, output) hidden states as the pruned model saw them."""
     layers = transprune.adapters.for_model(model).decoder_layers(model)
@@ -63,6 +54,16 @@ def slow_raters(embeds, visual, text):
     return [j for j in range(len(text)) if m[j] > m.mean()]
 
 
+def prompt_raters(model, inputs, seen):
+    """(input ids, visual positions, instruction positions, layer 1's input embeddings, slow raters) of one prompt;
+    `seen` is what run() captured with layer 1 among its capture layers."""
+    ids = inputs["input_ids"][0]
+    visual = (ids == model.config.image_token_id).nonzero().flatten()
+    text = torch.arange(int(visual[-1]) + 1, len(ids))
+    embeds = seen[1][0][0]
+    return ids, visual, text, embeds, slow_raters(embeds, visual, text)
+
+
 def slow_layer_attention(layer, rotary, hidden, position_ids):
     """Head-mean attention probabilities (n, n) of `layer` on its input `hidden` (1, n, d), eager, by hand."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
@@ -91,7 +92,7 @@ def test_released_budgets_and_tflops():
     assert [round(flops.config_tflops(PruneConfig.preset(name), shape), 2) for name in tokens] == [1.33, 0.92, 0.52]
 
 
-def test_pruned_run_equals_slow_reimplementation(tiny_eager):
+def test_pruned_run_equals_slow_reimplementation(tiny_eager, prompt_inputs):
     """Raters from the embeddings, the pruning layer's own attention at compact positions, top-k in order."""
     model, processor = tiny_eager
     inputs = prompt_inputs(processor)
@@ -99,11 +100,7 @@ def test_pruned_run_equals_slow_reimplementation(tiny_eager):
     resolved = config.resolve(16)
     assert resolved.prune_layers == (2, 4, 8)
     trace, seen = run(model, inputs, config, capture_layers=(1, 2, 4, 8))
-    ids = inputs["input_ids"][0]
-    visual = (ids == model.config.image_token_id).nonzero().flatten()
-    text = torch.arange(int(visual[-1]) + 1, len(ids))
-    embeds = seen[1][0][0]
-    raters = slow_raters(embeds, visual, text)
+    ids, visual, text, embeds, raters = prompt_raters(model, inputs, seen)
     assert torch.equal(sparsevlm.select_raters(embeds[visual], embeds[text]), torch.tensor(raters))
     language = model.model.language_model
     alive = torch.arange(N)
@@ -134,17 +131,13 @@ def test_pruned_run_equals_slow_reimplementation(tiny_eager):
         assert torch.equal(stage.kept, stage.kept.sort().values)
 
 
-def test_rank_adaptive_count(tiny_eager):
+def test_rank_adaptive_count(tiny_eager, prompt_inputs):
     model, processor = tiny_eager
     inputs = prompt_inputs(processor)
     config = PruneConfig(method="sparsevlm_rank", prune_layers=(2, 4, 8), keep_ratios=(1.0, 1.0, 1.0),
                          accumulation_layers=(), positions="compact")
     trace, seen = run(model, inputs, config, capture_layers=(1, 2, 4, 8))
-    ids = inputs["input_ids"][0]
-    visual = (ids == model.config.image_token_id).nonzero().flatten()
-    text = torch.arange(int(visual[-1]) + 1, len(ids))
-    embeds = seen[1][0][0]
-    raters = slow_raters(embeds, visual, text)
+    ids, visual, text, embeds, raters = prompt_raters(model, inputs, seen)
     language = model.model.language_model
     alive, kept_sequence = torch.arange(N), torch.arange(len(ids))
     for stage in trace.stages:
@@ -199,7 +192,7 @@ def test_recycling_by_formula():
     assert torch.allclose(merged[order], expected, atol=1e-4)
 
 
-def test_generation_runs_and_keeps_cache_consistent(tiny_eager):
+def test_generation_runs_and_keeps_cache_consistent(tiny_eager, prompt_inputs):
     model, processor = tiny_eager
     inputs = prompt_inputs(processor)
     for config in (PruneConfig.preset("sparsevlm"), PruneConfig.preset("sparsevlm-64")):
@@ -219,7 +212,7 @@ def test_registered_everywhere_it_is_listed():
     assert "sparsevlm" in eval_tool.method_table()
 
 
-def test_what_it_needs_decides_what_the_runner_provides(tiny_eager):
+def test_what_it_needs_decides_what_the_runner_provides(tiny_eager, prompt_inputs):
     """Needs.input_embeddings hands the stage the input embeddings; methods that do not declare it get None."""
     model, processor = tiny_eager
     inputs = prompt_inputs(processor)
