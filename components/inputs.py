@@ -13,13 +13,13 @@ Limits (documented in docs/app.md and the "how this is measured" note):
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass
 
 import gradio as gr
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from transprune.adapters import FAMILIES, video_families
+from transprune.images import ImageInputError, as_image
 
 from . import engine as engine_module
 from .engine import ATTENTION_CHOICES, DTYPE_CHOICES, GONE, UserError
@@ -56,16 +56,14 @@ def prepare_image(image) -> tuple[Image.Image, list[str]]:
     """An RGB PIL image ready for the model, and notices for the user (e.g. it was downscaled)."""
     if image is None:
         raise UserError("No image: upload an image (or click one of the examples), then press Run.")
-    if isinstance(image, str):
-        check_image_file(image)
-        try:
-            with Image.open(image) as opened:
-                image = ImageOps.exif_transpose(opened)
-                image.load()
-        except (OSError, ValueError, SyntaxError):
-            raise UserError("That image file is damaged and cannot be decoded. Upload another image.") from None
-    elif not isinstance(image, Image.Image):
-        image = Image.fromarray(image)
+    is_file = isinstance(image, str)
+    if is_file:
+        check_image_file(image)   # the header first: a decompression bomb is refused before it is decoded
+    try:
+        image = as_image(image)
+    except ImageInputError as error:
+        raise UserError("That image file is damaged and cannot be decoded. Upload another image." if is_file
+                        else str(error)) from None
     if image.width * image.height > MAX_PIXELS:
         raise UserError(f"This image is {image.width}x{image.height}; the limit is {MAX_PIXELS / 1e6:.0f} "
                         "megapixels. Upload a smaller image.")
