@@ -107,8 +107,8 @@ def _status(trace, stage_index: int) -> np.ndarray:
     """Per visual token at a stage: 0 kept, 1 pruned at this stage, 2 pruned earlier."""
     stage = trace.stages[stage_index]
     status = np.full(trace.visual_tokens, 2, dtype=np.int8)
-    status[stage.candidates.numpy()] = 1
-    status[stage.kept.numpy()] = 0
+    status[trace.own(stage.candidates).numpy()] = 1   # own(): tokens a stage inserted have no patch
+    status[trace.own(stage.kept).numpy()] = 0
     return status
 
 

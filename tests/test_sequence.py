@@ -170,3 +170,50 @@ def test_ttv_accumulates_onto_the_alive_tokens():
 def test_query_slots_are_instruction_and_last_token():
     seq = _sequence()
     assert seq.query_slots().tolist() == [[6, 7], [6, 7]]
+
+
+def test_inserted_tokens_follow_their_span_and_borrow_a_position():
+    """Sample 1 keeps image token 1 and video token 3 and gets one new token per span: each sits right
+    after its span's visual tokens, borrows its anchor's position and is alive (indices 4, 5)."""
+    seq = _sequence()
+    hidden = torch.arange(2 * 8, dtype=torch.float32).view(2, 8, 1)
+    gather = seq.prune(3, [torch.tensor([1]), torch.tensor([1, 3])], [None, torch.tensor([0, 2])])
+    view = seq.view
+    # Sample 1: [t, t, I1, new(I0's position 2), V3, new(V2's position 4), t, q]
+    assert view.seq_index[1].tolist() == [0, 1, 3, 2, 5, 4, 6, 7]
+    assert view.visual_index[1].tolist() == [-1, -1, 1, 4, 3, 5, -1, -1]
+    assert view.inserted[1].tolist() == [False, False, False, True, False, True, False, False]
+    assert seq.alive[1].tolist() == [1, 3, 4, 5] and seq.candidate_spans(1).tolist() == [0, 1, 0, 1]
+    assert view.removed.tolist() == [3, 0]                               # net of the inserted ones
+    assert seq.candidate_slots(1).tolist() == [2, 4, 3, 5]
+    assert view.slot_of_pos[1].tolist() == [0, 1, -1, 2, -1, 4, 6, 7]   # borrowed positions stay unmapped
+    tokens = [None, torch.tensor([[100.0], [200.0]])]
+    pruned = seq.insert_rows(sequence.gather_slots(hidden, gather), tokens)
+    assert pruned[1, :, 0].tolist() == [8, 9, 11, 100, 13, 200, 14, 15]
+    # Compact positions renumber by slot; original ones take the borrowed position.
+    ids = torch.arange(8)[None]
+    assert sequence.prefill_positions(view, ids, "compact")[1].tolist() == list(range(8))
+    assert sequence.prefill_positions(view, ids, "original")[1].tolist() == [0, 1, 3, 2, 5, 4, 6, 7]
+    # A second stage keeps the inserted tokens in their slots (still inserted: masks follow slot order).
+    seq.prune(5, [torch.tensor([1]), torch.tensor([1, 4, 5])])
+    assert seq.view.seq_index[1, -6:].tolist() == [1, 3, 2, 4, 6, 7]
+    assert seq.view.inserted[1].tolist() == [False, False, False, True, True, False, False]
+    assert not seq.view.in_prompt_order
+
+
+@pytest.mark.parametrize("like", [None, torch.bool, torch.float32])
+def test_a_view_with_inserted_tokens_gets_a_causal_mask_over_its_slots(like):
+    seq = _sequence()
+    seq.prune(3, [torch.tensor([1]), torch.tensor([1, 3])], [None, torch.tensor([0, 2])])
+    view = seq.view
+    model_mask = None if like is None else torch.zeros(2, 1, 8, 8, dtype=like)
+    mask = DenseMask.prefill(view, model_mask)
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    width = view.width
+    for b in range(2):
+        for q in range(width):
+            for k in range(width):
+                valid_q, valid_k = bool(view.token_valid[b, q]), bool(view.token_valid[b, k])
+                expected = (k <= q and valid_k) if valid_q else k == q
+                assert bool(allowed[b, 0, q, k]) == expected
+    assert mask.dtype == (torch.bool if like is None else like)

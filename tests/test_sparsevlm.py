@@ -84,51 +84,143 @@ def test_released_budgets_and_tflops():
     shape = flops.ARCHITECTURES["llava-1.5-7b"]
     tokens = {name: flops.schedule_tokens(PruneConfig.preset(name), 576, 32) for name in
               ("sparsevlm", "sparsevlm-128", "sparsevlm-64")}
-    assert tokens["sparsevlm"] == [576] * 3 + [300] * 4 + [200] * 9 + [110] * 16
-    assert sorted(set(tokens["sparsevlm-128"]), reverse=True) == [576, 303, 110, 36]
-    assert sorted(set(tokens["sparsevlm-64"]), reverse=True) == [576, 66, 30, 17]
-    # The paper's accounting (visual tokens only, deletion only): 1.33 / 0.92 / 0.52 TFLOPs. TransPrune's
-    # table prints 1.57 for SparseVLM; no released budget gives that (see the method's module doc).
-    assert [round(flops.config_tflops(PruneConfig.preset(name), shape), 2) for name in tokens] == [1.33, 0.92, 0.52]
+    # Kept + recycled: 300 kept, 276 deleted -> int(0.3 * 276) + 1 = 83 clustered -> 9 tokens; then
+    # 200 of 309 kept, 109 deleted -> 33 -> 4; then 110 of 204, 94 deleted -> 29 -> 3.
+    assert tokens["sparsevlm"] == [576] * 3 + [309] * 4 + [204] * 9 + [113] * 16
+    assert sorted(set(tokens["sparsevlm-128"]), reverse=True) == [576, 303 + 9, 110 + 7, 36 + 3]
+    assert sorted(set(tokens["sparsevlm-64"]), reverse=True) == [576, 66 + 16, 30 + 2, 17 + 1]
+    # The paper's accounting (visual tokens only): 1.35 / 0.95 / 0.54 TFLOPs. TransPrune's table prints
+    # 1.57 for SparseVLM; no released budget gives that (see the method's module doc).
+    assert [round(flops.config_tflops(PruneConfig.preset(name), shape), 2) for name in tokens] == [1.35, 0.95, 0.54]
 
 
-def test_pruned_run_equals_slow_reimplementation(tiny_eager, prompt_inputs):
-    """Raters from the embeddings, the pruning layer's own attention at compact positions, top-k in order."""
+def slow_sparsevlm(model, inputs, config, rank=None, steps=3):
+    """SparseVLM as released, written out for one unpadded prompt: the decoder layers run by hand with
+    their own causal mask and KV cache; at each pruning layer the raters' head-mean attention on the
+    layer's input, top-k deletion, and the recycled tokens (cluster means of the best deleted ones, by
+    `sparsevlm.recycle`, unit-tested on its own) concatenated after the kept visual tokens. Positions:
+    "compact" renumbers 0..n-1 (the release); "original" keeps each token's own, a recycled token its
+    cluster centre's. `rank`: (scale, bias) for the rank-adaptive count. Returns logits per step, the
+    alive visual indices per stage (recycled ones numbered from N on) and per-layer cache lengths."""
+    from transformers import DynamicCache
+    from transprune import compat
+    from transprune.reference import Reference
+    language = model.model.language_model
+    ids = inputs["input_ids"][0]
+    visual = (ids == model.config.image_token_id).nonzero().flatten()
+    text = torch.arange(int(visual[-1]) + 1, len(ids))
+    hidden, _ = Reference(model, config)._embeds(inputs)
+    raters = torch.tensor(slow_raters(hidden[0], visual, text))
+    # The sequence as entries: visual index (>= 0, recycled from N on) or -1 - position for text.
+    entries = [int(v) for v in torch.where(ids == model.config.image_token_id, 0, -1 - torch.arange(len(ids)))]
+    entries = [-1 - i if e < 0 else int((visual == i).nonzero()) for i, e in enumerate(entries)]
+    position_of = {i: int(p) for i, p in enumerate(visual)}        # visual index -> (borrowed) position
+    cache, keyword = DynamicCache(config=language.config), compat.cache_keyword(language.layers[0].self_attn)
+    stages, lengths = dict(zip(config.prune_layers, config.keep_ratios)), []
+    kept_per_stage, scores = [], []
+
+    def positions():
+        if config.positions == "compact":
+            return torch.arange(len(entries))[None]
+        return torch.tensor([[-1 - e if e < 0 else position_of[e] for e in entries]])
+
+    def run_layer(layer, hidden, position_ids):
+        cos_sin = language.rotary_emb(hidden, position_ids)
+        n = hidden.shape[1]
+        mask = torch.full((n, n), torch.finfo(hidden.dtype).min).triu(1)[None, None] if n > 1 else None
+        attn, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), position_embeddings=cos_sin,
+                                  attention_mask=mask, **{keyword: cache})
+        mid = hidden + attn
+        return mid + layer.mlp(layer.post_attention_layernorm(mid))
+
+    for number, layer in enumerate(language.layers, start=1):
+        position_ids = positions()
+        out = run_layer(layer, hidden, position_ids)
+        lengths.append(len(entries))
+        if number in stages:
+            probs = slow_layer_attention(layer, language.rotary_emb, hidden, position_ids)
+            slots = {e: s for s, e in enumerate(entries)}
+            alive = [e for e in entries if e >= 0]
+            rows = [slots[-1 - int(text[j])] for j in raters]
+            relation = probs[rows][:, [slots[a] for a in alive]]
+            score = relation.mean(dim=0)
+            scores.append(score)
+            if rank is None:
+                k = int(N * stages[number] + 1e-9)
+            else:
+                r = int(torch.linalg.matrix_rank(relation.float()))
+                k = len(alive) if r == len(alive) else min(int(r * rank[0] + rank[1]), len(alive) - 1)
+            keep = score.topk(min(k, len(alive))).indices.sort().values
+            deleted = torch.tensor(sorted(set(range(len(alive))) - set(keep.tolist())), dtype=torch.long)
+            candidates_out = out[0, [slots[a] for a in alive]]
+            kept = [alive[i] for i in keep.tolist()]
+            new = []
+            if len(deleted):
+                # DPC-KNN's tie-breaking noise: a generator seeded with the config's seed at every stage.
+                generator = torch.Generator().manual_seed(config.seed)
+                recycled = sparsevlm.recycle(candidates_out.float(), score.float(), deleted, generator)
+                for token, anchor in zip(recycled.tokens, recycled.anchors.tolist()):
+                    position_of[max(position_of) + 1] = position_of[alive[anchor]]
+                    new.append((max(position_of), token))
+            first_text_after = slots[-1 - int(text[0])]
+            before = [e for e in entries[:first_text_after] if e < 0 or e in kept]
+            after = entries[first_text_after:]
+            rows_out = [out[0, slots[e]] for e in before] + [t.to(out.dtype) for _, t in new] + \
+                       [out[0, slots[e]] for e in after]
+            entries = before + [i for i, _ in new] + after
+            out = torch.stack(rows_out)[None]
+            kept_per_stage.append(torch.tensor(sorted(kept + [i for i, _ in new])))
+        hidden = out
+    logits = [model.lm_head(language.norm(hidden[:, -1:]))[0, -1]]
+    for step in range(steps):
+        hidden = language.embed_tokens(torch.tensor([[int(logits[-1].argmax())]]))
+        for number, layer in enumerate(language.layers, start=1):
+            start = lengths[number - 1] if config.positions == "compact" else len(ids)
+            hidden = run_layer(layer, hidden, torch.tensor([[start + step]]))
+        logits.append(model.lm_head(language.norm(hidden))[0, -1])
+    return dict(logits=torch.stack(logits), kept=kept_per_stage, scores=scores, cache_lengths=lengths)
+
+
+def pruned_generation(model, inputs, config, steps=3):
+    with torch.inference_mode(), transprune.apply(model, config) as pruner:
+        output = model.generate(**inputs, max_new_tokens=steps + 1, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True)
+    return torch.stack(output.logits)[:, 0], pruner.trace
+
+
+@pytest.mark.parametrize("preset, positions", [("sparsevlm", "compact"), ("sparsevlm-64", "compact"),
+                                               ("sparsevlm", "original")])
+def test_pruned_run_equals_slow_reimplementation(tiny_eager, prompt_inputs, preset, positions):
+    """Raters, the pruning layer's own attention, deletion and recycling, prefill and decode steps."""
     model, processor = tiny_eager
     inputs = prompt_inputs(processor)
-    config = PruneConfig.preset("sparsevlm")
-    resolved = config.resolve(16)
-    assert resolved.prune_layers == (2, 4, 8)
-    trace, seen = run(model, inputs, config, capture_layers=(1, 2, 4, 8))
-    ids, visual, text, embeds, raters = prompt_raters(model, inputs, seen)
-    assert torch.equal(sparsevlm.select_raters(embeds[visual], embeds[text]), torch.tensor(raters))
-    language = model.model.language_model
-    alive = torch.arange(N)
-    kept_sequence = torch.arange(len(ids))             # original positions still in the sequence
-    for stage, layer in zip(trace.stages, resolved.prune_layers, strict=True):
-        hidden = seen[layer][0]                          # the pruning layer's input
-        assert hidden.shape[1] == len(kept_sequence)
-        probs = slow_layer_attention(language.layers[layer - 1], language.rotary_emb, hidden,
-                                     torch.arange(hidden.shape[1])[None])   # compact positions
-        slot = {int(p): s for s, p in enumerate(kept_sequence)}
-        rows = [slot[int(text[j])] for j in raters]
-        cols = [slot[int(visual[a])] for a in alive]
-        relation = probs[rows][:, cols]
-        score = relation.mean(dim=0)
-        assert torch.equal(stage.candidates, alive)
-        torch.testing.assert_close(stage.score.double(), score, rtol=1e-4, atol=1e-6)
-        k = int(N * stage.keep_ratio + 1e-9)
-        keep = score.topk(k).indices.sort().values
-        assert torch.equal(stage.kept, alive[keep])
-        alive = alive[keep]
-        keep_mask = ids != model.config.image_token_id
-        keep_mask[visual[alive]] = True
-        kept_sequence = keep_mask.nonzero().flatten()
-    assert [len(s.kept) for s in trace.stages] == [75, 50, 27]
-    for before, after in zip(trace.stages, trace.stages[1:]):
-        assert set(after.kept.tolist()) <= set(before.kept.tolist())
-    for stage in trace.stages:
-        assert torch.equal(stage.kept, stage.kept.sort().values)
+    config = PruneConfig.preset(preset, positions=positions).resolve(16)
+    assert config.prune_layers == (2, 4, 8)
+    logits, trace = pruned_generation(model, inputs, config)
+    with torch.inference_mode():
+        expected = slow_sparsevlm(model, inputs, config)
+    assert [s.kept.tolist() for s in trace.stages] == [k.tolist() for k in expected["kept"]]
+    torch.testing.assert_close(logits, expected["logits"], rtol=1e-4, atol=1e-5)
+    for stage, before in zip(trace.stages, [torch.arange(N)] + [s.kept for s in trace.stages]):
+        assert torch.equal(stage.candidates, before)
+        assert len(stage.inserted) == sparsevlm.recycled_count(len(before) - (len(stage.kept) - len(stage.inserted)))
+        assert all(set(s.tolist()) <= set(before.tolist()) for s in stage.sources)
+        assert torch.equal(stage.inserted, torch.arange(int(before.max()) + 1, int(before.max()) + 1 +
+                                                        len(stage.inserted)).clamp_min(N))
+
+
+def test_recycled_token_counts(tiny_eager, prompt_inputs):
+    """Sequence lengths per layer and the first-stage recycled count, as the release's arithmetic says."""
+    model, processor = tiny_eager
+    inputs = prompt_inputs(processor)
+    _, trace = pruned_generation(model, inputs, PruneConfig.preset("sparsevlm"), steps=0)
+    first = trace.stages[0]
+    own_kept = len(trace.own(first.kept))
+    # 69 deleted -> the best int(0.3 * 69) + 1 = 21 clustered into int(21 / 10) + 1 = 3 tokens
+    assert own_kept == 75 and len(first.inserted) == sparsevlm.recycled_count(N - 75) == 3
+    length = inputs["input_ids"].shape[1]
+    assert trace.tokens_per_layer[2] == length - N + 75 + 3
+    assert trace.visual_tokens_per_layer[:3] == [N, N, 75 + 3]
 
 
 def test_rank_adaptive_count(tiny_eager, prompt_inputs):
@@ -136,25 +228,12 @@ def test_rank_adaptive_count(tiny_eager, prompt_inputs):
     inputs = prompt_inputs(processor)
     config = PruneConfig(method="sparsevlm_rank", prune_layers=(2, 4, 8), keep_ratios=(1.0, 1.0, 1.0),
                          accumulation_layers=(), positions="compact")
-    trace, seen = run(model, inputs, config, capture_layers=(1, 2, 4, 8))
-    ids, visual, text, embeds, raters = prompt_raters(model, inputs, seen)
-    language = model.model.language_model
-    alive, kept_sequence = torch.arange(N), torch.arange(len(ids))
-    for stage in trace.stages:
-        hidden = seen[stage.layer][0]
-        probs = slow_layer_attention(language.layers[stage.layer - 1], language.rotary_emb, hidden,
-                                     torch.arange(hidden.shape[1])[None])
-        slot = {int(p): s for s, p in enumerate(kept_sequence)}
-        relation = probs[[slot[int(text[j])] for j in raters]][:, [slot[int(visual[a])] for a in alive]]
-        rank = int(torch.linalg.matrix_rank(relation.float()))
-        assert rank == len(raters)          # random weights: the rater rows are independent
-        expected = len(alive) if rank == len(alive) else min(int(rank * 13.5), len(alive) - 1)
-        assert len(stage.kept) == expected
-        assert torch.equal(stage.kept, alive[relation.mean(0).topk(expected).indices.sort().values])
-        alive = stage.kept
-        keep_mask = ids != model.config.image_token_id
-        keep_mask[visual[alive]] = True
-        kept_sequence = keep_mask.nonzero().flatten()
+    logits, trace = pruned_generation(model, inputs, config)
+    with torch.inference_mode():
+        expected = slow_sparsevlm(model, inputs, config, rank=(13.5, 0.0))
+    assert [s.kept.tolist() for s in trace.stages] == [k.tolist() for k in expected["kept"]]
+    assert len(trace.stages[0].kept) < N            # random weights: rank 13.5 * raters < N
+    torch.testing.assert_close(logits, expected["logits"], rtol=1e-4, atol=1e-5)
 
 
 def test_rank_keep_by_hand():
@@ -181,11 +260,16 @@ def test_recycling_by_formula():
     hidden[20:] = torch.tensor([0.0, 10.0]) + 0.01 * torch.randn(20, 2, generator=generator)
     scores = torch.arange(40, dtype=torch.float32)
     deleted = torch.arange(40)                         # all candidates deleted: 40 -> top 13 -> 2 clusters
-    tokens, members = sparsevlm.recycle(hidden, scores, deleted, generator=torch.Generator().manual_seed(1))
-    assert members.tolist() == list(range(39, 26, -1))    # int(0.3 * 40) + 1 = 13 highest scores
+    recycled = sparsevlm.recycle(hidden, scores, deleted, generator=torch.Generator().manual_seed(1))
+    members = torch.cat(recycled.sources)
+    assert sorted(members.tolist()) == list(range(27, 40))   # int(0.3 * 40) + 1 = 13 highest scores
+    tokens = recycled.tokens
     assert tokens.shape == (2, 2)                          # int(13 / 10) + 1 clusters
     # All 13 come from the second group, so both clusters sit at (0, 10) and their means are of members.
     assert torch.allclose(tokens, torch.tensor([[0.0, 10.0]]).expand(2, 2), atol=0.05)
+    for token, anchor, source in zip(tokens, recycled.anchors, recycled.sources):
+        assert anchor in source                            # a token borrows its centre's position
+        torch.testing.assert_close(token, hidden[source].mean(0), atol=1e-4, rtol=1e-4)
     merged = sparsevlm.cluster_and_merge(hidden[None, [0, 1, 2, 20, 21]], 2, torch.Generator().manual_seed(1))[0]
     expected = torch.stack([hidden[[0, 1, 2]].mean(0), hidden[[20, 21]].mean(0)])
     order = merged[:, 0].argsort(descending=True)
@@ -262,3 +346,27 @@ def test_padded_batch_equals_each_prompt_alone(tiny_eager):
             ids = model.generate(**alone, max_new_tokens=3, do_sample=False)
         assert batch_ids[b, -3:].tolist() == ids[0, -3:].tolist()
         assert all(torch.equal(x.kept, y.kept) for x, y in zip(traces[b].stages, pruner.trace.stages))
+
+
+def test_stacked_after_visionzip_the_trace_indexes_patches_then_recycled_tokens(tiny_eager, prompt_inputs):
+    """VisionZip re-indexes the in-LLM trace into the image's patches; recycled tokens come after them,
+    and the app's overlay status covers exactly the patches."""
+    from components import overlay
+    model, processor = tiny_eager
+    inputs = prompt_inputs(processor)
+    with torch.inference_mode(), transprune.apply(model, "visionzip-128+sparsevlm") as pruner:
+        model(**pruner.prepare_inputs(inputs))
+    trace = pruner.trace
+    assert trace.stages[0].layer == 0 and len(trace.stages) == 4
+    patches = trace.visual_tokens
+    for stage in trace.stages[1:]:
+        assert len(stage.inserted) > 0 and bool((stage.inserted >= patches).all())
+        assert set(stage.inserted.tolist()) <= set(stage.kept.tolist())
+        assert all(bool((s < patches + 100).all()) for s in stage.sources)
+    previous = trace.stages[0].kept
+    for stage in trace.stages[1:]:
+        assert torch.equal(stage.candidates, previous)
+        previous = stage.kept
+    for index in range(len(trace.stages)):
+        status = overlay._status(trace, index)
+        assert len(status) == patches and int((status == 0).sum()) == len(trace.own(trace.stages[index].kept))

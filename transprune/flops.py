@@ -58,10 +58,12 @@ def schedule_tokens(config: PruneConfig | None, visual_tokens: int, layers: int)
         visual_tokens = pre_stage.tokens_entering_llm(visual_tokens)
     counts, alive = [], visual_tokens
     stages = dict(zip(config.prune_layers, config.keep_ratios))
+    method = methods.METHODS.get(config.method)
     for number in range(1, layers + 1):
         counts.append(alive)
         if number in stages:
-            alive = keep_count(visual_tokens, stages[number])
+            kept = min(keep_count(visual_tokens, stages[number]), alive)
+            alive = kept + method.inserted_count(alive, kept)   # e.g. SparseVLM's recycled tokens
     return counts
 
 

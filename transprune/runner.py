@@ -319,41 +319,61 @@ class Pruner:
         hidden = output[0] if isinstance(output, tuple) else output
         ratio = self.config.keep_ratios[self.prune_layers.index(number)]
         seq = state.sequence
-        prompt, view = seq.prompt, seq.view
         scorer = SidePasses(self.adapter, self.layers, number, hidden,
                             compat.get(state.layer_kwargs, "position_embeddings"), seq.query_slots(),
                             state.layer_inputs.get(number), state.key_projections.get(number))
-        alive = list(seq.alive)
+        alive, anchors, tokens = list(seq.alive), [None] * len(seq.alive), [None] * len(seq.alive)
         for b, candidates in enumerate(seq.alive):
-            if len(prompt.visual_positions[b]) == 0:
+            if len(seq.prompt.visual_positions[b]) == 0:
                 continue
-            context = StageContext(
-                sample=b, layer=number, candidates=candidates, candidate_slots=seq.candidate_slots(b),
-                instruction_slots=seq.slots(b, prompt.instruction_positions[b]),
-                last_slot=int(view.slot_of_pos[b, prompt.last_position[b]]),
-                key_valid=view.token_valid[b], ttv_acc=seq.ttv_acc[b][candidates],
-                next_layer_qk=functools.partial(scorer.next_layer_qk, b),
-                this_layer_qk=functools.partial(scorer.this_layer_qk, b),
-                next_scaling=scorer.next_scaling, this_scaling=scorer.this_scaling,
-                input_embeddings=(functools.partial(self._input_embeddings, b) if self.needs.input_embeddings
-                                  else None))
+            context = self._stage_context(b, number, scorer, hidden)
             with self.span("score"):
                 scores = self.method.score(context)
-            alive[b] = candidates[seq.select(b, scores.score, ratio, scores.keep)]
-            plain = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
-            state.traces[b].stages.append(Stage(
-                layer=number, keep_ratio=ratio, candidates=candidates.cpu(), kept=alive[b].cpu(),
-                score=plain(scores.score), ttv=plain(scores.ttv), iga=plain(scores.iga)))
+                kept = seq.select(b, scores.score, ratio, scores.keep)
+                insertion = self.method.insert(context, scores, kept)
+            alive[b] = candidates[kept]
+            if insertion is not None:
+                anchors[b], tokens[b] = candidates[insertion.anchors], insertion.tokens
+            state.traces[b].stages.append(self._stage_record(number, ratio, candidates, scores, insertion))
         state.layer_inputs.pop(number, None)
         state.key_projections.pop(number, None)
-        gather = seq.prune(number, alive)
+        gather = seq.prune(number, alive, anchors)
+        for b, stage in enumerate(state.traces):
+            if stage.stages and stage.stages[-1].layer == number:
+                stage.stages[-1].kept = seq.alive[b].cpu()
+                if anchors[b] is not None:
+                    stage.stages[-1].inserted = seq.alive[b][-len(anchors[b]):].cpu()
         state.memo = sequence.Memo()
-        if scorer.next_key_proj is not None:
+        if scorer.next_key_proj is not None and not any(t is not None for t in tokens):
+            # Key reuse only when every slot is gathered: an inserted token has no key projection yet.
             state.key_projections[number + 1] = sequence.gather_slots(scorer.next_key_proj, gather)
         if number == self.prune_layers[-1]:
             self.traces = state.traces
-        pruned = sequence.gather_slots(hidden, gather)
+        pruned = seq.insert_rows(sequence.gather_slots(hidden, gather), tokens)
         return (pruned, *output[1:]) if isinstance(output, tuple) else pruned
+
+    def _stage_context(self, b: int, number: int, scorer: SidePasses, hidden: torch.Tensor) -> StageContext:
+        """What the method reads for sample `b` at pruning layer `number` (`hidden`: its output)."""
+        seq = self._state.sequence
+        prompt, view, slots = seq.prompt, seq.view, seq.candidate_slots(b)
+        return StageContext(
+            sample=b, layer=number, candidates=seq.alive[b], candidate_slots=slots,
+            instruction_slots=seq.slots(b, prompt.instruction_positions[b]),
+            last_slot=int(view.slot_of_pos[b, prompt.last_position[b]]),
+            key_valid=view.token_valid[b], ttv_acc=seq.ttv_acc[b][seq.alive[b]],
+            next_layer_qk=functools.partial(scorer.next_layer_qk, b),
+            this_layer_qk=functools.partial(scorer.this_layer_qk, b),
+            next_scaling=scorer.next_scaling, this_scaling=scorer.this_scaling,
+            input_embeddings=functools.partial(self._input_embeddings, b) if self.needs.input_embeddings else None,
+            candidate_spans=seq.candidate_spans(b), output=lambda: hidden[b, slots])
+
+    @staticmethod
+    def _stage_record(number, ratio, candidates, scores, insertion) -> Stage:
+        """The trace entry of one sample's stage (`kept` and `inserted` are filled in after the prune)."""
+        plain = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+        sources = None if insertion is None else [candidates[s].cpu() for s in insertion.sources]
+        return Stage(layer=number, keep_ratio=ratio, candidates=candidates.cpu(), kept=candidates.cpu(),
+                     score=plain(scores.score), ttv=plain(scores.ttv), iga=plain(scores.iga), sources=sources)
 
     def _input_embeddings(self, sample: int):
         """(visual (N, d), instruction (q, d)): sample's rows of the first decoder layer's input

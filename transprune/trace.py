@@ -13,7 +13,12 @@ class Stage:
 
     `candidates` are the visual-token indices (into the original visual tokens) alive before the
     stage; `ttv`, `iga` and `score` are aligned with them (None where the method has no such
-    score). `kept` is the sorted subset that survives.
+    score). `kept` is the sorted set alive after it.
+
+    A method that inserts tokens (SparseVLM's recycling) gives them indices from N on (N, N+1, ...
+    in order of creation, N = PruneTrace.visual_tokens); `inserted` lists this stage's (they are
+    in `kept`, and candidates of the next stage) and `sources[i]` the visual indices `inserted[i]`
+    was made from. Indices below N are the image's own tokens (`PruneTrace.own`).
     """
     layer: int
     keep_ratio: float
@@ -22,12 +27,16 @@ class Stage:
     score: torch.Tensor
     ttv: torch.Tensor | None = None
     iga: torch.Tensor | None = None
+    inserted: torch.Tensor | None = None
+    sources: list[torch.Tensor] | None = None
 
     def to_dict(self) -> dict:
         def plain(t):
             return None if t is None else t.tolist()
         return dict(layer=self.layer, keep_ratio=self.keep_ratio, candidates=plain(self.candidates),
-                    kept=plain(self.kept), score=plain(self.score), ttv=plain(self.ttv), iga=plain(self.iga))
+                    kept=plain(self.kept), score=plain(self.score), ttv=plain(self.ttv), iga=plain(self.iga),
+                    inserted=plain(self.inserted),
+                    sources=None if self.sources is None else [plain(s) for s in self.sources])
 
 
 @dataclass
@@ -63,8 +72,12 @@ class PruneTrace:
 
     @property
     def kept(self) -> torch.Tensor:
-        """Visual tokens alive after the last stage."""
+        """Visual tokens alive after the last stage (inserted ones included)."""
         return self.stages[-1].kept if self.stages else torch.arange(self.visual_tokens)
+
+    def own(self, indices: torch.Tensor) -> torch.Tensor:
+        """The entries of `indices` that are the image's own tokens (< N), for drawing patches."""
+        return indices[indices < self.visual_tokens]
 
     def to_dict(self) -> dict:
         return dict(visual_tokens=self.visual_tokens, method=self.method, config=self.config,

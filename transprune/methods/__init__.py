@@ -6,7 +6,7 @@ A new method = one module in this package (see `base.py` for what it provides) +
 
 from __future__ import annotations
 
-from .base import Method, Needs, PreLLMStage, PruningStage, StageContext, StageScores
+from .base import Insertion, Method, Needs, PreLLMStage, PruningStage, StageContext, StageScores
 from .peers import FastV, PDrop, RandomKeep
 from .sparsevlm import SparseVLM, SparseVLMRank
 from .transprune import TransPrune
@@ -60,5 +60,5 @@ def pre_llm_stage(config) -> PreLLMStage | None:
     return PRE_LLM["visionzip"](config)
 
 
-__all__ = ["Method", "Needs", "PreLLMStage", "PruningStage", "StageContext", "StageScores", "REGISTRY",
+__all__ = ["Insertion", "Method", "Needs", "PreLLMStage", "PruningStage", "StageContext", "StageScores", "REGISTRY",
            "METHODS", "PRE_LLM", "register", "names", "stage_class", "for_config", "pre_llm_stage"]

@@ -17,6 +17,9 @@ nothing else needs to know the method. There are two kinds of stage, with a comm
 - `score(self, ctx: StageContext) -> StageScores`: one sample at one pruning layer, a score per
   candidate (higher = keep). The runner keeps the top floor(N_span * r) per span, in order, or
   the top `StageScores.keep` over all candidates when the method sets that count (rank-adaptive);
+- optionally `insert(self, ctx, scores, kept) -> Insertion | None`: new visual tokens to add
+  after the stage (SparseVLM recycles deleted tokens), each borrowing the position and span of
+  one candidate, and `inserted_count(candidates, kept)` (how many, for the analytic FLOPs);
 - optionally `accumulates_ttv = True` (the config then defaults `accumulation_layers` to the
   first..last pruning layer) and `check_config(config) -> str | None` (a sentence saying what to
   change, for a config this method cannot run; the config raises it as a ConfigError).
@@ -78,6 +81,8 @@ class StageContext:
     # embeddings) at all the sample's visual tokens and at its instruction tokens; None unless
     # Needs.input_embeddings (SparseVLM picks its text raters there).
     input_embeddings: Callable | None = None
+    candidate_spans: torch.Tensor | None = None   # (c,) span (image or video) of each candidate
+    output: Callable | None = None      # () -> (c, d) the pruning layer's output at the candidates
 
 
 @dataclass
@@ -88,6 +93,15 @@ class StageScores:
     # How many candidates to keep when the method decides it (SparseVLM's rank-adaptive count): the
     # top `keep` over all the sample's candidates; None = the schedule's floor(N_span * r) per span.
     keep: int | None = None
+
+
+@dataclass
+class Insertion:
+    """New visual tokens a stage adds to one sample, placed right after the visual tokens of their
+    span. Each borrows the position id (and rotary) of one candidate, its anchor."""
+    tokens: torch.Tensor                # (k, d) their hidden states: the next layer's input
+    anchors: torch.Tensor               # (k,) indices into the stage's candidates
+    sources: list[torch.Tensor]         # per token, the candidate indices it was made from (for the trace)
 
 
 class PruningStage:
@@ -114,6 +128,15 @@ class Method(PruningStage):
 
     def score(self, ctx: StageContext) -> StageScores:
         raise NotImplementedError
+
+    def insert(self, ctx: StageContext, scores: StageScores, kept: torch.Tensor) -> Insertion | None:
+        """New tokens to add after this stage (`kept`: indices into the candidates); None = none."""
+        return None
+
+    @classmethod
+    def inserted_count(cls, candidates: int, kept: int) -> int:
+        """How many tokens `insert` adds to one span when `kept` of `candidates` survive (analytic FLOPs)."""
+        return 0
 
 
 class PreLLMStage(PruningStage):

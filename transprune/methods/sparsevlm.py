@@ -25,19 +25,20 @@ module reproduces on the runner's per-stage interface:
    not the count, and flops.schedule_tokens cannot predict it (trace_tflops can).
 4. Token recycling: of the deleted tokens, the int(0.3 * deleted) + 1 with the highest scores are
    clustered (DPC-KNN, k = number of clusters = int(m / 10) + 1) on the pruning layer's output and
-   averaged per cluster; the cluster means are inserted after the kept visual tokens.
-   -> `recycle` computes exactly these tokens. The runner cannot insert them: its sequence is always
-   a subset of the original positions (KV cache lengths, masks, position ids and traces are indexed
-   by original position), so SparseVLM here runs deletion only. See the module's `RECYCLING_GAP`.
+   averaged per cluster; the cluster means are inserted right after the kept visual tokens and
+   are candidates of the later stages like the others.                -> `recycle`, `SparseVLM.insert`
+   Deviations, all outside the release's single-image batch-1 compact-position setting: clusters
+   are formed per span (one image or video; the release has one), a recycled token's position in
+   "original" mode is its cluster centre's (the release renumbers, "compact", where it is simply
+   the next one), and the density noise of DPC-KNN comes from a generator seeded with the
+   config's `seed` instead of the global RNG, so runs repeat.
 
 Cost. Analytic prefill TFLOPs on LLaVA-1.5-7B (`transprune.flops`, visual tokens only, the
-paper's accounting): 1.33 / 0.92 / 0.52 for the released 192 / 128 / 64 budgets, deletion only.
-TransPrune's paper table prints 1.57 TFLOPs for SparseVLM; no released budget gives that figure,
-and the recycled tokens (not inserted here) do not explain the gap: inserted and never deleted
-again they add at most 9 + 4 + 3 = 16 tokens per layer on the 192 budget, 1.41 TFLOPs.
+paper's accounting, recycled tokens included): see `tests/test_sparsevlm.py` and the README's
+table; TransPrune's paper table prints 1.57 TFLOPs for SparseVLM, which no released budget gives.
 
-Trace: kept indices are into the original visual tokens as for every method; with recycling they
-would also need entries for tokens that have no original index (see RECYCLING_GAP).
+Trace: a recycled token gets the next visual index after the prompt's N (N, N+1, ... in order of
+creation); `Stage.inserted` lists them and `Stage.sources` what each was made from.
 """
 
 from __future__ import annotations
@@ -45,22 +46,10 @@ from __future__ import annotations
 import torch
 
 from .. import scoring
-from .base import Method, Needs, StageContext, StageScores
+from .base import Insertion, Method, Needs, StageContext, StageScores
 
 RECYCLE_SHARE = 0.3          # share of the deleted tokens considered for recycling
 RECYCLE_CLUSTER_DIVISOR = 10  # clusters = int(recycled / 10) + 1
-
-RECYCLING_GAP = (
-    "Recycled tokens are new tokens (cluster means of deleted tokens' hidden states), inserted "
-    "after the kept visual tokens at the pruning layer. The runner would need: a view slot kind "
-    "for tokens without an original position (transprune.sequence.SequenceView.seq_index maps "
-    "every slot to an original position); their position ids (compact: next after the kept visual "
-    "tokens; original: none exists); their mask rows/columns and KV-cache entries in every later "
-    "layer, including decode steps; a hook point that can return a hidden state longer than a "
-    "gather (today the pruning layer's output is sequence.gather_slots of its own rows); and trace "
-    "entries for candidates that are recycled tokens at later stages (the release scores them "
-    "with the others).")
-
 
 def select_raters(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """Indices (into `text`) of SparseVLM's text raters.
@@ -92,29 +81,31 @@ def rank_keep(relation: torch.Tensor, scale: float, bias: float) -> int:
     return min(int(rank * scale + bias), candidates - 1)
 
 
-def recycle(hidden: torch.Tensor, scores: torch.Tensor, deleted: torch.Tensor, generator=None):
-    """The recycled tokens of one stage: (clusters (k, d), members: the deleted-token indices used).
+def recycle(hidden: torch.Tensor, scores: torch.Tensor, deleted: torch.Tensor, generator=None) -> Insertion:
+    """The recycled tokens of one span at one stage.
 
     hidden: (c, d) the pruning layer's output at the candidates; scores: (c,); deleted: indices
-    into the candidates. The top int(0.3 * len(deleted)) + 1 deleted tokens by score are clustered
-    into k = int(m / 10) + 1 groups by `cluster_and_merge`.
+    into the candidates (non-empty). The top int(0.3 * len(deleted)) + 1 deleted tokens by score
+    are clustered into k = int(m / 10) + 1 groups (`dpc_knn`); each recycled token is its group's
+    mean and borrows its centre's position.
     """
-    if len(deleted) == 0:
-        return hidden.new_zeros(0, hidden.shape[-1]), deleted
     count = min(int(len(deleted) * RECYCLE_SHARE) + 1, len(deleted))
     members = deleted[scores[deleted].topk(count).indices]
     clusters = int(count / RECYCLE_CLUSTER_DIVISOR) + 1
-    return cluster_and_merge(hidden[members][None], clusters, generator)[0], members
+    points = hidden[members][None]
+    centres, assign = dpc_knn(points, clusters, generator)
+    return Insertion(tokens=merge(points, assign, clusters)[0], anchors=members[centres[0]],
+                     sources=[members[assign[0] == j] for j in range(clusters)])
 
 
-def cluster_and_merge(x: torch.Tensor, clusters: int, generator=None) -> torch.Tensor:
-    """DPC-KNN clustering and per-cluster mean, as released: x (B, N, C) -> (B, clusters, C).
+def dpc_knn(x: torch.Tensor, clusters: int, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPC-KNN clustering as released: x (B, N, C) -> (centres (B, k) token indices, assign (B, N) cluster of each).
 
     Distances are Euclidean / sqrt(C); density = exp(-mean of squared distances to the `clusters`
     nearest tokens (itself included)) + uniform noise * 1e-6 (released; pass a generator for
     determinism); delta = distance to the nearest denser token (the largest distance for the
     densest); centres = top `clusters` of delta * density; every token joins its nearest centre
-    (a centre joins itself); a cluster's token is the mean of its members.
+    (a centre joins itself).
     """
     batch, n, channels = x.shape
     dist = torch.cdist(x.float(), x.float()) / channels ** 0.5
@@ -127,11 +118,30 @@ def cluster_and_merge(x: torch.Tensor, clusters: int, generator=None) -> torch.T
     centres = (delta * density).topk(clusters, dim=-1).indices                   # (B, k)
     assign = dist.gather(1, centres[:, :, None].expand(-1, -1, n)).argmin(dim=1)  # (B, N)
     assign.scatter_(1, centres, torch.arange(clusters, device=x.device).expand(batch, -1))
+    return centres, assign
+
+
+def merge(x: torch.Tensor, assign: torch.Tensor, clusters: int) -> torch.Tensor:
+    """(B, clusters, C): the mean of each cluster's tokens, as released (sum / (count + 1e-6))."""
+    batch, n, channels = x.shape
     merged = x.new_zeros(batch, clusters, channels, dtype=torch.float32)
     merged.scatter_add_(1, assign[:, :, None].expand(-1, -1, channels), x.float())
     counts = torch.zeros(batch, clusters, device=x.device).scatter_add_(1, assign, torch.ones(batch, n,
                                                                                               device=x.device))
     return (merged / (counts[:, :, None] + 1e-6)).to(x.dtype)
+
+
+def cluster_and_merge(x: torch.Tensor, clusters: int, generator=None) -> torch.Tensor:
+    """The released `cluster_and_merge`: x (B, N, C) -> (B, clusters, C) cluster means."""
+    _, assign = dpc_knn(x, clusters, generator)
+    return merge(x, assign, clusters)
+
+
+def recycled_count(deleted: int) -> int:
+    """How many tokens `recycle` makes from `deleted` deleted tokens (0 for none)."""
+    if deleted <= 0:
+        return 0
+    return int(min(int(deleted * RECYCLE_SHARE) + 1, deleted) / RECYCLE_CLUSTER_DIVISOR) + 1
 
 
 class SparseVLM(Method):
@@ -154,6 +164,24 @@ class SparseVLM(Method):
 
     def score(self, ctx: StageContext) -> StageScores:
         return StageScores(score=self.relation(ctx).mean(dim=0))
+
+    def insert(self, ctx: StageContext, scores: StageScores, kept: torch.Tensor) -> Insertion | None:
+        """Recycle the deleted tokens of each span (see `recycle`)."""
+        is_deleted = torch.ones(len(ctx.candidates), dtype=torch.bool, device=ctx.candidates.device)
+        is_deleted[kept] = False
+        deleted = is_deleted.nonzero().flatten()
+        if len(deleted) == 0:
+            return None
+        hidden = ctx.output()
+        generator = torch.Generator(device=hidden.device).manual_seed(self.config.seed)
+        spans = ctx.candidate_spans[deleted]
+        parts = [recycle(hidden, scores.score, deleted[spans == span], generator) for span in spans.unique()]
+        return Insertion(tokens=torch.cat([p.tokens for p in parts]), anchors=torch.cat([p.anchors for p in parts]),
+                         sources=[s for p in parts for s in p.sources])
+
+    @classmethod
+    def inserted_count(cls, candidates: int, kept: int) -> int:
+        return recycled_count(candidates - kept)
 
 
 class SparseVLMRank(SparseVLM):

@@ -236,15 +236,24 @@ def to_patch_space(trace, selection: VisionZipSelection, images: list[int], keep
                        for i in images]).float().cpu()
     stages = [Stage(layer=0, keep_ratio=keep, candidates=torch.arange(len(images) * per_image),
                     kept=index.sort().values, score=score)]
+    total = len(images) * per_image
+    # Tokens an in-LLM stage inserted (indices from the LLM's N on) keep their order after the patches.
+    index = torch.cat([index, torch.arange(total, total + _inserted_count(trace))])
     for stage in trace.stages:
         candidates = index[stage.candidates]
         order = candidates.argsort()
         reorder = lambda t: None if t is None else t[order]  # noqa: E731
         stages.append(replace(stage, candidates=candidates[order], kept=index[stage.kept].sort().values,
-                              score=stage.score[order], ttv=reorder(stage.ttv), iga=reorder(stage.iga)))
-    return replace(trace, visual_tokens=len(images) * per_image, stages=stages,
+                              score=stage.score[order], ttv=reorder(stage.ttv), iga=reorder(stage.iga),
+                              inserted=None if stage.inserted is None else index[stage.inserted],
+                              sources=None if stage.sources is None else [index[s] for s in stage.sources]))
+    return replace(trace, visual_tokens=total, stages=stages,
                    tokens_per_layer=list(trace.tokens_per_layer),
                    visual_tokens_per_layer=list(trace.visual_tokens_per_layer))
+
+
+def _inserted_count(trace) -> int:
+    return sum(0 if stage.inserted is None else len(stage.inserted) for stage in trace.stages)
 
 
 def patch_layout(layout, keep_cls: bool = True):
