@@ -53,7 +53,7 @@ def method_kind(method_label: str) -> str:
     return "transprune_schedule"
 
 
-VISIONZIP_BUDGETS = {"High": PRESETS["visionzip-192"]["visionzip_keep"], "Low": PRESETS["visionzip-64"]["visionzip_keep"]}
+VISIONZIP_BUDGETS = {"High": PRESETS["visionzip-192"]["pre_llm_keep"], "Low": PRESETS["visionzip-64"]["pre_llm_keep"]}
 BUDGETS = ("High", "Low", "Custom")
 POSITION_CHOICES = ("Model default", "compact", "original")
 HIGH_FINAL = PRESETS["high"]["keep_ratios"][-1]
@@ -107,7 +107,7 @@ def build_config(method_label: str = "TransPrune", budget: str = "High", keep_ra
             keep = float(keep_ratio)
             if not 0.0 < keep <= 1.0:
                 raise ConfigError(f"Keep ratio {keep} must lie in (0, 1]: it is the share of patches kept.")
-        return PruneConfig(method="visionzip", visionzip_keep=keep, seed=int(seed))
+        return PruneConfig(method="visionzip", pre_llm_keep=keep, seed=int(seed))
     base = dict(PRESETS["high" if method == "transprune" else method])
     if budget == "Low":
         ratios = (PRESETS["low"]["keep_ratios"] if method in TRANSPRUNE_SCHEDULE
@@ -132,8 +132,8 @@ def describe(config: PruneConfig, num_layers: int) -> str:
     """One line naming the resolved schedule, e.g. 'layers 4, 5, 6 keep 87.5% / 62.5% / 12.5%'."""
     resolved = config.resolve(num_layers)
     parts = []
-    if resolved.visionzip_keep is not None:
-        parts.append(f"VisionZip keeps {resolved.visionzip_keep:.1%} of the patches before the LLM".replace(".0%", "%"))
+    if resolved.pre_llm_keep is not None:
+        parts.append(f"VisionZip keeps {resolved.pre_llm_keep:.1%} of the patches before the LLM".replace(".0%", "%"))
     if resolved.prune_layers:
         layers = ", ".join(str(l) for l in resolved.prune_layers)
         ratios = " / ".join(f"{r:.1%}".replace(".0%", "%") for r in resolved.keep_ratios)

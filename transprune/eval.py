@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import PRESETS, PruneConfig
+from .config import PRESETS, PruneConfig, upgrade_saved_config
 from .flops import config_tflops, model_shape, Shape, trace_tflops
 
 
@@ -86,7 +86,7 @@ def method_table() -> dict:
 # The fields that make two resolved configs the same setting for held-out accuracy (not the seed:
 # the random control draws a new keep-set per question anyway).
 _SETTING_FIELDS = ("method", "prune_layers", "keep_ratios", "alpha", "criterion", "direction", "positions",
-                   "visionzip_keep")
+                   "pre_llm", "pre_llm_keep")
 
 
 def heldout_record(path: str | Path, resolved: PruneConfig | None) -> tuple[dict, dict] | None:
@@ -108,7 +108,7 @@ def heldout_record(path: str | Path, resolved: PruneConfig | None) -> tuple[dict
     wanted = {key: _as_tuple(resolved.to_dict()[key]) for key in fields}
     for record in records.values():
         stored = record.get("config")
-        if stored and {key: _as_tuple(stored.get(key)) for key in fields} == wanted:
+        if stored and {key: _as_tuple(upgrade_saved_config(stored).get(key)) for key in fields} == wanted:
             return record, baseline
     return None
 
