@@ -97,6 +97,16 @@ def test_eval_rejects_unknown_method(tmp_path):
         shapes_eval.main(["--n", "1", "--methods", "nonsense"])
 
 
+def test_the_table_keeps_its_row_names():
+    """Docs and scripts name these rows; every preset has one (a new method's preset adds a row)."""
+    table = shapes_eval.method_table()
+    assert list(table)[0] == "baseline"
+    assert {"high", "low", "ttv-high", "iga-low", "random-high", "random-low-original", "fastv", "pdrop",
+            "sparsevlm", "visionzip-192", "visionzip-64", "visionzip-192+high", "high-original"} <= set(table)
+    assert table["visionzip-64"][:2] == ("VisionZip", "visionzip-64")
+    assert table["high"][2](0) == PruneConfig.preset("high", positions="compact")
+
+
 def test_heldout_record_finds_results_saved_with_visionzip_keep():
     """The shipped eval.json predates pre_llm / pre_llm_keep; the app still quotes its VisionZip rows,
     and tells the stacked row from plain High (same schedule) by the pre-LLM stage."""

@@ -7,6 +7,7 @@ import torch
 import transprune
 from components import schedule
 from transprune import ConfigError, PruneConfig, methods
+from transprune import eval as eval_tool
 from transprune.config import PRESETS
 from transprune.methods import Method, Needs, PreLLMStage, StageScores
 
@@ -47,6 +48,14 @@ def test_a_new_method_is_one_class_and_one_registration(registered, llava):
         methods.register(KeepLast)
 
 
+def test_a_new_method_with_a_preset_gets_an_eval_row(registered, monkeypatch):
+    monkeypatch.setitem(PRESETS, "keep-last-test", dict(method=registered.name, prune_layers=(7, 9),
+                                                        keep_ratios=(0.5, 0.25), accumulation_layers=()))
+    label, budget, factory = eval_tool.method_table()["keep-last-test"]
+    assert (label, budget) == ("Keep last", "keep-last-test")
+    assert factory(0) == PruneConfig.preset("keep-last-test", positions="compact")
+
+
 class HalfZip(PreLLMStage):
     """A toy pre-LLM stage: only registered, never run."""
     name = "halfzip_for_test"
@@ -72,6 +81,7 @@ def test_a_new_pre_llm_stage_with_presets_is_configured_and_offered(pre_llm_regi
     stacked = PruneConfig.preset("halfzip-least+high")
     assert (stacked.pre_llm, stacked.pre_llm_keep, stacked.method) == (name, 0.25, "transprune")
     assert isinstance(methods.pre_llm_stage(stacked), HalfZip)
+    assert eval_tool.method_table()["halfzip-mid"][:2] == ("Half zip", "halfzip-mid")
     # The app: High / Low are the stage's presets that keep the most / the least.
     assert schedule.pre_llm_budgets(name) == {"High": "halfzip-most", "Low": "halfzip-least"}
     monkeypatch.setattr(schedule, "METHODS", schedule.method_choices())

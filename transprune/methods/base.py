@@ -31,10 +31,11 @@ analytic FLOPs), and `patches` / `layout` (for the overlays). It keeps the share
 `config.pre_llm_keep` and runs alone (`PruneConfig(method=name)`) or before any in-LLM method
 (`PruneConfig(pre_llm=name, ...)`, see `methods.pre_llm_stage`).
 
-Also, for a new method: presets in `transprune.config.PRESETS` (the bench and eval take presets
-by name). The app offers every in-LLM method that has a preset of its own name, and every pre-LLM
-stage that has presets (its High and Low budgets are the presets that keep the most and the
-least), under its `label`. And a line in the tests' method matrix (`tests/test_peers.py`).
+Also, for a new method: presets in `transprune.config.PRESETS` (the eval table has a row per
+preset; the bench and eval take presets by name). The app offers every in-LLM method that has a
+preset of its own name, and every pre-LLM stage that has presets (its High and Low budgets are the
+presets that keep the most and the least), under its `label`. And a line in the tests' method
+matrix (`tests/test_peers.py`).
 
 An in-LLM method reads the model only through what the runner hands it (`StageContext`); a
 pre-LLM stage gets the model itself. No method module imports the adapters or the runner
