@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from fractions import Fraction
 
 import gradio as gr
 from PIL import Image, UnidentifiedImageError
 
+from transprune import PruneConfig, methods
 from transprune.adapters import FAMILIES, video_families
 from transprune.images import ImageInputError, as_image
 
 from . import engine as engine_module
 from .engine import ATTENTION_CHOICES, DTYPE_CHOICES, GONE, UserError
 from .examples import SCENES, example_rows
-from .schedule import BUDGETS, METHODS, POSITION_CHOICES, method_kind
+from .schedule import BUDGETS, METHODS, POSITION_CHOICES, method_kind, pre_llm_budgets
 
 MAX_UPLOAD = "20mb"
 MAX_PIXELS = 40_000_000
@@ -261,15 +263,23 @@ def on_budget(budget: str):
 def budget_info(method: str) -> str:
     kind = method_kind(method)
     if kind == "pre_llm":
-        return ("Before the LLM: High keeps 1/3 of the patches (192 of 576 on LLaVA-1.5), Low 1/9 (64 of 576); "
-                "Custom sets the share. LLaVA-1.5 models only.")
+        stage = methods.PRE_LLM[METHODS[method][0]]
+        budgets = pre_llm_budgets(stage.name)
+        high, low = budgets["High"], budgets["Low"]
+        return (f"Before the LLM: High keeps {_share(high)} of the patches ({high}), Low {_share(low)} ({low}); "
+                f"Custom sets the share. {stage.supported_models} only.")
     if kind == "own_preset":
         return f"High is {method}'s published schedule, Low halves its keep ratios; Custom sets the final share."
     return ("High keeps 88% → 62% → 12% of the visual tokens over three stages, Low 50% → 25% → 6%; "
             "Custom sets the final share.")
 
 
+def _share(preset: str) -> str:
+    """The share of patches a pre-LLM preset keeps, as a fraction: "1/3" for visionzip-192."""
+    return str(Fraction(PruneConfig.preset(preset).pre_llm_keep).limit_denominator(1000))
+
+
 def on_method(method: str):
-    """α only matters for TransPrune's combined score; VisionZip has no pruning layers."""
+    """α only matters for TransPrune's combined score; a pre-LLM stage (VisionZip) has no pruning layers."""
     return (gr.update(interactive=METHODS[method] == ("transprune", "transprune")), gr.update(info=budget_info(method)),
             gr.update(interactive=method_kind(method) != "pre_llm"))

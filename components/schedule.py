@@ -10,9 +10,10 @@ Budget rules, shown in the UI and docs/app.md:
   removed in total as the High preset does: r_i = 1 - (1 - r) * f_i with f = (1/7, 3/7, 1), so
   r = 0.125 is exactly High. A peer's preset ratios are scaled so the last one is r (capped at
   1): FastV keeps r in its one stage, PDrop (4r, 2r, r).
-- VisionZip prunes before the language model: "High" keeps 192 of 576 patches' share (1/3),
-  "Low" 64/576 (1/9), the released LLaVA-1.5 settings; "Custom" keeps the share r. It has no
-  pruning layers and runs on LLaVA-1.5-family models only.
+- A pre-LLM stage (VisionZip, and any later one with presets in transprune.config) prunes before
+  the language model: "High" is its preset that keeps the most, "Low" the one that keeps the least
+  (VisionZip: 192 and 64 of 576 patches' share, 1/3 and 1/9, the released LLaVA-1.5 settings);
+  "Custom" keeps the share r. It has no pruning layers; VisionZip runs on LLaVA-1.5-family models only.
 - "Pruning layers" in the Advanced panel overrides the layers with the model's own 1-indexed
   layer numbers; the keep ratios then come from the budget if the stage count matches, else
   r_i = r_final ** (i / n) for n stages (geometric, e.g. .5/.25/.125 for three stages).
@@ -28,18 +29,31 @@ from transprune.config import PRESETS
 
 TRANSPRUNE_SCHEDULE = ("transprune", "random")   # methods that run on TransPrune's High/Low schedules
 
-# Label shown in the UI -> (PruneConfig.method, criterion).
-METHODS: dict[str, tuple[str, str]] = {
-    "TransPrune": ("transprune", "transprune"),
-    "TTV-only": ("transprune", "ttv"),
-    "IGA-only": ("transprune", "iga"),
-}
-# Every registered method with a preset of its own name (FastV, PDrop, ...), then the pre-LLM
-# stages (VisionZip), then the random control.
-METHODS.update({stage.label: (name, "transprune") for name, stage in method_registry.REGISTRY.items()
-                if name not in TRANSPRUNE_SCHEDULE and name in PRESETS})
-METHODS.update({stage.label: (name, "transprune") for name, stage in method_registry.PRE_LLM.items()})
-METHODS["Random"] = ("random", "transprune")
+
+def pre_llm_budgets(stage_name: str) -> dict[str, str]:
+    """A pre-LLM stage's High and Low budgets, as preset names: of its presets in transprune.config
+    (VisionZip: visionzip-192, -128, -64), the one that keeps the most and the one that keeps the
+    least; {} for a stage without presets (the app does not offer it)."""
+    presets = sorted((name for name, values in PRESETS.items() if values["method"] == stage_name),
+                     key=lambda name: PruneConfig.preset(name).pre_llm_keep)
+    return {"High": presets[-1], "Low": presets[0]} if presets else {}
+
+
+def method_choices() -> dict[str, tuple[str, str]]:
+    """Label shown in the UI -> (PruneConfig.method, criterion), from the method registry: TransPrune
+    and its criteria, every in-LLM method with a preset of its own name (FastV, PDrop, ...), every
+    pre-LLM stage with presets (VisionZip), then the random control."""
+    choices = {"TransPrune": ("transprune", "transprune"), "TTV-only": ("transprune", "ttv"),
+               "IGA-only": ("transprune", "iga")}
+    choices.update({stage.label: (name, "transprune") for name, stage in method_registry.METHODS.items()
+                    if name not in TRANSPRUNE_SCHEDULE and name in PRESETS})
+    choices.update({stage.label: (name, "transprune") for name, stage in method_registry.PRE_LLM.items()
+                    if pre_llm_budgets(name)})
+    choices["Random"] = ("random", "transprune")
+    return choices
+
+
+METHODS = method_choices()
 
 
 def method_kind(method_label: str) -> str:
@@ -53,7 +67,6 @@ def method_kind(method_label: str) -> str:
     return "transprune_schedule"
 
 
-VISIONZIP_BUDGETS = {"High": PRESETS["visionzip-192"]["visionzip_keep"], "Low": PRESETS["visionzip-64"]["visionzip_keep"]}
 BUDGETS = ("High", "Low", "Custom")
 POSITION_CHOICES = ("Model default", "compact", "original")
 HIGH_FINAL = PRESETS["high"]["keep_ratios"][-1]
@@ -98,16 +111,16 @@ def build_config(method_label: str = "TransPrune", budget: str = "High", keep_ra
     method, criterion = METHODS[method_label]
     if positions not in POSITION_CHOICES:
         raise ConfigError(f"Unknown position mode {positions!r}. Choose one of: {', '.join(POSITION_CHOICES)}.")
-    if method == "visionzip":
+    if method in method_registry.PRE_LLM:
         if parse_layers(layers_text) is not None:
-            raise ConfigError("VisionZip prunes before the language model and has no pruning layers: clear "
+            raise ConfigError(f"{method_label} prunes before the language model and has no pruning layers: clear "
                               "\"Pruning layers\" in Advanced, or pick an in-LLM method.")
-        keep = VISIONZIP_BUDGETS.get(budget)
-        if budget == "Custom":
-            keep = float(keep_ratio)
-            if not 0.0 < keep <= 1.0:
-                raise ConfigError(f"Keep ratio {keep} must lie in (0, 1]: it is the share of patches kept.")
-        return PruneConfig(method="visionzip", visionzip_keep=keep, seed=int(seed))
+        if budget != "Custom":
+            return PruneConfig.preset(pre_llm_budgets(method)[budget], reference_depth=None, seed=int(seed))
+        keep = float(keep_ratio)
+        if not 0.0 < keep <= 1.0:
+            raise ConfigError(f"Keep ratio {keep} must lie in (0, 1]: it is the share of patches kept.")
+        return PruneConfig(method=method, pre_llm_keep=keep, seed=int(seed))
     base = dict(PRESETS["high" if method == "transprune" else method])
     if budget == "Low":
         ratios = (PRESETS["low"]["keep_ratios"] if method in TRANSPRUNE_SCHEDULE
@@ -132,8 +145,9 @@ def describe(config: PruneConfig, num_layers: int) -> str:
     """One line naming the resolved schedule, e.g. 'layers 4, 5, 6 keep 87.5% / 62.5% / 12.5%'."""
     resolved = config.resolve(num_layers)
     parts = []
-    if resolved.visionzip_keep is not None:
-        parts.append(f"VisionZip keeps {resolved.visionzip_keep:.1%} of the patches before the LLM".replace(".0%", "%"))
+    if resolved.pre_llm is not None:
+        label = method_registry.PRE_LLM[resolved.pre_llm].label
+        parts.append(f"{label} keeps {resolved.pre_llm_keep:.1%} of the patches before the LLM".replace(".0%", "%"))
     if resolved.prune_layers:
         layers = ", ".join(str(l) for l in resolved.prune_layers)
         ratios = " / ".join(f"{r:.1%}".replace(".0%", "%") for r in resolved.keep_ratios)

@@ -97,8 +97,8 @@ def test_custom_keep_ratio_rule():
 
 def test_visionzip_budgets():
     assert build("VisionZip", "High") == PruneConfig.preset("visionzip-192", reference_depth=None)
-    assert build("VisionZip", "Low").visionzip_keep == PruneConfig.preset("visionzip-64").visionzip_keep
-    assert build("VisionZip", "Custom", keep_ratio=0.25).visionzip_keep == 0.25
+    assert build("VisionZip", "Low").pre_llm_keep == PruneConfig.preset("visionzip-64").pre_llm_keep
+    assert build("VisionZip", "Custom", keep_ratio=0.25).pre_llm_keep == 0.25
     with pytest.raises(Exception, match="no pruning layers"):
         build("VisionZip", "High", layers_text="3, 4")
     assert schedule.describe(build("VisionZip", "Low"), 16) == "VisionZip keeps 11.1% of the patches before the LLM"
@@ -290,7 +290,7 @@ def test_compare_handler_with_visionzip(handlers, example_image):
     record = _trace_json(out)
     stages = record["trace"]["stages"]
     assert [(s["layer"], len(s["kept"])) for s in stages] == [(0, 16)]
-    assert record["resolved_config"]["visionzip_keep"] == pytest.approx(1 / 9)
+    assert record["resolved_config"]["pre_llm_keep"] == pytest.approx(1 / 9)
     rows = {r[0]: r[1:] for r in out.table.values.tolist()}
     assert rows["Visual tokens in"][:2] == ["144", "144"]
     assert rows[metrics.kept_row_name(0)][:2] == ["144", "16"]
@@ -576,7 +576,7 @@ def test_client_visionzip_through_the_api(served):
     out = _ask(client, examples.example_rows()[0][0], method="VisionZip", budget="Custom", keep_ratio=0.25,
                max_new_tokens=3, repeats=1)
     record = json.loads(Path(out.trace["value"]).read_text())
-    assert record["config"]["method"] == "visionzip" and record["config"]["visionzip_keep"] == 0.25
+    assert record["config"]["method"] == "visionzip" and record["config"]["pre_llm_keep"] == 0.25
     assert [(s["layer"], len(s["kept"])) for s in record["trace"]["stages"]] == [(0, 36)]
     rows = {r[0]: r[1:] for r in out.table["data"]}
     assert rows[metrics.kept_row_name(0)][:2] == ["144", "36"]

@@ -50,8 +50,8 @@ def test_parse_method():
     assert bench.parse_method("baseline").config is None
     assert bench.parse_method("high").config.keep_ratios == (0.875, 0.625, 0.125)
     stacked = bench.parse_method("visionzip-128+high")
-    assert stacked.visionzip and stacked.config.method == "transprune"
-    assert stacked.config.visionzip_keep == 128 / 576
+    assert stacked.pre_llm and stacked.config.method == "transprune"
+    assert stacked.config.pre_llm == "visionzip" and stacked.config.pre_llm_keep == 128 / 576
     assert bench.parse_method("visionzip").config == PruneConfig.preset("visionzip-64")
     with pytest.raises(bench.BenchError, match="Unknown method"):
         bench.parse_method("fastest")

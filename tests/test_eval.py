@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from transprune import PruneConfig
 from transprune import eval as shapes_eval
 from transprune import models
 from transprune.flops import model_shape
@@ -94,3 +95,25 @@ def test_eval_cli_end_to_end(tmp_path, monkeypatch, capsys):
 def test_eval_rejects_unknown_method(tmp_path):
     with pytest.raises(SystemExit):
         shapes_eval.main(["--n", "1", "--methods", "nonsense"])
+
+
+def test_the_table_keeps_its_row_names():
+    """Docs and scripts name these rows; every preset has one (a new method's preset adds a row)."""
+    table = shapes_eval.method_table()
+    assert list(table)[0] == "baseline"
+    assert {"high", "low", "ttv-high", "iga-low", "random-high", "random-low-original", "fastv", "pdrop",
+            "sparsevlm", "visionzip-192", "visionzip-64", "visionzip-192+high", "high-original"} <= set(table)
+    assert table["visionzip-64"][:2] == ("VisionZip", "visionzip-64")
+    assert table["high"][2](0) == PruneConfig.preset("high", positions="compact")
+
+
+def test_heldout_record_finds_results_saved_with_visionzip_keep():
+    """The shipped eval.json predates pre_llm / pre_llm_keep; the app still quotes its VisionZip rows,
+    and tells the stacked row from plain High (same schedule) by the pre-LLM stage."""
+    path = shapes_model.ASSET_DIR / "eval.json"
+    saved = json.loads(path.read_text())
+    layers = 12                       # shapes-llava's depth: High's (7, 9, 12) ran as (3, 4, 5)
+    for name in ("visionzip-192", "visionzip-192+high", "high"):
+        resolved = PruneConfig.preset(name, positions="compact").resolve(layers)
+        record, baseline = shapes_eval.heldout_record(path, resolved)
+        assert record == saved[name] and baseline == saved["baseline"]

@@ -135,7 +135,7 @@ def test_method_names_follow_the_bench():
     assert eval_questions.method_factory("ttv")("1").criterion == "ttv"
     iga_low = eval_questions.method_factory("iga-low-original")("1")
     assert (iga_low.criterion, iga_low.keep_ratios[0], iga_low.positions) == ("iga", 0.5, "original")
-    assert eval_questions.method_factory("visionzip-128+high")("1").visionzip_keep == pytest.approx(128 / 576)
+    assert eval_questions.method_factory("visionzip-128+high")("1").pre_llm_keep == pytest.approx(128 / 576)
     random = eval_questions.method_factory("random")
     assert random("a").seed == random("a").seed != random("b").seed     # per question, not per process
     with pytest.raises(ConfigError, match="Unknown method 'nonsense'"):

@@ -5,8 +5,11 @@ import pytest
 import torch
 
 import transprune
+from components import schedule
 from transprune import ConfigError, PruneConfig, methods
-from transprune.methods import Method, Needs, StageScores
+from transprune import eval as eval_tool
+from transprune.config import PRESETS
+from transprune.methods import Method, Needs, PreLLMStage, StageScores
 
 
 class KeepLast(Method):
@@ -43,6 +46,52 @@ def test_a_new_method_is_one_class_and_one_registration(registered, llava):
                                                                       list(range(n - n // 4, n))]
     with pytest.raises(ValueError, match="already registered"):
         methods.register(KeepLast)
+
+
+def test_a_new_method_with_a_preset_gets_an_eval_row(registered, monkeypatch):
+    monkeypatch.setitem(PRESETS, "keep-last-test", dict(method=registered.name, prune_layers=(7, 9),
+                                                        keep_ratios=(0.5, 0.25), accumulation_layers=()))
+    label, budget, factory = eval_tool.method_table()["keep-last-test"]
+    assert (label, budget) == ("Keep last", "keep-last-test")
+    assert factory(0) == PruneConfig.preset("keep-last-test", positions="compact")
+
+
+class HalfZip(PreLLMStage):
+    """A toy pre-LLM stage: only registered, never run."""
+    name = "halfzip_for_test"
+    label = "Half zip"
+    supported_models = "no models"
+    default_keep = 0.5
+
+
+@pytest.fixture
+def pre_llm_registered(monkeypatch):
+    methods.register(HalfZip)
+    monkeypatch.setitem(PRESETS, "halfzip-most", dict(method=HalfZip.name, pre_llm_keep=0.75))
+    monkeypatch.setitem(PRESETS, "halfzip-least", dict(method=HalfZip.name, pre_llm_keep=0.25))
+    monkeypatch.setitem(PRESETS, "halfzip-mid", dict(method=HalfZip.name))
+    try:
+        yield HalfZip
+    finally:
+        del methods.REGISTRY[HalfZip.name], methods.PRE_LLM[HalfZip.name]
+
+
+def test_a_new_pre_llm_stage_with_presets_is_configured_and_offered(pre_llm_registered, monkeypatch):
+    name = pre_llm_registered.name
+    stacked = PruneConfig.preset("halfzip-least+high")
+    assert (stacked.pre_llm, stacked.pre_llm_keep, stacked.method) == (name, 0.25, "transprune")
+    assert isinstance(methods.pre_llm_stage(stacked), HalfZip)
+    assert eval_tool.method_table()["halfzip-mid"][:2] == ("Half zip", "halfzip-mid")
+    # The app: High / Low are the stage's presets that keep the most / the least.
+    assert schedule.pre_llm_budgets(name) == {"High": "halfzip-most", "Low": "halfzip-least"}
+    monkeypatch.setattr(schedule, "METHODS", schedule.method_choices())
+    assert schedule.method_kind("Half zip") == "pre_llm"
+    assert schedule.build_config("Half zip", "High") == PruneConfig(method=name, pre_llm_keep=0.75)
+    assert schedule.build_config("Half zip", "Custom", keep_ratio=0.3).pre_llm_keep == 0.3
+    assert schedule.describe(schedule.build_config("Half zip", "Low"), 16) == (
+        "Half zip keeps 25% of the patches before the LLM")
+    with pytest.raises(ConfigError, match="Half zip prunes before the language model"):
+        schedule.build_config("Half zip", "High", layers_text="3, 4")
 
 
 def test_the_config_validates_names_against_the_registry():

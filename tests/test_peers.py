@@ -326,20 +326,21 @@ def test_visionzip_presets_give_the_released_tflops():
 
 
 def test_visionzip_counts_reproduce_the_released_settings():
-    assert [visionzip.counts(PruneConfig.preset(name).visionzip_keep, 576) for name in
+    assert [visionzip.counts(PruneConfig.preset(name).pre_llm_keep, 576) for name in
             ("visionzip-192", "visionzip-128", "visionzip-64")] == [(162, 30), (108, 20), (54, 10)]
     assert visionzip.counts(64 / 576, 144) == (13, 3)      # T = 16, 5/32 of them contextual
 
 
 def test_visionzip_configs_presets_and_stacks():
     alone = PruneConfig(method="visionzip")
-    assert alone.prune_layers == () and alone.keep_ratios == () and alone.visionzip_keep == 64 / 576
+    assert alone.prune_layers == () and alone.keep_ratios == ()
+    assert alone.pre_llm == "visionzip" and alone.pre_llm_keep == 64 / 576
     stacked = PruneConfig.preset("visionzip-128+high")
-    assert stacked.method == "transprune" and stacked.visionzip_keep == 128 / 576
+    assert stacked.method == "transprune" and (stacked.pre_llm, stacked.pre_llm_keep) == ("visionzip", 128 / 576)
     assert stacked.resolve(LAYERS).prune_layers == (4, 5, 6)
     assert PruneConfig.preset("visionzip-64").resolve(LAYERS).prune_layers == ()
     with pytest.raises(transprune.ConfigError, match="share"):
-        PruneConfig(visionzip_keep=1.5)
+        PruneConfig(pre_llm="visionzip", pre_llm_keep=1.5)
     with pytest.raises(transprune.ConfigError, match="in-LLM preset after"):
         PruneConfig.preset("visionzip-64+visionzip-128")
     with pytest.raises(transprune.ConfigError, match="Cannot stack"):

@@ -38,8 +38,8 @@ plot of speedup against the mean number of visual tokens per layer (`--plot`, de
 the JSON).
 
 Method names: "baseline" (no pruning), any PruneConfig preset ("high", "low", "fastv", "pdrop",
-"random", "off"), "visionzip" / "visionzip-64|128|192" (before the LLM) and stacks such as
-"visionzip-128+high".
+"random", "off", "visionzip-64|128|192" before the LLM), a pre-LLM stage's name alone ("visionzip":
+its default share) and stacks "<pre-LLM preset>+<in-LLM preset>" such as "visionzip-128+high".
 """
 
 from __future__ import annotations
@@ -86,8 +86,9 @@ class MethodSpec:
         return self.config is not None
 
     @property
-    def visionzip(self) -> bool:
-        return self.config is not None and self.config.visionzip_keep is not None
+    def pre_llm(self) -> bool:
+        """True when a stage before the language model (VisionZip) changes the tokens it sees."""
+        return self.config is not None and self.config.pre_llm is not None
 
 
 def parse_method(name: str) -> MethodSpec:
@@ -96,7 +97,7 @@ def parse_method(name: str) -> MethodSpec:
     if key == "baseline":
         return MethodSpec(name=key)
     try:
-        return MethodSpec(name=key, config=PruneConfig.preset("visionzip-64" if key == "visionzip" else key))
+        return MethodSpec(name=key, config=PruneConfig.preset(key))
     except ConfigError as error:
         raise BenchError(f"Unknown method {name!r}: {error} Or use baseline.") from None
 
@@ -558,8 +559,9 @@ def run(args) -> dict[str, dict]:
     results = {s.name: analytic(s, arch_shape, bench, baseline_full) for s in specs}
     for s in specs:
         results[s.name]["config"] = None if s.config is None else s.config.to_dict()
-        results[s.name]["visionzip"] = (list(visionzip.counts(s.config.visionzip_keep, bench.visual_tokens))
-                                        if s.visionzip else None)
+        # VisionZip's own split of the tokens it keeps: [dominant, contextual].
+        results[s.name]["visionzip"] = (list(visionzip.counts(s.config.pre_llm_keep, bench.visual_tokens))
+                                        if s.pre_llm and s.config.pre_llm == "visionzip" else None)
     if not args.flops_only:
         print(f"Timing {len(specs)} methods x {args.repeats} repeats on {bench.description} ...", file=sys.stderr)
         measured = measure(bench, specs, args.repeats, args.new_tokens, max(1, args.decode_repeats),
@@ -582,7 +584,7 @@ def run(args) -> dict[str, dict]:
                                       if "scoring_ms" in r else None)
             base_rate = measured[base]["decode_tokens_per_s"]
             r["decode_speedup"] = (r["decode_tokens_per_s"] / base_rate) if base_rate and r["decode_tokens_per_s"] else None
-            same_schedule = (random_cfg is not None and s.config is not None and not s.visionzip
+            same_schedule = (random_cfg is not None and s.config is not None and not s.pre_llm
                              and s.name != "random" and s.config.prune_layers == random_cfg.prune_layers
                              and s.config.keep_ratios == random_cfg.keep_ratios)
             r["overhead_vs_random"] = (1 - random_ms / r["prefill_ms"]) if same_schedule else None

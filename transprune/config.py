@@ -45,14 +45,44 @@ PRESETS: dict[str, dict] = {
     # VisionZip alone, before the language model, at the released LLaVA-1.5 token counts (of 576
     # patches); the share carries over to other patch grids. Stack with an in-LLM preset by name,
     # e.g. "visionzip-128+high".
-    "visionzip-192": dict(method="visionzip", visionzip_keep=192 / 576),
-    "visionzip-128": dict(method="visionzip", visionzip_keep=128 / 576),
-    "visionzip-64": dict(method="visionzip", visionzip_keep=64 / 576),
+    "visionzip-192": dict(method="visionzip", pre_llm_keep=192 / 576),
+    "visionzip-128": dict(method="visionzip", pre_llm_keep=128 / 576),
+    "visionzip-64": dict(method="visionzip", pre_llm_keep=64 / 576),
 }
 
 
 class ConfigError(ValueError):
     """A PruneConfig that cannot run; the message says what to change."""
+
+
+def _pre_llm_presets() -> list[str]:
+    """The presets that run a pre-LLM stage alone (the ones a stack starts with)."""
+    return [name for name, values in PRESETS.items() if values["method"] in registry.PRE_LLM]
+
+
+def _preset_values(key: str, name: str) -> dict:
+    """The field values of preset `key` (`name` is what the caller asked for, for the error)."""
+    if key in PRESETS:
+        return dict(PRESETS[key])
+    if key in registry.PRE_LLM:
+        return dict(method=key)
+    raise ConfigError(f"Unknown preset {name!r}. Choose one of: {', '.join(PRESETS)} (or stack "
+                      "'<pre-LLM preset>+<in-LLM preset>', e.g. 'visionzip-128+high').")
+
+
+def upgrade_saved_config(values: dict) -> dict:
+    """A saved `PruneConfig.to_dict()` in today's field names.
+
+    Configs saved before pre-LLM stages were named generically hold `visionzip_keep` (a share, None
+    = no VisionZip) instead of `pre_llm` / `pre_llm_keep`: the bench and eval JSON under docs/ and
+    the shipped transprune/assets/shapes-llava/eval.json, which the app still quotes.
+    """
+    values = dict(values)
+    if "visionzip_keep" in values:
+        keep = values.pop("visionzip_keep")
+        if keep is not None:
+            values.update(pre_llm="visionzip", pre_llm_keep=keep)
+    return values
 
 
 def _round_half_up(x: float) -> int:
@@ -92,48 +122,56 @@ class PruneConfig:
     reference_depth: int | None = field(
         default=None, metadata={"help": "if set, layers are written for this depth and scaled to the model"})
     seed: int = field(default=0, metadata={"help": "seed of the random method"})
-    visionzip_keep: float | None = field(
+    pre_llm: str | None = field(
         default=None,
-        metadata={"help": "share of each image's patches VisionZip keeps before the language model "
-                          "(dominant + contextual tokens); None = no VisionZip. Stacks with any in-LLM method; "
-                          "method='visionzip' runs it alone"})
+        metadata={"help": f"a stage before the language model, one of {tuple(registry.PRE_LLM)}; None = none. "
+                          "Stacks with any in-LLM method; method=<that stage> runs it alone"})
+    pre_llm_keep: float | None = field(
+        default=None,
+        metadata={"help": "share of each image's patches the pre-LLM stage keeps, in (0, 1]; "
+                          "None = the stage's default"})
 
     def __post_init__(self):
         if self.method not in registry.REGISTRY:
             raise ConfigError(f"Unknown method {self.method!r}. Choose one of: {', '.join(registry.names())}.")
         if self._stage.pre_llm:
-            # A pre-LLM stage alone (VisionZip): no in-LLM stages, whatever the schedule fields say.
+            # A pre-LLM stage alone (method="visionzip"): it is the config's pre-LLM stage, and there
+            # are no in-LLM stages, whatever the schedule fields say.
+            if self.pre_llm not in (None, self.method):
+                raise ConfigError(f"method={self.method!r} is itself a pre-LLM stage, so pre_llm={self.pre_llm!r} "
+                                  "cannot run too: leave pre_llm unset, or stack it on an in-LLM method.")
+            object.__setattr__(self, "pre_llm", self.method)
             object.__setattr__(self, "prune_layers", ())
             object.__setattr__(self, "keep_ratios", ())
             object.__setattr__(self, "accumulation_layers", ())
-            if self.visionzip_keep is None:
-                object.__setattr__(self, "visionzip_keep", self._stage.default_keep)
         # Accept lists from JSON / the CLI, store tuples so the config stays hashable.
         object.__setattr__(self, "prune_layers", tuple(int(x) for x in self.prune_layers))
         object.__setattr__(self, "keep_ratios", tuple(float(x) for x in self.keep_ratios))
         if self.accumulation_layers is not None:
             object.__setattr__(self, "accumulation_layers", tuple(int(x) for x in self.accumulation_layers))
         self._check_names()
+        if self.pre_llm is not None and self.pre_llm_keep is None:
+            object.__setattr__(self, "pre_llm_keep", registry.PRE_LLM[self.pre_llm].default_keep)
+        self._check_pre_llm_keep()
         self._check_schedule()
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def preset(cls, name: str, **overrides) -> "PruneConfig":
-        """A named preset ("high", "low", "off", "fastv", "pdrop", "random", "visionzip-64|128|192"),
-        written for 32 layers. "visionzip-N+preset" stacks VisionZip before the LLM with an in-LLM preset."""
+        """A named preset of PRESETS ("high", "low", "fastv", "visionzip-64", ...), written for 32
+        layers; a pre-LLM stage's own name ("visionzip") is that stage alone at its default share.
+        "<pre-LLM preset>+<in-LLM preset>" stacks the two, e.g. "visionzip-128+high"."""
         key = name.lower().replace(" ", "")
-        zip_part, plus, key = key.rpartition("+")
-        if plus and not (zip_part in PRESETS and PRESETS[zip_part].get("method") in registry.PRE_LLM):
-            raise ConfigError(f"Cannot stack {name!r}: write a VisionZip preset, '+', then an in-LLM preset, "
-                              "e.g. 'visionzip-128+high'.")
-        if key not in PRESETS:
-            raise ConfigError(f"Unknown preset {name!r}. Choose one of: {', '.join(PRESETS)} "
-                              "(or stack, e.g. 'visionzip-128+high').")
-        values = dict(PRESETS[key], reference_depth=REFERENCE_DEPTH)
+        pre_part, plus, key = key.rpartition("+")
+        values = dict(_preset_values(key, name), reference_depth=REFERENCE_DEPTH)
         if plus:
+            pre = cls(**_preset_values(pre_part, name))
+            if pre.method not in registry.PRE_LLM:
+                raise ConfigError(f"Cannot stack {name!r}: write a pre-LLM preset ({', '.join(_pre_llm_presets())}), "
+                                  "'+', then an in-LLM preset, e.g. 'visionzip-128+high'.")
             if values["method"] in registry.PRE_LLM:
-                raise ConfigError(f"{name!r} stacks VisionZip on VisionZip; put an in-LLM preset after '+'.")
-            values["visionzip_keep"] = PRESETS[zip_part]["visionzip_keep"]
+                raise ConfigError(f"{name!r} stacks two pre-LLM stages; put an in-LLM preset after '+'.")
+            values.update(pre_llm=pre.pre_llm, pre_llm_keep=pre.pre_llm_keep)
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"Unknown PruneConfig field(s) {sorted(unknown)}.")
@@ -142,7 +180,8 @@ class PruneConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "PruneConfig":
-        return cls(**values)
+        """The config of a `to_dict()`, also one saved before today's field names (`upgrade_saved_config`)."""
+        return cls(**upgrade_saved_config(values))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -192,12 +231,29 @@ class PruneConfig:
                 raise ConfigError(f"Unknown {name} {value!r}. Choose one of: {', '.join(allowed)}.")
         if self.positions is not None and self.positions not in POSITIONS:
             raise ConfigError(f"Unknown positions {self.positions!r}. Choose one of: {', '.join(POSITIONS)}.")
+        if self.pre_llm is not None and self.pre_llm not in registry.PRE_LLM:
+            where = (f" ({self.pre_llm!r} prunes inside the language model: give it as method)"
+                     if self.pre_llm in registry.METHODS else "")
+            raise ConfigError(f"Unknown pre-LLM stage {self.pre_llm!r}{where}. "
+                              f"Choose one of: {', '.join(registry.PRE_LLM)}.")
+
+    def _check_pre_llm_keep(self):
+        keep = self.pre_llm_keep
+        if self.pre_llm is None:
+            if keep is not None:
+                raise ConfigError(f"pre_llm_keep {keep} is set but pre_llm is not: name the stage that keeps it, "
+                                  f"one of: {', '.join(registry.PRE_LLM)}.")
+            return
+        label = registry.PRE_LLM[self.pre_llm].label
+        if keep is None:
+            raise ConfigError(f"{label} has no default share: give pre_llm_keep, the share of each image's "
+                              "patches it keeps, in (0, 1].")
+        if not (0.0 < keep <= 1.0):
+            raise ConfigError(f"pre_llm_keep {keep} must lie in (0, 1]: it is the share of each image's "
+                              f"patches {label} keeps before the language model.")
 
     def _check_schedule(self):
         layers, ratios = self.prune_layers, self.keep_ratios
-        if self.visionzip_keep is not None and not (0.0 < self.visionzip_keep <= 1.0):
-            raise ConfigError(f"visionzip_keep {self.visionzip_keep} must lie in (0, 1]: it is the share of "
-                              "each image's patches VisionZip keeps.")
         if self._stage.pre_llm:
             return
         if not layers:

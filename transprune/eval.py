@@ -25,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from .config import PRESETS, PruneConfig
+from . import methods
+from .config import PRESETS, PruneConfig, upgrade_saved_config
 from .flops import config_tflops, model_shape, Shape, trace_tflops
 
 
@@ -38,30 +39,49 @@ def _fixed(config):
     return lambda index: config
 
 
-# name -> (label for the plot's series, budget, factory). None = unpruned.
-# Position modes are explicit, so a name measures the same thing whatever the model's registry entry
-# recommends (shapes-llava recommends "original"): the plain names use the released code's "compact".
+# A row: name -> (label for the plot's series, budget, factory). Position modes are explicit, so a
+# name measures the same thing whatever the model's registry entry recommends (shapes-llava
+# recommends "original"): a preset that leaves them open runs with the released code's "compact".
 def method_table() -> dict:
+    """Every row: the unpruned baseline, one per preset of every registered method, then the ablations."""
+    return {"baseline": ("baseline", "none", _fixed(None)), **preset_rows(), **ablation_rows()}
+
+
+# Presets without a row of their own: "off" keeps every token (its answers are the baseline's), and
+# the random control's preset is measured as random-high / random-low, a fresh keep-set per question.
+NOT_ROWS = ("off", "random")
+
+
+def preset_rows() -> dict:
+    """One row per preset in PRESETS, named and budgeted by the preset, labelled by its method's
+    stage class; a newly registered method with a preset gets its row here."""
+    rows = {}
+    for name, values in PRESETS.items():
+        if name in NOT_ROWS:
+            continue
+        stage = methods.REGISTRY[values["method"]]
+        # Only an in-LLM stage has positions to choose (a pre-LLM stage alone keeps its config as is).
+        open_positions = not stage.pre_llm and "positions" not in values
+        config = PruneConfig.preset(name, **(dict(positions="compact") if open_positions else {}))
+        rows[name] = (stage.label, name, _fixed(config))
+    return rows
+
+
+def ablation_rows() -> dict:
+    """The rows that are not presets, so not derived from the registry: a preset with one switch
+    changed (criterion, position mode), the random control with a fresh seed per question, and a
+    stack of two presets."""
     low = PRESETS["low"]["keep_ratios"]
     compact = dict(positions="compact")
     return {
-        "baseline": ("baseline", "none", _fixed(None)),
-        "high": ("TransPrune", "high", _fixed(PruneConfig.preset("high", **compact))),
-        "low": ("TransPrune", "low", _fixed(PruneConfig.preset("low", **compact))),
         "ttv-high": ("TTV only", "high", _fixed(PruneConfig.preset("high", criterion="ttv", **compact))),
         "ttv-low": ("TTV only", "low", _fixed(PruneConfig.preset("low", criterion="ttv", **compact))),
         "iga-high": ("IGA only", "high", _fixed(PruneConfig.preset("high", criterion="iga", **compact))),
         "iga-low": ("IGA only", "low", _fixed(PruneConfig.preset("low", criterion="iga", **compact))),
         "random-high": ("random", "high", _with_seed("random", **compact)),
         "random-low": ("random", "low", _with_seed("random", keep_ratios=low, **compact)),
-        "fastv": ("FastV", "fastv", _fixed(PruneConfig.preset("fastv"))),
-        "pdrop": ("PDrop", "pdrop", _fixed(PruneConfig.preset("pdrop"))),
-        "sparsevlm": ("SparseVLM", "sparsevlm", _fixed(PruneConfig.preset("sparsevlm"))),
-        # VisionZip before the LLM at the released shares of LLaVA-1.5's 576 patches (192 and 64),
-        # alone and stacked with TransPrune High.
-        "visionzip-192": ("VisionZip", "192/576", _fixed(PruneConfig.preset("visionzip-192"))),
-        "visionzip-64": ("VisionZip", "64/576", _fixed(PruneConfig.preset("visionzip-64"))),
-        "visionzip-192+high": ("VisionZip + TransPrune", "192/576 + high",
+        # VisionZip before the LLM at the released share of LLaVA-1.5's 576 patches, then TransPrune High.
+        "visionzip-192+high": ("VisionZip + TransPrune", "visionzip-192+high",
                                _fixed(PruneConfig.preset("visionzip-192+high"))),
         # The released code renumbers positions after pruning ("compact", LLaVA's default); these
         # keep the original RoPE positions, which matters for "where" questions.
@@ -86,7 +106,7 @@ def method_table() -> dict:
 # The fields that make two resolved configs the same setting for held-out accuracy (not the seed:
 # the random control draws a new keep-set per question anyway).
 _SETTING_FIELDS = ("method", "prune_layers", "keep_ratios", "alpha", "criterion", "direction", "positions",
-                   "visionzip_keep")
+                   "pre_llm", "pre_llm_keep")
 
 
 def heldout_record(path: str | Path, resolved: PruneConfig | None) -> tuple[dict, dict] | None:
@@ -108,7 +128,7 @@ def heldout_record(path: str | Path, resolved: PruneConfig | None) -> tuple[dict
     wanted = {key: _as_tuple(resolved.to_dict()[key]) for key in fields}
     for record in records.values():
         stored = record.get("config")
-        if stored and {key: _as_tuple(stored.get(key)) for key in fields} == wanted:
+        if stored and {key: _as_tuple(upgrade_saved_config(stored).get(key)) for key in fields} == wanted:
             return record, baseline
     return None
 

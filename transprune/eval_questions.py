@@ -57,8 +57,6 @@ def method_factory(name: str):
     criterion, _, budget = key.partition("-")
     if criterion in ("ttv", "iga") and budget in ("", "high", "low"):
         key, overrides["criterion"] = budget or "high", criterion
-    if key == "visionzip":
-        key = "visionzip-64"
     config = PruneConfig.preset(key, **overrides)     # raises ConfigError naming the presets
     if config.method == "random":
         return lambda qid: PruneConfig.preset(key, seed=zlib.crc32(str(qid).encode()), **overrides)

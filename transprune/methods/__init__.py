@@ -54,10 +54,10 @@ def for_config(config) -> Method | None:
 
 
 def pre_llm_stage(config) -> PreLLMStage | None:
-    """The stage before the language model of a config (VisionZip), None without one."""
-    if config.visionzip_keep is None:
+    """The stage before the language model that a config names (`config.pre_llm`), None without one."""
+    if config.pre_llm is None:
         return None
-    return PRE_LLM["visionzip"](config)
+    return PRE_LLM[config.pre_llm](config)
 
 
 __all__ = ["Insertion", "Method", "Needs", "PreLLMStage", "PruningStage", "StageContext", "StageScores", "REGISTRY",

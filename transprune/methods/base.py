@@ -25,17 +25,20 @@ nothing else needs to know the method. There are two kinds of stage, with a comm
   change, for a config this method cannot run; the config raises it as a ConfigError).
 
 **A pre-LLM stage** (VisionZip) subclasses `PreLLMStage` and provides `name`, `label`,
-`supported_models` (words for an error message), `check_model`, `prepare_inputs` (rewrites the
+`supported_models` (words for an error message), `default_keep` (the share of each image's
+patches it keeps when the config gives none), `check_model`, `prepare_inputs` (rewrites the
 processor's inputs before the model sees them), `is_prepared` (tells a model call with those
 inputs from one with the processor's own), `map_traces` (re-indexes the in-LLM traces into the
 original visual tokens, with itself as a stage at layer 0), `tokens_entering_llm` (for the
-analytic FLOPs), and `patches` / `layout` (for the overlays). It runs alone
-(`PruneConfig(method=name)`) or before any in-LLM method (today through `PruneConfig.visionzip_keep`,
-see `methods.pre_llm_stage`).
+analytic FLOPs), and `patches` / `layout` (for the overlays). It keeps the share
+`config.pre_llm_keep` and runs alone (`PruneConfig(method=name)`) or before any in-LLM method
+(`PruneConfig(pre_llm=name, ...)`, see `methods.pre_llm_stage`).
 
-Also, for a new method: a preset of its own name in `transprune.config.PRESETS` (the app offers
-every registered method that has one, under its `label`; the bench and eval take presets by
-name), and a line in the tests' method matrix (`tests/test_peers.py`).
+Also, for a new method: presets in `transprune.config.PRESETS` (the eval table has a row per
+preset; the bench and eval take presets by name). The app offers every in-LLM method that has a
+preset of its own name, and every pre-LLM stage that has presets (its High and Low budgets are the
+presets that keep the most and the least), under its `label`. And a line in the tests' method
+matrix (`tests/test_peers.py`).
 
 An in-LLM method reads the model only through what the runner hands it (`StageContext`); a
 pre-LLM stage gets the model itself. No method module imports the adapters or the runner
@@ -143,6 +146,7 @@ class PreLLMStage(PruningStage):
     """A stage before the language model that rewrites the inputs (see the module docstring)."""
     pre_llm = True
     supported_models = "some models"
+    default_keep: float | None = None   # share of each image's patches kept when the config gives none
 
     def check_model(self, model) -> None:
         """Raise UnsupportedModelError for a model this stage cannot run on."""

@@ -17,9 +17,10 @@ The selected vision features then go through the model's own projector and reach
 model through `mm_encoder_outputs` (what `generate` itself passes after encoding pixels), with
 `input_ids` carrying the matching, smaller number of image tokens.
 
-Two ways to use it. Through a PruneConfig (method="visionzip" alone, or `visionzip_keep` on any
-in-LLM config; presets "visionzip-64|128|192" and stacks like "visionzip-128+high"): the pruner
-rewrites the inputs and its trace is in patch space, with VisionZip as a stage at layer 0:
+Two ways to use it. Through a PruneConfig (method="visionzip" alone, or pre_llm="visionzip" with
+a share `pre_llm_keep` on any in-LLM config; presets "visionzip-64|128|192" and stacks like
+"visionzip-128+high"): the pruner rewrites the inputs and its trace is in patch space, with
+VisionZip as a stage at layer 0:
 
     with transprune.apply(model, "visionzip-128+high") as pruner:
         model.generate(**pruner.prepare_inputs(inputs), max_new_tokens=32)
@@ -346,7 +347,7 @@ def _no_span(name):
 
 
 class VisionZip(PreLLMStage):
-    """VisionZip as a registered pre-LLM stage: keeps the share `config.visionzip_keep` of each
+    """VisionZip as a registered pre-LLM stage: keeps the share `config.pre_llm_keep` of each
     image's patches (see `counts`), and maps the in-LLM traces back into patch space."""
     name = "visionzip"
     label = "VisionZip"
@@ -355,7 +356,7 @@ class VisionZip(PreLLMStage):
 
     def __init__(self, config):
         super().__init__(config)
-        self.keep = config.visionzip_keep
+        self.keep = config.pre_llm_keep
         self._last = None            # (VisionZipSelection, images of each row, input_ids) of prepare_inputs
 
     @property
