@@ -3,7 +3,8 @@
 The scenes follow the shapes-llava training distribution (transprune/shapes/scenes.py): flat
 red/green/blue/yellow circles, squares, triangles and stars on a light grey background, one per
 cell of a plus sign (top, left, center, right, bottom) of the square the model sees, asked with
-the same question templates, so the trained offline model can answer them. They are drawn at 3x
+the same question templates, so the trained offline model can answer them. They are drawn with the
+training scenes' own colours, 3x3 cell grid and `draw_shape`, at 3x
 its 168 px input (crisper on a projector). Two have a wide or tall frame: LLaVA's center crop
 never sees the shapes outside the middle square, which the overlays show hatched.
 
@@ -13,20 +14,18 @@ redraws any that are missing.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from transprune.shapes.scenes import COLORS as COLOURS   # the training scenes' colours, so answers transfer
+# The training scenes' colours, cells and shape geometry, so answers transfer.
+from transprune.shapes.scenes import CELLS, COLORS as COLOURS, GRID, draw_shape
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
 
 VIEW = 504                 # side of the square the model sees (3 x 168)
 RADIUS = 21 / 168          # circumradius as a share of VIEW, mid-range of the training scenes
-CELLS = {"top": (0.5, 1 / 6), "left": (1 / 6, 0.5), "center": (0.5, 0.5), "right": (5 / 6, 0.5),
-         "bottom": (0.5, 5 / 6)}
 SUPERSAMPLE = 4
 
 
@@ -87,28 +86,13 @@ EXAMPLES: tuple[Example, ...] = (
 
 
 def _centre(scene: Scene, shape: Shape) -> tuple[float, float]:
+    """(x, y) in pixels of the frame: as given, or the centre of a cell of the central square."""
     if isinstance(shape.where, tuple):
         return shape.where
     width, height = scene.size
     left, top = (width - VIEW) / 2, (height - VIEW) / 2   # the central square a center crop keeps
-    fx, fy = CELLS[shape.where]
-    return left + fx * VIEW, top + fy * VIEW
-
-
-def _draw(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, fill):
-    """The training scenes' geometry: square half-side 0.8 r, triangle on its bounding box, 5-point star."""
-    if kind == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif kind == "square":
-        draw.rectangle((cx - 0.8 * r, cy - 0.8 * r, cx + 0.8 * r, cy + 0.8 * r), fill=fill)
-    elif kind == "triangle":
-        draw.polygon([(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)], fill=fill)
-    elif kind == "star":
-        points = [(cx + r * (0.45 if k % 2 else 1.0) * math.cos(math.radians(-90 + 36 * k)),
-                   cy + r * (0.45 if k % 2 else 1.0) * math.sin(math.radians(-90 + 36 * k))) for k in range(10)]
-        draw.polygon(points, fill=fill)
-    else:
-        raise ValueError(f"Unknown shape {kind!r}; use circle, square, triangle or star.")
+    row, col = CELLS[shape.where]
+    return left + (col + 0.5) / GRID * VIEW, top + (row + 0.5) / GRID * VIEW
 
 
 def draw_scene(scene: Scene) -> Image.Image:
@@ -118,8 +102,8 @@ def draw_scene(scene: Scene) -> Image.Image:
     draw = ImageDraw.Draw(big)
     for shape in scene.shapes:
         cx, cy = _centre(scene, shape)
-        _draw(draw, shape.kind, cx * SUPERSAMPLE, cy * SUPERSAMPLE, RADIUS * VIEW * SUPERSAMPLE,
-              COLOURS[shape.colour])
+        draw_shape(draw, shape.kind, cx * SUPERSAMPLE, cy * SUPERSAMPLE, RADIUS * VIEW * SUPERSAMPLE,
+                   COLOURS[shape.colour])
     return big.resize((width, height), Image.Resampling.LANCZOS)
 
 

@@ -6,9 +6,11 @@ schedule on a model with the language-model shape of the selected family's check
 MLP width, depth, visual tokens; `FAMILY_ARCH`), random weights (timing only: no answer is read),
 built with the benchmark's own code (transprune.bench, a LLaVA-1.5-style model whose vision tower
 gives a square patch grid, so N is rounded to the nearest square): at full width on a GPU, at a
-quarter of the width on a CPU so that it fits in memory and seconds. On a CPU, families whose
-prompts carry thousands of visual tokens (AnyRes, video) would take minutes, so they are timed at
-LLaVA-1.5-7B's shape instead, and the panel says so. Results are cached per (shape, schedule).
+quarter of the width on a CPU so that it fits in memory and seconds. On a CPU, a shape whose
+unpruned prefill costs more FLOPs than LLaVA-1.5-7B's (the AnyRes and video families: thousands of
+visual tokens into a 7B model) would take minutes, so it is timed at LLaVA-1.5-7B's shape instead,
+and the panel says so; SmolVLM's ~1k visual tokens into a 0.5B model cost far less and run at its
+own shape. Results are cached per (shape, schedule).
 """
 
 from __future__ import annotations
@@ -28,17 +30,16 @@ ARCH = "llava-1.5-7b"       # the default shape, and the CPU stand-in for long v
 # Family -> the architecture whose shape it is timed at (each adapter's `timing_arch`).
 FAMILY_ARCH = {name: adapter.timing_arch for name, adapter in FAMILIES.items() if adapter.timing_arch}
 CPU_WIDTH = 0.25
-CPU_MAX_VISUAL_TOKENS = 1024
 REPEATS = 3
 
 
 def timed_shape(family: str | None, cuda: bool) -> tuple[str, flops.Shape, str]:
     """(arch name, the shape timed, a note) for a family: its checkpoint's language-model shape with N
-    rounded to a square; on a CPU, LLaVA-1.5-7B's when that N would take minutes."""
+    rounded to a square; on a CPU, LLaVA-1.5-7B's when that shape's prefill costs more (minutes)."""
     arch = FAMILY_ARCH.get(family or "", ARCH)
     shape = flops.ARCHITECTURES[arch]
     note = ""
-    if not cuda and shape.visual_tokens > CPU_MAX_VISUAL_TOKENS:
+    if not cuda and flops.config_tflops(None, shape) > flops.config_tflops(None, flops.ARCHITECTURES[ARCH]):
         note = (f"this family's prompts carry {shape.visual_tokens} visual tokens, minutes per run on a CPU, "
                 "so the LLaVA-1.5-7B shape stands in")
         arch, shape = ARCH, flops.ARCHITECTURES[ARCH]

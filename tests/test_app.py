@@ -422,6 +422,22 @@ def test_sequence_chart_and_examples_are_reproducible(tmp_path):
         assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(bundled)))
 
 
+def test_examples_draw_with_the_training_scenes_geometry(monkeypatch):
+    """One geometry: the examples call the shapes package's draw_shape, at the centres of its grid's cells."""
+    from transprune.shapes import scenes
+
+    assert examples.draw_shape is scenes.draw_shape
+    calls = []
+    monkeypatch.setattr(examples, "draw_shape", lambda draw, kind, cx, cy, radius, fill: calls.append((kind, cx, cy)))
+    scene = examples.SCENES[1]                    # four shapes, each in a named cell
+    examples.draw_scene(scene)
+    assert [kind for kind, _, _ in calls] == [shape.kind for shape in scene.shapes]
+    for shape, (_, cx, cy) in zip(scene.shapes, calls):
+        x, y = cx / examples.SUPERSAMPLE / examples.VIEW, cy / examples.SUPERSAMPLE / examples.VIEW
+        assert (int(y * scenes.GRID), int(x * scenes.GRID)) == scenes.CELLS[shape.where]
+        assert (x * scenes.GRID % 1, y * scenes.GRID % 1) == pytest.approx((0.5, 0.5))
+
+
 # ---------------------------------------------------------------------------- video
 def make_clip(write_clip, path: Path, frames: int = 24, size=(160, 120)) -> Path:
     """A small MP4: a white bar sweeping across a dark background, 8 frames per second."""

@@ -4,10 +4,41 @@ import pytest
 import torch
 
 import transprune
-from transprune import models
+from transprune import adapters, flops, models
 
 
 OFFLINE = [name for name, spec in models.REGISTRY.items() if spec.offline and name.startswith("tiny-")]
+CHECKPOINTS = [name for name, spec in models.REGISTRY.items() if not spec.offline]
+
+
+@pytest.mark.parametrize("name", CHECKPOINTS)
+def test_each_checkpoints_shape_is_declared_by_its_familys_adapter(name):
+    adapter = adapters.by_family(models.REGISTRY[name].family)
+    assert flops.ARCHITECTURES[name] is adapter.architectures[name]
+
+
+def test_architectures_are_exactly_the_adapters_declarations():
+    declared = {name: shape for adapter in adapters.FAMILIES.values() for name, shape in adapter.architectures.items()}
+    assert flops.ARCHITECTURES == declared
+    for adapter in adapters.FAMILIES.values():      # a family with real checkpoints is timed at one of them
+        assert adapter.timing_arch in adapter.architectures or not adapter.architectures
+
+
+def test_register_refuses_inherited_architectures_and_a_borrowed_timing_arch():
+    class Forgetful(adapters.LlavaAdapter):       # no `architectures` of its own: LLaVA's are inherited
+        family = "forgetful"
+        model_classes = ("ForgetfulForConditionalGeneration",)
+
+    class Borrower(adapters.Adapter):             # times at another family's shape
+        family = "borrower"
+        model_classes = ("BorrowerForConditionalGeneration",)
+        timing_arch = "llava-1.5-7b"
+
+    with pytest.raises(ValueError, match="declares its own `architectures`"):
+        adapters.register(Forgetful)
+    with pytest.raises(ValueError, match="not one of its architectures"):
+        adapters.register(Borrower)
+    assert "forgetful" not in adapters.FAMILIES and "borrower" not in adapters.FAMILIES
 
 
 @pytest.mark.parametrize("name", OFFLINE)

@@ -9,6 +9,8 @@ import torch
 
 import transprune
 from transprune import PruneConfig, adapters, flops
+from transprune.adapters.smolvlm import SmolVLMAdapter, smolvlm_processor, smolvlm_tokenizer
+from transprune.architecture import Shape
 from transprune.reference import Reference
 
 QUESTION = "What color is the circle ?"
@@ -138,6 +140,35 @@ def test_generic_flops_path(tiny_model, inputs_of):
     assert (hidden, layers) == (64, 16)
     expected = flops.tflops(flops.schedule_tokens(PruneConfig.preset("high"), 80, layers), hidden, intermediate)
     assert flops.trace_tflops(pruner.trace, hidden, intermediate) == pytest.approx(expected)
+
+
+def test_model_shape_reads_the_adapters_text_config(tiny_model, monkeypatch):
+    """flops.model_shape asks the model's adapter where its language model's config is."""
+    from types import SimpleNamespace
+
+    model, _ = tiny_model("smolvlm")
+    assert flops.model_shape(model) == (64, 128, 16)
+    monkeypatch.setattr(SmolVLMAdapter, "text_config",
+                        lambda self, model: SimpleNamespace(hidden_size=8, intermediate_size=24, num_hidden_layers=3))
+    assert flops.model_shape(model) == (8, 24, 3)
+    with pytest.raises(transprune.UnsupportedModelError):
+        flops.model_shape(torch.nn.Linear(2, 2))
+
+
+def test_checkpoint_shapes_are_the_public_config_values():
+    """text_config of HuggingFaceTB/SmolVLM-256M/-500M-Instruct (hidden, MLP, layers); N of one square image."""
+    assert flops.ARCHITECTURES["smolvlm-256m"] == Shape(hidden=576, intermediate=1536, layers=30, visual_tokens=1088)
+    assert flops.ARCHITECTURES["smolvlm-500m"] == Shape(hidden=960, intermediate=2560, layers=32, visual_tokens=1088)
+    assert SmolVLMAdapter.timing_arch == "smolvlm-500m"     # the app times SmolVLM at its own shape
+
+
+def test_checkpoint_visual_tokens_follow_from_its_processor_settings(sample_image):
+    """The checkpoints' processor settings (longest edge 2048 px, 512 px tiles, 64 tokens per tile) turn a
+    square image of any size into 4x4 tiles + the global view: 17 x 64 `<image>` tokens, their shapes' N."""
+    processor = smolvlm_processor(smolvlm_tokenizer(), tile_size=512, image_seq_len=64, longest_edge=2048)
+    inputs = processor(images=sample_image(300, 300), text="User:<image> What is it?", return_tensors="pt")
+    assert inputs["pixel_values"].shape[1] == 17
+    assert int((inputs["input_ids"] == processor.image_token_id).sum()) == 1088
 
 
 def test_registry_entries(sample_image):

@@ -84,6 +84,10 @@ def test_each_family_is_timed_at_its_checkpoints_shape_where_a_cpu_can():
     arch, shape, note = speed.timed_shape("llava_next", cuda=True)      # on a GPU: its own, N rounded to a square
     assert arch == "llava-next-vicuna-7b" and shape.visual_tokens == 54 * 54 and note == ""
     assert speed.timed_shape(None, cuda=False)[0] == "llava-1.5-7b"
+    # SmolVLM: ~1k visual tokens, but into a 0.5B model (far fewer FLOPs than LLaVA-1.5-7B): its own shape.
+    arch, shape, note = speed.timed_shape("smolvlm", cuda=False)
+    assert arch == "smolvlm-500m" and (shape.hidden, shape.layers, shape.visual_tokens) == (960, 32, 33 * 33)
+    assert note == ""
 
 
 def test_qwen_shape_measured_and_cached_separately(narrow):

@@ -2,40 +2,17 @@
 
 Per decoder layer with n tokens: 4*n*d^2 + 2*n^2*d + 3*n*d*m (d hidden size, m MLP size), the
 q/k/v/o projections, the attention products and the gated MLP. The paper counts visual tokens
-only; `full_sequence=True` counts every token of the sequence instead.
+only; `full_sequence=True` counts every token of the sequence instead. The real checkpoints'
+shapes (`ARCHITECTURES`, by name) are declared by their families' adapters.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from . import methods
+from .adapters import ARCHITECTURES, for_model   # ARCHITECTURES: name -> Shape, declared by each family's adapter
+from .architecture import Shape
 from .config import PruneConfig
 from .scoring import keep_count
-
-
-@dataclass(frozen=True)
-class Shape:
-    """The language-model shape that FLOPs depend on (public config values, no download needed)."""
-    hidden: int
-    intermediate: int
-    layers: int
-    visual_tokens: int
-
-
-# Public config.json values of the registry's real checkpoints (LLM part) and their usual N.
-ARCHITECTURES: dict[str, Shape] = {
-    "llava-1.5-7b": Shape(hidden=4096, intermediate=11008, layers=32, visual_tokens=576),
-    "llava-1.5-13b": Shape(hidden=5120, intermediate=13824, layers=40, visual_tokens=576),
-    "llava-next-vicuna-7b": Shape(hidden=4096, intermediate=11008, layers=32, visual_tokens=2880),
-    "llava-next-mistral-7b": Shape(hidden=4096, intermediate=14336, layers=32, visual_tokens=2880),
-    # Video: 8 frames x 257 (Video-LLaVA); 8 frames x 196 pooled + 1 (OneVision); Qwen2.5-VL 448x448 image.
-    "video-llava-7b": Shape(hidden=4096, intermediate=11008, layers=32, visual_tokens=2056),
-    "llava-onevision-0.5b": Shape(hidden=896, intermediate=4864, layers=24, visual_tokens=1569),
-    "llava-onevision-7b": Shape(hidden=3584, intermediate=18944, layers=28, visual_tokens=1569),
-    "qwen2.5-vl-3b": Shape(hidden=2048, intermediate=11008, layers=36, visual_tokens=256),
-    "qwen2.5-vl-7b": Shape(hidden=3584, intermediate=18944, layers=28, visual_tokens=256),
-}
 
 
 def layer_flops(n: int, hidden: int, intermediate: int) -> float:
@@ -79,6 +56,6 @@ def trace_tflops(trace, hidden: int, intermediate: int, full_sequence: bool = Fa
 
 
 def model_shape(model) -> tuple[int, int, int]:
-    """(hidden, intermediate, layers) of a loaded model's language model."""
-    text = getattr(model.config, "text_config", model.config)
+    """(hidden, intermediate, layers) of a loaded model's language model, as its family's adapter reads them."""
+    text = for_model(model).text_config(model)
     return text.hidden_size, text.intermediate_size, text.num_hidden_layers

@@ -1,11 +1,13 @@
 """Model-family adapters, registered by family and by model class name.
 
 A new family = one module here (see `base.py` for what its Adapter provides) + one `register`
-line below. Everything else (models, video, flops, the app, the tests' FAMILIES) reads this registry.
+line below. Everything else (models, video, flops, the app, the tests' FAMILIES) reads this registry,
+including the checkpoints' shapes each adapter declares (`ARCHITECTURES`, read by `transprune.flops`).
 """
 
 from __future__ import annotations
 
+from ..architecture import Shape
 from ..errors import UnsupportedModelError
 from .base import Adapter
 from .llava import LlavaAdapter
@@ -17,12 +19,23 @@ from .video_llava import VideoLlavaAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {}      # model class name -> adapter
 FAMILIES: dict[str, type[Adapter]] = {}      # family -> adapter, in registration order
+ARCHITECTURES: dict[str, Shape] = {}         # real checkpoint's name -> its shape, from every adapter
 
 
 def register(adapter_class: type[Adapter]) -> type[Adapter]:
     if adapter_class.family in FAMILIES:
         raise ValueError(f"Family {adapter_class.family!r} is already registered ({FAMILIES[adapter_class.family].__name__}).")
+    # A subclass inherits its parent's `architectures`: registering them twice means it forgot its own.
+    taken = [name for name in adapter_class.architectures if name in ARCHITECTURES]
+    if taken:
+        raise ValueError(f"{adapter_class.__name__} declares architectures already registered ({', '.join(taken)}); "
+                         "an adapter subclass declares its own `architectures` (or `architectures = {}`).")
+    timing = adapter_class.timing_arch
+    if timing is not None and timing not in adapter_class.architectures:
+        raise ValueError(f"{adapter_class.__name__}.timing_arch {timing!r} is not one of its architectures "
+                         f"({', '.join(adapter_class.architectures) or 'none'}).")
     FAMILIES[adapter_class.family] = adapter_class
+    ARCHITECTURES.update(adapter_class.architectures)
     for name in adapter_class.model_classes:
         if name in ADAPTERS:
             raise ValueError(f"Model class {name} already has an adapter ({ADAPTERS[name].__name__}).")

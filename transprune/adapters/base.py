@@ -3,14 +3,17 @@
 A new family = one module in this package with an `Adapter` subclass + one `register(...)` line in
 `transprune/adapters/__init__.py`. Nothing else has to name the family: `transprune.models`,
 `.video`, the app and `tests/conftest.py` (whose FAMILIES parametrise every invariant) read
-everything below from the adapter registry. Optional extras: `ModelSpec` lines in
-`transprune.models` for its checkpoints (and a "tiny-<family>" entry built by `build_tiny`), and
-`transprune.flops.ARCHITECTURES` entries for their analytic FLOPs.
+everything below from the adapter registry. Optional extra: `ModelSpec` lines in
+`transprune.models` for its checkpoints (and a "tiny-<family>" entry built by `build_tiny`).
 
 A family's adapter provides (class attributes unless noted; the defaults fit Llama-style decoders):
 
 - `family` (registry key, e.g. "llava"), `label` (shown to users), `model_classes` (the
   transformers class names it handles; the first one is loaded by `transprune.models`);
+- sizes: `architectures`, its real checkpoints' language-model shapes by name
+  (`transprune.architecture.Shape`: public config.json values and the usual number of visual
+  tokens), which `transprune.flops.ARCHITECTURES` collects for the analytic FLOPs and
+  `bench --arch`; `text_config(model)`, the loaded model's language-model config;
 - structure: `language_model(model)` / `decoder_layers(model)`, and the names of a decoder
   layer's sub-modules the runner hooks: `attention_name`, `mlp_name`, `input_norm_name`, and the
   attention's `key_projection_name`, `query_projection_name`;
@@ -31,8 +34,8 @@ A family's adapter provides (class attributes unless noted; the defaults fit Lla
   `transprune.video.FramesVideoProcessor` preprocesses frames without torchvision),
   `video_metadata` (its processor reads the frame rate), `video_token_count(...)`, `video_layout(...)`;
 - overlays: `visual_layout(model, processor, image_size, num_tokens)`;
-- `timing_arch`: the `transprune.flops.ARCHITECTURES` entry whose shape the app's "speed at real
-  size" times for this family (None: LLaVA-1.5-7B's).
+- `timing_arch`: the entry of its `architectures` whose shape the app's "speed at real size" times
+  for this family (None: LLaVA-1.5-7B's).
 
 The KV cache travels however transformers passes it: `transprune.compat` finds it by type.
 """
@@ -45,13 +48,16 @@ import torch
 from torch import nn
 
 from .. import sequence
+from ..architecture import Shape
 
 
 class Adapter:
     family = "base"
     label = "base"
     model_classes: tuple[str, ...] = ()
-    timing_arch: str | None = None   # the transprune.flops.ARCHITECTURES shape the app times at real size
+    # Real checkpoints' language-model shapes by name (a subclass declares its own, or {}).
+    architectures: dict[str, Shape] = {}
+    timing_arch: str | None = None   # the name in `architectures` whose shape the app times at real size
     default_positions = "compact"
     allowed_positions = ("compact", "original")
     # Sub-module names of one decoder layer (and of its attention).
@@ -93,9 +99,12 @@ class Adapter:
     def key_projection(self, layer: nn.Module) -> nn.Module:
         return getattr(self.attention(layer), self.key_projection_name)
 
+    def text_config(self, model: nn.Module):
+        """The language model's config (hidden_size, intermediate_size, num_hidden_layers, ...)."""
+        return getattr(model.config, "text_config", model.config)
+
     def attn_implementation(self, model: nn.Module) -> str:
-        text_config = getattr(model.config, "text_config", model.config)
-        return str(getattr(text_config, "_attn_implementation", None) or "eager")
+        return str(getattr(self.text_config(model), "_attn_implementation", None) or "eager")
 
     # ----------------------------------------------------------------- tokens
     def visual_token_ids(self, model: nn.Module) -> list[int]:

@@ -7,6 +7,7 @@ import math
 import torch
 
 from .. import tiny
+from ..architecture import Shape
 from ..trace import VisualLayout
 from .base import Adapter
 
@@ -35,6 +36,11 @@ class LlavaAdapter(Adapter):
     family = "llava"
     label = "LLaVA-1.5"
     model_classes = ("LlavaForConditionalGeneration",)
+    # Language model from the public config.json; N: one 24x24 grid of CLIP patches.
+    architectures = {
+        "llava-1.5-7b": Shape(hidden=4096, intermediate=11008, layers=32, visual_tokens=576),
+        "llava-1.5-13b": Shape(hidden=5120, intermediate=13824, layers=40, visual_tokens=576),
+    }
     timing_arch = "llava-1.5-7b"
     build_tiny = staticmethod(tiny.tiny_llava)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import tiny
+from ..architecture import Shape
 from ..trace import VisualLayout
 from .llava import LlavaAdapter, grid_boxes
 
@@ -41,6 +42,11 @@ class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     label = "LLaVA-NeXT"
     model_classes = ("LlavaNextForConditionalGeneration",)
+    # Language model from the public config.json; N: 5 x 576, the base view and four AnyRes tiles.
+    architectures = {
+        "llava-next-vicuna-7b": Shape(hidden=4096, intermediate=11008, layers=32, visual_tokens=2880),
+        "llava-next-mistral-7b": Shape(hidden=4096, intermediate=14336, layers=32, visual_tokens=2880),
+    }
     timing_arch = "llava-next-vicuna-7b"
     build_tiny = staticmethod(tiny.tiny_llava_next)
 

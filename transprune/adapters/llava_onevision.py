@@ -12,6 +12,7 @@ import math
 import torch
 
 from .. import tiny
+from ..architecture import Shape
 from ..trace import VisualLayout
 from .llava import grid_boxes
 from .llava_next import LlavaNextAdapter
@@ -21,6 +22,11 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     family = "llava_onevision"
     label = "LLaVA-OneVision"
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
+    # Language model from the public config.json; N: a video of 8 frames x 196 pooled tokens + 1 newline.
+    architectures = {
+        "llava-onevision-0.5b": Shape(hidden=896, intermediate=4864, layers=24, visual_tokens=1569),
+        "llava-onevision-7b": Shape(hidden=3584, intermediate=18944, layers=28, visual_tokens=1569),
+    }
     timing_arch = "llava-onevision-7b"
     build_tiny = staticmethod(tiny.tiny_llava_onevision)
     # 8 frames: the Hugging Face examples' count (the paper evaluates with 32: pass num_frames=32).

@@ -13,6 +13,7 @@ import math
 import torch
 
 from .. import tiny
+from ..architecture import Shape
 from ..trace import VisualLayout
 from .base import Adapter
 from .llava import grid_boxes
@@ -53,6 +54,11 @@ class Qwen2_5_VLAdapter(Adapter):
     family = "qwen2_5_vl"
     label = "Qwen2.5-VL"
     model_classes = ("Qwen2_5_VLForConditionalGeneration",)
+    # Language model from the public config.json; N: a 448x448 image, 16x16 merged 28 px cells.
+    architectures = {
+        "qwen2.5-vl-3b": Shape(hidden=2048, intermediate=11008, layers=36, visual_tokens=256),
+        "qwen2.5-vl-7b": Shape(hidden=3584, intermediate=18944, layers=28, visual_tokens=256),
+    }
     timing_arch = "qwen2.5-vl-7b"
     build_tiny = staticmethod(tiny.tiny_qwen2_5_vl)
     video_frames = 8              # even: two consecutive frames form one temporal patch (4 steps)

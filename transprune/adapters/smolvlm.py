@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .. import sequence
+from ..architecture import Shape
 from ..trace import VisualLayout
 from .base import Adapter
 from .llava import grid_boxes
@@ -46,6 +47,19 @@ class SmolVLMAdapter(Adapter):
     family = "smolvlm"
     label = "SmolVLM"
     model_classes = ("SmolVLMForConditionalGeneration",)
+    # Language model: text_config of the checkpoints' config.json. N: one square image (any size: the
+    # processor scales its longest side to size.longest_edge = 2048 px, then cuts 512 px tiles,
+    # max_image_size.longest_edge) = 4x4 tiles + the global view, 64 `<image>` tokens each
+    # (processor_config.json image_seq_len: (512/16)^2 SigLIP patches / scale_factor 4^2): 17 x 64.
+    # A 4:3 photo would give 4x3 tiles + global = 832.
+    architectures = {
+        "smolvlm-256m": Shape(hidden=576, intermediate=1536, layers=30, visual_tokens=1088),
+        # layers: not read from the official config.json itself; copies of it leave num_hidden_layers
+        # out of text_config, so LlamaConfig's default 32 applies, which is also the depth of its base
+        # model SmolLM2-360M.
+        "smolvlm-500m": Shape(hidden=960, intermediate=2560, layers=32, visual_tokens=1088),
+    }
+    timing_arch = "smolvlm-500m"
 
     @staticmethod
     def build_tiny(**kwargs):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import tiny
+from ..architecture import Shape
 from ..trace import VisualLayout
 from .llava import LlavaAdapter
 
@@ -17,6 +18,10 @@ class VideoLlavaAdapter(LlavaAdapter):
     family = "video_llava"
     label = "Video-LLaVA"
     model_classes = ("VideoLlavaForConditionalGeneration",)
+    # Language model from the public config.json; N: a video of 8 frames x 257 (CLS + 16x16 patches).
+    architectures = {
+        "video-llava-7b": Shape(hidden=4096, intermediate=11008, layers=32, visual_tokens=2056),
+    }
     timing_arch = "video-llava-7b"
     build_tiny = staticmethod(tiny.tiny_video_llava)
     video_frames = 8              # trained on exactly 8 frames, and its checkpoints take no other count

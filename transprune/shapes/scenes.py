@@ -93,7 +93,7 @@ class Scene:
             image = Image.new("RGB", (self.size, self.size), self.background)
             draw = ImageDraw.Draw(image)
             for obj in self.objects:
-                _draw(draw, obj, COLORS[obj.color])
+                draw_shape(draw, obj.shape, obj.cx, obj.cy, obj.radius, COLORS[obj.color])
             if self.noise > 0:
                 pixels = np.asarray(image, dtype=np.float32)
                 noise = np.random.default_rng(self.noise_seed).normal(0.0, self.noise, pixels.shape)
@@ -106,7 +106,7 @@ class Scene:
         image = Image.new("L", (self.size, self.size), 0)
         draw = ImageDraw.Draw(image)
         for i, obj in enumerate(self.objects):
-            _draw(draw, obj, i + 1)
+            draw_shape(draw, obj.shape, obj.cx, obj.cy, obj.radius, i + 1)
         return np.asarray(image)
 
     def patch_objects(self, patch: int) -> np.ndarray:
@@ -123,31 +123,36 @@ class Scene:
         return np.where(covered, best, -1)
 
 
-def _polygon(obj: Obj, points: int, inner: float | None, rotation: float = -90.0):
+def _polygon(cx: float, cy: float, radius: float, points: int, inner: float | None, rotation: float = -90.0):
     vertices = []
     count = points * 2 if inner else points
     for k in range(count):
-        radius = obj.radius * (inner if inner and k % 2 else 1.0)
+        vertex_radius = radius * (inner if inner and k % 2 else 1.0)
         angle = math.radians(rotation + 360.0 * k / count)
-        vertices.append((obj.cx + radius * math.cos(angle), obj.cy + radius * math.sin(angle)))
+        vertices.append((cx + vertex_radius * math.cos(angle), cy + vertex_radius * math.sin(angle)))
     return vertices
 
 
-def _draw(draw: ImageDraw.ImageDraw, obj: Obj, fill):
-    r = obj.radius
-    if obj.shape == "circle":
-        draw.ellipse((obj.cx - r, obj.cy - r, obj.cx + r, obj.cy + r), fill=fill)
-    elif obj.shape == "square":
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, radius: float, fill):
+    """Draw one `shape` of circumradius `radius` centred at (cx, cy), in pixels of `draw`'s image.
+
+    The one geometry of every shape scene: the training data's and the app's example scenes
+    (components/examples.py), so what the model was trained on is what the examples show.
+    """
+    r = radius
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
         half = r * 0.8
-        draw.rectangle((obj.cx - half, obj.cy - half, obj.cx + half, obj.cy + half), fill=fill)
-    elif obj.shape == "triangle":
+        draw.rectangle((cx - half, cy - half, cx + half, cy + half), fill=fill)
+    elif shape == "triangle":
         # Centred on its bounding box rather than its centroid so it fills the cell evenly.
-        vertices = [(obj.cx, obj.cy - r), (obj.cx + r, obj.cy + r * 0.8), (obj.cx - r, obj.cy + r * 0.8)]
+        vertices = [(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)]
         draw.polygon(vertices, fill=fill)
-    elif obj.shape == "star":
-        draw.polygon(_polygon(obj, 5, inner=0.45), fill=fill)
+    elif shape == "star":
+        draw.polygon(_polygon(cx, cy, r, 5, inner=0.45), fill=fill)
     else:
-        raise ValueError(f"Unknown shape {obj.shape!r}; choose one of {SHAPES}.")
+        raise ValueError(f"Unknown shape {shape!r}; choose one of {SHAPES}.")
 
 
 def sample_scene(rng: random.Random, num_objects: int | None = None) -> Scene:
