@@ -322,7 +322,7 @@ class Engine:
         adapter = for_model(lm.model)
         config = lm.config_for(config)   # the model's recommended position mode where the config leaves it unset
         try:
-            resolved = config.resolve(len(adapter.decoder_layers(lm.model)), adapter.default_positions)
+            resolved = adapter.resolve(config, lm.model)
         except ConfigError as error:
             raise UserError(f"Impossible pruning schedule for {lm.spec.label}: {error}") from error
         pre_stage = methods.pre_llm_stage(resolved)
@@ -332,9 +332,6 @@ class Engine:
             except UnsupportedModelError:
                 raise UserError(f"{pre_stage.label} runs on {pre_stage.supported_models} only; {lm.spec.label} is a "
                                 f"{adapter.family} model. Pick another method or a model it supports.") from None
-        if resolved.positions not in adapter.allowed_positions:
-            raise UserError(f"Position mode {resolved.positions!r} is not valid for {adapter.family} models; "
-                            f"use one of {', '.join(adapter.allowed_positions)}.")
         steps = 2 + 2 + 2 * max(0, repeats - 1) + (video is not None)
         done = itertools.count(1)
 

@@ -7,7 +7,8 @@
 """
 
 from .config import ConfigError, PruneConfig
-from .runner import Pruner, PruningInputError, apply
+from .errors import PruningInputError
+from .runner import Pruner, apply
 from .trace import PruneTrace, Stage, VisualLayout
 from .adapters import UnsupportedModelError
 from .compat import IncompatibleTransformersError

@@ -26,6 +26,8 @@ import transformers
 from packaging.version import Version
 from transformers import Cache
 
+from .errors import PruningInputError
+
 # The transformers releases CI runs the tests on: the oldest in the library's declared range
 # (pyproject.toml) and the one requirements.txt pins. Keep these, pyproject.toml,
 # requirements.txt and the README's "Tested with" table in step (tests/test_compat.py checks).
@@ -113,6 +115,43 @@ def check_cache_lengths(cache: Cache, prefill_lengths: list[int], steps: int, wh
             f"{when}, the KV cache holds {actual} tokens per decoder layer where the pruned prefill "
             f"and {steps} decoded tokens leave {expected} (a cache from another run, passed by hand, does "
             "this too: continue with the cache the pruned prefill returned).")
+
+
+class DecodeGuard:
+    """The decode-step invariants of one pruned prefill.
+
+    Every later call that continues its KV cache must be recognised as a decode step, and each
+    layer's cache must hold what that layer kept in prefill plus the tokens decoded since. Checked
+    before and after each step (a few integer reads); a violation raises instead of decoding with
+    the wrong positions or mask.
+    """
+
+    def __init__(self, prompt_length: int, prefill_lengths: list[int]):
+        self.prompt_length, self.prefill_lengths = prompt_length, prefill_lengths
+
+    def check(self, cache: Cache, when: str) -> int:
+        """Raise unless `cache` is this prefill's, grown by whole decode steps; returns the steps."""
+        steps = cache_length(cache, 0) - self.prompt_length
+        check_cache_lengths(cache, self.prefill_lengths, steps, when)
+        return steps
+
+    @staticmethod
+    def check_dynamic(cache: Cache | None):
+        if cache is not None and "Static" in type(cache).__name__:
+            raise PruningInputError("TransPrune needs a dynamic KV cache (pruned layers cache fewer tokens); "
+                                    "do not use cache_implementation='static' or a StaticCache.")
+
+    @staticmethod
+    def check_unpruned(cache: Cache, num_layers: int, error: Exception):
+        """Raise `error` unless every layer caches as many tokens (no pruned prefill wrote `cache`)."""
+        if len(set(cache_lengths(cache, num_layers))) > 1:
+            raise error
+
+    @staticmethod
+    def unrecognised_step() -> IncompatibleTransformersError:
+        return IncompatibleTransformersError(
+            "a decode step passed the KV cache in a way the pruner does not recognise, so it would "
+            "run with the unpruned positions and mask over the pruned cache.")
 
 
 def continues_cache(kwargs: Mapping, input_ids) -> bool:

@@ -7,3 +7,7 @@ class UnsupportedModelError(TypeError):
 
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says why and what to try."""
+
+
+class PruningInputError(ValueError):
+    """The inputs cannot be pruned as given; the message says what to pass instead."""

@@ -9,7 +9,8 @@ forward hooks and pre-hooks:
 - before every decoder layer: hand layers after a pruning stage the position ids, position
   embeddings and attention mask of the surviving tokens;
 - on attention and MLP at the layers whose TTV the method needs: record TTV (prefill only);
-- after each pruning layer: score the alive visual tokens, keep the top k, and return the
+- after each pruning layer: score the alive visual tokens, keep the top k, add the tokens a
+  method inserts (SparseVLM's recycled ones), and return the
   gathered hidden states, which become the next layer's input.
 
 The state of one prefill is a `transprune.sequence.PrunedSequence` (which token each slot holds,
@@ -30,14 +31,11 @@ import torch
 from torch import nn
 
 from . import adapters, compat, methods, scoring, sequence
-from .config import ConfigError, PruneConfig
+from .config import PruneConfig
+from .errors import PruningInputError
 from .methods.base import Needs, StageContext
 from .sidepass import KeyReuse, SidePasses
 from .trace import PruneTrace, Stage
-
-
-class PruningInputError(ValueError):
-    """The inputs cannot be pruned as given; the message says what to pass instead."""
 
 
 # Models with a pruner attached, so a second one is refused (two would fight over the same layers).
@@ -59,7 +57,7 @@ class _Prefill:
     input_embeddings: torch.Tensor | None = None           # layer 1's input (Needs.input_embeddings)
     key_projections: dict = field(default_factory=dict)    # layer -> its key projection, to reuse
     memo: sequence.Memo = field(default_factory=sequence.Memo)        # per stage: gathered layer kwargs
-    cache_lengths: list[int] | None = None   # per layer, what its KV cache held after prefill
+    guard: compat.DecodeGuard | None = None  # set when the pruned prefill returned its KV cache
     decoding: bool = False
     steps: int = 0                           # tokens decoded before the current step
     step_memo: sequence.Memo = field(default_factory=sequence.Memo)   # per decode step: adjusted layer kwargs
@@ -88,11 +86,7 @@ class Pruner:
         self.model = model
         self.adapter = adapters.for_model(model)
         self.layers = self.adapter.decoder_layers(model)
-        self.config = config.resolve(len(self.layers), self.adapter.default_positions)
-        if self.config.positions not in self.adapter.allowed_positions:
-            raise ConfigError(
-                f"positions={self.config.positions!r} is not valid for {self.adapter.family} models; "
-                f"use one of {self.adapter.allowed_positions}.")
+        self.config = self.adapter.resolve(config, model)
         self.pre_stage = methods.pre_llm_stage(self.config)
         if self.pre_stage is not None:
             self.pre_stage.check_model(model)
@@ -175,10 +169,7 @@ class Pruner:
     def _on_model_call(self, module, args, kwargs):
         input_ids = compat.get(kwargs, "input_ids", args[0] if args else None)
         cache = compat.find_cache(args, kwargs)
-        if cache is not None and "Static" in type(cache).__name__:
-            raise PruningInputError(
-                "TransPrune needs a dynamic KV cache (pruned layers cache fewer tokens); "
-                "do not use cache_implementation='static' or a StaticCache.")
+        compat.DecodeGuard.check_dynamic(cache)
         if cache is not None and compat.cache_length(cache, 0) > 0:
             self._begin_decode_step(cache)
             return None
@@ -211,58 +202,39 @@ class Pruner:
         """True for a call that continues a KV cache the pruner could not find (it is then run as is)."""
         if not compat.continues_cache(kwargs, input_ids):
             return False
-        if self._state is not None and self._state.cache_lengths is not None:
-            raise compat.IncompatibleTransformersError(
-                "a decode step passed the KV cache in a way the pruner does not recognise, so it would "
-                "run with the unpruned positions and mask over the pruned cache.")
+        if self._state is not None and self._state.guard is not None:
+            raise compat.DecodeGuard.unrecognised_step()
         if input_ids is not None and bool(self.adapter.visual_mask(self.model, input_ids).any()):
             raise PruningInputError("Continuing a KV cache with a new image or video is not supported: "
                                     "start a new generation from the whole prompt.")
         self._state = None
         return True
 
-    def _after_model_call(self, module, args, kwargs, output):
-        cache = compat.output_cache(output)
-        if cache is None:
-            return None
-        state = self._state
-        if state is None:
-            if len(set(self._cache_lengths(cache))) > 1:
-                raise compat.IncompatibleTransformersError(
-                    "a call continued a pruned KV cache without being recognised as a decode step.")
-        elif not state.decoding:
-            state.cache_lengths = state.sequence.cache_lengths(len(self.layers))
-            self._check_cache(cache, 0, "after the pruned prefill")
-        else:
-            self._check_cache(cache, compat.cache_length(cache, 0) - state.sequence.prompt.length, "after a decode step")
-        return None
-
-    # ------------------------------------------------------------------ decode-step invariants
-    # A decode step must be recognised as one, and every layer's KV cache must hold what that layer
-    # kept in prefill plus the tokens decoded since. Both are checked before and after each step
-    # (a few integer reads); a violation raises instead of decoding with the wrong positions/mask.
-    def _cache_lengths(self, cache) -> list[int]:
-        return compat.cache_lengths(cache, len(self.layers))
-
     def _begin_decode_step(self, cache):
         state = self._state
-        if state is None or state.cache_lengths is None:
+        if state is None or state.guard is None:
             # No pruned prefill of ours to continue: the model must run exactly as without a pruner,
             # which is right only for a cache no pruned prefill wrote (equal lengths in every layer).
             self._state = None
-            lengths = self._cache_lengths(cache)
-            if len(set(lengths)) > 1:
-                raise PruningInputError(
-                    "This KV cache comes from a pruned prefill that this pruner did not run or no longer "
-                    f"holds (its layers cache {min(lengths)} to {max(lengths)} tokens). Generate from the "
-                    "prompt with the pruner attached, in one call.")
+            compat.DecodeGuard.check_unpruned(cache, len(self.layers), PruningInputError(
+                "This KV cache comes from a pruned prefill that this pruner did not run or no longer holds. "
+                "Generate from the prompt with the pruner attached, in one call."))
             return
-        steps = compat.cache_length(cache, 0) - state.sequence.prompt.length
-        self._check_cache(cache, steps, "before a decode step")
+        steps = state.guard.check(cache, "before a decode step")
         state.decoding, state.steps, state.step_memo = True, steps, sequence.Memo()
 
-    def _check_cache(self, cache, steps: int, when: str):
-        compat.check_cache_lengths(cache, self._state.cache_lengths, steps, when)
+    def _after_model_call(self, module, args, kwargs, output):
+        cache, state = compat.output_cache(output), self._state
+        if cache is None:
+            return None
+        if state is None:
+            compat.DecodeGuard.check_unpruned(cache, len(self.layers), compat.IncompatibleTransformersError(
+                "a call continued a pruned KV cache without being recognised as a decode step."))
+            return None
+        if state.guard is None:
+            state.guard = compat.DecodeGuard(state.sequence.prompt.length, state.sequence.cache_lengths(len(self.layers)))
+        state.guard.check(cache, "after a decode step" if state.decoding else "after the pruned prefill")
+        return None
 
     # ------------------------------------------------------------------ decoder layers
     def _before_layer(self, number, module, args, kwargs):
@@ -287,10 +259,9 @@ class Pruner:
             state.layer_inputs[number] = hidden
         if number == 1 and self.needs.input_embeddings:
             state.input_embeddings = hidden
-        counts = state.sequence.view.token_valid.sum(dim=1).tolist()
-        for b, trace in enumerate(state.traces):
-            trace.tokens_per_layer.append(int(counts[b]))
-            trace.visual_tokens_per_layer.append(len(state.sequence.alive[b]))
+        for trace, tokens, visual in zip(state.traces, *state.sequence.counts()):
+            trace.tokens_per_layer.append(tokens)
+            trace.visual_tokens_per_layer.append(visual)
         return args, kwargs
 
     def _rotary(self, hidden, position_ids):
@@ -334,15 +305,11 @@ class Pruner:
             alive[b] = candidates[kept]
             if insertion is not None:
                 anchors[b], tokens[b] = candidates[insertion.anchors], insertion.tokens
-            state.traces[b].stages.append(self._stage_record(number, ratio, candidates, scores, insertion))
+            state.traces[b].stages.append(Stage.of_scores(number, ratio, candidates, scores, alive[b],
+                                                          insertion, first_new=len(seq.visual[b].positions)))
         state.layer_inputs.pop(number, None)
         state.key_projections.pop(number, None)
         gather = seq.prune(number, alive, anchors)
-        for b, stage in enumerate(state.traces):
-            if stage.stages and stage.stages[-1].layer == number:
-                stage.stages[-1].kept = seq.alive[b].cpu()
-                if anchors[b] is not None:
-                    stage.stages[-1].inserted = seq.alive[b][-len(anchors[b]):].cpu()
         state.memo = sequence.Memo()
         if scorer.next_key_proj is not None and not any(t is not None for t in tokens):
             # Key reuse only when every slot is gathered: an inserted token has no key projection yet.
@@ -364,30 +331,14 @@ class Pruner:
             next_layer_qk=functools.partial(scorer.next_layer_qk, b),
             this_layer_qk=functools.partial(scorer.this_layer_qk, b),
             next_scaling=scorer.next_scaling, this_scaling=scorer.this_scaling,
-            input_embeddings=functools.partial(self._input_embeddings, b) if self.needs.input_embeddings else None,
+            input_embeddings=(functools.partial(seq.prompt_rows, self._state.input_embeddings, b)
+                              if self.needs.input_embeddings else None),
             candidate_spans=seq.candidate_spans(b), output=lambda: hidden[b, slots])
-
-    @staticmethod
-    def _stage_record(number, ratio, candidates, scores, insertion) -> Stage:
-        """The trace entry of one sample's stage (`kept` and `inserted` are filled in after the prune)."""
-        plain = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
-        sources = None if insertion is None else [candidates[s].cpu() for s in insertion.sources]
-        return Stage(layer=number, keep_ratio=ratio, candidates=candidates.cpu(), kept=candidates.cpu(),
-                     score=plain(scores.score), ttv=plain(scores.ttv), iga=plain(scores.iga), sources=sources)
-
-    def _input_embeddings(self, sample: int):
-        """(visual (N, d), instruction (q, d)): sample's rows of the first decoder layer's input
-        (original positions: nothing is pruned before layer 1)."""
-        state = self._state
-        first, prompt = state.input_embeddings[sample], state.sequence.prompt
-        return first[prompt.visual_positions[sample]], first[prompt.instruction_positions[sample]]
 
     def _take_keys(self, number, hidden, project) -> torch.Tensor | None:
         """The key projection of layer `number` on `hidden` if a side pass already computed it."""
         state = self._state
-        if state is None or state.decoding:
-            return None
-        keys = state.key_projections.pop(number, None)
+        keys = None if state is None or state.decoding else state.key_projections.pop(number, None)
         if keys is None or keys.shape[:-1] != hidden.shape[:-1]:
             return None
         if self.reuse_listener is not None:

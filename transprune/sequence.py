@@ -462,6 +462,10 @@ class PrunedSequence:
                 view = stage_view
         return view
 
+    def counts(self) -> tuple[list[int], list[int]]:
+        """Per sample, (tokens, visual tokens) in the current sequence (valid slots only)."""
+        return self.view.token_valid.sum(dim=1).tolist(), [len(alive) for alive in self.alive]
+
     def cache_lengths(self, num_layers: int) -> list[int]:
         """Per layer, the tokens its KV cache holds after prefill."""
         lengths = []
@@ -473,6 +477,12 @@ class PrunedSequence:
     # -- per sample, in the current view
     def slots(self, sample: int, positions: torch.Tensor) -> torch.Tensor:
         return self.view.slot_of_pos[sample, positions]
+
+    def prompt_rows(self, values: torch.Tensor, sample: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(visual (N, d), instruction (q, d)): the sample's rows of `values` (B, L, d), a tensor over
+        the unpruned prompt (such as the first decoder layer's input)."""
+        row = values[sample]
+        return row[self.prompt.visual_positions[sample]], row[self.prompt.instruction_positions[sample]]
 
     def candidate_slots(self, sample: int) -> torch.Tensor:
         """Slots of the sample's alive visual tokens."""

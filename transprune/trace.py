@@ -30,6 +30,21 @@ class Stage:
     inserted: torch.Tensor | None = None
     sources: list[torch.Tensor] | None = None
 
+    @classmethod
+    def of_scores(cls, layer: int, keep_ratio: float, candidates, scores, kept, insertion=None,
+                  first_new: int = 0) -> "Stage":
+        """The entry of one sample's stage, on the CPU: a method's StageScores, the candidates `kept`,
+        and its Insertion, whose tokens get the visual indices first_new, first_new + 1, ..."""
+        plain = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+        inserted = sources = None
+        if insertion is not None:
+            inserted = torch.arange(first_new, first_new + len(insertion.anchors))
+            sources = [candidates[s].cpu() for s in insertion.sources]
+        kept = kept.cpu() if inserted is None else torch.cat([kept.cpu(), inserted])
+        return cls(layer=layer, keep_ratio=keep_ratio, candidates=candidates.cpu(), kept=kept,
+                   score=plain(scores.score), ttv=plain(scores.ttv), iga=plain(scores.iga),
+                   inserted=inserted, sources=sources)
+
     def to_dict(self) -> dict:
         def plain(t):
             return None if t is None else t.tolist()

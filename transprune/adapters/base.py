@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from .. import sequence
+from ..config import ConfigError
 from ..architecture import Shape
 
 
@@ -89,6 +90,15 @@ class Adapter:
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return self.language_model(model).layers
+
+    def resolve(self, config, model: nn.Module):
+        """`config` (a PruneConfig) resolved for this model: its depth, the family's default position
+        mode where the config leaves it unset; ConfigError for a position mode the family cannot run."""
+        resolved = config.resolve(len(self.decoder_layers(model)), self.default_positions)
+        if resolved.positions not in self.allowed_positions:
+            raise ConfigError(f"positions={resolved.positions!r} is not valid for {self.family} models; "
+                              f"use one of {', '.join(self.allowed_positions)}.")
+        return resolved
 
     def attention(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.attention_name)
