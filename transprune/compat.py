@@ -148,10 +148,17 @@ class DecodeGuard:
             raise error
 
     @staticmethod
-    def unrecognised_step() -> IncompatibleTransformersError:
-        return IncompatibleTransformersError(
-            "a decode step passed the KV cache in a way the pruner does not recognise, so it would "
-            "run with the unpruned positions and mask over the pruned cache.")
+    def check_unseen_continuation(after_pruned_prefill: bool, adds_visual: bool):
+        """For a call that continues a KV cache the pruner cannot find: refuse it after a pruned
+        prefill (it would decode with the unpruned positions and mask over the pruned cache) and
+        when it brings a new image or video."""
+        if after_pruned_prefill:
+            raise IncompatibleTransformersError(
+                "a decode step passed the KV cache in a way the pruner does not recognise, so it would "
+                "run with the unpruned positions and mask over the pruned cache.")
+        if adds_visual:
+            raise PruningInputError("Continuing a KV cache with a new image or video is not supported: "
+                                    "start a new generation from the whole prompt.")
 
 
 def continues_cache(kwargs: Mapping, input_ids) -> bool:

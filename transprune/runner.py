@@ -33,7 +33,7 @@ from torch import nn
 from . import adapters, compat, methods, scoring, sequence
 from .config import PruneConfig
 from .errors import PruningInputError
-from .methods.base import Needs, StageContext
+from .methods.base import Needs
 from .sidepass import KeyReuse, SidePasses
 from .trace import PruneTrace, Stage
 
@@ -175,11 +175,8 @@ class Pruner:
             return None
         if self._continues_unseen_cache(kwargs, input_ids):
             return None
-        if self.pre_stage is not None and not self.pre_stage.is_prepared(input_ids, compat.get(kwargs, "pixel_values")):
-            raise PruningInputError(
-                f"This config runs {self.pre_stage.name} before the language model, which changes the inputs: call "
-                "the model with `pruner.prepare_inputs(inputs)` (made from these inputs) instead of the processor's "
-                "output.")
+        if self.pre_stage is not None:
+            self.pre_stage.check_prepared(input_ids, compat.get(kwargs, "pixel_values"))
         self._state = None
         self.traces = []
         if input_ids is None:
@@ -202,11 +199,9 @@ class Pruner:
         """True for a call that continues a KV cache the pruner could not find (it is then run as is)."""
         if not compat.continues_cache(kwargs, input_ids):
             return False
-        if self._state is not None and self._state.guard is not None:
-            raise compat.DecodeGuard.unrecognised_step()
-        if input_ids is not None and bool(self.adapter.visual_mask(self.model, input_ids).any()):
-            raise PruningInputError("Continuing a KV cache with a new image or video is not supported: "
-                                    "start a new generation from the whole prompt.")
+        compat.DecodeGuard.check_unseen_continuation(
+            after_pruned_prefill=self._state is not None and self._state.guard is not None,
+            adds_visual=input_ids is not None and bool(self.adapter.visual_mask(self.model, input_ids).any()))
         self._state = None
         return True
 
@@ -246,11 +241,8 @@ class Pruner:
             view = state.sequence.view_for_layer(number)
             if view is None:
                 return None
-            sources = (view, compat.get(kwargs, "attention_mask"),
-                       compat.require(kwargs, "position_embeddings", "A decoder layer")[0])
-            updates = state.step_memo.get("decode", sources, lambda: sequence.decode_layer_kwargs(
-                view, kwargs, hidden, self.config.positions, self.masks, self._rotary, state.steps))
-            return args, compat.replace(kwargs, **updates)
+            return args, compat.replace(kwargs, **sequence.decode_layer_kwargs(
+                view, kwargs, hidden, self.config.positions, self.masks, self._rotary, state.steps, state.step_memo))
         if state.sequence.pruned:
             kwargs = compat.replace(kwargs, **sequence.prefill_layer_kwargs(
                 state.sequence.view, kwargs, hidden, self.config.positions, self.masks, self._rotary, state.memo))
@@ -297,7 +289,7 @@ class Pruner:
         for b, candidates in enumerate(seq.alive):
             if len(seq.prompt.visual_positions[b]) == 0:
                 continue
-            context = self._stage_context(b, number, scorer, hidden)
+            context = scorer.context(seq, b, state.input_embeddings if self.needs.input_embeddings else None)
             with self.span("score"):
                 scores = self.method.score(context)
                 kept = seq.select(b, scores.score, ratio, scores.keep)
@@ -318,22 +310,6 @@ class Pruner:
             self.traces = state.traces
         pruned = seq.insert_rows(sequence.gather_slots(hidden, gather), tokens)
         return (pruned, *output[1:]) if isinstance(output, tuple) else pruned
-
-    def _stage_context(self, b: int, number: int, scorer: SidePasses, hidden: torch.Tensor) -> StageContext:
-        """What the method reads for sample `b` at pruning layer `number` (`hidden`: its output)."""
-        seq = self._state.sequence
-        prompt, view, slots = seq.prompt, seq.view, seq.candidate_slots(b)
-        return StageContext(
-            sample=b, layer=number, candidates=seq.alive[b], candidate_slots=slots,
-            instruction_slots=seq.slots(b, prompt.instruction_positions[b]),
-            last_slot=int(view.slot_of_pos[b, prompt.last_position[b]]),
-            key_valid=view.token_valid[b], ttv_acc=seq.ttv_acc[b][seq.alive[b]],
-            next_layer_qk=functools.partial(scorer.next_layer_qk, b),
-            this_layer_qk=functools.partial(scorer.this_layer_qk, b),
-            next_scaling=scorer.next_scaling, this_scaling=scorer.this_scaling,
-            input_embeddings=(functools.partial(seq.prompt_rows, self._state.input_embeddings, b)
-                              if self.needs.input_embeddings else None),
-            candidate_spans=seq.candidate_spans(b), output=lambda: hidden[b, slots])
 
     def _take_keys(self, number, hidden, project) -> torch.Tensor | None:
         """The key projection of layer `number` on `hidden` if a side pass already computed it."""

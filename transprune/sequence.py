@@ -413,9 +413,16 @@ def prefill_layer_kwargs(view: SequenceView, kwargs: dict, hidden: torch.Tensor,
 
 
 def decode_layer_kwargs(view: SequenceView, kwargs: dict, hidden: torch.Tensor, mode: str, masks, rotary,
-                        decoded: int) -> dict:
+                        decoded: int, memo: Memo) -> dict:
     """What changes for a decode step of a layer that saw `view` in prefill: the mask columns of its
-    cache and, for "compact" positions, the shifted position ids and their rotary embedding."""
+    cache and, for "compact" positions, the shifted position ids and their rotary embedding. Layers
+    that saw the same view get the same values, computed once per step (`memo`)."""
+    sources = (view, compat.get(kwargs, "attention_mask"),
+               compat.require(kwargs, "position_embeddings", "A decoder layer")[0])
+    return memo.get("decode", sources, lambda: _decode_changes(view, kwargs, hidden, mode, masks, rotary, decoded))
+
+
+def _decode_changes(view, kwargs, hidden, mode, masks, rotary, decoded) -> dict:
     result = {}
     mask = compat.get(kwargs, "attention_mask")
     new_mask = masks.decode(view, mask, decoded, hidden.shape[1])

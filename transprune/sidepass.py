@@ -1,4 +1,4 @@
-"""The side passes of a pruning stage and the key reuse they allow.
+"""What a pruning stage reads (its side passes and the StageContext a method gets) and the key reuse they allow.
 
 A score that reads attention (IGA, PDrop, FastV) needs queries and keys of a decoder layer without
 running its attention kernel (so the model can stay on SDPA or FlashAttention): `SidePasses`
@@ -9,8 +9,12 @@ survivors' rows instead of projecting them again (`KeyReuse`).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
+
+from .methods.base import StageContext
 
 
 class SidePasses:
@@ -47,6 +51,23 @@ class SidePasses:
                 self.layers[self.number - 1], self.layer_input, self.position_embeddings, self.query_slots,
                 key_proj=self.lent_keys)
         return self._this[0][sample], self._this[1][sample]
+
+
+    def context(self, seq, sample: int, input_embeddings: torch.Tensor | None) -> StageContext:
+        """What a method reads for `sample` of `seq` (a PrunedSequence) at this stage; the first
+        decoder layer's input, if given, for `StageContext.input_embeddings`."""
+        prompt, view, slots = seq.prompt, seq.view, seq.candidate_slots(sample)
+        return StageContext(
+            sample=sample, layer=self.number, candidates=seq.alive[sample], candidate_slots=slots,
+            instruction_slots=seq.slots(sample, prompt.instruction_positions[sample]),
+            last_slot=int(view.slot_of_pos[sample, prompt.last_position[sample]]),
+            key_valid=view.token_valid[sample], ttv_acc=seq.ttv_acc[sample][seq.alive[sample]],
+            next_layer_qk=functools.partial(self.next_layer_qk, sample),
+            this_layer_qk=functools.partial(self.this_layer_qk, sample),
+            next_scaling=self.next_scaling, this_scaling=self.this_scaling,
+            input_embeddings=(None if input_embeddings is None
+                              else functools.partial(seq.prompt_rows, input_embeddings, sample)),
+            candidate_spans=seq.candidate_spans(sample), output=lambda: self.hidden[sample, slots])
 
 
 class KeyReuse:

@@ -52,6 +52,8 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from ..errors import PruningInputError
+
 if TYPE_CHECKING:   # no import at run time: the config imports this registry
     from ..config import PruneConfig
 
@@ -159,6 +161,14 @@ class PreLLMStage(PruningStage):
     def is_prepared(self, input_ids, pixel_values) -> bool:
         """True for a model call made with what `prepare_inputs` returned (the runner refuses others)."""
         raise NotImplementedError
+
+    def check_prepared(self, input_ids, pixel_values) -> None:
+        """Raise PruningInputError for a model call made with the processor's own inputs."""
+        if not self.is_prepared(input_ids, pixel_values):
+            raise PruningInputError(
+                f"This config runs {self.label} before the language model, which changes the inputs: call the "
+                "model with `pruner.prepare_inputs(inputs)` (made from these inputs) instead of the processor's "
+                "output.")
 
     def map_traces(self, traces: list) -> list:
         """The in-LLM traces of the last prepared inputs, in the original visual tokens."""
