@@ -9,7 +9,7 @@ from components import schedule
 from transprune import ConfigError, PruneConfig, methods
 from transprune import eval as eval_tool
 from transprune.config import PRESETS
-from transprune.methods import Method, Needs, PreLLMStage, StageScores
+from transprune.methods import Method, PreLLMStage, StageScores
 
 
 class KeepLast(Method):

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import transprune
 from transprune import adapters, flops, models
 
 
