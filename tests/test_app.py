@@ -301,6 +301,23 @@ def test_compare_handler_with_visionzip(handlers, example_image):
     assert Image.open(out.card["value"]).size == (card.WIDTH, card.HEIGHT)
 
 
+def test_compare_handler_with_sparsevlm_recycled_tokens(handlers, example_image):
+    """SparseVLM inserts recycled tokens: the table counts what the LLM sees (kept + recycled), the
+    overlays and the patch inspector cover the image's own 144 patches only."""
+    compare, _ = handlers
+    out = compare(example_image, "What color is the circle?", method="SparseVLM", budget="High",
+                  progress=noop_progress, **FAST)
+    stages = _trace_json(out)["trace"]["stages"]
+    assert [s["layer"] for s in stages] == [2, 4, 8] and all(s["inserted"] for s in stages)
+    own = [len([k for k in s["kept"] if k < 144]) for s in stages]
+    rows = {r[0]: r[1:] for r in out.table.values.tolist()}
+    assert rows[metrics.kept_row_name(2)][:2] == ["144", str(len(stages[0]["kept"]))]
+    assert [int(caption.split(": ")[1].split(" of ")[0]) for _, caption in out.stages] == own
+    for path, _ in out.stages:
+        assert Image.open(path).size[0] > 0
+    assert Image.open(out.card["value"]).size == (card.WIDTH, card.HEIGHT)
+
+
 def test_visionzip_on_another_family_is_a_clear_message(example_image):
     with pytest.raises(UserError, match="VisionZip runs on LLaVA-1.5-family models only"):
         Engine().compare("tiny-llava-next", example_image, "What shape is yellow?",
