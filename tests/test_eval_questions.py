@@ -272,7 +272,7 @@ def test_registry_names_load_real_checkpoints_with_device_map(monkeypatch):
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda name: None)
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda name: "processor")
     family = models.adapters.FAMILIES[models.REGISTRY["llava-1.5-7b"].family]
-    monkeypatch.setattr(family, "model_class", classmethod(lambda cls: FakeModel))
+    monkeypatch.setattr(family, "model_class", classmethod(lambda cls, config=None: FakeModel))
     loaded = models.load("llava-1.5-7b", dtype="float16", device_map="auto")
     assert calls == [("llava-hf/llava-1.5-7b-hf", dict(dtype=torch.float16, device_map="auto"))]
     assert loaded.processor == "processor"

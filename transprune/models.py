@@ -22,7 +22,7 @@ import torch
 
 from . import adapters
 from .config import PruneConfig
-from .errors import ModelLoadError
+from .errors import ModelLoadError, UnsupportedModelError
 from .images import as_image
 from .measure import TokenClock, parse_dtype, peak_memory_mb, sync
 from .runner import apply
@@ -60,9 +60,9 @@ class ModelSpec:
         return f"{self.label} · {self.size} · {where}"
 
 
-def _tiny(family: str) -> Callable:
-    """The offline tiny model of a family (its adapter's builder), with default arguments."""
-    return lambda: adapters.by_family(family).build_tiny()
+def _tiny(family: str, **kwargs) -> Callable:
+    """The offline tiny model of a family (its adapter's builder), with default arguments but `kwargs`."""
+    return lambda: adapters.by_family(family).build_tiny(**kwargs)
 
 
 def _shapes_llava():
@@ -103,6 +103,10 @@ for _spec in (
               builder=_tiny("qwen2_5_vl"), video=True, description="Qwen2.5-VL architecture (M-RoPE), random weights."),
     ModelSpec("tiny-smolvlm", "Tiny SmolVLM (random weights)", "smolvlm", "0.9M", builder=_tiny("smolvlm"),
               description="SmolVLM architecture (image splitting: 2x2 tiles + global view), random weights."),
+    ModelSpec("tiny-idefics3", "Tiny SmolVLM, Idefics3 class (random weights)", "smolvlm", "0.9M",
+              builder=_tiny("smolvlm", model_type="idefics3"),
+              description="tiny-smolvlm's model and weights in Idefics3ForConditionalGeneration, the class of "
+                          "SmolVLM-256M/500M-Instruct."),
     ModelSpec("llava-1.5-7b", "LLaVA-1.5-7B", "llava", "7B", checkpoint="llava-hf/llava-1.5-7b-hf"),
     ModelSpec("llava-1.5-13b", "LLaVA-1.5-13B", "llava", "13B", checkpoint="llava-hf/llava-1.5-13b-hf"),
     ModelSpec("llava-next-vicuna-7b", "LLaVA-NeXT-Vicuna-7B", "llava_next", "7B",
@@ -119,7 +123,8 @@ for _spec in (
               checkpoint="llava-hf/llava-onevision-qwen2-0.5b-ov-hf", video=True),
     ModelSpec("llava-onevision-7b", "LLaVA-OneVision-7B", "llava_onevision", "8B",
               checkpoint="llava-hf/llava-onevision-qwen2-7b-ov-hf", video=True),
-    # SmolVLM's processor needs the `num2words` package (transformers imports it for video prompts).
+    # SmolVLM(1) checkpoints: config.json model_type "idefics3", so Idefics3ForConditionalGeneration and
+    # Idefics3Processor (which, unlike SmolVLM2's SmolVLMProcessor, does not need `num2words`).
     ModelSpec("smolvlm-256m", "SmolVLM-256M-Instruct", "smolvlm", "256M",
               checkpoint="HuggingFaceTB/SmolVLM-256M-Instruct"),
     ModelSpec("smolvlm-500m", "SmolVLM-500M-Instruct", "smolvlm", "500M",
@@ -167,8 +172,10 @@ def _from_pretrained(spec: ModelSpec, device: str, dtype, attn_implementation, d
     dtype = dtype or (torch.float16 if on_gpu else torch.float32)
     try:
         config = AutoConfig.from_pretrained(spec.checkpoint)
+        # The class config.json names (a family can have several: SmolVLM's checkpoints are Idefics3 or
+        # SmolVLM classes); a registered entry's family must handle it.
         model_class = (getattr(transformers, config.architectures[0]) if not spec.family
-                       else adapters.by_family(spec.family).model_class())
+                       else adapters.by_family(spec.family).model_class(config))
         kwargs = dict(dtype=dtype)
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
@@ -181,6 +188,8 @@ def _from_pretrained(spec: ModelSpec, device: str, dtype, attn_implementation, d
     except torch.cuda.OutOfMemoryError as error:
         raise ModelLoadError(f"{spec.label} does not fit in GPU memory ({error}). Pick a smaller model or "
                              "dtype=float16/bfloat16.") from error
+    except UnsupportedModelError as error:
+        raise ModelLoadError(f"Cannot load {spec.checkpoint} as {spec.label}: {error}.") from error
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"Could not load {spec.checkpoint} from the Hugging Face Hub: {error}. Check the "
                              "network connection and the model id, or pick a built-in offline model.") from error

@@ -9,7 +9,8 @@ everything below from the adapter registry. Optional extra: `ModelSpec` lines in
 A family's adapter provides (class attributes unless noted; the defaults fit Llama-style decoders):
 
 - `family` (registry key, e.g. "llava"), `label` (shown to users), `model_classes` (the
-  transformers class names it handles; the first one is loaded by `transprune.models`);
+  transformers class names it handles; `transprune.models` loads the one a checkpoint's config.json
+  names, see `model_class`);
 - sizes: `architectures`, its real checkpoints' language-model shapes by name
   (`transprune.architecture.Shape`: public config.json values and the usual number of visual
   tokens), which `transprune.flops.ARCHITECTURES` collects for the analytic FLOPs and
@@ -50,6 +51,7 @@ from torch import nn
 from .. import sequence
 from ..config import ConfigError
 from ..architecture import Shape
+from ..errors import UnsupportedModelError
 
 
 class Adapter:
@@ -75,10 +77,17 @@ class Adapter:
 
     # ----------------------------------------------------------------- structure
     @classmethod
-    def model_class(cls):
-        """The transformers class `transprune.models` loads a checkpoint of this family with."""
+    def model_class(cls, config=None):
+        """The transformers class `transprune.models` loads a checkpoint of this family with: the one its
+        config.json names (`config.architectures`), which must be one of `model_classes`; the first of
+        them for a config that names none."""
         import transformers
-        return getattr(transformers, cls.model_classes[0])
+
+        name = (getattr(config, "architectures", None) or cls.model_classes[:1])[0]
+        if name not in cls.model_classes:
+            raise UnsupportedModelError(f"its config.json names {name}, which is not a {cls.label} model class "
+                                        f"(those are: {', '.join(cls.model_classes)})")
+        return getattr(transformers, name)
 
     @staticmethod
     def build_tiny(**kwargs):

@@ -1,8 +1,18 @@
-"""SmolVLM (`SmolVLMForConditionalGeneration`): Idefics3-style image splitting, Llama text model.
+"""SmolVLM: Idefics3-style image splitting, Llama text model; one adapter for two transformers classes.
 
-Where things are (transformers 5.24): the text decoder is `model.model.text_model` (not
-`language_model` as in the other families), a `LlamaModel` with 1-D RoPE, so the base adapter's
-q/k projections, rotary and both position modes apply unchanged.
+Which class. A checkpoint's config.json names one of two implementations of this model, and
+`transprune.models` loads the one it names: SmolVLM-256M/500M-Instruct say `"model_type": "idefics3"`
+(`Idefics3ForConditionalGeneration`, `Idefics3Processor`), SmolVLM2 checkpoints say `"smolvlm"`
+(`SmolVLMForConditionalGeneration`, `SmolVLMProcessor`). `VARIANTS` is the table of what differs: the
+class names, and that SmolVLMProcessor also takes video (so it wants a video processor and the
+`num2words` package). Everything this adapter reads is the same in both (transformers 5.24,
+`models/idefics3` and `models/smolvlm`), so nothing below branches on the class; the tests check
+that equal weights give bit-identical logits in both.
+
+Where things are: the text decoder is `model.model.text_model` (not `language_model` as in the
+other families), a `LlamaModel` with 1-D RoPE, so the base adapter's q/k projections, rotary and
+both position modes apply unchanged; the image token is `config.image_token_id`; the processor
+carries `image_seq_len` (tokens per tile) and its image processor the tile grid settings.
 
 How an image enters the sequence. The processor resizes the image, cuts it into rows x cols tiles
 of the vision encoder's size and adds a downscaled global view; each tile becomes `image_seq_len`
@@ -24,11 +34,14 @@ sequence order (tiles row-major, then the global view). A prompt with several im
 per image (`visual_spans`), each with its own budget. The instruction is the text after the last
 `<image>` token (from the closing `<fake_token_around_image>` on).
 
-The bottom of this module builds `tiny-smolvlm`, an offline random SmolVLM (16 layers) with an
-offline tokenizer and processor, image splitting on (a 200x120 image gives 2x2 tiles + global).
+The bottom of this module builds the offline tiny models, `tiny-smolvlm` and `tiny-idefics3`: random
+weights (16 layers; equal weights in both classes at one seed), an offline tokenizer and the class's
+processor, image splitting on (a 200x120 image gives 2x2 tiles + global).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -43,10 +56,30 @@ FAKE_TOKEN = "<fake_token_around_image>"
 GLOBAL_TOKEN = "<global-img>"
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One transformers implementation of SmolVLM: the names, in `transformers`, of its classes."""
+    model: str
+    config: str
+    vision_config: str
+    processor: str
+    image_processor: str    # the PIL backend (no torchvision)
+    video: bool             # its processor also takes video: it wants a video processor and `num2words`
+
+
+# Keyed by config.json's `model_type`; the first is the family's default class (tiny-smolvlm).
+VARIANTS = {
+    "smolvlm": Variant("SmolVLMForConditionalGeneration", "SmolVLMConfig", "SmolVLMVisionConfig",
+                       "SmolVLMProcessor", "SmolVLMImageProcessorPil", video=True),
+    "idefics3": Variant("Idefics3ForConditionalGeneration", "Idefics3Config", "Idefics3VisionConfig",
+                        "Idefics3Processor", "Idefics3ImageProcessorPil", video=False),
+}
+
+
 class SmolVLMAdapter(Adapter):
     family = "smolvlm"
     label = "SmolVLM"
-    model_classes = ("SmolVLMForConditionalGeneration",)
+    model_classes = tuple(variant.model for variant in VARIANTS.values())
     # Language model: text_config of the checkpoints' config.json. N: one square image (any size: the
     # processor scales its longest side to size.longest_edge = 2048 px, then cuts 512 px tiles,
     # max_image_size.longest_edge) = 4x4 tiles + the global view, 64 `<image>` tokens each
@@ -195,14 +228,27 @@ def smolvlm_tokenizer(max_tiles: int = 4):
     return tokenizer
 
 
-def smolvlm_processor(tokenizer, tile_size: int, image_seq_len: int, longest_edge: int):
-    """An image-only SmolVLMProcessor built from explicit parameters.
+def smolvlm_processor(tokenizer, tile_size: int, image_seq_len: int, longest_edge: int, model_type: str = "smolvlm"):
+    """The processor of `model_type`'s class (`VARIANTS`), images only, built from explicit parameters."""
+    import transformers
+
+    variant = VARIANTS[model_type]
+    image_processor = getattr(transformers, variant.image_processor)(
+        size={"longest_edge": longest_edge}, max_image_size={"longest_edge": tile_size}, do_image_splitting=True)
+    processor_class = (_image_only_smolvlm_processor() if variant.video
+                       else getattr(transformers, variant.processor))
+    return processor_class(image_processor, tokenizer, image_seq_len=image_seq_len,
+                           chat_template=SMOLVLM_CHAT_TEMPLATE)
+
+
+def _image_only_smolvlm_processor():
+    """SmolVLMProcessor without its video half.
 
     transformers' SmolVLMProcessor needs `num2words` (for video prompts) in its constructor and a
-    video processor in `apply_chat_template`; this subclass takes neither (images only).
+    video processor in `apply_chat_template`; this subclass takes neither (Idefics3Processor has no
+    video half, so it is used as it is).
     """
     from transformers import SmolVLMProcessor
-    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
     from transformers.processing_utils import ProcessorMixin
 
     class ImageOnlySmolVLMProcessor(SmolVLMProcessor):
@@ -222,30 +268,33 @@ def smolvlm_processor(tokenizer, tile_size: int, image_seq_len: int, longest_edg
             return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
 
     ImageOnlySmolVLMProcessor.__name__ = ImageOnlySmolVLMProcessor.__qualname__ = "SmolVLMProcessor"
-    image_processor = SmolVLMImageProcessorPil(size={"longest_edge": longest_edge},
-                                               max_image_size={"longest_edge": tile_size}, do_image_splitting=True)
-    return ImageOnlySmolVLMProcessor(image_processor, tokenizer, image_seq_len, chat_template=SMOLVLM_CHAT_TEMPLATE)
+    return ImageOnlySmolVLMProcessor
 
 
 def tiny_smolvlm(layers: int = 16, hidden: int = 64, tile_size: int = 64, patch_size: int = 8,
-                 attn_implementation: str = "sdpa", seed: int = 0):
-    """(model, processor): a random SmolVLMForConditionalGeneration; 16 `<image>` tokens per tile,
-    up to 2x2 tiles + the global view (images up to 2 tiles on their longest side)."""
-    from transformers import LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMVisionConfig
+                 attn_implementation: str = "sdpa", seed: int = 0, model_type: str = "smolvlm"):
+    """(model, processor): a random model of `model_type`'s class (`VARIANTS`: "smolvlm" or "idefics3");
+    16 `<image>` tokens per tile, up to 2x2 tiles + the global view (images up to 2 tiles on their
+    longest side). Both classes get equal weights at one seed (same modules, built in the same order)."""
+    import transformers
+    from transformers import LlamaConfig
 
     from ..tiny import _finish
 
+    variant = VARIANTS[model_type]
     tokenizer = smolvlm_tokenizer()
     scale_factor = 2
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                        max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    vision = SmolVLMVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 image_size=tile_size, patch_size=patch_size)
-    config = SmolVLMConfig(text_config=text, vision_config=vision, scale_factor=scale_factor,
-                           image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                           pad_token_id=tokenizer.pad_token_id)
-    model = _finish(SmolVLMForConditionalGeneration, config, attn_implementation, seed)
+    vision = getattr(transformers, variant.vision_config)(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                          num_attention_heads=4, image_size=tile_size,
+                                                          patch_size=patch_size)
+    config = getattr(transformers, variant.config)(text_config=text, vision_config=vision, scale_factor=scale_factor,
+                                                   image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                                                   pad_token_id=tokenizer.pad_token_id)
+    model = _finish(getattr(transformers, variant.model), config, attn_implementation, seed)
     image_seq_len = (tile_size // patch_size) ** 2 // scale_factor**2
-    return model, smolvlm_processor(tokenizer, tile_size, image_seq_len, longest_edge=2 * tile_size)
+    return model, smolvlm_processor(tokenizer, tile_size, image_seq_len, longest_edge=2 * tile_size,
+                                    model_type=model_type)
