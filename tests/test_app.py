@@ -318,6 +318,17 @@ def test_compare_handler_with_sparsevlm_recycled_tokens(handlers, example_image)
     assert Image.open(out.card["value"]).size == (card.WIDTH, card.HEIGHT)
 
 
+def test_overlay_status_covers_the_patches_when_recycled_tokens_follow_visionzip(eng, example_image):
+    comparison = eng.compare(MODEL, example_image, "What color is the circle?",
+                             PruneConfig.preset("visionzip-128+sparsevlm"), **FAST)
+    trace = comparison.pruned.trace
+    assert all(len(stage.inserted) for stage in trace.stages[1:])
+    for index, stage in enumerate(trace.stages):
+        status = overlay._status(trace, index)
+        assert len(status) == trace.visual_tokens == 145   # VisionZip: 144 patches + CLS
+        assert int((status == 0).sum()) == len(trace.own(stage.kept))
+
+
 def test_visionzip_on_another_family_is_a_clear_message(example_image):
     with pytest.raises(UserError, match="VisionZip runs on LLaVA-1.5-family models only"):
         Engine().compare("tiny-llava-next", example_image, "What shape is yellow?",

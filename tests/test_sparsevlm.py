@@ -349,9 +349,7 @@ def test_padded_batch_equals_each_prompt_alone(tiny_eager):
 
 
 def test_stacked_after_visionzip_the_trace_indexes_patches_then_recycled_tokens(tiny_eager, prompt_inputs):
-    """VisionZip re-indexes the in-LLM trace into the image's patches; recycled tokens come after them,
-    and the app's overlay status covers exactly the patches."""
-    from components import overlay
+    """VisionZip re-indexes the in-LLM trace into the image's patches; recycled tokens come after them."""
     model, processor = tiny_eager
     inputs = prompt_inputs(processor)
     with torch.inference_mode(), transprune.apply(model, "visionzip-128+sparsevlm") as pruner:
@@ -367,6 +365,4 @@ def test_stacked_after_visionzip_the_trace_indexes_patches_then_recycled_tokens(
     for stage in trace.stages[1:]:
         assert torch.equal(stage.candidates, previous)
         previous = stage.kept
-    for index in range(len(trace.stages)):
-        status = overlay._status(trace, index)
-        assert len(status) == patches and int((status == 0).sum()) == len(trace.own(trace.stages[index].kept))
+    assert all(bool((trace.own(stage.kept) < patches).all()) for stage in trace.stages)
