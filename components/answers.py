@@ -57,9 +57,10 @@ def escape_markdown(text: str) -> str:
 
 
 def verdict(baseline: str, pruned: str, visual_kept: int, visual_total: int, flops_saved: float,
-            speed: str, heldout: str | None = None, question: str | None = None) -> str:
+            speed: str, heldout: str | None = None, question: str | None = None, recycled: int = 0) -> str:
     """The headline over the answers: same answer or not, what it cost, and how fast.
 
+    `recycled`: how many of the `visual_kept` tokens a method inserted (SparseVLM).
     `speed` is the speed figure that means something for this run (the run's own measured speedup
     on a real checkpoint; the real-size measurement, or where to get it, for the built-in tiny
     models); `heldout` a line on the setting's accuracy over the model's held-out questions.
@@ -67,7 +68,8 @@ def verdict(baseline: str, pruned: str, visual_kept: int, visual_total: int, flo
     same = " ".join(_words(baseline)) == " ".join(_words(pruned))
     answer = ("✓ **Same answer**" if same else
               f"⚠ **Answers differ** ({word_agreement(baseline, pruned):.0%} of words agree)")
-    text = (f"{answer} &nbsp;·&nbsp; **{visual_total} → {visual_kept}** visual tokens &nbsp;·&nbsp; "
+    of_them = f" ({recycled} recycled)" if recycled else ""
+    text = (f"{answer} &nbsp;·&nbsp; **{visual_total} → {visual_kept}** visual tokens{of_them} &nbsp;·&nbsp; "
             f"**{flops_saved:.0%}** fewer analytic FLOPs &nbsp;·&nbsp; {speed}")
     if question:
         text = f"<small>Q: {escape_markdown(question)}</small>  \n" + text

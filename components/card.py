@@ -89,8 +89,11 @@ def render(comparison, canvas: Canvas, method_label: str, budget_label: str, rea
     view = view.resize((round(view.width * scale), round(view.height * scale)), Image.Resampling.LANCZOS)
     card.paste(view, (MARGIN + (box_w - view.width) // 2, top + (box_h - view.height) // 2))
     last = trace.stages[-1]
-    caption = (f"Kept {stage_place(last.layer)}: {len(last.kept)} of {nums.visual_tokens} visual tokens "
+    recycled = trace.inserted_in(last.kept)
+    caption = (f"Kept {stage_place(last.layer)}: {len(last.kept) - recycled} of {nums.visual_tokens} visual tokens "
                f"(outlined); dimmed patches were pruned.")
+    if recycled:
+        caption += f" Plus {recycled} recycled tokens (means of pruned ones), not drawn."
     for i, line in enumerate(drawing.wrap(draw, caption, small, box_w, max_lines=2)):
         draw.text((MARGIN, top + box_h + 16 + i * 28), line, fill=drawing.MUTED, font=small)
 

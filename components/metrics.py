@@ -30,11 +30,17 @@ def kept_row_name(layer: int) -> str:
     return f"Visual tokens {stage_place(layer)}"
 
 
+def token_count(kept: int, recycled: int) -> str:
+    """"28", or "28 (26 + 2 recycled)" when a method inserted tokens (SparseVLM's cluster means of
+    pruned ones: tokens the LLM sees that are no patch of the image, so the overlays cannot show them)."""
+    return str(kept) if not recycled else f"{kept} ({kept - recycled} + {recycled} recycled)"
+
+
 @dataclass
 class Numbers:
     """The headline figures, computed once for the table, the verdict and the card."""
     visual_tokens: int                   # in the baseline's prompt
-    kept: list[tuple[int, int]]          # (layer, kept) per stage
+    kept: list[tuple[int, int, int]]     # (layer, kept, of them recycled) per stage
     prefill_ms: tuple[float, float]
     speedup: float
     tflops_visual: tuple[float, float]
@@ -62,7 +68,7 @@ def numbers(comparison) -> Numbers:
     n = prompt - (trace.tokens_per_layer[0] - trace.visual_tokens_per_layer[0])
     base_ms, pruned_ms = comparison.prefill_ms("baseline"), comparison.prefill_ms("pruned")
     return Numbers(
-        visual_tokens=n, kept=[(s.layer, len(s.kept)) for s in trace.stages],
+        visual_tokens=n, kept=[(s.layer, len(s.kept), trace.inserted_in(s.kept)) for s in trace.stages],
         prefill_ms=(base_ms, pruned_ms), speedup=base_ms / pruned_ms if pruned_ms > 0 else float("nan"),
         tflops_visual=(tflops([n] * layers, hidden, intermediate),
                        tflops(trace.visual_tokens_per_layer, hidden, intermediate)),
@@ -87,8 +93,8 @@ def table(comparison, method_label: str):
     base, pruned = comparison.baseline.timings, comparison.pruned.timings
     n = nums.visual_tokens
     rows = [["Visual tokens in", str(n), str(n), ""]]
-    for layer, kept in nums.kept:
-        rows.append([kept_row_name(layer), str(n), str(kept), f"−{1 - kept / n:.0%}" if n else ""])
+    for layer, kept, recycled in nums.kept:
+        rows.append([kept_row_name(layer), str(n), token_count(kept, recycled), f"−{1 - kept / n:.0%}" if n else ""])
     repeats = len(comparison.prefill_samples["pruned"])
     rows.append([f"Prefill ms (median of {repeats})", f"{nums.prefill_ms[0]:.1f}", f"{nums.prefill_ms[1]:.1f}",
                  _change(*nums.prefill_ms)])

@@ -47,7 +47,9 @@ too) and gives the honest bound for the measured prefill speedup.
 
 **Budgets.** *High* and *Low* are the paper's schedules, written for 32 layers and scaled to the model's
 depth. *Custom* sets the share kept after the last stage; earlier stages drop the same fractions of the total
-as *High*. FastV and PDrop use their papers' schedules (*Low* halves their keep ratios). VisionZip works
+as *High*. FastV, PDrop and SparseVLM use their papers' schedules (*Low* halves their keep ratios); SparseVLM
+also *recycles* what it prunes: a few cluster means of the best pruned tokens join the sequence, counted in the
+table ("28 (26 + 2 recycled)") but not drawn, since they are no patch of the image. VisionZip works
 before the language model (LLaVA-1.5 family): *High* keeps 192/576 of the patches, *Low* 64/576, *Custom* the
 share you set; its prefill time includes its own pass over the vision tower, and its FLOPs count only the
 language model, like every row here.

@@ -311,8 +311,11 @@ def test_compare_handler_with_sparsevlm_recycled_tokens(handlers, example_image)
     assert [s["layer"] for s in stages] == [2, 4, 8] and all(s["inserted"] for s in stages)
     own = [len([k for k in s["kept"] if k < 144]) for s in stages]
     rows = {r[0]: r[1:] for r in out.table.values.tolist()}
-    assert rows[metrics.kept_row_name(2)][:2] == ["144", str(len(stages[0]["kept"]))]
+    recycled = len(stages[0]["kept"]) - own[0]
+    assert rows[metrics.kept_row_name(2)][:2] == ["144", f"{len(stages[0]['kept'])} ({own[0]} + {recycled} recycled)"]
     assert [int(caption.split(": ")[1].split(" of ")[0]) for _, caption in out.stages] == own
+    assert all(caption.endswith("recycled (not drawn: merged from pruned patches)") for _, caption in out.stages)
+    assert f"visual tokens ({len(stages[-1]['kept']) - own[-1]} recycled)" in str(out.verdict)
     for path, _ in out.stages:
         assert Image.open(path).size[0] > 0
     assert Image.open(out.card["value"]).size == (card.WIDTH, card.HEIGHT)

@@ -103,7 +103,7 @@ for _spec in (
               builder=_tiny("qwen2_5_vl"), video=True, description="Qwen2.5-VL architecture (M-RoPE), random weights."),
     ModelSpec("tiny-smolvlm", "Tiny SmolVLM (random weights)", "smolvlm", "0.9M", builder=_tiny("smolvlm"),
               description="SmolVLM architecture (image splitting: 2x2 tiles + global view), random weights."),
-    ModelSpec("tiny-idefics3", "Tiny SmolVLM, Idefics3 class (random weights)", "smolvlm", "0.9M",
+    ModelSpec("tiny-idefics3", "Tiny Idefics3 (random weights)", "smolvlm", "0.9M",
               builder=_tiny("smolvlm", model_type="idefics3"),
               description="tiny-smolvlm's model and weights in Idefics3ForConditionalGeneration, the class of "
                           "SmolVLM-256M/500M-Instruct."),

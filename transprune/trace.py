@@ -94,6 +94,10 @@ class PruneTrace:
         """The entries of `indices` that are the image's own tokens (< N), for drawing patches."""
         return indices[indices < self.visual_tokens]
 
+    def inserted_in(self, indices: torch.Tensor) -> int:
+        """How many entries of `indices` are tokens a stage inserted (SparseVLM's recycled ones)."""
+        return int((indices >= self.visual_tokens).sum())
+
     def to_dict(self) -> dict:
         return dict(visual_tokens=self.visual_tokens, method=self.method, config=self.config,
                     stages=[s.to_dict() for s in self.stages], tokens_per_layer=self.tokens_per_layer,
