@@ -91,18 +91,20 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
         # ------------------------------------------------------------------ wiring
         demo.load(self_check.banner, outputs=health_warning, api_visibility="private", concurrency_limit=None,
                   show_progress="hidden")
-        run_outputs = list(CompareOutputs(
+        outputs = CompareOutputs(
             verdict=ans.verdict, status=status, baseline=ans.baseline, pruned=ans.pruned, table=table, chart=chart,
             stages=gal.stages, inspect=inspect, segment=segment, patch_note=patch_note, patch_table=patch_table,
             heat_stage=gal.heat_stage, heatmaps=gal.heatmaps, trace=dl.trace, card=dl.card, preview=dl.preview,
-            state=state))
+            state=state)
+        run_outputs = list(outputs)
         # Progress (and a failure's status) on the verdict only; the error sentence then replaces the
-        # verdict's text (ErrorInbox) and stays there until the next run.
+        # verdict's text (ErrorInbox) and stays there until the next run, the rest of the result emptied.
         # On a phone the inputs sit below the result: bring the result into view when a run starts.
         run = gr.on([ins.run.click, ins.question.submit], compare, inputs=ins.run_inputs(), outputs=run_outputs,
                     api_name="compare", concurrency_id=GPU_QUEUE, concurrency_limit=1, show_progress_on=[ans.verdict],
                     js=SCROLL_TO_RESULT)
-        run.failure(errors.show, inputs=ins.image, outputs=[ans.verdict, ans.baseline, ans.pruned],
+        run.failure(errors.show, inputs=ins.image,
+                    outputs=[ans.verdict, *(getattr(outputs, name) for name in ErrorInbox.CLEARED)],
                     preprocess=False, api_visibility="private", queue=False, show_progress="hidden")
         real_size.run.click(make_speed_handler(eng), inputs=[*ins.schedule_inputs(), state],
                             outputs=[real_size.result, ans.verdict],

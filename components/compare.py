@@ -127,9 +127,14 @@ class ErrorInbox:
             while len(self._messages) > self._capacity:
                 self._messages.popitem(last=False)
 
+    # What a failed run empties besides the verdict: everything an earlier run left (answers, table,
+    # overlays, downloads, the session's RunState), so none of it reads as this run's result.
+    CLEARED = ("status", "baseline", "pruned", "table", "chart", "stages", "inspect", "patch_table", "heatmaps",
+               "trace", "card", "preview", "state")
+
     def show(self, image_payload=None, request: gr.Request = None):
-        """Event handler: the session's last error as the verdict's text, and both answer panels
-        emptied (so nothing left from an earlier run reads as this one's answer).
+        """Event handler: the session's last error as the verdict's text, then None for each of
+        `CLEARED` (wired in that order after the verdict).
 
         Wired with the image input unprocessed (`preprocess=False`): when the run failed before its
         handler (an upload Gradio could not decode), the sentence comes from the upload itself.
@@ -138,7 +143,7 @@ class ErrorInbox:
             message = self._messages.pop(getattr(request, "session_hash", None), None)
         if message is None:   # refused before the handler ran
             message = upload_problem(image_payload) or UNREADABLE_REQUEST
-        return f"⚠ **Could not run:** {message}", None, None
+        return (f"⚠ **Could not run:** {message}", *[None] * len(self.CLEARED))
 
 
 UNREADABLE_REQUEST = ("The server could not take this request (a file that is not an upload of this page, a "

@@ -193,13 +193,21 @@ def test_speed_at_real_size_panel_runs(url):
 
 
 def test_an_error_is_one_inline_sentence_in_the_result_area(url):
-    """An empty question: the sentence replaces the verdict, no toast, no red badge on the panels."""
+    """An empty question after a good run: the sentence replaces the verdict, no toast, no red badge on
+    the panels, and nothing of the earlier run (table, overlays, images) is left to read as this one's."""
     with _page(url, VIEWPORTS["desktop"]) as page:
+        page.locator("#run").click()
+        page.wait_for_function("() => document.querySelector('#verdict').innerText.includes('visual tokens')",
+                               timeout=120_000)
+        assert page.locator("#stage-gallery img").count() > 0 and "Visual tokens in" in _text(page, "#metrics-table")
         page.locator("#question textarea").fill("   ")
         page.locator("#run").click()
         page.wait_for_function("() => document.querySelector('#verdict').innerText.includes('Could not run')",
                                timeout=60_000)
         page.wait_for_timeout(1500)
+        assert page.locator("#stage-gallery img").count() == 0, "an earlier run's overlays are still shown"
+        assert page.locator("#inspect-image img").count() == 0
+        assert "Visual tokens in" not in _text(page, "#metrics-table")
         verdict = _text(page, "#verdict")
         assert "question is empty" in verdict.lower() or "empty" in verdict.lower(), verdict
         assert page.locator(".toast-body").count() == 0, "the error must not (also) be a toast"

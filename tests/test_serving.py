@@ -200,8 +200,8 @@ def test_the_page_explains_a_request_refused_before_the_handler(tmp_path):
     from components.inputs import UNREADABLE_IMAGE
 
     request = type("Request", (), {"session_hash": "abc"})()
-    verdict, baseline, pruned = ErrorInbox().show(None, request)
-    assert UNREADABLE_REQUEST in verdict and baseline is None and pruned is None
+    verdict, *cleared = ErrorInbox().show(None, request)
+    assert UNREADABLE_REQUEST in verdict and cleared == [None] * len(ErrorInbox.CLEARED)
     junk = tmp_path / "holiday.png"         # an upload Gradio could not decode: its own sentence
     junk.write_text("not a PNG")
     assert UNREADABLE_IMAGE in ErrorInbox().show({"path": str(junk)}, request)[0]
