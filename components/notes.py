@@ -24,8 +24,9 @@ def code_link() -> str:
 
 WHAT_YOU_SEE = """
 **What you are seeing.** One click asks the same question about the same image twice: once with every visual
-token (the baseline) and once with TransPrune dropping most of them inside the language model. The picture shows
-which image patches the pruned model still had after its last pruning stage.
+token (the baseline) and once with the chosen method (TransPrune by default) dropping most of them, inside the
+language model or, for VisionZip, before it. The picture shows which image patches the pruned model still had
+after its last pruning stage.
 """
 
 MEASUREMENT = f"""
