@@ -23,23 +23,6 @@ def tiny_eager():
     return tiny_llava(attn_implementation="eager")
 
 
-def run(model, inputs, config, capture_layers=()):
-    """Trace, plus each captured layer's (input, output) hidden states as the pruned model saw them."""
-    layers = transprune.adapters.for_model(model).decoder_layers(model)
-    seen = {}
-    with torch.inference_mode(), transprune.apply(model, config) as pruner:
-        handles = [layers[n - 1].register_forward_hook(
-            lambda module, args, kwargs, out, n=n: seen.__setitem__(n, (args[0] if args else kwargs["hidden_states"],
-                                                                       kwargs, out)), with_kwargs=True)
-            for n in capture_layers]
-        try:
-            model(**inputs, use_cache=True)
-        finally:
-            for handle in handles:
-                handle.remove()
-    return pruner.trace, seen
-
-
 def slow_raters(embeds, visual, text):
     """Released rater selection written out with loops over text tokens."""
     v, t = embeds[visual].double(), embeds[text].double()
@@ -52,16 +35,6 @@ def slow_raters(embeds, visual, text):
         m.append(torch.stack(column).mean())
     m = torch.stack(m)
     return [j for j in range(len(text)) if m[j] > m.mean()]
-
-
-def prompt_raters(model, inputs, seen):
-    """(input ids, visual positions, instruction positions, layer 1's input embeddings, slow raters) of one prompt;
-    `seen` is what run() captured with layer 1 among its capture layers."""
-    ids = inputs["input_ids"][0]
-    visual = (ids == model.config.image_token_id).nonzero().flatten()
-    text = torch.arange(int(visual[-1]) + 1, len(ids))
-    embeds = seen[1][0][0]
-    return ids, visual, text, embeds, slow_raters(embeds, visual, text)
 
 
 def slow_layer_attention(layer, rotary, hidden, position_ids):
@@ -111,6 +84,7 @@ def slow_sparsevlm(model, inputs, config, rank=None, steps=3):
     text = torch.arange(int(visual[-1]) + 1, len(ids))
     hidden, _ = Reference(model, config)._embeds(inputs)
     raters = torch.tensor(slow_raters(hidden[0], visual, text))
+    library_raters = sparsevlm.select_raters(hidden[0][visual], hidden[0][text])
     # The sequence as entries: visual index (>= 0, recycled from N on) or -1 - position for text.
     entries = [int(v) for v in torch.where(ids == model.config.image_token_id, 0, -1 - torch.arange(len(ids)))]
     entries = [-1 - i if e < 0 else int((visual == i).nonzero()) for i, e in enumerate(entries)]
@@ -178,7 +152,8 @@ def slow_sparsevlm(model, inputs, config, rank=None, steps=3):
             start = lengths[number - 1] if config.positions == "compact" else len(ids)
             hidden = run_layer(layer, hidden, torch.tensor([[start + step]]))
         logits.append(model.lm_head(language.norm(hidden))[0, -1])
-    return dict(logits=torch.stack(logits), kept=kept_per_stage, scores=scores, cache_lengths=lengths)
+    return dict(logits=torch.stack(logits), kept=kept_per_stage, scores=scores, cache_lengths=lengths,
+                raters=raters, library_raters=library_raters)
 
 
 def pruned_generation(model, inputs, config, steps=3):
@@ -199,7 +174,11 @@ def test_pruned_run_equals_slow_reimplementation(tiny_eager, prompt_inputs, pres
     logits, trace = pruned_generation(model, inputs, config)
     with torch.inference_mode():
         expected = slow_sparsevlm(model, inputs, config)
+    assert torch.equal(expected["library_raters"], expected["raters"])
     assert [s.kept.tolist() for s in trace.stages] == [k.tolist() for k in expected["kept"]]
+    for stage, score in zip(trace.stages, expected["scores"], strict=True):
+        torch.testing.assert_close(stage.score.double(), score, rtol=1e-4, atol=1e-6)
+    assert trace.tokens_per_layer == expected["cache_lengths"]      # what each layer saw, and cached
     torch.testing.assert_close(logits, expected["logits"], rtol=1e-4, atol=1e-5)
     for stage, before in zip(trace.stages, [torch.arange(N)] + [s.kept for s in trace.stages]):
         assert torch.equal(stage.candidates, before)
