@@ -89,7 +89,7 @@ def render(comparison, canvas: Canvas, method_label: str, budget_label: str, rea
     view = view.resize((round(view.width * scale), round(view.height * scale)), Image.Resampling.LANCZOS)
     card.paste(view, (MARGIN + (box_w - view.width) // 2, top + (box_h - view.height) // 2))
     last = trace.stages[-1]
-    recycled = trace.inserted_in(last.kept)
+    recycled = nums.kept[-1][2]       # of the last stage's tokens, those a method inserted
     caption = (f"Kept {stage_place(last.layer)}: {len(last.kept) - recycled} of {nums.visual_tokens} visual tokens "
                f"(outlined); dimmed patches were pruned.")
     if recycled:

@@ -299,11 +299,11 @@ def verdict_text(comparison, real_size=None) -> str:
     """The verdict line of a comparison, quoting `real_size` (a SpeedResult) when there is one."""
     nums = metrics.numbers(comparison)
     heldout = comparison.heldout
-    trace = comparison.pruned.trace
-    return answers.verdict(comparison.baseline.text, comparison.pruned.text, len(trace.kept),
+    recycled = nums.kept[-1][2] if nums.kept else 0      # of the last stage's tokens, those a method inserted
+    return answers.verdict(comparison.baseline.text, comparison.pruned.text, len(comparison.pruned.trace.kept),
                            nums.visual_tokens, nums.flops_saved, speed_text(comparison, nums, real_size),
                            answers.heldout_line(*heldout) if heldout else None, comparison.question,
-                           recycled=trace.inserted_in(trace.kept))
+                           recycled=recycled)
 
 
 def render_outputs(comparison, picture: Image.Image | None, method_label: str, budget: str,

@@ -186,13 +186,13 @@ def stage_gallery(canvas: Canvas) -> list[tuple[Image.Image, str]]:
     items = []
     trace = canvas.trace
     for index, stage in enumerate(trace.stages):
+        recycled = trace.inserted_in(stage.kept)
         for segment in canvas.segments:
             tokens = canvas.tokens(segment)
             kept = np.intersect1d(stage.kept.numpy(), tokens).size
             where = f" ({segment})" if len(canvas.segments) > 1 else ""
             place = stage_place(stage.layer)
             caption = f"{place[0].upper()}{place[1:]}{where}: {kept} of {len(tokens)} kept"
-            recycled = trace.inserted_in(stage.kept)
             if recycled and segment == canvas.segments[-1]:
                 caption += f", + {recycled} recycled (not drawn: merged from pruned patches)"
             items.append((stage_view(canvas, index, segment), caption))

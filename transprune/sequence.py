@@ -327,8 +327,8 @@ def _slot_order_mask(view: SequenceView, like: torch.Tensor | None) -> torch.Ten
     allowed = allowed[:, None]
     if like is None or like.dtype == torch.bool:
         return allowed
-    return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(
-        ~allowed, torch.finfo(like.dtype).min)
+    zero, blocked = _fill_values(like)
+    return torch.full(allowed.shape, zero, dtype=like.dtype, device=like.device).masked_fill(~allowed, blocked)
 
 
 def _decode_keep(view: SequenceView, extra: int) -> torch.Tensor:
