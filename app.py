@@ -24,9 +24,13 @@ from fastapi.exceptions import RequestValidationError
 
 from components import (answers, downloads, engine, examples, files, health, inputs, metrics, notes, overlay, speed,
                         theme)
+from components.gate import GatedBlocks
 from components.compare import CompareOutputs, ErrorInbox, make_handlers, make_speed_handler
 
 GPU_QUEUE = "gpu"        # one concurrency id for everything that touches the model
+# The real-size timing builds its own model: its own queue, so a visitor timing schedules (30 s each on
+# a CPU) never holds up anyone's /compare.
+SPEED_QUEUE = "real-size"
 QUEUE_SIZE = 16          # requests waiting beyond this are refused with "queue full"
 # Sessions whose state (the last run, for the overlay clicks) stays in memory; the least recently
 # used beyond this are dropped (their next patch click asks for a new run). ~0.2 MB each.
@@ -59,7 +63,9 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
     errors = ErrorInbox()
     compare, load_model = make_handlers(eng, default, errors)
 
-    with gr.Blocks(title="TransPrune: baseline vs pruned", delete_cache=(1800, 3600)) as demo:
+    # GatedBlocks: every event's raw inputs pass the app's checks first (files only from the upload
+    # folder, values within the components' bounds, a sentence for each refusal): components/gate.py.
+    with GatedBlocks(title="TransPrune: baseline vs pruned", delete_cache=(1800, 3600)) as demo:
         notes.build_header()
         health_warning = health.build()
         state = gr.State(None)
@@ -108,7 +114,7 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
                     preprocess=False, api_visibility="private", queue=False, show_progress="hidden")
         real_size.run.click(make_speed_handler(eng), inputs=[*ins.schedule_inputs(), state],
                             outputs=[real_size.result, ans.verdict],
-                            api_name="speed_at_real_size", concurrency_id=GPU_QUEUE, concurrency_limit=1,
+                            api_name="speed_at_real_size", concurrency_id=SPEED_QUEUE, concurrency_limit=1,
                             show_progress_on=[real_size.result])
         ins.model.change(load_model, inputs=[ins.model, ins.dtype, ins.attn], outputs=ins.model_info,
                          concurrency_id=GPU_QUEUE, concurrency_limit=1, api_visibility="private")
@@ -128,16 +134,19 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
 def launch_kwargs(args) -> dict:
     """Everything launch() needs apart from the Blocks: server, theme, upload cap, error policy.
 
-    show_error=False: the handlers' own sentences (gr.Error) still reach the page and API clients,
-    but an exception raised inside Gradio (a refused file path, a malformed payload) is not sent as
-    text: those messages name server paths and library internals. The page then shows
-    compare.UNREADABLE_REQUEST instead; a request FastAPI cannot parse gets a sentence, not
-    pydantic's raw report.
+    show_error=False: the handlers' and the request gate's sentences (gr.Error) still reach the page
+    and API clients, but an exception raised inside Gradio is not sent as text: those messages name
+    server paths and library internals (the gate turns them into gate.UNREADABLE_REQUEST); a request
+    FastAPI cannot parse gets a sentence, not pydantic's raw report. Every upload is preceded by a
+    trim of the cache (files.TrimBeforeUpload) and refused while it is full, so uploads alone never fill the disk.
     """
+    from starlette.middleware import Middleware
+
     return dict(server_name=args.host, server_port=args.port, share=args.share, theme=theme.theme(), css=theme.CSS,
                 head=theme.HEAD, max_file_size=args.max_upload, show_error=False, footer_links=["api", "gradio"],
                 state_session_capacity=STATE_SESSIONS,
-                app_kwargs=dict(exception_handlers={RequestValidationError: unreadable_request}))
+                app_kwargs=dict(exception_handlers={RequestValidationError: unreadable_request},
+                                middleware=[Middleware(files.TrimBeforeUpload, store=files.STORE)]))
 
 
 async def unreadable_request(request, error):

@@ -23,7 +23,8 @@ from transprune.models import REGISTRY
 from . import answers, downloads, metrics, overlay, schedule
 from .files import STORE
 from .engine import Engine, UserError, _oom, gpu_task, logged, public_message
-from .inputs import check_video_file, model_info, prepare_image, prepare_question, upload_problem
+from .gate import UNREADABLE_REQUEST
+from .inputs import LIMITS, check_video_file, model_info, prepare_image, prepare_question, upload_problem
 
 
 
@@ -146,20 +147,20 @@ class ErrorInbox:
         return (f"⚠ **Could not run:** {message}", *[None] * len(self.CLEARED))
 
 
-UNREADABLE_REQUEST = ("The server could not take this request (a file that is not an upload of this page, a "
-                      "malformed request or a full queue). Upload the file again or wait a moment, then press Run.")
-MAX_SEED = 2**31 - 1     # torch.Generator.manual_seed takes up to 2**64 - 1; the random method multiplies it
-
-
-def whole_number(value, name: str, low: int, high: int) -> int:
-    """`value` as an int in [low, high]; a fraction, a non-number or an out-of-range value is a UserError
-    (never silently truncated)."""
+def whole_number(value, name: str, low: int | None = None, high: int | None = None) -> int:
+    """`value` as an int in [low, high] (default: LIMITS[name]); a fraction, a non-number or an
+    out-of-range value is a UserError (never silently truncated)."""
+    if low is None:
+        low, high = LIMITS[name]
+    wanted = f"{name} must be a whole number from {low} to {high}"
     try:
+        if isinstance(value, bool):
+            raise TypeError("True is not a count")
         number = float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{name} must be a whole number between {low} and {high}, not {value!r}.") from None
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"{wanted}, not {value!r}.") from None
     if not number.is_integer() or not low <= number <= high:
-        raise UserError(f"{name} must be a whole number between {low} and {high}, not {value}.")
+        raise UserError(f"{wanted}, not {value}.")
     return int(number)
 
 
@@ -206,9 +207,9 @@ def make_handlers(engine: Engine, default_model: str, errors: ErrorInbox | None 
                 picture, notices = prepare_image(image)
                 for notice in notices:
                     gr.Warning(notice)
-            seed = whole_number(seed or 0, "Seed", 0, MAX_SEED)
-            max_new_tokens = whole_number(max_new_tokens, "Max new tokens", 1, 512)
-            repeats = whole_number(repeats, "Timing repeats", 1, 20)
+            seed = whole_number(seed or 0, "Seed")
+            max_new_tokens = whole_number(max_new_tokens, "Max new tokens")
+            repeats = whole_number(repeats, "Timing repeats")
             keep_ratio, alpha = share(keep_ratio, "Keep ratio r"), share(alpha, "α (the TTV vs IGA weight)")
             try:
                 config = schedule.build_config(method, budget, keep_ratio, alpha, layers, positions, seed)
@@ -266,7 +267,7 @@ def make_speed_handler(engine: Engine):
         try:
             config = schedule.build_config(method, budget, share(keep_ratio, "Keep ratio r"),
                                            share(alpha, "α (the TTV vs IGA weight)"), layers, positions,
-                                           whole_number(seed or 0, "Seed", 0, MAX_SEED))
+                                           whole_number(seed or 0, "Seed"))
             result = engine.real_size.measure(config, lambda fraction, text: progress(fraction, desc=text),
                                               family=spec.family if spec else None)
         except (ConfigError, UserError, ValueError, TypeError) as error:

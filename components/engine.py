@@ -9,7 +9,6 @@ so two users never see each other's settings.
 
 from __future__ import annotations
 
-import gc
 import itertools
 import logging
 import os
@@ -32,7 +31,7 @@ from transprune.flops import model_shape
 from transprune.measure import available_memory_bytes
 from transprune.eval import heldout_record
 
-from .speed import RealSizeSpeed
+from .speed import RealSizeSpeed, release_memory
 from transprune.models import REGISTRY, LoadedModel, ModelLoadError, ModelSpec, default_device, load
 
 # The offline models tried, in order, when no model is named (the first that loads wins).
@@ -77,12 +76,6 @@ def public_message(text: str, limit: int = 500) -> str:
 
 def _oom(error: BaseException) -> bool:
     return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(error).lower()
-
-
-def _release_memory():
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------- model policy
@@ -265,7 +258,7 @@ class Engine:
                 # A big model needs the room: drop other downloaded models first.
                 for other in [k for k in self._models if not REGISTRY.get(k[0], spec).offline]:
                     del self._models[other]
-                _release_memory()
+                release_memory()
             lm = self._load(spec, name, dtype, attn)
             self.unavailable.pop(name, None)
             self._models[key] = lm
@@ -299,7 +292,7 @@ class Engine:
         except Exception as error:
             self.unavailable[name] = str(error)
             if _oom(error):
-                _release_memory()
+                release_memory()
                 raise UserError(f"{spec.label} does not fit in memory on {self.device}. Pick float16/bfloat16, "
                                 "a smaller model, or a built-in offline model.") from error
             reference = logged(error, f"loading {name} failed")
@@ -345,9 +338,7 @@ class Engine:
             if video is not None:
                 step("Decoding and sampling the video…")
                 clip = _as_video(lm, video)
-                inputs = lm.prepare_video(clip, question)
-            else:
-                inputs = lm.prepare(image, question)
+            inputs = _prepare(lm, image, clip, question)
 
             def generate(run_config, new_tokens):
                 media = dict(video=clip) if clip is not None else {}
@@ -378,7 +369,7 @@ class Engine:
             raise UserError(f"Impossible pruning schedule: {error}") from error
         except Exception as error:
             if _oom(error):
-                _release_memory()
+                release_memory()
                 raise UserError(f"Ran out of memory during the run on {lm.device}. Try fewer new tokens, a "
                                 "smaller image, float16/bfloat16, or a smaller model.") from error
             reference = logged(error, f"run on {name} failed")
@@ -391,6 +382,22 @@ class Engine:
                           resolved=resolved, baseline=results["baseline"], pruned=results["pruned"],
                           prefill_samples=samples, shape=model_shape(lm.model), first=first,
                           frames=clip.frames if clip else None)
+
+
+def _prepare(lm: LoadedModel, image, clip, question: str) -> dict:
+    """The processor's inputs; a failure here is the processor's (tokenizer, image or frame
+    preprocessing), never reported as the model's."""
+    try:
+        return lm.prepare_video(clip, question) if clip is not None else lm.prepare(image, question)
+    except (UserError, PruningInputError, ConfigError):
+        raise
+    except Exception as error:
+        if _oom(error):
+            raise        # the caller's memory advice applies
+        reference = logged(error, "preparing the inputs failed")
+        what = "video" if clip is not None else "image"
+        raise UserError(f"The model's processor could not read this question or {what} (error {reference} in the "
+                        f"server log). Rephrase the question in plain words or try another {what}.") from error
 
 
 def _as_video(lm: LoadedModel, path):

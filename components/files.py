@@ -12,7 +12,9 @@ The folder sits inside Gradio's cache folder, which Gradio serves in place (no s
 After each write the whole cache folder (these outputs and the visitors' uploads) is trimmed to
 MAX_FILES files and MAX_MEGABYTES, oldest first; a file younger than MIN_AGE_S is never removed
 (a page may still be fetching it), nor a file Gradio keeps for the examples. Gradio's own
-clean-up (`delete_cache` in app.py) still removes anything older than an hour.
+clean-up (`delete_cache` in app.py) still removes anything older than an hour. Uploads are
+checked as they arrive too (TrimBeforeUpload), not only when a run writes its outputs: a client
+that only uploads would otherwise fill the disk.
 """
 
 from __future__ import annotations
@@ -89,11 +91,36 @@ class FileStore:
         """[(PIL image, caption)] -> [(path, caption)]."""
         return [(self.image(image, stem), caption) for image, caption in items]
 
+    def over_caps(self) -> bool:
+        """Trim the cache folder now; whether it is still over its caps (all of it too young to go)."""
+        self.trim()
+        count, size = folder_usage(cache_root())
+        return count > self.max_files or size > self.max_bytes
+
     def trim(self) -> int:
         """Remove the oldest files of the cache folder beyond the caps; returns how many went."""
         with self._trim_lock:
             self._last_trim = time.monotonic()
             return trim_folder(cache_root(), self.max_files, self.max_bytes, self.min_age_s, set(self.keep()))
+
+
+def _files(root: Path) -> list[tuple[float, int, Path]]:
+    """(modification time, size, path) of every file under `root`."""
+    files = []
+    for path in Path(root).rglob("*"):
+        try:
+            stat = path.stat()
+        except OSError:      # removed meanwhile
+            continue
+        if path.is_file():
+            files.append((stat.st_mtime, stat.st_size, path))
+    return files
+
+
+def folder_usage(root: Path) -> tuple[int, int]:
+    """(files, bytes) under `root`."""
+    files = _files(root)
+    return len(files), sum(f[1] for f in files)
 
 
 def trim_folder(root: Path, max_files: int, max_bytes: int, min_age_s: float, keep=frozenset(),
@@ -103,14 +130,7 @@ def trim_folder(root: Path, max_files: int, max_bytes: int, min_age_s: float, ke
     Folders left empty are removed. Returns the number of files deleted."""
     now = time.time() if now is None else now
     keep = {str(Path(p).resolve()) for p in keep}
-    files = []
-    for path in Path(root).rglob("*"):
-        try:
-            stat = path.stat()
-        except OSError:      # removed meanwhile
-            continue
-        if path.is_file():
-            files.append((stat.st_mtime, stat.st_size, path))
+    files = _files(root)
     count, size = len(files), sum(f[1] for f in files)
     removed = 0
     for mtime, bytes_, path in sorted(files, key=lambda f: f[0]):
@@ -141,3 +161,28 @@ def gradio_keeps(demo) -> set[str]:
 
 
 STORE = FileStore()
+
+
+class TrimBeforeUpload:
+    """ASGI middleware: before each POST to Gradio's upload route, trim the cache folder; while it
+    is still over its caps (everything in it younger than MIN_AGE_S), refuse the upload with a sentence.
+
+    Gradio's /upload writes the file itself and calls nothing of the app's, so this is where the app
+    sees uploads: the cache stays within its caps plus one upload, whatever a client sends.
+    """
+
+    FULL = ("The server's space for uploads is full right now (many uploads in the last minutes). Wait a "
+            "minute or two, then upload again.")
+
+    def __init__(self, app, store: FileStore):
+        self.app = app
+        self.store = store
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("method") == "POST" and scope.get("path", "").endswith("/upload"):
+            import anyio
+            from starlette.responses import JSONResponse
+
+            if await anyio.to_thread.run_sync(self.store.over_caps):
+                return await JSONResponse({"error": self.FULL}, status_code=507)(scope, receive, send)
+        return await self.app(scope, receive, send)

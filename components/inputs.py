@@ -7,12 +7,19 @@ Limits (documented in docs/app.md and the "how this is measured" note):
   notice (the models see at most 672 px anyway);
 - videos longer than MAX_VIDEO_SECONDS or with frames above MAX_PIXELS are refused (read from
   the container header); transprune.video samples the frames the model sees;
-- questions must be 1..MAX_QUESTION_CHARS characters.
+- questions must be 1..MAX_QUESTION_CHARS characters of readable text (no control characters,
+  text-direction overrides or broken surrogates);
+- numbers (max new tokens, timing repeats, seed) within LIMITS: the components and the handlers
+  read the same bounds, so the page, the API and the handler refuse the same values;
+- files are read only from Gradio's upload folder or the bundled examples (components/gate.py).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import threading
+import unicodedata
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -26,6 +33,7 @@ from transprune.images import ImageInputError, as_image
 from . import engine as engine_module
 from .engine import ATTENTION_CHOICES, DTYPE_CHOICES, GONE, UserError
 from .examples import SCENES, example_rows
+from .gate import NOT_AN_UPLOAD, allowed_upload
 from .schedule import BUDGETS, METHODS, POSITION_CHOICES, method_kind, pre_llm_budgets
 
 MAX_UPLOAD = "20mb"
@@ -33,6 +41,9 @@ MAX_PIXELS = 40_000_000
 MAX_SIDE = 2048
 MAX_QUESTION_CHARS = 500
 MAX_VIDEO_SECONDS = 120
+MAX_SEED = 2**31 - 1     # torch.Generator.manual_seed takes up to 2**64 - 1; the random method multiplies it
+# (low, high) of each whole-number setting, shared by its component and the handlers.
+LIMITS = {"Max new tokens": (1, 256), "Timing repeats": (1, 9), "Seed": (0, MAX_SEED)}
 DEFAULT_QUESTION = SCENES[0].question   # goes with the preloaded first example image
 
 
@@ -108,13 +119,37 @@ def check_video_file(path: str) -> None:
                         "megapixels per frame. Upload a smaller video.")
 
 
+# Characters a question never needs and that change what the model or a reader sees: control
+# characters (NUL included), the bidirectional embeddings, overrides and isolates, and lone
+# surrogates (which the tokenizer cannot encode).
+_BIDI_CONTROLS = re.compile("[\u202a-\u202e\u2066-\u2069]")
+
+
+def unreadable_character(text: str) -> str | None:
+    """A description of the first character of `text` a question must not contain, or None."""
+    for position, char in enumerate(text, 1):
+        category = unicodedata.category(char)
+        if category == "Cs":
+            return f"a broken character (a lone UTF-16 surrogate) at position {position}"
+        if category == "Cc" and char not in "\t\n\r":
+            return f"an invisible control character (U+{ord(char):04X}) at position {position}"
+        if _BIDI_CONTROLS.match(char):
+            return f"a text-direction control (U+{ord(char):04X}) at position {position}"
+    return None
+
+
 def prepare_question(question) -> str:
-    text = " ".join(str(question or "").split())
+    if question is not None and not isinstance(question, str):
+        raise UserError("The question must be text.")
+    problem = unreadable_character(question or "")
+    if problem:
+        raise UserError(f"The question contains {problem}: retype it or remove that character, then press Run.")
+    text = " ".join((question or "").split())
     if not text:
         raise UserError("The question is empty: type a question about the image, e.g. "
                         f"“{DEFAULT_QUESTION}”.")
     if len(text) > MAX_QUESTION_CHARS:
-        raise UserError(f"The question is {len(text)} characters long; keep it under {MAX_QUESTION_CHARS} "
+        raise UserError(f"The question is {len(text):,} characters long; keep it under {MAX_QUESTION_CHARS} "
                         "characters.")
     return text
 
@@ -122,14 +157,22 @@ def prepare_question(question) -> str:
 UNREADABLE_IMAGE = "That file is not an image this app can read. Upload a PNG, JPEG or WebP image."
 
 
+# upload_problem answers without the queue: one decode at a time bounds its memory to one image.
+_DECODING = threading.Lock()
+
+
 def upload_problem(payload) -> str | None:
-    """The sentence guard_uploads gave for this raw image payload (a FileData dict), or None."""
+    """The sentence for a raw image payload (a FileData dict) whose run was refused before its handler,
+    or None when the image itself is fine. Only a path inside the upload folders is read
+    (components/gate.py), its header first, and one image is decoded at a time."""
     path = payload.get("path") if isinstance(payload, dict) else None
     if not path:
         return None
+    if not allowed_upload(path):
+        return NOT_AN_UPLOAD
     try:
         check_image_file(path)
-        with Image.open(path) as image:
+        with _DECODING, Image.open(path) as image:
             image.load()
     except UserError as error:
         return str(error)
@@ -151,7 +194,9 @@ def guard_uploads(image: gr.Image) -> gr.Image:
 
     def preprocess(payload):
         try:
-            if payload is not None and payload.path:
+            if payload is not None:
+                if not allowed_upload(payload.path):   # the gate refused it already; never read it here
+                    raise UserError(NOT_AN_UPLOAD)
                 check_image_file(payload.path)
             return original(payload)
         except UserError as error:
@@ -221,9 +266,10 @@ def build(engine: engine_module.Engine, default_model: str) -> Inputs:
             # format=None, include_audio=True: the upload is passed on as is (no ffmpeg needed).
             video = gr.Video(label=f"Video ({', '.join(FAMILIES[f].label for f in video_families())})", height=300,
                              sources=["upload"], format=None, include_audio=True, elem_id="input-video")
+    # No max_length: the browser would cut a pasted question silently; the handler refuses a long one
+    # with its real length instead.
     question = gr.Textbox(label="Question", value=DEFAULT_QUESTION, lines=1, max_lines=4,
-                          max_length=MAX_QUESTION_CHARS * 2, placeholder="Ask about the image…",
-                          elem_id="question")
+                          placeholder="Ask about the image…", elem_id="question")
     run = gr.Button("Run comparison", variant="primary", size="lg", elem_id="run")
     model = gr.Dropdown(choices=engine.choices(), value=default_model, label="Model",
                         allow_custom_value=engine.settings.allowed_models is None, elem_id="model")
@@ -240,14 +286,15 @@ def build(engine: engine_module.Engine, default_model: str) -> Inputs:
                                 info="The model's own 1-indexed layer numbers; empty = preset.")
         with gr.Row():
             positions = gr.Radio(list(POSITION_CHOICES), value="Model default", label="Position ids after pruning")
-            max_new_tokens = gr.Slider(1, 128, value=32, step=1, label="Max new tokens")
+            max_new_tokens = gr.Slider(*LIMITS["Max new tokens"], value=32, step=1, label="Max new tokens")
         with gr.Row():
             attn = gr.Radio(list(ATTENTION_CHOICES), value="sdpa", label="Attention implementation")
             dtype = gr.Dropdown(list(DTYPE_CHOICES), value="auto", label="dtype",
                                 info="auto = float16 on GPU, float32 on CPU")
         with gr.Row():
-            seed = gr.Number(value=0, precision=0, label="Seed", info="Random method and torch seed")
-            repeats = gr.Slider(1, 9, value=3, step=1, label="Timing repeats",
+            seed = gr.Number(value=0, precision=0, minimum=LIMITS["Seed"][0], maximum=LIMITS["Seed"][1], label="Seed",
+                             info="Random method and torch seed")
+            repeats = gr.Slider(*LIMITS["Timing repeats"], value=3, step=1, label="Timing repeats",
                                 info="Prefill time = median over this many runs per side")
     return Inputs(image=image, video=video, question=question, model=model, model_info=info, method=method,
                   budget=budget, keep_ratio=keep_ratio, alpha=alpha, layers=layers, positions=positions,

@@ -93,11 +93,11 @@ class RealSizeSpeed:
         self._cache: dict[PruneConfig, SpeedResult] = {}
         self._lock = threading.Lock()
 
-    @staticmethod
-    def _key(arch: str, config: PruneConfig) -> tuple[str, PruneConfig]:
-        # The schedule on the timed depth; the position mode and seed do not change its speed.
+    def _key(self, arch: str, config: PruneConfig) -> tuple:
+        # What a timing depends on: the shape, the schedule on its depth (the position mode and seed do
+        # not change its speed), the device and the CPU threads torch uses now.
         resolved = config.resolve(flops.ARCHITECTURES[arch].layers)
-        return arch, dataclasses.replace(resolved, positions="compact", seed=0)
+        return arch, dataclasses.replace(resolved, positions="compact", seed=0), self.device, torch.get_num_threads()
 
     def _shape(self, family: str | None):
         return timed_shape(family, self.device.startswith("cuda"))
@@ -142,10 +142,24 @@ class RealSizeSpeed:
                                      final_visual_tokens=figures["final_visual_tokens"], repeats=REPEATS, note=note)
             finally:
                 del model
-                gc.collect()
+                release_memory()
             self._cache[key] = result
             step(1.0, "Done")
             return result
+
+
+def release_memory():
+    """Give a real-size model's memory back: to torch's CUDA cache's owner, and on Linux to the system
+    (glibc keeps freed blocks of a CPU model in the process otherwise, so RSS stayed at its peak)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc: nothing to trim
+        pass
 
 
 @dataclass

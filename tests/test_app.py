@@ -601,7 +601,7 @@ BAD_REQUESTS = {
     "unknown model": (dict(model="no-such-model"), "not offered"),
     "layer past the model": (dict(layers="12, 40"), "Impossible pruning schedule"),
     "unordered layers": (dict(layers="6, 4"), "strictly increasing"),
-    "bad custom ratio": (dict(budget="Custom", keep_ratio=0), "less than minimum value"),
+    "bad custom ratio": (dict(budget="Custom", keep_ratio=0), "Custom keep ratio must be a number from 0.02 to 1, not 0"),
     "out of memory": (dict(oom=True), "Ran out of memory"),
     "model too big": (dict(model="llava-1.5-13b", too_big=True), "does not fit in memory"),
 }
@@ -722,11 +722,14 @@ def test_header_links_the_code_on_a_space(monkeypatch):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("max_new_tokens", 2.7, "Max new tokens must be a whole number between 1 and 512, not 2.7"),
-    ("max_new_tokens", 0, "Max new tokens must be a whole number between 1 and 512"),
-    ("repeats", "many", "Timing repeats must be a whole number between 1 and 20, not 'many'"),
-    ("seed", 2**63, "Seed must be a whole number between 0 and 2147483647"),
-    ("seed", -3, "Seed must be a whole number between 0 and 2147483647"),
+    ("max_new_tokens", 2.7, "Max new tokens must be a whole number from 1 to 256, not 2.7"),
+    ("max_new_tokens", 0, "Max new tokens must be a whole number from 1 to 256"),
+    ("max_new_tokens", 257, "Max new tokens must be a whole number from 1 to 256, not 257"),
+    ("max_new_tokens", True, "Max new tokens must be a whole number from 1 to 256, not True"),
+    ("repeats", "many", "Timing repeats must be a whole number from 1 to 9, not 'many'"),
+    ("repeats", 10, "Timing repeats must be a whole number from 1 to 9, not 10"),
+    ("seed", 2**63, "Seed must be a whole number from 0 to 2147483647"),
+    ("seed", -3, "Seed must be a whole number from 0 to 2147483647"),
     ("keep_ratio", "abc", "Keep ratio r must be a number from 0 to 1, not 'abc'"),
     ("keep_ratio", float("nan"), "Keep ratio r must be a number from 0 to 1, not nan"),
     ("alpha", 1.5, "α (the TTV vs IGA weight) must be a number from 0 to 1, not 1.5"),

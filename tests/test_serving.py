@@ -195,9 +195,12 @@ def test_malformed_payloads_and_foreign_paths_get_no_internals(server):
     assert "error" in text and secret not in text and "Traceback" not in text and os.getcwd() not in text
 
 
-def test_the_page_explains_a_request_refused_before_the_handler(tmp_path):
+def test_the_page_explains_a_request_refused_before_the_handler(tmp_path, monkeypatch):
     from components.compare import ErrorInbox
+    from components.gate import NOT_AN_UPLOAD
     from components.inputs import UNREADABLE_IMAGE
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))    # the files below are uploads
 
     request = type("Request", (), {"session_hash": "abc"})()
     verdict, *cleared = ErrorInbox().show(None, request)
@@ -208,6 +211,8 @@ def test_the_page_explains_a_request_refused_before_the_handler(tmp_path):
     good = tmp_path / "fine.png"
     Image.new("RGB", (8, 8)).save(good)
     assert UNREADABLE_REQUEST in ErrorInbox().show({"path": str(good)}, request)[0]
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "elsewhere"))   # no longer an upload: not read
+    assert NOT_AN_UPLOAD in ErrorInbox().show({"path": str(junk)}, request)[0]
 
 
 def test_bug_messages_name_a_log_reference_not_the_exception(monkeypatch):

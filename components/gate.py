@@ -1,0 +1,191 @@
+"""The request gate: every event's raw inputs are checked by the app before Gradio acts on them.
+
+Why the app needs its own gate (found by probing the served app as an attacker would):
+- Gradio checks that a file argument was uploaded only when its payload carries
+  `"meta": {"_type": "gradio.FileData"}`. A payload without it, or with a URL as its `path`, went
+  straight to the component, which opened (or downloaded) whatever it named, and the run showed
+  the picture back. Events the page calls without the queue (`api_visibility="private"`) can be
+  called by anyone with their `fn_index` too: hiding them is not protecting them.
+- With `show_error=False`, anything Gradio raises before the handler (a value of the wrong type,
+  too few values, a refused path) reaches an API client as `{"error": null}`, and a slider's own
+  bound check echoes Python types.
+
+So `GatedBlocks.preprocess_data`, which Gradio calls for every event (queued or not, public or
+private) before it touches the inputs, first asks `refusal()` for a sentence and raises it as a
+gr.Error; whatever Gradio itself still raises while preprocessing becomes UNREADABLE_REQUEST.
+
+Files: a path is accepted only if it lies inside Gradio's upload folder (where /upload puts files)
+or the bundled examples folder, decided from the path's text first, so a path outside those
+folders is never looked up on disk, and then again after resolving symlinks. Every refused path
+gets the same sentence, whether it exists, is a folder or is missing. A path inside the folders
+that is missing is left to the component's own check, which says the upload expired.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import gradio as gr
+
+from .examples import EXAMPLES_DIR
+
+NOT_AN_UPLOAD = ("This app reads only files uploaded through its page or its API's upload: send the file with "
+                 "gradio_client's handle_file (or upload it on the page), then run again.")
+UNREADABLE_REQUEST = ("The server could not take this request (a file that is not an upload of this page, a "
+                      "malformed request or a full queue). Upload the file again or wait a moment, then press Run.")
+# Longest text value taken at all; the handlers' own limits (e.g. the question's) are far lower and
+# say so with the text's real length. This only stops megabytes of text before any work is done.
+MAX_TEXT_CHARS = 100_000
+
+
+def upload_roots() -> list[Path]:
+    """The folders whose files the app may read: Gradio's upload folder (read now: tests move it)
+    and the bundled examples."""
+    from gradio.utils import get_upload_folder
+
+    return [Path(os.path.abspath(get_upload_folder())), EXAMPLES_DIR]
+
+
+def _inside(path: str, roots) -> bool:
+    return any(path == str(root) or path.startswith(str(root) + os.sep) for root in roots)
+
+
+def allowed_upload(path) -> bool:
+    """Whether `path` names a place inside an upload root, by its text and again with symlinks resolved.
+
+    Nothing outside the roots is looked up on disk: the text check comes first. A path inside them
+    may still be missing (an expired upload); the caller's own reading says so.
+    """
+    if not isinstance(path, str) or not path or "\x00" in path or not os.path.isabs(path):
+        return False
+    lexical = os.path.normpath(path)
+    roots = upload_roots()
+    if not _inside(lexical, roots + [Path(os.path.realpath(root)) for root in roots]):
+        return False
+    return _inside(os.path.realpath(lexical), [Path(os.path.realpath(root)) for root in roots])
+
+
+def _file_payloads(value):
+    """Every dict in `value` that names a file (has a "path" or "url" key), however deeply nested."""
+    if isinstance(value, dict):
+        if "path" in value or "url" in value:
+            yield value
+        for item in value.values():
+            yield from _file_payloads(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _file_payloads(item)
+
+
+# Components whose value is a file: anything but a file payload (a data URL, a bare path) is refused.
+FILE_COMPONENTS = (gr.Image, gr.Video, gr.Audio, gr.File)
+
+
+def file_refusal(value, block=None) -> str | None:
+    """NOT_AN_UPLOAD when `value` names any file outside the upload roots (or only a URL), or when a
+    file component's value is not a file payload; else None."""
+    if isinstance(block, FILE_COMPONENTS) and value is not None and not isinstance(value, dict):
+        return NOT_AN_UPLOAD
+    for payload in _file_payloads(value):
+        if not allowed_upload(payload.get("path")):
+            return NOT_AN_UPLOAD
+    return None
+
+
+def _label(block) -> str:
+    return getattr(block, "label", None) or type(block).__name__
+
+
+def number_refusal(block, value) -> str | None:
+    """A sentence when `value` is not a number within the component's bounds (whole where it steps by 1)."""
+    low, high = getattr(block, "minimum", None), getattr(block, "maximum", None)
+    whole = getattr(block, "precision", None) == 0 or (
+        isinstance(block, gr.Slider) and float(block.step).is_integer() and float(block.minimum).is_integer())
+    kind = "a whole number" if whole else "a number"
+    bounds = (f" from {_number(low)} to {_number(high)}" if low is not None and high is not None
+              else f" of at least {_number(low)}" if low is not None else "")
+    wanted = f"{_label(block)} must be {kind}{bounds}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"{wanted}, not {_shown(value)}."
+    if (low is not None and value < low) or (high is not None and value > high) or \
+            (whole and not float(value).is_integer()):
+        return f"{wanted}, not {_number(value)}."
+    return None
+
+
+def _number(value) -> str:
+    """2147483647 stays whole, 0.020000000000000004 reads 0.02."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e18 else f"{value:.6g}"
+
+
+def _shown(value) -> str:
+    """A value as the sentence quotes it: short, no type names."""
+    text = repr(value) if isinstance(value, str) else "nothing" if value is None else "a list" \
+        if isinstance(value, (list, tuple)) else "an object" if isinstance(value, dict) else str(value)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def choice_refusal(block, value) -> str | None:
+    if getattr(block, "allow_custom_value", False) or getattr(block, "multiselect", False):
+        return None if isinstance(value, (str, int, float, list)) or value is None else \
+            f"{_label(block)} must be a name, not {_shown(value)}."
+    values = [choice[1] if isinstance(choice, (tuple, list)) else choice for choice in block.choices or ()]
+    if value in values:
+        return None
+    offered = ", ".join(str(v) for v in values)
+    return f"{_label(block)} must be one of: {offered}; not {_shown(value)}."
+
+
+def text_refusal(block, value) -> str | None:
+    if value is not None and not isinstance(value, str):
+        return f"{_label(block)} must be text, not {_shown(value)}."
+    if value is not None and len(value) > MAX_TEXT_CHARS:
+        return f"{_label(block)} is {len(value):,} characters long; far more than this app reads. Shorten it."
+    return None
+
+
+VALUE_CHECKS = ((gr.Slider, number_refusal), (gr.Number, number_refusal), (gr.Radio, choice_refusal),
+                (gr.Dropdown, choice_refusal), (gr.Textbox, text_refusal))
+
+
+def refusal(blocks, inputs: list, values_checked: bool = True) -> str | None:
+    """The sentence refusing a request whose raw `inputs` do not fit the event's input `blocks`, or None.
+
+    Files are always checked. Values only with `values_checked` (events whose handler gets
+    Gradio-preprocessed values; an event with preprocess=False reads its raw inputs itself).
+    """
+    if not isinstance(inputs, list) or len(inputs) < len(blocks):   # extra values are ignored, as Gradio does
+        names = ", ".join(_label(block) for block in blocks)
+        count = len(inputs) if isinstance(inputs, list) else "no list of"
+        return (f"This request sends {count} values; this endpoint takes {len(blocks)} ({names}). Send one value "
+                "per input, in that order, as the page's \"Use via API\" link shows (or use gradio_client).")
+    for block, value in zip(blocks, inputs):
+        if getattr(block, "stateful", False):
+            continue
+        problem = file_refusal(value, block)
+        if problem is None and values_checked:
+            check = next((check for kind, check in VALUE_CHECKS if isinstance(block, kind)), None)
+            problem = check(block, value) if check else None
+        if problem:
+            return problem
+    return None
+
+
+class GatedBlocks(gr.Blocks):
+    """gr.Blocks whose every event passes `refusal()` before Gradio preprocesses its inputs."""
+
+    async def preprocess_data(self, block_fn, inputs, state, explicit_call: bool = False):
+        # The session's copy of a component (a dropdown whose choices a run updated) is the one to check.
+        blocks = [block if block.stateful or state is None or block._id not in state else state[block._id]
+                  for block in block_fn.inputs]
+        problem = refusal(blocks, inputs, values_checked=block_fn.preprocess)
+        if problem:
+            raise gr.Error(problem, print_exception=False)
+        try:
+            return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+        except gr.Error:
+            raise
+        except Exception:
+            raise gr.Error(UNREADABLE_REQUEST, print_exception=False) from None
