@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from components import (answers, downloads, engine, examples, files, health, inputs, metrics, notes, overlay, speed,
                         theme)
 from components.gate import GatedBlocks
-from components.compare import CompareOutputs, ErrorInbox, make_handlers, make_speed_handler
+from components.compare import CompareOutputs, ErrorInbox, make_handlers, make_speed_handler, make_speed_lookup
 
 GPU_QUEUE = "gpu"        # one concurrency id for everything that touches the model
 # The real-size timing builds its own model: its own queue, so a visitor timing schedules (30 s each on
@@ -62,6 +62,7 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
     default = eng.default_model(model)
     errors = ErrorInbox()
     compare, load_model = make_handlers(eng, default, errors)
+    show_speed = make_speed_lookup(eng)
 
     # GatedBlocks: every event's raw inputs pass the app's checks first (files only from the upload
     # folder, values within the components' bounds, a sentence for each refusal): components/gate.py.
@@ -74,11 +75,11 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
         with gr.Row(equal_height=False, elem_id="hero-row"):
             with gr.Column(scale=3, min_width=300, elem_id="hero"):
                 ans = answers.build()
-                with gr.Row(equal_height=False):
+                with gr.Row(equal_height=False, elem_id="view-row"):
                     with gr.Column(scale=5, min_width=280):
                         inspect, segment = overlay.build_view()
                     with gr.Column(scale=4, min_width=240):
-                        real_size = speed.build()
+                        real_size = speed.build(show_speed(default))
                 notes.build_what_you_see()
                 status = gr.Markdown("", elem_classes=["run-status"], elem_id="run-status")
             with gr.Column(scale=2, min_width=300, elem_id="inputs"):
@@ -118,6 +119,10 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
                             show_progress_on=[real_size.result])
         ins.model.change(load_model, inputs=[ins.model, ins.dtype, ins.attn], outputs=ins.model_info,
                          concurrency_id=GPU_QUEUE, concurrency_limit=1, api_visibility="private")
+        # The speed panel follows the settings: the chosen schedule's figure, never another's.
+        gr.on([demo.load, ins.model.change, ins.method.change, ins.budget.change, ins.keep_ratio.release,
+               ins.alpha.release, ins.layers.blur], show_speed, inputs=ins.schedule_inputs(), outputs=real_size.result,
+              api_visibility="private", queue=False, show_progress="hidden")
         ins.budget.change(inputs.on_budget, ins.budget, ins.keep_ratio, api_visibility="private", queue=False)
         ins.method.change(inputs.on_method, ins.method, [ins.alpha, ins.budget, ins.layers], api_visibility="private",
                           queue=False)

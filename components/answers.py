@@ -96,11 +96,11 @@ class Answers:
 def build() -> Answers:
     verdict_box = gr.Markdown("Run a comparison to see both answers here.", elem_id="verdict",
                               elem_classes=["verdict"])
-    with gr.Row(equal_height=True):
-        baseline = gr.HighlightedText(label="Baseline · all visual tokens", color_map={DIFF_LABEL: DIFF_COLOUR},
+    with gr.Row(equal_height=True, elem_id="answers-row"):
+        baseline = gr.HighlightedText(label="Baseline · all tokens", color_map={DIFF_LABEL: DIFF_COLOUR},
                                       show_legend=False, show_inline_category=False, elem_id="answer-baseline",
                                       elem_classes=["answer"])
-        pruned = gr.HighlightedText(label="Pruned · only the surviving visual tokens",
+        pruned = gr.HighlightedText(label="Pruned · survivors only",
                                     color_map={DIFF_LABEL: DIFF_COLOUR}, show_legend=False,
                                     show_inline_category=False, elem_id="answer-pruned", elem_classes=["answer"])
     return Answers(verdict=verdict_box, baseline=baseline, pruned=pruned)

@@ -20,7 +20,7 @@ from transprune import ConfigError
 from transprune.flops import model_shape
 from transprune.models import REGISTRY
 
-from . import answers, downloads, metrics, overlay, schedule
+from . import answers, downloads, metrics, overlay, schedule, speed
 from .files import STORE
 from .engine import Engine, UserError, _oom, gpu_task, logged, public_message
 from .gate import UNREADABLE_REQUEST
@@ -202,11 +202,9 @@ def make_handlers(engine: Engine, default_model: str, errors: ErrorInbox | None 
                     raise UserError(f"{spec.label} takes images only. Upload an image, or pick a video model: "
                                     f"{video_models}.")
                 check_video_file(video)
-                picture = None
+                picture, notices = None, []
             else:
                 picture, notices = prepare_image(image)
-                for notice in notices:
-                    gr.Warning(notice)
             seed = whole_number(seed or 0, "Seed")
             max_new_tokens = whole_number(max_new_tokens, "Max new tokens")
             repeats = whole_number(repeats, "Timing repeats")
@@ -219,7 +217,7 @@ def make_handlers(engine: Engine, default_model: str, errors: ErrorInbox | None 
                                        dtype, attn, progress, video)
             progress(0.97, desc="Drawing overlays…")
             return render_outputs(comparison, picture, method, budget,
-                                  engine.real_size.cached(config, comparison.spec.family or None))
+                                  engine.real_size.cached(config, comparison.spec.family or None), notices)
         except UserError as error:
             raise fail(request, str(error)) from None
         except gr.Error as error:
@@ -265,9 +263,7 @@ def make_speed_handler(engine: Engine):
     def _measure(model, method, budget, keep_ratio, alpha, layers, positions, seed, progress) -> str:
         spec = REGISTRY.get(model or "")
         try:
-            config = schedule.build_config(method, budget, share(keep_ratio, "Keep ratio r"),
-                                           share(alpha, "α (the TTV vs IGA weight)"), layers, positions,
-                                           whole_number(seed or 0, "Seed"))
+            config = _speed_schedule(method, budget, keep_ratio, alpha, layers, positions, seed)
             result = engine.real_size.measure(config, lambda fraction, text: progress(fraction, desc=text),
                                               family=spec.family if spec else None)
         except (ConfigError, UserError, ValueError, TypeError) as error:
@@ -282,6 +278,30 @@ def make_speed_handler(engine: Engine):
     return measure_speed
 
 
+def _speed_schedule(method, budget, keep_ratio, alpha, layers, positions, seed):
+    return schedule.build_config(method, budget, share(keep_ratio, "Keep ratio r"),
+                                 share(alpha, "α (the TTV vs IGA weight)"), layers, positions,
+                                 whole_number(seed or 0, "Seed"))
+
+
+def make_speed_lookup(engine: Engine):
+    """The "Speed at real size" panel's text for the chosen settings, without measuring: the figure this
+    server measured or the app recorded for that schedule, else what the button would measure. Run when
+    the page opens and whenever a setting changes, so the panel never shows another schedule's figure."""
+
+    def show_speed(model=None, method="TransPrune", budget="High", keep_ratio=0.125, alpha=0.5, layers="",
+                   positions="Model default", seed=0):
+        spec = REGISTRY.get(model or "")
+        try:
+            config = _speed_schedule(method, budget, keep_ratio, alpha, layers, positions, seed)
+        except (ConfigError, UserError, ValueError, TypeError):
+            return speed.INTRO
+        known = engine.real_size.cached(config, spec.family if spec else None)
+        return known.markdown() if known is not None else speed.INTRO + speed.NOT_YET
+
+    return show_speed
+
+
 def speed_text(comparison, nums, real_size) -> str:
     """The speed figure that means something for this run, saying which it is.
 
@@ -290,9 +310,10 @@ def speed_text(comparison, nums, real_size) -> str:
     speed at real size (components/speed.py) when it was measured, else where to measure it.
     """
     if not comparison.spec.offline:
-        return f"prefill **{nums.speedup:.2f}×** measured on this model (bound {nums.bound:.2f}×)"
+        return (f"prefill **{nums.speedup:.2f}×** measured on this model, vision encoder included (its language "
+                f"model alone {nums.llm_speedup:.2f}×; bound {nums.bound:.2f}×)")
     if real_size is not None:
-        return real_size.headline() + f" on a {real_size.arch}-shaped model"
+        return real_size.headline() + f" on a {real_size.arch}-shaped language model ({real_size.provenance})"
     return "speed: see **Speed at real size** below (a model this small is too small to show it)"
 
 
@@ -308,9 +329,10 @@ def verdict_text(comparison, real_size=None) -> str:
 
 
 def render_outputs(comparison, picture: Image.Image | None, method_label: str, budget: str,
-                   real_size=None) -> CompareOutputs:
+                   real_size=None, notices=()) -> CompareOutputs:
     """Everything /compare returns (see CompareOutputs). `real_size`: the schedule's SpeedResult at
-    real size, if one was measured."""
+    real size, if one was measured; `notices`: what was done to the input (a downscaled image), kept
+    under the verdict with this run's result rather than in a toast that outlives it."""
     base_text, pruned_text = comparison.baseline.text, comparison.pruned.text
     left, right = answers.diff_segments(base_text, pruned_text)
     nums = metrics.numbers(comparison)
@@ -320,13 +342,16 @@ def render_outputs(comparison, picture: Image.Image | None, method_label: str, b
     inspect_segment = segments[-1]
     labels = overlay.stage_labels(trace)
     card_path = downloads.write_card(comparison, canvas, method_label, budget, real_size)
+    notes = "".join(f"  \n<small>⚠ {notice}</small>" for notice in notices)
     return CompareOutputs(
-        verdict_text(comparison, real_size),
+        verdict_text(comparison, real_size) + notes,
         status_line(comparison, method_label, budget),
         left,
         right,
         metrics.table(comparison, method_label),
-        STORE.image(metrics.sequence_chart(nums.baseline_lengths, nums.pruned_lengths, width=480, height=300),
+        STORE.image(metrics.stack(metrics.sequence_chart(nums.baseline_lengths, nums.pruned_lengths, width=480,
+                                                         height=300),
+                                  metrics.time_chart(*nums.time_split, width=480, toy=comparison.spec.offline)),
                     "sequence-chart"),
         STORE.gallery(overlay.stage_gallery(canvas), "stage"),
         STORE.image(overlay.inspect_view(canvas, inspect_segment), "kept"),

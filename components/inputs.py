@@ -4,7 +4,8 @@ Limits (documented in docs/app.md and the "how this is measured" note):
 - uploads above MAX_UPLOAD are refused by the server before they reach the app;
 - images above MAX_PIXELS are refused (decompression bombs never get decoded);
 - images with a side above MAX_SIDE pixels are downscaled to MAX_SIDE on the longer side, with a
-  notice (the models see at most 672 px anyway);
+  notice kept in the result (the models see at most 672 px anyway); images longer than MAX_ASPECT
+  times their width (or the reverse) are refused;
 - videos longer than MAX_VIDEO_SECONDS or with frames above MAX_PIXELS are refused (read from
   the container header); transprune.video samples the frames the model sees;
 - questions must be 1..MAX_QUESTION_CHARS characters of readable text (no control characters,
@@ -40,6 +41,9 @@ MAX_UPLOAD = "20mb"
 MAX_PIXELS = 40_000_000
 MAX_SIDE = 2048
 MAX_QUESTION_CHARS = 500
+# Longer side over shorter side. An 8000x100 strip became 2048x26 for the model, which then named a
+# colour in a picture it could not see; panoramas up to this ratio still answer.
+MAX_ASPECT = 12
 MAX_VIDEO_SECONDS = 120
 MAX_SEED = 2**31 - 1     # torch.Generator.manual_seed takes up to 2**64 - 1; the random method multiplies it
 # (low, high) of each whole-number setting, shared by its component and the handlers.
@@ -82,6 +86,10 @@ def prepare_image(image) -> tuple[Image.Image, list[str]]:
                         "megapixels. Upload a smaller image.")
     if min(image.size) < 2:
         raise UserError(f"This image is only {image.width}x{image.height} pixels. Upload a real picture.")
+    if max(image.size) > MAX_ASPECT * min(image.size):
+        raise UserError(f"This image is {image.width}x{image.height}, {max(image.size) / min(image.size):.0f} times "
+                        f"longer than it is wide; the limit is {MAX_ASPECT}:1 (the model would see a sliver). Crop it "
+                        "and upload it again.")
     notices = []
     image = image.convert("RGB")
     if max(image.size) > MAX_SIDE:
@@ -270,6 +278,9 @@ def build(engine: engine_module.Engine, default_model: str) -> Inputs:
     # with its real length instead.
     question = gr.Textbox(label="Question", value=DEFAULT_QUESTION, lines=1, max_lines=4,
                           placeholder="Ask about the image…", elem_id="question")
+    counter = gr.Markdown(question_count(DEFAULT_QUESTION), elem_id="question-count")
+    # Counted in the browser as the visitor types (no server call): the one limit, shown before Run.
+    question.input(None, question, counter, js=QUESTION_COUNT_JS)
     run = gr.Button("Run comparison", variant="primary", size="lg", elem_id="run")
     model = gr.Dropdown(choices=engine.choices(), value=default_model, label="Model",
                         allow_custom_value=engine.settings.allowed_models is None, elem_id="model")
@@ -305,6 +316,17 @@ def build(engine: engine_module.Engine, default_model: str) -> Inputs:
 def on_budget(budget: str):
     """Show the keep-ratio slider only for the Custom budget."""
     return gr.update(visible=budget == "Custom")
+
+
+def question_count(text: str) -> str:
+    """"26 / 500 characters" (the JS twin below keeps it live)."""
+    return f"{len(' '.join(text.split()))} / {MAX_QUESTION_CHARS} characters"
+
+
+# Counts what the handler counts: the text with its runs of white space made one space.
+QUESTION_COUNT_JS = ("(q) => { const n = (q || '').trim().split(/\\s+/).join(' ').length; "
+                     f"return `${{n}} / {MAX_QUESTION_CHARS} characters` + "
+                     f"(n > {MAX_QUESTION_CHARS} ? ' — too long: shorten it' : ''); }}")
 
 
 def budget_info(method: str) -> str:

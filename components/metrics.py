@@ -1,4 +1,5 @@
-"""The metrics table and the sequence-length chart (baseline vs pruned, per decoder layer).
+"""The metrics table, the sequence-length chart (baseline vs pruned, per decoder layer) and where the
+time went (vision encoder, language-model prefill, decode; baseline vs pruned, as stacked bars).
 
 Every number comes from the Comparison: token counts and per-layer lengths from the pruned run's
 trace, times from `LoadedModel.generate` timings, FLOPs from `transprune.flops` (the paper's
@@ -47,6 +48,14 @@ class Numbers:
     tflops_full: tuple[float, float]
     baseline_lengths: list[int]
     pruned_lengths: list[int]
+    # The answer pass of each side, split: {"vision": ms, "llm prefill": ms, "decode": ms}.
+    time_split: tuple[dict, dict] = ({}, {})
+
+    @property
+    def llm_speedup(self) -> float:
+        """The language model's own prefill speedup in the answer pass (the part pruning changes)."""
+        before, after = self.time_split[0].get("llm prefill"), self.time_split[1].get("llm prefill")
+        return before / after if before and after else float("nan")
 
     @property
     def flops_saved(self) -> float:
@@ -74,7 +83,16 @@ def numbers(comparison) -> Numbers:
                        tflops(trace.visual_tokens_per_layer, hidden, intermediate)),
         tflops_full=(tflops(baseline_lengths, hidden, intermediate),
                      tflops(trace.tokens_per_layer, hidden, intermediate)),
-        baseline_lengths=baseline_lengths, pruned_lengths=list(trace.tokens_per_layer))
+        baseline_lengths=baseline_lengths, pruned_lengths=list(trace.tokens_per_layer),
+        time_split=(time_split(comparison.baseline.timings), time_split(comparison.pruned.timings)))
+
+
+def time_split(timings: dict) -> dict:
+    """A run's time in its parts: the vision encoder, the language model's prefill (the rest of the
+    prefill: projector and pre-LLM stages included) and decoding the answer."""
+    vision = timings.get("vision_ms", 0.0)
+    prefill, total = timings["prefill_ms"], timings["total_ms"]
+    return {"vision": vision, "llm prefill": max(prefill - vision, 0.0), "decode": max(total - prefill, 0.0)}
 
 
 def fmt_tflops(x: float) -> str:
@@ -101,13 +119,20 @@ def table(comparison, method_label: str):
 
     def rate(t):
         return "n/a" if t.get("decode_tokens_per_s") is None else f"{t['decode_tokens_per_s']:.1f}"
+    split_base, split_pruned = nums.time_split
+    for part, name in (("vision", "Vision encoder ms (answer pass)"), ("llm prefill", "LLM prefill ms (answer pass)"),
+                       ("decode", "Decode ms (answer pass)")):
+        rows.append([name, f"{split_base[part]:.1f}", f"{split_pruned[part]:.1f}",
+                     _change(split_base[part], split_pruned[part])])
     rows.append(["Decode tokens/s", rate(base), rate(pruned), ""])
     rows.append(["End-to-end ms (answer pass)", f"{base['total_ms']:.1f}", f"{pruned['total_ms']:.1f}",
                  _change(base["total_ms"], pruned["total_ms"])])
     rows.append(["New tokens", str(base["new_tokens"]), str(pruned["new_tokens"]), ""])
-    memory_name = "Peak GPU memory MB" if comparison.device.startswith("cuda") else \
-        "Peak memory MB (process high-water mark)"
-    rows.append([memory_name, f"{base['peak_mb']:.0f}", f"{pruned['peak_mb']:.0f}", ""])
+    # The run's own memory: its peak above what was in use before it (the loaded model): activations and
+    # KV cache, which pruning shrinks. Not the process's high-water mark, which an earlier run may have set.
+    memory_name = "Run memory MB (GPU, above the model)" if comparison.device.startswith("cuda") else \
+        "Run memory MB (peak RSS above the model)"
+    rows.append([memory_name, f"{base.get('run_memory_mb', 0.0):.0f}", f"{pruned.get('run_memory_mb', 0.0):.0f}", ""])
     rows.append(["Analytic TFLOPs (visual tokens)", fmt_tflops(nums.tflops_visual[0]),
                  fmt_tflops(nums.tflops_visual[1]), _change(*nums.tflops_visual)])
     rows.append(["Analytic TFLOPs (whole sequence)", fmt_tflops(nums.tflops_full[0]),
@@ -196,6 +221,57 @@ def sequence_chart(baseline: list[int], pruned: list[int], width: int = 760, hei
             draw.line([(x, y + u(6)), (x + u(18), y + u(6))], fill=colour, width=round(u(3)))
         draw.text((x + u(24), y - u(2)), name, fill=drawing.INK, font=label)
         x += u(24) + draw.textlength(name, font=label) + u(18)
+    return image
+
+
+TIME_PARTS = (("vision", "vision encoder", (148, 163, 184)), ("llm prefill", "LLM prefill", None),
+              ("decode", "decode", (203, 213, 225)))
+
+
+def time_chart(split_baseline: dict, split_pruned: dict, width: int = 480, height: int = 170, scale: float = 2,
+               toy: bool = False) -> Image.Image:
+    """Two horizontal stacked bars, baseline and pruned: vision encoder, LLM prefill and decode ms of the
+    answer pass, on one scale. The LLM prefill is drawn in each side's colour: it is what pruning changes."""
+    W, H = round(width * scale), round(height * scale)
+    image = Image.new("RGB", (W, H), drawing.PAPER)
+    draw = ImageDraw.Draw(image)
+
+    def u(x):
+        return x * scale
+    small, label = drawing.font(round(u(13))), drawing.font(round(u(14)))
+    heading = drawing.font(round(u(16)), bold=True)
+    title = "Where the time went (answer pass)" + (" — a toy model's timing" if toy else "")
+    draw.text((u(12), u(8)), title, fill=drawing.INK, font=heading)
+    left, right = u(78), u(16)
+    total = max(sum(split_baseline.values()), sum(split_pruned.values()), 1e-9)
+    for row, (name, split, colour) in enumerate((("baseline", split_baseline, drawing.BASELINE),
+                                                 ("pruned", split_pruned, drawing.PRUNED))):
+        y = u(40) + row * u(44)
+        draw.text((u(12), y + u(6)), name, fill=drawing.INK, font=label)
+        x = left
+        for part, _, fill in TIME_PARTS:
+            width_px = (W - left - right) * split[part] / total
+            if width_px > 0:
+                draw.rectangle([x, y, x + width_px, y + u(30)], fill=fill or colour)
+            text = f"{split[part]:.0f}"
+            if width_px > draw.textlength(text, font=small) + u(8):
+                ink = drawing.PAPER if fill is None else drawing.INK
+                draw.text((x + u(4), y + u(8)), text, fill=ink, font=small)
+            x += width_px
+    x, y = u(12), H - u(34)
+    for _, name, fill in TIME_PARTS:
+        draw.rectangle([x, y, x + u(16), y + u(12)], fill=fill or drawing.PRUNED)
+        draw.text((x + u(22), y - u(3)), name, fill=drawing.INK, font=small)
+        x += u(22) + draw.textlength(name, font=small) + u(16)
+    draw.text((x, y - u(3)), "(ms)", fill=drawing.MUTED, font=small)
+    return image
+
+
+def stack(top: Image.Image, bottom: Image.Image) -> Image.Image:
+    """Two charts of one width, one above the other."""
+    image = Image.new("RGB", (max(top.width, bottom.width), top.height + bottom.height), drawing.PAPER)
+    image.paste(top, (0, 0))
+    image.paste(bottom, (0, top.height))
     return image
 
 

@@ -10,16 +10,28 @@ quarter of the width on a CPU so that it fits in memory and seconds. On a CPU, a
 unpruned prefill costs more FLOPs than LLaVA-1.5-7B's (the AnyRes and video families: thousands of
 visual tokens into a 7B model) would take minutes, so it is timed at LLaVA-1.5-7B's shape instead,
 and the panel says so; SmolVLM's ~1k visual tokens into a 0.5B model cost far less and run at its
-own shape. Results are cached per (shape, schedule).
+own shape.
+
+Figures are kept per (shape, schedule, device, CPU threads): in memory, and on disk in a JSON
+file (`SpeedBook`, TRANSPRUNE_SPEED_BOOK or ~/.cache/transprune/real_size_speed.json) so they
+survive a restart. Before anyone has measured, the page quotes the figures recorded with this
+module (`python -m components.speed --record`, bundled as assets/real_size_speed.json), each
+labelled with its machine, threads, date and command; a live measurement replaces it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import gc
+import json
 import math
+import os
+import platform
+import tempfile
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -31,6 +43,8 @@ ARCH = "llava-1.5-7b"       # the default shape, and the CPU stand-in for long v
 FAMILY_ARCH = {name: adapter.timing_arch for name, adapter in FAMILIES.items() if adapter.timing_arch}
 CPU_WIDTH = 0.25
 REPEATS = 3
+RECORDED = Path(__file__).resolve().parent.parent / "assets" / "real_size_speed.json"
+RECORD_COMMAND = "python -m components.speed --record"
 
 
 def timed_shape(family: str | None, cuda: bool) -> tuple[str, flops.Shape, str]:
@@ -60,6 +74,10 @@ class SpeedResult:
     final_visual_tokens: int
     repeats: int
     note: str = ""
+    machine: str = ""            # the CPU's or GPU's name
+    threads: int = 0             # torch CPU threads during the timing
+    date: str = ""               # YYYY-MM-DD
+    recorded: bool = False       # True: a bundled figure recorded elsewhere, not measured by this server
 
     @property
     def speedup(self) -> float:
@@ -71,8 +89,23 @@ class SpeedResult:
         return (f"{self.arch} language-model shape ({width}, {self.layers} layers, {self.visual_tokens} visual "
                 f"tokens) on {self.device}")
 
+    @property
+    def provenance(self) -> str:
+        """Where and when the figure was measured: recorded with the app elsewhere, or by this server."""
+        where = f"{self.machine or self.device}, {self.threads} threads" if self.device == "cpu" else \
+            (self.machine or self.device)
+        return f"{'recorded' if self.recorded else 'measured by this server'} on {where}, {self.date}"
+
     def headline(self) -> str:
         return f"**{self.speedup:.2f}×** prefill at real size (bound {self.bound:.2f}×)"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "SpeedResult":
+        fields = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in fields})
 
     def markdown(self) -> str:
         note = f" ({self.note})" if self.note else ""
@@ -81,31 +114,122 @@ class SpeedResult:
                 f"({self.visual_tokens} → {self.final_visual_tokens} visual tokens), median of {self.repeats} "
                 f"alternating runs after a warm-up. The analytic bound for this schedule is **{self.bound:.2f}×**, "
                 f"so it reaches **{self.speedup / self.bound:.0%}** of it. Random weights: timing only, no answer "
-                "is read.")
+                f"is read. *{self.provenance[0].upper() + self.provenance[1:]}"
+                f"{f' with `{RECORD_COMMAND}`; press the button to measure it here' if self.recorded else ''}.*")
+
+
+def machine_name(device: str) -> str:
+    """The GPU's name on CUDA; the CPU's model name (from /proc/cpuinfo) on a CPU."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
+def schedule_key(arch: str, config: PruneConfig) -> list:
+    """What a timing's speed depends on besides the machine, JSON-ready: the shape and the schedule on
+    its depth; the position mode and seed do not change its speed."""
+    resolved = config.resolve(flops.ARCHITECTURES[arch].layers)
+    return [arch, json.loads(json.dumps(dataclasses.replace(resolved, positions="compact", seed=0).to_dict()))]
+
+
+class SpeedBook:
+    """SpeedResults on disk, one JSON object {key: result}; a missing or unreadable file is an empty
+    book. Writes go to a temporary file renamed into place, so a reader never sees half a file."""
+
+    def __init__(self, path: Path | str | None):
+        self.path = Path(path) if path else None
+        self._entries: dict[str, dict] = {}
+        if self.path is not None:
+            try:
+                self._entries = json.loads(self.path.read_text())["results"]
+            except (OSError, ValueError, KeyError, TypeError):
+                self._entries = {}
+
+    def get(self, key: str) -> SpeedResult | None:
+        values = self._entries.get(key)
+        return SpeedResult.from_dict(values) if isinstance(values, dict) else None
+
+    def items(self):
+        for key, values in self._entries.items():
+            yield key, SpeedResult.from_dict(values)
+
+    def put(self, key: str, result: SpeedResult):
+        self._entries[key] = result.to_dict()
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle, staging = tempfile.mkstemp(dir=self.path.parent, prefix=".speed-", suffix=".json")
+            os.chmod(staging, 0o644)      # mkstemp's 0600 would hide a bundled file from other users
+            with os.fdopen(handle, "w") as file:
+                json.dump({"results": self._entries}, file, indent=1, sort_keys=True)
+            os.replace(staging, self.path)
+        except OSError:      # a read-only disk: the figure stays in memory
+            pass
+
+
+def default_book_path() -> Path:
+    return Path(os.environ.get("TRANSPRUNE_SPEED_BOOK") or Path.home() / ".cache" / "transprune" /
+                "real_size_speed.json")
 
 
 class RealSizeSpeed:
-    """Measures and caches `SpeedResult`s; one measurement at a time (they share the CPU)."""
+    """Measures and keeps `SpeedResult`s; one measurement at a time (they share the CPU).
 
-    def __init__(self, device: str | None = None, cpu_width: float = CPU_WIDTH):
+    `cached()` answers from this server's measurements (memory, then `book` on disk), then from the
+    `recorded` figures bundled with the app (same shape, schedule and kind of device).
+    """
+
+    def __init__(self, device: str | None = None, cpu_width: float = CPU_WIDTH, book: Path | str | None = "default",
+                 recorded: Path | str | None = RECORDED):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.cpu_width = cpu_width
-        self._cache: dict[PruneConfig, SpeedResult] = {}
+        self.book = SpeedBook(default_book_path() if book == "default" else book)
+        self.recorded = SpeedBook(recorded)
         self._lock = threading.Lock()
 
-    def _key(self, arch: str, config: PruneConfig) -> tuple:
-        # What a timing depends on: the shape, the schedule on its depth (the position mode and seed do
-        # not change its speed), the device and the CPU threads torch uses now.
-        resolved = config.resolve(flops.ARCHITECTURES[arch].layers)
-        return arch, dataclasses.replace(resolved, positions="compact", seed=0), self.device, torch.get_num_threads()
+    @property
+    def width(self) -> float:
+        """The width scale timed here: full width on a GPU, `cpu_width` on a CPU."""
+        return 1.0 if self.device.startswith("cuda") else self.cpu_width
+
+    def _key(self, arch: str, config: PruneConfig) -> str:
+        # The schedule's key, the width timed, this device and the CPU threads torch uses now.
+        return json.dumps(schedule_key(arch, config) + [self.width, self.device, torch.get_num_threads()],
+                          sort_keys=True)
 
     def _shape(self, family: str | None):
         return timed_shape(family, self.device.startswith("cuda"))
 
     def cached(self, config: PruneConfig | None, family: str | None = None) -> SpeedResult | None:
+        """This server's figure for `config` on `family`'s shape, else a recorded one, else None."""
         if config is None:
             return None
-        return self._cache.get(self._key(self._shape(family)[0], config))
+        arch = self._shape(family)[0]
+        try:
+            key = self._key(arch, config)
+        except ValueError:       # a schedule the timed depth cannot run
+            return None
+        live = self.book.get(key)
+        if live is not None:
+            return live
+        schedule, kind = schedule_key(arch, config), self.device.split(":")[0]
+        matches = [result for recorded_key, result in self.recorded.items()
+                   if json.loads(recorded_key)[:2] == schedule and result.device.split(":")[0] == kind
+                   and result.width_scale == self.width]
+        if not matches:
+            return None
+        # The recording made with the most threads up to ours: the closest to this machine.
+        threads = torch.get_num_threads()
+        best = max(matches, key=lambda r: (r.threads <= threads, r.threads if r.threads <= threads else -r.threads))
+        return dataclasses.replace(best, recorded=True)
 
     def measure(self, config: PruneConfig, progress=None, family: str | None = None) -> SpeedResult:
         """Baseline vs `config` on the real-size shape of `family` (cached). `progress(fraction, text)`
@@ -113,10 +237,11 @@ class RealSizeSpeed:
         arch, shape, note = self._shape(family)
         key = self._key(arch, config)
         with self._lock:
-            if key in self._cache:
-                return self._cache[key]
+            known = self.book.get(key)
+            if known is not None:
+                return known
             cuda = self.device.startswith("cuda")
-            width = 1.0 if cuda else self.cpu_width
+            width = self.width
             step = progress or (lambda fraction, text: None)
             step(0.05, "Building the real-size model (random weights)…")
             model = bench.build_shape(shape, description=arch, width_scale=width, device=self.device,
@@ -139,11 +264,13 @@ class RealSizeSpeed:
                                      baseline_ms=measured["baseline"]["prefill_ms"],
                                      pruned_ms=measured["pruned"]["prefill_ms"], bound=figures["bound"],
                                      visual_tokens=model.visual_tokens,
-                                     final_visual_tokens=figures["final_visual_tokens"], repeats=REPEATS, note=note)
+                                     final_visual_tokens=figures["final_visual_tokens"], repeats=REPEATS, note=note,
+                                     machine=machine_name(self.device), threads=torch.get_num_threads(),
+                                     date=datetime.date.today().isoformat())
             finally:
                 del model
                 release_memory()
-            self._cache[key] = result
+            self.book.put(key, result)
             step(1.0, "Done")
             return result
 
@@ -168,15 +295,64 @@ class Panel:
     run: object         # gr.Button
 
 
-def build() -> Panel:
-    """The "Speed at real size" panel: what it measures, a button, and the result."""
+INTRO = ("### Speed at real size\nThe built-in models are too small for pruning to pay off in wall-clock time. "
+         "This times the unpruned and the chosen schedule on a language model of the **selected family's real "
+         f"checkpoint shape** (e.g. LLaVA-1.5-7B; random weights, timing only; {CPU_WIDTH:g}× width on a CPU), "
+         "against the analytic bound.")
+NOT_YET = " No figure for this schedule yet: about a minute on a 2-core CPU."
+
+
+def build(initial: str = INTRO) -> Panel:
+    """The "Speed at real size" panel: the chosen schedule's figure (or what it measures), and a button."""
     import gradio as gr
 
-    with gr.Group(elem_id="speed-panel"):
-        result = gr.Markdown(
-            "### Speed at real size\nThe built-in models are too small for pruning to pay off in wall-clock time. "
-            "This times the unpruned and the chosen schedule on a language model of the **selected family's real "
-            f"checkpoint shape** (e.g. LLaVA-1.5-7B; random weights, timing only; {CPU_WIDTH:g}× width on a CPU), "
-            "against the analytic bound. About half a minute on a 2-core CPU.", elem_id="speed-result")
-        run = gr.Button("Measure speed at real size", elem_id="speed-run", variant="secondary")
+    with gr.Group(elem_classes=["speed-panel"]):   # a class: Gradio 6 writes a Group's elem_id on two divs
+        result = gr.Markdown(initial, elem_id="speed-result")
+        run = gr.Button("Measure speed at real size", elem_id="speed-run", variant="secondary", size="md")
     return Panel(result=result, run=run)
+
+
+def record(path: Path = RECORDED, families=None, log=print) -> SpeedBook:
+    """Measure the app's schedules on this machine into `path` (the bundled figures the page quotes
+    before anyone measures): every method at High and Low on the shape of the built-in models' family
+    (LLaVA-1.5-7B), TransPrune High and Low on every other shape the app times on this kind of device."""
+    from transprune.adapters import UnsupportedModelError
+
+    from .schedule import BUDGETS, METHODS, build_config
+
+    speed = RealSizeSpeed(book=path, recorded=None)
+    cuda = speed.device.startswith("cuda")
+    families = families or sorted(FAMILY_ARCH, key=lambda f: f != "llava")
+    done = set()
+    for family in families:
+        arch = timed_shape(family, cuda)[0]
+        if arch in done:
+            continue
+        done.add(arch)
+        labels = list(METHODS) if family == "llava" else ["TransPrune"]
+        for label in labels:
+            for budget in BUDGETS[:2]:
+                config = build_config(label, budget)
+                try:
+                    result = speed.measure(config, family=family)
+                except (ValueError, UnsupportedModelError) as error:
+                    log(f"{arch} {label} {budget}: not timed ({error})")
+                    continue
+                log(f"{arch} {label} {budget}: {result.speedup:.2f}x (bound {result.bound:.2f}x)")
+    return speed.book
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Record the real-size speed figures the app quotes before anyone "
+                                                 "measures (assets/real_size_speed.json).")
+    parser.add_argument("--record", action="store_true", help="measure and write the figures")
+    parser.add_argument("--out", default=str(RECORDED))
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    args = parser.parse_args()
+    if not args.record:
+        parser.error("nothing to do: pass --record")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    record(Path(args.out))

@@ -24,9 +24,14 @@ CSS = """
 #header h1 { font-size: 2.1rem; margin-bottom: 0.2rem; letter-spacing: -0.01em; }
 #header p { font-size: 1.05rem; color: var(--body-text-color-subdued); }
 #what-you-see { font-size: 0.95rem; }
-.verdict { font-size: 1.3rem; padding: 0.6rem 0.9rem; border-radius: 10px;
+/* The verdict reads from the back of a hall: 24 px, its held-out line no smaller than body text. */
+.verdict { font-size: 1.5rem; line-height: 1.4; padding: 0.6rem 0.9rem; border-radius: 10px;
            background: var(--block-background-fill); border: 1px solid var(--border-color-primary); }
 .verdict p { margin: 0; }
+.verdict small { font-size: 1rem; }
+/* The measure button looks like one: filled, bordered, bold. */
+#speed-run { background: var(--primary-50) !important; border: 2px solid var(--primary-600) !important;
+             color: var(--primary-700) !important; font-weight: 600; }
 #health-warning { padding: 0.45rem 0.8rem; border-radius: 8px; background: #fef3c7; color: #78350f;
                    border: 1px solid #f59e0b !important; }
 #health-warning p { margin: 0; }
@@ -55,7 +60,20 @@ CSS = """
 @media (max-width: 640px) {
   #header h1 { font-size: 1.5rem; }
   #header p { font-size: 0.9rem; }
-  .answer { min-height: 110px; }
+  .answer { min-height: 84px; }
+  /* An answer not given yet is a short empty box, not a 236 px placeholder filling the first screen. */
+  .answer .empty { min-height: 48px !important; height: 48px !important; }
+  .answer .empty .icon { display: none; }
+  /* A phone's first screen: the verdict and both answers, then the image, the question and Run; the
+     overlay and the speed panel after them. The hero column's pieces join the inputs' flex column
+     (display: contents) so that `order` can interleave them. */
+  #hero-row { flex-direction: column !important; }
+  #hero { display: contents !important; }
+  #hero > * { order: 3; }
+  #hero > #verdict, #hero > #answers-row { order: 1; }
+  #inputs { order: 2; }
+  #input-image { height: 210px !important; }
+  #input-image .image-frame img { max-height: 170px; }
   #stage-gallery .grid-container, #heatmap-gallery .grid-container {
       grid-template-columns: minmax(0, 1fr) !important; }
   #model input { font-size: 0.85rem !important; }
@@ -70,7 +88,8 @@ CSS = """
       padding-right: 3px !important; }
   #metrics-table th .cell-wrap, #patch-table th .cell-wrap { padding-left: 2px !important;
       padding-right: 2px !important; }
-  .verdict { font-size: 1.1rem; }
+  .verdict { font-size: 1.15rem; }
+  .verdict small { font-size: 0.9rem; }
   .answer .textfield, .answer .textspan { font-size: 1.25rem !important; }
 }
 """

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import os
 import socket
+import tempfile
 
 import numpy as np
 import pytest
@@ -18,6 +19,9 @@ import torch
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The app's real-size timings persist on disk: in a folder of this test session's, never the user's.
+os.environ.setdefault("TRANSPRUNE_SPEED_BOOK", os.path.join(tempfile.mkdtemp(prefix="transprune-speed-"),
+                                                            "real_size_speed.json"))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 from transprune import adapters

@@ -128,6 +128,17 @@ def test_prepare_image_rejects_missing_and_downscales_large():
     assert notices and "downscaled" in notices[0]
 
 
+def test_prepare_image_refuses_a_sliver():
+    with pytest.raises(UserError, match=r"This image is 8000x100, 80 times longer than it is wide; the limit is 12:1"):
+        inputs.prepare_image(Image.new("RGB", (8000, 100), "white"))
+    assert inputs.prepare_image(Image.new("RGB", (1200, 100), "white"))[0].size == (1200, 100)
+
+
+def test_question_counter_counts_what_the_handler_counts():
+    assert inputs.question_count("  What   colour?  ") == f"13 / {inputs.MAX_QUESTION_CHARS} characters"
+    assert len(inputs.prepare_question("  What   colour?  ")) == 13
+
+
 def test_image_files_checked_from_the_header(tmp_path):
     junk = tmp_path / "junk.png"
     junk.write_text("this is not an image")
@@ -685,6 +696,7 @@ def test_client_large_image_is_downscaled(served, tmp_path):
     assert max(record["image_size"]) == inputs.MAX_SIDE
     with Image.open(out.inspect) as image:
         assert image.width / image.height == pytest.approx(2.0, rel=0.01)
+    assert "⚠ The image (3000x1500) was downscaled to 2048x1024" in out.verdict   # kept with this run's result
 
 
 def test_default_model_on_a_cpu_space_is_a_small_real_checkpoint(monkeypatch):

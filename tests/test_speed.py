@@ -15,7 +15,7 @@ from transprune import PruneConfig, flops
 @pytest.fixture(scope="module")
 def narrow():
     """The real shape (32 layers, 576 visual tokens) at 1/32 of the width, so the test takes seconds."""
-    return speed.RealSizeSpeed(device="cpu", cpu_width=1 / 32)
+    return speed.RealSizeSpeed(device="cpu", cpu_width=1 / 32, book=None)
 
 
 def test_measures_baseline_and_schedule_on_the_real_shape_and_caches(narrow):
@@ -34,8 +34,8 @@ def test_measures_baseline_and_schedule_on_the_real_shape_and_caches(narrow):
     assert "1/32" not in result.markdown() and "0.03125× width" in result.where
     assert "random weights" in result.markdown().lower() and f"{result.bound:.2f}×" in result.markdown()
     # Cached per schedule, whatever the position mode or the seed (they do not change the speed).
-    assert narrow.cached(PruneConfig.preset("high", positions="original", seed=3)) is result
-    assert narrow.measure(PruneConfig.preset("high")) is result
+    assert narrow.cached(PruneConfig.preset("high", positions="original", seed=3)) == result
+    assert narrow.measure(PruneConfig.preset("high")) == result
     assert narrow.cached(PruneConfig.preset("low")) is None
 
 
@@ -57,7 +57,7 @@ def test_measuring_updates_the_verdict_of_the_sessions_last_run():
     from components import examples
 
     engine = Engine()
-    engine.real_size = fresh = speed.RealSizeSpeed(device="cpu", cpu_width=1 / 32)   # nothing measured yet
+    engine.real_size = fresh = speed.RealSizeSpeed(device="cpu", cpu_width=1 / 32, book=None)   # nothing measured yet
     compare_run, _ = compare.make_handlers(engine, "shapes-llava")
     path, question, *_ = examples.example_rows()[0]
     out = compare_run(Image.open(path).convert("RGB"), question, model="shapes-llava", max_new_tokens=2, repeats=1,
@@ -93,5 +93,49 @@ def test_each_family_is_timed_at_its_checkpoints_shape_where_a_cpu_can():
 def test_qwen_shape_measured_and_cached_separately(narrow):
     result = narrow.measure(PruneConfig.preset("high"), family="qwen2_5_vl")
     assert result.arch == "qwen2.5-vl-7b" and result.layers == 28 and result.visual_tokens == 256
-    assert narrow.cached(PruneConfig.preset("high"), family="qwen2_5_vl") is result
-    assert narrow.cached(PruneConfig.preset("high"), family="llava") is not result
+    assert narrow.cached(PruneConfig.preset("high"), family="qwen2_5_vl") == result
+    assert narrow.cached(PruneConfig.preset("high"), family="llava") != result
+
+
+def test_measurements_survive_a_restart_and_recorded_figures_answer_first(tmp_path):
+    """A live figure is written to the book on disk and read back by a new server; before any live
+    figure, a recorded one (same shape, schedule, kind of device and width) answers, labelled as recorded."""
+    book, recorded = tmp_path / "book.json", tmp_path / "recorded.json"
+    first = speed.RealSizeSpeed(device="cpu", cpu_width=1 / 32, book=book, recorded=None)
+    live = first.measure(PruneConfig.preset("high"))
+    assert live.machine and live.threads >= 1 and live.date and not live.recorded
+    assert "Measured by this server on" in live.markdown()
+    again = speed.RealSizeSpeed(device="cpu", cpu_width=1 / 32, book=book, recorded=None)
+    assert again.cached(PruneConfig.preset("high", seed=5)) == live           # read back from disk
+    # The same figure as a bundled recording, for a server that has measured nothing.
+    recorded.write_text(book.read_text())
+    newcomer = speed.RealSizeSpeed(device="cpu", cpu_width=1 / 32, book=None, recorded=recorded)
+    quoted = newcomer.cached(PruneConfig.preset("high"))
+    assert quoted.recorded and quoted.speedup == live.speedup
+    assert f"Recorded on {live.machine}" in quoted.markdown() and speed.RECORD_COMMAND in quoted.markdown()
+    assert newcomer.cached(PruneConfig.preset("low")) is None
+    assert speed.RealSizeSpeed(device="cpu", cpu_width=1 / 8, book=None, recorded=recorded).cached(
+        PruneConfig.preset("high")) is None                                      # another width: not this figure
+    assert speed.RealSizeSpeed(device="cuda", book=None, recorded=recorded).cached(PruneConfig.preset("high")) is None
+    # A live measurement replaces the recorded one.
+    measured = newcomer.measure(PruneConfig.preset("high"))
+    assert not measured.recorded and newcomer.cached(PruneConfig.preset("high")) == measured
+
+
+def test_an_unreadable_book_is_an_empty_one(tmp_path):
+    broken = tmp_path / "book.json"
+    broken.write_text("{not json")
+    assert list(speed.SpeedBook(broken).items()) == [] and speed.SpeedBook(None).get("x") is None
+
+
+def test_the_bundled_figures_cover_the_apps_default_schedules():
+    """The page opens with a figure: every app method at High and Low on LLaVA-1.5-7B's shape (CPU)."""
+    from components.schedule import METHODS, build_config
+
+    quoted = speed.RealSizeSpeed(device="cpu", book=None)
+    for label in ("TransPrune", "FastV", "PDrop", "SparseVLM", "VisionZip", "Random"):
+        assert label in METHODS
+        for budget in ("High", "Low"):
+            result = quoted.cached(build_config(label, budget), "llava")
+            assert result is not None and result.recorded, (label, budget)
+            assert result.arch == "llava-1.5-7b" and result.width_scale == speed.CPU_WIDTH and result.date

@@ -78,3 +78,45 @@ def peak_memory_mb(device: torch.device) -> float:
             return int(re.search(r"VmHWM:\s+(\d+)", handle.read()).group(1)) / 1024.0
     except (OSError, AttributeError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_memory_mb(device: torch.device) -> float:
+    """CUDA: memory allocated now; CPU: the process's resident set now (VmRSS)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as handle:
+            return int(re.search(r"VmRSS:\s+(\d+)", handle.read()).group(1)) / 1024.0
+    except (OSError, AttributeError):
+        return 0.0
+
+
+class ModuleTimer:
+    """Wall time spent inside some modules' forward calls (summed), e.g. a model's vision encoders.
+
+    A forward pre-hook and a forward hook on each read the clock (after syncing the device); `with`
+    attaches them and removes them on exit. `ms` is the total over every call made inside the block.
+    The modules must not call one another (their times would count twice).
+    """
+
+    def __init__(self, modules, device: torch.device):
+        self.modules, self.device, self.ms, self._start, self._handles = list(modules), device, 0.0, None, []
+
+    def __enter__(self):
+        for module in self.modules:
+            self._handles += [module.register_forward_pre_hook(self._enter), module.register_forward_hook(self._exit)]
+        return self
+
+    def _enter(self, module, args):
+        sync(self.device)
+        self._start = time.perf_counter()
+
+    def _exit(self, module, args, output):
+        sync(self.device)
+        self.ms += (time.perf_counter() - self._start) * 1000.0
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        return False

@@ -24,7 +24,8 @@ from . import adapters
 from .config import PruneConfig
 from .errors import ModelLoadError, UnsupportedModelError
 from .images import as_image
-from .measure import TokenClock, parse_dtype, peak_memory_mb, sync
+from .measure import (ModuleTimer, TokenClock, current_memory_mb, parse_dtype, peak_memory_mb, reset_peak_memory,
+                      sync)
 from .runner import apply
 from .trace import PruneTrace
 
@@ -200,7 +201,8 @@ def _from_pretrained(spec: ModelSpec, device: str, dtype, attn_implementation, d
 class Result:
     text: str
     trace: PruneTrace | None
-    timings: dict = field(default_factory=dict)    # prefill_ms, decode_tokens_per_s, total_ms, new_tokens, peak_mb
+    # prefill_ms, vision_ms (of prefill), decode_tokens_per_s, total_ms, new_tokens, peak_mb, run_memory_mb
+    timings: dict = field(default_factory=dict)
     output_ids: torch.Tensor | None = None
     inputs: dict | None = None
     video: object | None = None    # transprune.video.Video actually used (sampled frames), None for images
@@ -316,18 +318,19 @@ class LoadedModel:
             return self._generate_locked(image, inputs, config, max_new_tokens, clock, device, video)
 
     def _generate_locked(self, image, inputs, config, max_new_tokens, clock, device, video=None) -> Result:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            torch.cuda.synchronize(device)
+        sync(device)
+        memory_before = current_memory_mb(device)
+        reset_peak_memory(device)       # the peak below is this run's, not the process's since it started
         pruner = apply(self.model, config) if config is not None else None
         try:
-            start = time.perf_counter()
-            if pruner is not None:
-                inputs = pruner.prepare_inputs(inputs)   # VisionZip (before the LLM) is part of the timed run
-            output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                         streamer=clock)
-            sync(device)
-            end = time.perf_counter()
+            with ModuleTimer(self._adapter.vision_encoders(self.model), device) as vision:
+                start = time.perf_counter()
+                if pruner is not None:
+                    inputs = pruner.prepare_inputs(inputs)   # VisionZip (before the LLM) is part of the timed run
+                output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                             streamer=clock)
+                sync(device)
+                end = time.perf_counter()
             trace = pruner.trace if pruner is not None else None
             pre_stage = pruner.pre_stage if pruner is not None else None
         finally:
@@ -342,7 +345,11 @@ class LoadedModel:
                        new_tokens=len(new_ids),
                        decode_tokens_per_s=(decode_steps / decode_seconds) if decode_steps and decode_seconds > 0
                        else None,
-                       peak_mb=peak_memory_mb(device))
+                       peak_mb=peak_memory_mb(device),
+                       # Above what was in use before the run (the loaded model): activations and KV cache.
+                       run_memory_mb=max(peak_memory_mb(device) - memory_before, 0.0),
+                       # The vision encoder's share of prefill (VisionZip's second pass over it included).
+                       vision_ms=vision.ms)
         if trace is not None and video is not None:
             # One video alone: a per-frame layout. Image + video in one prompt: no layout (one
             # VisualLayout describes one picture or one video).

@@ -100,6 +100,15 @@ class Adapter:
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return self.language_model(model).layers
 
+    # Where vision encoders sit on the inner model: LLaVA's, Qwen2.5-VL's, Idefics3's, Video-LLaVA's two.
+    vision_encoder_names = ("vision_tower", "visual", "vision_model", "image_tower", "video_tower")
+
+    def vision_encoders(self, model: nn.Module) -> list[nn.Module]:
+        """The model's vision encoders (timed apart from the language model); [] where none is found."""
+        inner = getattr(model, "model", model)
+        return [getattr(inner, name) for name in self.vision_encoder_names
+                if isinstance(getattr(inner, name, None), nn.Module)]
+
     def resolve(self, config, model: nn.Module):
         """`config` (a PruneConfig) resolved for this model: its depth, the family's default position
         mode where the config leaves it unset; ConfigError for a position mode the family cannot run."""
