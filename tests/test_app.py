@@ -135,8 +135,8 @@ def test_prepare_image_refuses_a_sliver():
 
 
 def test_question_counter_counts_what_the_handler_counts():
-    assert inputs.question_count("  What   colour?  ") == f"13 / {inputs.MAX_QUESTION_CHARS} characters"
-    assert len(inputs.prepare_question("  What   colour?  ")) == 13
+    assert inputs.question_count("  What   colour?  ") == f"12 / {inputs.MAX_QUESTION_CHARS} characters"
+    assert len(inputs.prepare_question("  What   colour?  ")) == 12
 
 
 def test_image_files_checked_from_the_header(tmp_path):
@@ -263,6 +263,14 @@ def test_compare_handler_outputs(handlers, example_image):
         assert rows[metrics.kept_row_name(stage["layer"])][1] == str(len(stage["kept"]))
         assert stage["kept"] == sorted(stage["kept"])
     assert rows[metrics.SPEEDUP_ROW][1] == f"{record['measured_prefill_speedup']:.2f}×"
+    assert "toy model, not the claim" in rows[metrics.SPEEDUP_ROW][2]
+    # Where the time went: the vision encoder, the LLM prefill and decoding add up to the answer pass.
+    parts = ("Vision encoder ms (answer pass)", "LLM prefill ms (answer pass)", "Decode ms (answer pass)")
+    for column in (0, 1):
+        assert float(rows[parts[0]][column]) > 0
+        assert sum(float(rows[part][column]) for part in parts) == pytest.approx(
+            float(rows["End-to-end ms (answer pass)"][column]), abs=0.2)
+    assert "Run memory MB (peak RSS above the model)" in rows
     assert list(table.columns)[2] == "TransPrune"
     assert record["resolved_config"]["prune_layers"] == [4, 5, 6]
     assert len(out.stages) == len(trace["stages"])          # one overlay per stage
