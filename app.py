@@ -85,6 +85,7 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
             with gr.Column(scale=2, min_width=300, elem_id="inputs"):
                 ins = inputs.build(eng, default)
         examples.build(ins.image, ins.question, ins.method, ins.budget)
+        examples.build_video(ins.image, ins.video, ins.question, ins.model, eng.video_example_model())
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=300):
                 table = metrics.build_table()
@@ -124,6 +125,11 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
                ins.alpha.release, ins.layers.blur], show_speed, inputs=ins.schedule_inputs(), outputs=real_size.result,
               api_visibility="private", queue=False, show_progress="hidden")
         ins.budget.change(inputs.on_budget, ins.budget, ins.keep_ratio, api_visibility="private", queue=False)
+        # One medium at a time: a video replaces the image (and shows its tab), an uploaded image the video.
+        ins.video.change(inputs.on_video, ins.video, [ins.tabs, ins.image], api_visibility="private", queue=False,
+                         show_progress="hidden")
+        ins.image.upload(inputs.on_image_upload, None, ins.video, api_visibility="private", queue=False,
+                         show_progress="hidden")
         ins.method.change(inputs.on_method, ins.method, [ins.alpha, ins.budget, ins.layers], api_visibility="private",
                           queue=False)
         # .input, not .change: only a presenter's choice re-renders (a run sets these values itself).

@@ -312,6 +312,9 @@ def speed_text(comparison, nums, real_size) -> str:
     if not comparison.spec.offline:
         return (f"prefill **{nums.speedup:.2f}×** measured on this model, vision encoder included (its language "
                 f"model alone {nums.llm_speedup:.2f}×; bound {nums.bound:.2f}×)")
+    layout = comparison.pruned.trace.layout
+    if layout is not None and layout.frame is not None:   # real-size figures time an image's prompt, not a video's
+        return "speed: a model this small is too small to show it, and no real-size figure times a video prompt"
     if real_size is not None:
         return real_size.headline() + f" on a {real_size.arch}-shaped language model ({real_size.provenance})"
     return "speed: see **Speed at real size** below (a model this small is too small to show it)"

@@ -197,6 +197,12 @@ class Engine:
         prepare video inputs."""
         return any(REGISTRY[n].video for n in self.model_names() if n in REGISTRY)
 
+    def video_example_model(self) -> str | None:
+        """The model the video example switches to: the first offered video model that needs no
+        download (a built-in one), else the first offered video model; None when none is offered."""
+        video = [name for name in self.model_names() if REGISTRY.get(name) and REGISTRY[name].video]
+        return next((name for name in video if REGISTRY[name].offline), video[0] if video else None)
+
     def default_model(self, preferred: str | None = None, log=print) -> str:
         """`preferred` if it loads, else the first offline default that loads (the offline fallback).
 

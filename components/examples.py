@@ -9,7 +9,8 @@ its 168 px input (crisper on a projector). Two have a wide or tall frame: LLaVA'
 never sees the shapes outside the middle square, which the overlays show hatched.
 
 The PNGs live in assets/examples/; `python -m components.examples` redraws them, and the app
-redraws any that are missing.
+redraws any that are missing. One video example (a red circle crossing the scene, 24 frames) is
+drawn the same way and written with PyAV as WebM; clicking it switches to a video-capable model.
 """
 
 from __future__ import annotations
@@ -134,6 +135,67 @@ def example_paths(directory: Path = EXAMPLES_DIR) -> dict[str, str]:
     return {scene.name: str(path) for scene, path in zip(SCENES, paths)}
 
 
+VIDEO_NAME = "moving_circle.webm"
+VIDEO_QUESTION = "What moves in the video?"
+VIDEO_FRAMES, VIDEO_FPS, VIDEO_SIZE = 24, 8, (336, 252)
+
+
+def video_frame(index: int) -> Image.Image:
+    """Frame `index` of the video example: a red circle moving left to right over a blue square."""
+    width, height = VIDEO_SIZE
+    scale = width / VIEW
+    big = Image.new("RGB", (width * SUPERSAMPLE, height * SUPERSAMPLE), (236, 236, 238))
+    draw = ImageDraw.Draw(big)
+    radius = RADIUS * VIEW * scale * SUPERSAMPLE
+    draw_shape(draw, "square", width * 0.5 * SUPERSAMPLE, height * 0.72 * SUPERSAMPLE, radius, COLOURS["blue"])
+    x = (0.12 + 0.76 * index / (VIDEO_FRAMES - 1)) * width
+    draw_shape(draw, "circle", x * SUPERSAMPLE, height * 0.35 * SUPERSAMPLE, radius, COLOURS["red"])
+    return big.resize((width, height), Image.Resampling.LANCZOS)
+
+
+def write_video(path: Path) -> Path:
+    """Encode the video example to `path` as WebM (VP8): browsers play it without proprietary codecs
+    (Chromium refused an MPEG-4 Part 2 file as "Video not playable")."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libvpx", rate=VIDEO_FPS)
+        stream.width, stream.height, stream.pix_fmt = *VIDEO_SIZE, "yuv420p"
+        for index in range(VIDEO_FRAMES):
+            frame = av.VideoFrame.from_ndarray(np.asarray(video_frame(index)), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def video_example_path(directory: Path = EXAMPLES_DIR) -> str:
+    """The video example's path, writing it first when missing (into a temporary folder when the
+    checkout is read-only)."""
+    path = directory / VIDEO_NAME
+    if path.exists():
+        return str(path)
+    try:
+        return str(write_video(path))
+    except OSError:
+        import tempfile
+        return str(write_video(Path(tempfile.mkdtemp(prefix="transprune-examples-")) / VIDEO_NAME))
+
+
+def build_video(image, video, question, model, video_model: str | None):
+    """The video example: clicking it clears the image, loads the clip, asks about it and picks
+    `video_model` (a video-capable model this app offers); None: no such model, no example."""
+    import gradio as gr
+
+    if video_model is None:
+        return None
+    return gr.Examples(examples=[[None, video_example_path(), VIDEO_QUESTION, video_model]],
+                       inputs=[image, video, question, model], example_labels=["Video: a red circle moves"],
+                       label=f"Video example (switches the model to {video_model})", elem_id="video-examples")
+
+
 def example_rows(directory: Path = EXAMPLES_DIR) -> list[list[str]]:
     """[[image path, question, method, budget], ...] for gr.Examples, one per EXAMPLES entry."""
     paths = example_paths(directory)
@@ -154,3 +216,4 @@ def build(image, question, method, budget):
 if __name__ == "__main__":
     for written in write_examples():
         print(written)
+    print(write_video(EXAMPLES_DIR / VIDEO_NAME))

@@ -219,6 +219,7 @@ def guard_uploads(image: gr.Image) -> gr.Image:
 # ---------------------------------------------------------------------------- the panel
 @dataclass
 class Inputs:
+    tabs: gr.Tabs
     image: gr.Image
     video: gr.Video
     question: gr.Textbox
@@ -265,12 +266,12 @@ def model_info(engine: engine_module.Engine, name: str) -> str:
 
 def build(engine: engine_module.Engine, default_model: str) -> Inputs:
     """Lay out the inputs column. Call inside a gr.Blocks / gr.Column context."""
-    with gr.Tabs():
-        with gr.Tab("Image", elem_id="tab-image"):
+    with gr.Tabs(elem_id="media-tabs") as tabs:
+        with gr.Tab("Image", id="image", elem_id="tab-image"):
             # Preloaded with the first example, whose question is the default: one click on Run works.
             image = guard_uploads(gr.Image(value=example_rows()[0][0], label="Image", type="pil",
                                            sources=["upload", "clipboard"], height=300, elem_id="input-image"))
-        with gr.Tab("Video", visible=engine.video_enabled(), elem_id="tab-video"):
+        with gr.Tab("Video", id="video", visible=engine.video_enabled(), elem_id="tab-video"):
             # format=None, include_audio=True: the upload is passed on as is (no ffmpeg needed).
             video = gr.Video(label=f"Video ({', '.join(FAMILIES[f].label for f in video_families())})", height=300,
                              sources=["upload"], format=None, include_audio=True, elem_id="input-video")
@@ -307,12 +308,23 @@ def build(engine: engine_module.Engine, default_model: str) -> Inputs:
                              info="Random method and torch seed")
             repeats = gr.Slider(*LIMITS["Timing repeats"], value=3, step=1, label="Timing repeats",
                                 info="Prefill time = median over this many runs per side")
-    return Inputs(image=image, video=video, question=question, model=model, model_info=info, method=method,
+    return Inputs(tabs=tabs, image=image, video=video, question=question, model=model, model_info=info, method=method,
                   budget=budget, keep_ratio=keep_ratio, alpha=alpha, layers=layers, positions=positions,
                   max_new_tokens=max_new_tokens, attn=attn, dtype=dtype, seed=seed, repeats=repeats, run=run)
 
 
 # ---------------------------------------------------------------------------- small handlers
+def on_video(video):
+    """A video arrived (an upload or the video example): show its tab and let it replace the image
+    (the preloaded example image would otherwise make the run refuse two inputs)."""
+    return (gr.Tabs(selected="video"), None) if video is not None else (gr.skip(), gr.skip())
+
+
+def on_image_upload():
+    """An image was uploaded: it replaces any video."""
+    return None
+
+
 def on_budget(budget: str):
     """Show the keep-ratio slider only for the Custom budget."""
     return gr.update(visible=budget == "Custom")

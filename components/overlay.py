@@ -185,14 +185,20 @@ def stage_gallery(canvas: Canvas) -> list[tuple[Image.Image, str]]:
     """One view per stage (per AnyRes segment), captioned with what survived."""
     items = []
     trace = canvas.trace
+    drawn = np.concatenate([canvas.tokens(segment) for segment in canvas.segments])
     for index, stage in enumerate(trace.stages):
         recycled = trace.inserted_in(stage.kept)
+        # Kept tokens with no patch to draw (a frame's class token, a row-end newline): counted, so the
+        # captions add up to the table's count.
+        undrawn = np.setdiff1d(trace.own(stage.kept).numpy(), drawn).size
         for segment in canvas.segments:
             tokens = canvas.tokens(segment)
             kept = np.intersect1d(stage.kept.numpy(), tokens).size
             where = f" ({segment})" if len(canvas.segments) > 1 else ""
             place = stage_place(stage.layer)
             caption = f"{place[0].upper()}{place[1:]}{where}: {kept} of {len(tokens)} kept"
+            if undrawn and segment == canvas.segments[-1]:
+                caption += f", + {undrawn} not drawn (class or row-end tokens: no patch of their own)"
             if recycled and segment == canvas.segments[-1]:
                 caption += f", + {recycled} recycled (not drawn: merged from pruned patches)"
             items.append((stage_view(canvas, index, segment), caption))

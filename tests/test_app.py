@@ -520,6 +520,13 @@ def test_video_comparison_draws_every_frame(handlers, clip):
     first, last = canvas.tokens("video")[[0, -1]]
     assert (canvas.rect(int(last))[1], canvas.rect(int(last))[0]) > (canvas.rect(int(first))[1],
                                                                     canvas.rect(int(first))[0])
+    # One token count everywhere: each caption's drawn + undrawn tokens equal the table's row for its
+    # stage (a frame's class token has no patch to draw, but it is counted), and the verdict's.
+    rows = {r[0]: r[1:] for r in out.table.values.tolist()}
+    for (_, caption), stage in zip(out.stages, record["trace"]["stages"]):
+        numbers = [int(n) for n in re.findall(r"(\d+) (?:of \d+ kept|not drawn)", caption)]
+        assert sum(numbers) == len(stage["kept"]) == int(rows[metrics.kept_row_name(stage["layer"])][1]), caption
+    assert f"→ {len(record['trace']['stages'][-1]['kept'])}** visual tokens" in out.verdict
 
 
 def test_video_errors(handlers, clip, example_image, tmp_path, monkeypatch):

@@ -257,3 +257,65 @@ def test_every_example_agrees_in_the_browser_except_the_control(url):
             verdict = _text(page, "#verdict")
             expected = "Answers differ" if example.control else "Same answer"
             assert expected in verdict, (example.label, verdict)
+
+
+CLIPPED_JS = """() => {
+  // Text cut off by its own box: labels, buttons, tabs and text inputs whose content is wider than they are.
+  const out = [];
+  for (const el of document.querySelectorAll('label span, button, [role=tab], input[type=text], textarea')) {
+    const box = el.getBoundingClientRect();
+    if (box.width === 0 || getComputedStyle(el).visibility === 'hidden') continue;
+    if (el.scrollWidth > el.clientWidth + 1) out.push((el.id || el.tagName) + ': ' + (el.value || el.innerText).slice(0, 40));
+  }
+  return out;
+}"""
+DUPLICATE_IDS_JS = """() => { const seen = {}; for (const e of document.querySelectorAll('[id]')) if (e.id) seen[e.id] = (seen[e.id] || 0) + 1;
+  return Object.keys(seen).filter(k => seen[k] > 1); }"""
+
+
+@pytest.mark.parametrize("viewport", list(VIEWPORTS) + ["projector"])
+def test_first_screen_run_then_answers_with_a_labelled_real_size_figure(url, viewport):
+    """Without pressing anything but Run: Run is on the first screen, then both answers and a real-size
+    speed figure labelled with where it was measured; no duplicate ids, no clipped text."""
+    size = VIEWPORTS.get(viewport, {"width": 1280, "height": 720})
+    with _page(url, size) as page:
+        box = page.locator("#run").bounding_box()
+        assert box["y"] + box["height"] <= size["height"], "Run is below the first screen"
+        assert page.evaluate(DUPLICATE_IDS_JS) == []
+        assert page.evaluate(CLIPPED_JS) == []
+        page.locator("#run").click()
+        page.wait_for_function("() => document.querySelector('#verdict').innerText.includes('visual tokens')",
+                               timeout=120_000)
+        verdict = _text(page, "#verdict")
+        assert "at real size" in verdict and ("recorded on" in verdict or "measured by this server" in verdict)
+        assert "faster prefill at real size" in _text(page, ".speed-panel")
+        if viewport == "phone":
+            page.evaluate("window.scrollTo(0, 0)")
+            page.wait_for_timeout(300)
+        assert page.evaluate(CLIPPED_JS) == []
+        assert page.evaluate(DUPLICATE_IDS_JS) == []
+        page.screenshot(path=str(_shots() / f"app-first-screen-{viewport}.png"))
+
+
+def test_the_video_example_runs_in_one_click(url):
+    """The video example replaces the preloaded image, shows the video tab, picks a video model; Run
+    answers, and the verdict's, the table's and the captions' token counts agree."""
+    import re
+
+    with _page(url, VIEWPORTS["desktop"]) as page:
+        page.get_by_text("Video: a red circle moves", exact=True).click()
+        page.wait_for_function("() => document.querySelector('#tab-video') && "
+                               "[...document.querySelectorAll('[role=tab]')].some(t => t.innerText.includes('Video')"
+                               " && t.getAttribute('aria-selected') === 'true')", timeout=30_000)
+        page.wait_for_timeout(1500)
+        assert page.locator("#input-image img").count() == 0, "the example image must make way for the video"
+        assert "Video-LLaVA" in page.locator("#model input").input_value() or \
+            "Qwen" in page.locator("#model input").input_value()
+        page.locator("#run").click()
+        page.wait_for_function("() => document.querySelector('#verdict').innerText.includes('visual tokens')",
+                               timeout=180_000)
+        verdict = _text(page, "#verdict")
+        final = int(re.search(r"→ (\d+) visual tokens", verdict).group(1))
+        assert f" {final} " in f" {_text(page, '#metrics-table')} "
+        assert "no real-size figure times a video prompt" in verdict
+        page.screenshot(path=str(_shots() / "app-video-example.png"))
