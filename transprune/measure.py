@@ -69,26 +69,28 @@ def reset_peak_memory(device: torch.device):
         pass
 
 
+def _status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (Linux: VmHWM, VmRSS) in MB; None where there is none."""
+    try:
+        with open("/proc/self/status") as handle:
+            return int(re.search(rf"{field}:\s+(\d+)", handle.read()).group(1)) / 1024.0
+    except (OSError, AttributeError):
+        return None
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """CUDA: peak allocated since the last reset; CPU: the process's peak resident set (VmHWM)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as handle:
-            return int(re.search(r"VmHWM:\s+(\d+)", handle.read()).group(1)) / 1024.0
-    except (OSError, AttributeError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def current_memory_mb(device: torch.device) -> float:
     """CUDA: memory allocated now; CPU: the process's resident set now (VmRSS)."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as handle:
-            return int(re.search(r"VmRSS:\s+(\d+)", handle.read()).group(1)) / 1024.0
-    except (OSError, AttributeError):
-        return 0.0
+    return _status_mb("VmRSS") or 0.0
 
 
 class ModuleTimer:
