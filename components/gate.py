@@ -180,7 +180,10 @@ class GatedBlocks(gr.Blocks):
         # The session's copy of a component (a dropdown whose choices a run updated) is the one to check.
         blocks = [block if block.stateful or state is None or block._id not in state else state[block._id]
                   for block in block_fn.inputs]
-        problem = refusal(blocks, inputs, values_checked=block_fn.preprocess)
+        try:
+            problem = refusal(blocks, inputs, values_checked=block_fn.preprocess)
+        except RecursionError:       # a payload nested deeper than anything the page sends
+            problem = UNREADABLE_REQUEST
         if problem:
             raise gr.Error(problem, print_exception=False)
         try:

@@ -179,6 +179,16 @@ def test_values_outside_the_components_get_the_apps_sentence(server, position, v
     assert sentence in error and "<class" not in error and "type:" not in error
 
 
+def test_a_deeply_nested_payload_gets_a_sentence(server):
+    url, _, _ = server
+    nested = QUESTION
+    for _ in range(900):
+        nested = [nested]
+    data = [None] + SETTINGS
+    data[1] = nested                          # as the question
+    assert _error(_call(url, "compare", data)) == gate.UNREADABLE_REQUEST
+
+
 def test_a_short_payload_is_told_what_the_endpoint_takes(server):
     url, _, _ = server
     error = _error(_call(url, "compare", [None, QUESTION]))
