@@ -86,3 +86,25 @@ def test_the_app_wires_the_banner_to_page_load():
     loads = [d for d in config["dependencies"] if any(t[1] == "load" for t in d["targets"])]
     assert any(warning_id in d["outputs"] for d in loads)
     assert health.startup_check() is health.startup_check()   # one shared check per process
+
+
+def test_the_reference_check_allows_generate_to_stop_at_eos():
+    """generate() stops at the model's eos; the reference always runs its steps. A model whose first
+    greedy token is eos (random weights can be) must still pass, and a wrong first token still fail."""
+    from PIL import Image
+
+    from transprune import PruneConfig, adapters
+    from transprune.doctor import _pruned_decode_matches_reference
+    from transprune.reference import Reference
+
+    model, processor = adapters.by_family("llava").build_tiny(layers=16, attn_implementation="sdpa")
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is it ?"}]}],
+        add_generation_prompt=True)
+    inputs = dict(processor(images=[Image.new("RGB", (96, 64), (200, 30, 30))], text=[prompt], return_tensors="pt"))
+    resolved = PruneConfig.preset("high").resolve(16, "compact")
+    first = Reference(model, resolved).run(inputs, max_new_tokens=2)["ids"][0]
+    model.generation_config.eos_token_id = first          # pruned generation now stops after one token
+    check = _pruned_decode_matches_reference(model, inputs, "high")
+    assert check.ok, check.detail
+    model.generation_config.eos_token_id = None
