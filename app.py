@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from components import (answers, downloads, engine, examples, files, health, inputs, metrics, notes, overlay, speed,
                         theme)
@@ -156,7 +157,8 @@ def launch_kwargs(args) -> dict:
     return dict(server_name=args.host, server_port=args.port, share=args.share, theme=theme.theme(), css=theme.CSS,
                 head=theme.HEAD, max_file_size=args.max_upload, show_error=False, footer_links=["api", "gradio"],
                 state_session_capacity=STATE_SESSIONS,
-                app_kwargs=dict(exception_handlers={RequestValidationError: unreadable_request},
+                app_kwargs=dict(exception_handlers={RequestValidationError: unreadable_request,
+                                                    StarletteHTTPException: unparsable_body},
                                 middleware=[Middleware(files.TrimBeforeUpload, store=files.STORE)]))
 
 
@@ -167,6 +169,16 @@ async def unreadable_request(request, error):
     return JSONResponse(status_code=422, content={
         "error": "This request is not what the API expects. Send JSON like {\"data\": [...]} with one value per "
                  "input, as shown on the page's \"Use via API\" link (or use gradio_client)."})
+
+
+async def unparsable_body(request, error):
+    """FastAPI answers a body its JSON parser gives up on (nested thousands deep) with a 400 of its own
+    words; the app's sentence instead. Every other HTTP error keeps FastAPI's default answer."""
+    from fastapi.exception_handlers import http_exception_handler
+
+    if error.status_code == 400 and "parsing the body" in str(error.detail):
+        return await unreadable_request(request, error)
+    return await http_exception_handler(request, error)
 
 
 def _env_flag(name: str) -> bool:
