@@ -225,8 +225,9 @@ def test_bench_checkpoint_cli(rehearsal_hub, name, tmp_path):
           "--json", str(report)], rehearsal_hub)
     figures = json.loads(report.read_text())
     n = BY_NAME[name].visual_tokens_640x480
-    assert figures["run"]["visual_tokens"] == n and figures["run"]["layers"] == EXPECTED[name]["layers"]
-    per_layer = figures["results"]["high"]["visual_tokens_per_layer"]
+    run = figures["high"]["run"]
+    assert run["visual_tokens"] == n and run["layers"] == EXPECTED[name]["layers"]
+    per_layer = figures["high"]["visual_tokens_per_layer"]
     first, second, third = EXPECTED[name]["high_layers"]
     assert per_layer[0] == n and per_layer[third] == int(n * 0.125)
 
@@ -263,3 +264,40 @@ def test_app_compare_through_gradio_client(rehearsal_cache, roomy_memory, serve_
     assert record["model"] == name
     assert record["trace"]["visual_tokens"] == BY_NAME[name].visual_tokens_640x480
     assert [stage["layer"] for stage in record["trace"]["stages"]] == list(EXPECTED[name]["high_layers"])
+
+
+def test_app_in_chromium_with_a_real_checkpoint(rehearsal_cache, roomy_memory, serve_app, tmp_path):
+    """One browser run on the app serving llava-1.5-7b: upload a photo, Run, both answers and the verdict."""
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    chromium = next((c for c in (os.environ.get("CHROMIUM"), "/usr/bin/chromium") if c and Path(c).exists()), None)
+    if chromium is None:
+        pytest.skip("Chromium not installed (apt-get install -y chromium)")
+    image = tmp_path / "photo.png"
+    photo().save(image)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # the browser needs the other core
+    try:
+        with serve_app(tmp_path / "gradio", "llava-1.5-7b") as (url, _), \
+                playwright_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium,
+                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            try:
+                page = browser.new_page(viewport={"width": 1440, "height": 900})
+                page.goto(url, wait_until="load")
+                page.wait_for_selector("#run", timeout=60_000)
+                page.locator("#input-image input[type=file]").set_input_files(str(image))
+                page.locator("#input-image img").first.wait_for(timeout=30_000)
+                page.locator("#question textarea").fill(QUESTION)
+                page.locator("#run").click()
+                page.wait_for_function(
+                    "() => { const v = document.querySelector('#verdict');"
+                    " return v && v.innerText.includes('visual tokens'); }", timeout=180_000)
+                table = page.locator("#metrics-table").inner_text()
+                verdict = page.locator("#verdict").inner_text()
+                assert page.locator("#answer-baseline").inner_text().strip()
+                assert page.locator("#answer-pruned").inner_text().strip()
+            finally:
+                browser.close()
+    finally:
+        torch.set_num_threads(threads)
+    assert "576" in table and "576" in verdict
