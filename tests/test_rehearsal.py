@@ -301,3 +301,38 @@ def test_app_in_chromium_with_a_real_checkpoint(rehearsal_cache, roomy_memory, s
     finally:
         torch.set_num_threads(threads)
     assert "576" in table and "576" in verdict
+
+
+# ---------------------------------------------------------------------------- video families without torchvision
+TINY_OF_FAMILY = {"qwen2_5_vl": "tiny-qwen2.5-vl", "llava_onevision": "tiny-llava-onevision",
+                  "video_llava": "tiny-video-llava"}
+
+
+@pytest.mark.parametrize("family", list(TINY_OF_FAMILY))
+def test_video_family_checkpoint_folders_load_without_torchvision(family, tmp_path, sample_image):
+    """The registry's video families (Qwen2.5-VL, LLaVA-OneVision, Video-LLaVA) list a video processor, which
+    needs torchvision. A checkpoint folder of each (the tiny model's config, weights, image-processor,
+    tokenizer and processor files, as on the Hub) loads through `transprune.models.load` as the
+    family's processor class; without torchvision it carries no video processor and video goes through
+    transprune.video."""
+    from transprune.processors import torchvision_works
+
+    model, processor = adapters.by_family(family).build_tiny()
+    model.save_pretrained(tmp_path)
+    processor.image_processor.save_pretrained(tmp_path)
+    processor.tokenizer.save_pretrained(tmp_path)
+    settings = {k: v for k, v in processor.to_dict().items() if k not in ("image_processor", "video_processor")}
+    (tmp_path / "processor_config.json").write_text(json.dumps(settings))
+    (tmp_path / "chat_template.jinja").write_text(processor.chat_template)
+
+    lm = transprune.models.load(str(tmp_path), device="cpu")
+    assert type(lm.processor).__name__ == type(processor).__name__
+    if not torchvision_works():
+        assert lm.processor.video_processor is None
+    image = sample_image(112, 112)
+    loaded_inputs = lm.prepare(image, "what is it ?")
+    tiny = transprune.models.load(TINY_OF_FAMILY[family], device="cpu")
+    assert torch.equal(loaded_inputs["input_ids"], tiny.prepare(image, "what is it ?")["input_ids"])
+    frames = [sample_image(112, 112, seed=i) for i in range(8)]
+    result = lm.generate(None, "what happens ?", video=frames, config="high", max_new_tokens=2)
+    assert result.trace.visual_tokens == int((result.inputs["input_ids"] == lm.model.config.video_token_id).sum())
