@@ -7,7 +7,8 @@ processors need torchvision, which does not install beside this project's pinned
 then builds the same processor from the checkpoint's own files (image processor, tokenizer, chat
 template, processor_config.json) with no video processor; `transprune.video` prepares video
 frames itself for processors that carry none (`FramesVideoProcessor`), so video still works.
-With a working torchvision the checkpoint's processor is used exactly as `AutoProcessor` builds it.
+With a working torchvision (or a processor without a video part) the processor is exactly the one
+`AutoProcessor` builds.
 """
 
 from __future__ import annotations
@@ -56,12 +57,18 @@ def torchvision_works() -> bool:
 
 
 def load_processor(checkpoint: str, model_type: str):
-    """The processor of `checkpoint` (a Hub id or a folder) whose config.json says `model_type`."""
+    """The processor of `checkpoint` (a Hub id or a folder) whose config.json says `model_type`:
+    `AutoProcessor`'s, or, where that fails for want of a working torchvision and the processor has a
+    video part, the same processor without it."""
     from transformers import AutoProcessor
 
-    cls = processor_class(model_type)
-    if not has_video_part(cls) or torchvision_works():
+    try:
         return AutoProcessor.from_pretrained(checkpoint)
+    except (ImportError, RuntimeError) as error:
+        # ImportError: torchvision absent; RuntimeError: a torchvision built for another torch.
+        cls = processor_class(model_type)
+        if "torchvision" not in str(error).lower() or not has_video_part(cls):
+            raise
     return image_text_processor(cls, checkpoint)
 
 
