@@ -4,7 +4,8 @@ Each ```python block of README.md runs in a fresh namespace, in one new interpre
 folder outside the checkout (so `import transprune` must come from the installed package, as for a
 reader who followed the set-up; a development environment without `pip install -e .` gets the
 checkout on PYTHONPATH instead). Blocks written for a GPU run on the CPU when there is no CUDA device:
-"cuda" becomes "cpu" and float16 becomes float32, nothing else changes. The checkpoints they name
+"cuda" becomes "cpu" and float16 becomes float32; and every block generates 3 tokens instead of 32
+(random weights never stop early); nothing else changes. The checkpoints they name
 must be rehearsed ones (tests/hub_rehearsal.py): their real files, random weights.
 """
 
@@ -36,6 +37,8 @@ def python_blocks(text: str) -> list[str]:
 
 
 def on_this_machine(block: str) -> str:
+    # Random weights never say eos: 3 new tokens instead of 32 (the block's names and calls are unchanged).
+    block = block.replace("max_new_tokens=32", "max_new_tokens=3")
     if torch.cuda.is_available():
         return block
     return block.replace('"cuda"', '"cpu"').replace("torch.float16", "torch.float32").replace('"float16"', '"float32"')
