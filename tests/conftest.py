@@ -158,3 +158,26 @@ def _serve_app(temp, model: str, **build_kwargs):
 def serve_app():
     """(temp folder, model, **build_demo kwargs) -> context manager yielding (url, app) of the served demo."""
     return _serve_app
+
+
+# ---------------------------------------------------------------------------- real checkpoints, offline
+@pytest.fixture(scope="session")
+def rehearsal_hub(tmp_path_factory):
+    """The hub cache folder (HF_HUB_CACHE) of tests/hub_rehearsal.py's real checkpoints, built once a session
+    from ../shared/fixtures/hf-hub; skips where that folder is absent."""
+    import hub_rehearsal
+
+    if not hub_rehearsal.fixtures_present():
+        pytest.skip(f"the real checkpoints' files are not here ({hub_rehearsal.FIXTURES}); CI has them")
+    return hub_rehearsal.build_hub_cache(tmp_path_factory.mktemp("hf-home"))
+
+
+@pytest.fixture
+def rehearsal_cache(rehearsal_hub, monkeypatch):
+    """Point this process and its subprocesses at the rehearsal hub cache, offline; yields the folder."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(rehearsal_hub))
+    monkeypatch.setenv("HF_HUB_CACHE", str(rehearsal_hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return rehearsal_hub

@@ -269,7 +269,7 @@ def test_registry_names_load_real_checkpoints_with_device_map(monkeypatch):
         def eval(self):
             return self
 
-    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda name: None)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda name: transformers.LlavaConfig())
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda name: "processor")
     family = models.adapters.FAMILIES[models.REGISTRY["llava-1.5-7b"].family]
     monkeypatch.setattr(family, "model_class", classmethod(lambda cls, config=None: FakeModel))

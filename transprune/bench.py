@@ -540,6 +540,11 @@ def run(args) -> dict[str, dict]:
         raise BenchError(f"--methods lists a method twice: {args.methods}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype or ("float16" if device.type == "cuda" else "float32")]
+    if args.arch is None:
+        # The analytic TFLOPs describe the checkpoint's own architecture when the registry knows its shape
+        # (else the loaded model's); without a checkpoint, LLaVA-1.5-7B, the paper's model.
+        args.arch = (args.checkpoint if args.checkpoint in flops.ARCHITECTURES
+                     else "checkpoint" if args.checkpoint else "llava-1.5-7b")
     load_before = _load()
     if args.flops_only and not args.checkpoint and args.arch in flops.ARCHITECTURES:
         shape = flops.ARCHITECTURES[args.arch]
@@ -619,8 +624,9 @@ def run(args) -> dict[str, dict]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m transprune.bench", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="llava-1.5-7b",
-                   help=f"architecture: {', '.join([*flops.ARCHITECTURES, TINY_ARCH])}")
+    p.add_argument("--arch", default=None,
+                   help=f"architecture: {', '.join([*flops.ARCHITECTURES, TINY_ARCH])} (default: llava-1.5-7b, or "
+                        "with --checkpoint the checkpoint's own)")
     p.add_argument("--methods", default="baseline,fastv,pdrop,high,low,random",
                    help="comma-separated: baseline, presets (high, low, fastv, pdrop, random, off), visionzip[-64|-128|-192], "
                         "stacks like visionzip-128+high")

@@ -167,7 +167,9 @@ def load(name: str, device: str | None = None, dtype=None, attn_implementation: 
 
 def _from_pretrained(spec: ModelSpec, device: str, dtype, attn_implementation, device_map: str | None = None):
     import transformers
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
+
+    from .processors import load_processor
 
     on_gpu = device.startswith("cuda") or (device_map is not None and torch.cuda.is_available())
     dtype = dtype or (torch.float16 if on_gpu else torch.float32)
@@ -185,7 +187,12 @@ def _from_pretrained(spec: ModelSpec, device: str, dtype, attn_implementation, d
         model = model_class.from_pretrained(spec.checkpoint, **kwargs)
         if "device_map" not in kwargs:
             model = model.to(device)
-        processor = AutoProcessor.from_pretrained(spec.checkpoint)
+        # AutoProcessor, or without torchvision the same processor minus its video part (transprune.processors).
+        processor = load_processor(spec.checkpoint, config.model_type)
+        if getattr(processor, "tokenizer", None) is not None:
+            # generate() continues every row of a batch at its last column, so pad before the prompt
+            # (SmolVLM's and Qwen2.5-VL's tokenizers pad on the right by default).
+            processor.tokenizer.padding_side = "left"
     except torch.cuda.OutOfMemoryError as error:
         raise ModelLoadError(f"{spec.label} does not fit in GPU memory ({error}). Pick a smaller model or "
                              "dtype=float16/bfloat16.") from error

@@ -11,6 +11,8 @@ import threading
 
 import torch
 
+from .processors import without_video_processor
+
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<video>"]
 # Qwen2.5-VL's placeholders: one image is <|vision_start|><|image_pad|>...<|vision_end|>.
 QWEN_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -158,23 +160,6 @@ def tiny_llava_next(layers: int = 16, hidden: int = 64, image_size: int = 112, p
     return model, llava_next_processor(tokenizer, image_size, patch_size, pinpoints)
 
 
-def _without_video_processor(processor_class):
-    """`processor_class` constructible with video_processor=None.
-
-    transformers checks every sub-processor's class, and the video-processor classes need
-    torchvision even when no video processor is passed. The offline models preprocess video
-    frames themselves (transprune.video), so their processors carry none.
-    """
-    class ImageTextProcessor(processor_class):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument is None and "video" in argument_name:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    ImageTextProcessor.__name__ = ImageTextProcessor.__qualname__ = processor_class.__name__
-    return ImageTextProcessor
-
-
 def tiny_video_llava(layers: int = 16, hidden: int = 64, image_size: int = 112, patch_size: int = 14,
                      attn_implementation: str = "sdpa", seed: int = 0):
     """(model, processor): a random VideoLlavaForConditionalGeneration (images; videos via transprune.video)."""
@@ -193,7 +178,7 @@ def tiny_video_llava(layers: int = 16, hidden: int = 64, image_size: int = 112, 
     model = _finish(VideoLlavaForConditionalGeneration, config, attn_implementation, seed)
     image_processor = VideoLlavaImageProcessor(size={"shortest_edge": image_size},
                                                crop_size={"height": image_size, "width": image_size})
-    processor = _without_video_processor(VideoLlavaProcessor)(video_processor=None, image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+    processor = without_video_processor(VideoLlavaProcessor)(video_processor=None, image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
                                     vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
                                     num_additional_image_tokens=1)
     return model, processor
@@ -223,7 +208,7 @@ def tiny_llava_onevision(layers: int = 16, hidden: int = 64, image_size: int = 5
                                   image_grid_pinpoints=pinpoints)
     model = _finish(LlavaOnevisionForConditionalGeneration, config, attn_implementation, seed)
     image_processor = LlavaOnevisionImageProcessorPil(size={"height": s, "width": s}, image_grid_pinpoints=pinpoints)
-    processor = _without_video_processor(LlavaOnevisionProcessor)(video_processor=None, image_processor=image_processor, tokenizer=tokenizer,
+    processor = without_video_processor(LlavaOnevisionProcessor)(video_processor=None, image_processor=image_processor, tokenizer=tokenizer,
                                         num_image_tokens=(s // patch_size) ** 2,
                                         vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE)
     return model, processor
@@ -253,6 +238,6 @@ def tiny_qwen2_5_vl(layers: int = 16, hidden: int = 64, attn_implementation: str
     model = _finish(Qwen2_5_VLForConditionalGeneration, config, attn_implementation, seed)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14,
                                                merge_size=2, temporal_patch_size=2)
-    processor = _without_video_processor(Qwen2_5_VLProcessor)(video_processor=None, image_processor=image_processor, tokenizer=tokenizer,
+    processor = without_video_processor(Qwen2_5_VLProcessor)(video_processor=None, image_processor=image_processor, tokenizer=tokenizer,
                                     chat_template=QWEN_CHAT_TEMPLATE)
     return model, processor
