@@ -49,6 +49,7 @@ def attention_probs(query: torch.Tensor, key: torch.Tensor, query_slots: torch.T
     query: (H, n, hd) and key: (Hkv, n, hd) after rotary embedding; query_slots: (q,) long, the
     query tokens' slots; key_valid: (n,) bool. Key heads are repeated for grouped-query attention.
     Returns (H, q, n) float32 probabilities; key j is visible to query i iff j <= i and valid.
+    Memory is H x q x n: the scores use `attention_to_columns`, which never holds all of it.
     """
     heads, kv_heads, n = query.shape[0], key.shape[0], key.shape[1]
     key = key.repeat_interleave(heads // kv_heads, dim=0).float()
@@ -56,6 +57,29 @@ def attention_probs(query: torch.Tensor, key: torch.Tensor, query_slots: torch.T
     visible = (torch.arange(n, device=key.device)[None, :] <= query_slots[:, None]) & key_valid[None, :]
     logits = logits.masked_fill(~visible[None], float("-inf"))
     return torch.softmax(logits, dim=-1)
+
+
+# Largest H x rows x n block of attention logits `attention_to_columns` holds at once (float32:
+# 4 MiB). A long question is thousands of query rows over thousands of keys: all at once that is
+# quadratic in the prompt (2 GB at 8k tokens on a 4-head model), more than the model itself needs.
+CHUNK_ELEMENTS = 2 ** 20
+
+
+def attention_to_columns(query: torch.Tensor, key: torch.Tensor, query_slots: torch.Tensor,
+                         key_valid: torch.Tensor, column_slots: torch.Tensor, scaling: float) -> torch.Tensor:
+    """(q, c) float32: `attention_probs` averaged over heads, at the key columns `column_slots` only.
+
+    The softmax still runs over every visible key; the queries are taken a block of rows at a
+    time (at most CHUNK_ELEMENTS logits), so memory grows with q x c and n, never with q x n.
+    Each row is computed as `attention_probs` computes it.
+    """
+    heads, n = query.shape[0], key.shape[1]
+    rows = max(1, CHUNK_ELEMENTS // (heads * max(n, 1)))
+    blocks = [attention_probs(query, key, query_slots[start:start + rows], key_valid, scaling)[:, :, column_slots]
+              .mean(dim=0) for start in range(0, len(query_slots), rows)]
+    if not blocks:
+        return torch.zeros(0, len(column_slots), dtype=torch.float32, device=query.device)
+    return torch.cat(blocks)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -70,8 +94,8 @@ def iga(query: torch.Tensor, key: torch.Tensor, instruction_slots: torch.Tensor,
     Attention of the instruction queries (mean over heads, then over queries) to the candidate
     keys, normalised to sum to one. Returns (len(candidate_slots),) float32.
     """
-    probs = attention_probs(query, key, instruction_slots, key_valid, scaling).mean(dim=0)
-    return normalize(probs[:, candidate_slots].mean(dim=0))
+    probs = attention_to_columns(query, key, instruction_slots, key_valid, candidate_slots, scaling)
+    return normalize(probs.mean(dim=0))
 
 
 def combine(ttv_acc: torch.Tensor, iga_scores: torch.Tensor | None, alpha: float) -> torch.Tensor:
