@@ -49,34 +49,48 @@ def attention_probs(query: torch.Tensor, key: torch.Tensor, query_slots: torch.T
     query: (H, n, hd) and key: (Hkv, n, hd) after rotary embedding; query_slots: (q,) long, the
     query tokens' slots; key_valid: (n,) bool. Key heads are repeated for grouped-query attention.
     Returns (H, q, n) float32 probabilities; key j is visible to query i iff j <= i and valid.
-    Memory is H x q x n: the scores use `attention_to_columns`, which never holds all of it.
+    That is H x q x n floats: the scores use `attention_to_columns`, which never holds all of it.
     """
-    heads, kv_heads, n = query.shape[0], key.shape[0], key.shape[1]
-    key = key.repeat_interleave(heads // kv_heads, dim=0).float()
-    logits = query[:, query_slots].float() @ key.transpose(-1, -2) * scaling
+    return _probs(query, _repeat_heads(key, query.shape[0]), query_slots, key_valid, scaling)
+
+
+def _repeat_heads(key: torch.Tensor, heads: int) -> torch.Tensor:
+    """(H, n, hd) float32 keys: each of the Hkv key heads repeated for its query heads (GQA)."""
+    return key.repeat_interleave(heads // key.shape[0], dim=0).float()
+
+
+def _probs(query, key, query_slots, key_valid, scaling) -> torch.Tensor:
+    n = key.shape[1]
+    logits = query[:, query_slots].float() @ key.transpose(-1, -2)
+    # In place: the same values as out-of-place ops, without two more (H, q, n) tensors.
+    logits.mul_(scaling)
     visible = (torch.arange(n, device=key.device)[None, :] <= query_slots[:, None]) & key_valid[None, :]
-    logits = logits.masked_fill(~visible[None], float("-inf"))
+    logits.masked_fill_(~visible[None], float("-inf"))
     return torch.softmax(logits, dim=-1)
 
 
-# Largest H x rows x n block of attention logits `attention_to_columns` holds at once (float32:
-# 4 MiB). A long question is thousands of query rows over thousands of keys: all at once that is
-# quadratic in the prompt (2 GB at 8k tokens on a 4-head model), more than the model itself needs.
+# Most H x rows x n attention logits `attention_to_columns` holds at once (float32: 4 MiB), but
+# never fewer than MIN_ROWS query rows a block (a long prompt on a many-head model would otherwise
+# take thousands of tiny blocks). A long question is thousands of query rows over thousands of
+# keys: all at once that is quadratic in the prompt (2 GB at 8k tokens on a 4-head model), far
+# more than the model itself needs; in blocks it is linear.
 CHUNK_ELEMENTS = 2 ** 20
+MIN_ROWS = 16
 
 
 def attention_to_columns(query: torch.Tensor, key: torch.Tensor, query_slots: torch.Tensor,
                          key_valid: torch.Tensor, column_slots: torch.Tensor, scaling: float) -> torch.Tensor:
     """(q, c) float32: `attention_probs` averaged over heads, at the key columns `column_slots` only.
 
-    The softmax still runs over every visible key; the queries are taken a block of rows at a
-    time (at most CHUNK_ELEMENTS logits), so memory grows with q x c and n, never with q x n.
-    Each row is computed as `attention_probs` computes it.
+    The softmax still runs over every visible key; queries are taken a block of rows at a time
+    (CHUNK_ELEMENTS logits, or MIN_ROWS rows), so memory grows with q x c and n, never with
+    q x n. Each row is computed exactly as `attention_probs` computes it.
     """
     heads, n = query.shape[0], key.shape[1]
-    rows = max(1, CHUNK_ELEMENTS // (heads * max(n, 1)))
-    blocks = [attention_probs(query, key, query_slots[start:start + rows], key_valid, scaling)[:, :, column_slots]
-              .mean(dim=0) for start in range(0, len(query_slots), rows)]
+    key = _repeat_heads(key, heads)
+    rows = max(MIN_ROWS, CHUNK_ELEMENTS // (heads * max(n, 1)))
+    blocks = [_probs(query, key, query_slots[start:start + rows], key_valid, scaling)[:, :, column_slots].mean(dim=0)
+              for start in range(0, len(query_slots), rows)]
     if not blocks:
         return torch.zeros(0, len(column_slots), dtype=torch.float32, device=query.device)
     return torch.cat(blocks)
