@@ -151,6 +151,21 @@ def test_pil_decompression_bomb_error_becomes_a_sentence(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- scoring memory
+@pytest.mark.parametrize("block_elements", [1, 40 * 4 * 96, 2 ** 30])   # head_dim (8) rows a block, 40, all
+def test_block_scores_equal_the_whole_attention_bit_for_bit(block_elements, monkeypatch):
+    from transprune import scoring
+
+    monkeypatch.setattr(scoring, "CHUNK_ELEMENTS", block_elements)
+    torch.manual_seed(3)
+    heads, kv_heads, n, dim = 4, 2, 16 * 6, 8
+    query, key = torch.randn(heads, n, dim), torch.randn(kv_heads, n, dim)
+    rows, columns = torch.arange(10, n), torch.tensor([0, 3, 4, 9])
+    valid = torch.ones(n, dtype=torch.bool)
+    valid[1] = False
+    whole = scoring.attention_probs(query, key, rows, valid, 0.3).mean(dim=0)[:, columns]
+    assert torch.equal(scoring.attention_to_columns(query, key, rows, valid, columns, 0.3), whole)
+
+
 def _peak_cpu_bytes(run) -> int:
     """Peak of the bytes torch's CPU allocator holds while `run()` runs, above what it held before:
     the allocation and free events of torch.profiler's memory profiling, replayed in order."""

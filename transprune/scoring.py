@@ -69,13 +69,12 @@ def _probs(query, key, query_slots, key_valid, scaling) -> torch.Tensor:
     return torch.softmax(logits, dim=-1)
 
 
-# Most H x rows x n attention logits `attention_to_columns` holds at once (float32: 4 MiB), but
-# never fewer than MIN_ROWS query rows a block (a long prompt on a many-head model would otherwise
-# take thousands of tiny blocks). A long question is thousands of query rows over thousands of
-# keys: all at once that is quadratic in the prompt (2 GB at 8k tokens on a 4-head model), far
-# more than the model itself needs; in blocks it is linear.
+# A long question is thousands of query rows over thousands of keys: all at once, their attention
+# is quadratic in the prompt (2 GB at 8k tokens on a 4-head model), far more than the model itself
+# needs. `attention_to_columns` takes the rows in blocks of head_dim rows, so a block holds H x
+# head_dim x n = n x d logits, as many as one hidden state (the size the model allocates at every
+# layer; fewer rows make slow, thin matrix products), or CHUNK_ELEMENTS (4 MiB) if that is more.
 CHUNK_ELEMENTS = 2 ** 20
-MIN_ROWS = 16
 
 
 def attention_to_columns(query: torch.Tensor, key: torch.Tensor, query_slots: torch.Tensor,
@@ -83,12 +82,12 @@ def attention_to_columns(query: torch.Tensor, key: torch.Tensor, query_slots: to
     """(q, c) float32: `attention_probs` averaged over heads, at the key columns `column_slots` only.
 
     The softmax still runs over every visible key; queries are taken a block of rows at a time
-    (CHUNK_ELEMENTS logits, or MIN_ROWS rows), so memory grows with q x c and n, never with
-    q x n. Each row is computed exactly as `attention_probs` computes it.
+    (see CHUNK_ELEMENTS), so memory grows with q x c and n x d, never with q x n. Each row is
+    computed exactly as `attention_probs` computes it.
     """
     heads, n = query.shape[0], key.shape[1]
     key = _repeat_heads(key, heads)
-    rows = max(MIN_ROWS, CHUNK_ELEMENTS // (heads * max(n, 1)))
+    rows = max(query.shape[-1], CHUNK_ELEMENTS // (heads * max(n, 1)))
     blocks = [_probs(query, key, query_slots[start:start + rows], key_valid, scaling)[:, :, column_slots].mean(dim=0)
               for start in range(0, len(query_slots), rows)]
     if not blocks:
