@@ -11,6 +11,7 @@ from PIL import Image
 import transprune
 from transprune import images, models, tiny
 from transprune.images import ImageInputError, as_image
+from transprune.measure import torch_cpu_peak_bytes
 
 
 # ---------------------------------------------------------------------------- config
@@ -166,23 +167,9 @@ def test_block_scores_equal_the_whole_attention_bit_for_bit(block_elements, monk
     assert torch.equal(scoring.attention_to_columns(query, key, rows, valid, columns, 0.3), whole)
 
 
-def _peak_cpu_bytes(run) -> int:
-    """Peak of the bytes torch's CPU allocator holds while `run()` runs, above what it held before:
-    the allocation and free events of torch.profiler's memory profiling, replayed in order."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
-        run()
-    events = sorted((event.start_ns(), event.nbytes()) for event in profile.profiler.kineto_results.events()
-                    if event.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
-
-
 def test_the_peak_counter_sees_a_large_temporary():
-    small = _peak_cpu_bytes(lambda: torch.ones(10))
-    large = _peak_cpu_bytes(lambda: torch.ones(1000, 1000).sum())
+    small = torch_cpu_peak_bytes(lambda: torch.ones(10))
+    large = torch_cpu_peak_bytes(lambda: torch.ones(1000, 1000).sum())
     assert small < 1000 and 4_000_000 <= large < 4_100_000
 
 
@@ -202,7 +189,7 @@ def long_prompt():
         with torch.no_grad():
             model(**inputs)
 
-    return model, inputs, _peak_cpu_bytes(baseline)
+    return model, inputs, torch_cpu_peak_bytes(baseline)
 
 
 # One stage each, on the 3-layer model: every method that reads attention (and TransPrune, TTV).
@@ -226,7 +213,7 @@ def test_scoring_memory_stays_within_10_percent_of_the_baseline_at_8k_tokens(lon
             model(**inputs)
             assert pruner.trace.stages     # it did prune
 
-    assert _peak_cpu_bytes(pruned) <= 1.1 * baseline_peak
+    assert torch_cpu_peak_bytes(pruned) <= 1.1 * baseline_peak
 
 
 # ---------------------------------------------------------------------------- command-line entries

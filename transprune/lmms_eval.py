@@ -48,6 +48,14 @@ def register():
     MODEL_REGISTRY_V2.register_manifest(manifest(), overwrite=True)
 
 
+def _whole_number(value, name: str) -> int:
+    """`value` (an int, or its digits as model_args and task configs give them) as an int >= 1."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not (isinstance(value, int) or text.isdigit()) or int(text) < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, such as 32; got {value!r}.")
+    return int(text)
+
+
 def _cut(text: str, until) -> str:
     """`text` up to the first of the task's stop strings."""
     for stop in ([until] if isinstance(until, str) else until or []):
@@ -154,11 +162,3 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-
-
-def _whole_number(value, name: str) -> int:
-    """`value` (an int, or its digits as model_args and task configs give them) as an int >= 1."""
-    text = str(value).strip()
-    if isinstance(value, bool) or not (isinstance(value, int) or text.isdigit()) or int(text) < 1:
-        raise ValueError(f"{name} must be a whole number >= 1, such as 32; got {value!r}.")
-    return int(text)
