@@ -291,3 +291,18 @@ class PruneConfig:
                 f"pruning layers must be below {num_layers} so that a later layer sees the pruned sequence.")
         if self.positions not in POSITIONS:
             raise ConfigError(f"Unknown positions {self.positions!r}. Choose one of: {', '.join(POSITIONS)}.")
+
+
+def as_config(config, allow_none: bool = False) -> "PruneConfig | None":
+    """`config` as a PruneConfig: a PruneConfig as is, a preset name through `PruneConfig.preset`,
+    None kept where `allow_none` (no pruning). Anything else is a TypeError that says what to pass."""
+    if isinstance(config, PruneConfig):
+        return config
+    if isinstance(config, str):
+        return PruneConfig.preset(config)
+    if config is None and allow_none:
+        return None
+    accepted = "a transprune.PruneConfig or a preset name such as 'high'" + (" (or None for no pruning)"
+                                                                             if allow_none else "")
+    hint = " For a dict saved with to_dict(), pass PruneConfig.from_dict(it)." if isinstance(config, dict) else ""
+    raise TypeError(f"config must be {accepted}, got {type(config).__name__} {config!r:.60}.{hint}")

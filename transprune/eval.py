@@ -233,6 +233,13 @@ def plot(results: dict, path: Path, title: str):
     plt.close(fig)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse turns the error into a usage message)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, such as 16; got {text!r}")
+    return int(text)
+
+
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m transprune.eval", description=__doc__.split("\n")[0])
     parser.add_argument("--suite", default="shapes", choices=["shapes"], help="built-in suite (without --questions)")
@@ -253,7 +260,7 @@ def parser() -> argparse.ArgumentParser:
     own.add_argument("--annotations", default=None,
                      help="gold answers kept apart: a JSONL by question_id, or a folder of coco_pope_<category>.json")
     own.add_argument("--out", default=None, help="output folder (answers-<method>.jsonl, summary.json, summary.png)")
-    own.add_argument("--max-new-tokens", type=int, default=16)
+    own.add_argument("--max-new-tokens", type=_positive_int, default=16)
     own.add_argument("--prompt-suffix", default="",
                      help="appended to every question, e.g. ' Answer the question using a single word or phrase.'")
     own.add_argument("--device", default=None, help="default: this process's accelerate device (cuda:i or cpu)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -17,12 +18,21 @@ class ImageInputError(ValueError):
 ACCEPTED = ("a file path, the file's bytes, a PIL image, an HxWx3 (or HxW) uint8 array, or a "
             "3xHxW tensor")
 
+# Largest image a path or bytes may decode to, read from the header before decoding (the app's
+# upload limit too). PIL only warns up to twice its own MAX_IMAGE_PIXELS (89 MP): a small PNG can
+# declare a picture that takes gigabytes to decode.
+MAX_PIXELS = 40_000_000
 
-def as_image(image) -> Image.Image | None:
+
+def as_image(image, max_pixels: int | None = MAX_PIXELS) -> Image.Image | None:
     """An RGB PIL image from `image` (None stays None).
 
-    Paths and bytes are decoded (EXIF rotation applied); numpy arrays are HxW or HxWxC (C = 1, 3, 4),
-    torch tensors CxHxW (the torchvision convention); floats are read as 0..1, integers as 0..255.
+    Paths and bytes are decoded (EXIF rotation applied), unless their header declares more than
+    `max_pixels` pixels (None: no limit of ours, PIL's decompression-bomb error still applies).
+    numpy arrays are HxW or HxWxC (C = 1, 3, 4), torch tensors CxHxW (the torchvision convention).
+    Floats are read as 0..1 (values outside are clipped); unsigned integers as their dtype's full
+    range scaled to 8 bits (uint8 as is, uint16 / 257, ...); signed integers and bools as 0..255
+    (a signed array with values outside 0..255 is refused, never clipped).
     """
     if image is None:
         return None
@@ -30,11 +40,13 @@ def as_image(image) -> Image.Image | None:
         return image.convert("RGB")
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
+        if os.path.isdir(path):
+            raise ImageInputError(f"{path!r} is a directory, not an image file; pass the path of one image file.")
         if not os.path.isfile(path):
             raise ImageInputError(f"Image file {path!r} does not exist; pass {ACCEPTED}.")
-        return _decode(path, f"The file {path!r}")
+        return _decode(path, f"The file {path!r}", max_pixels)
     if isinstance(image, (bytes, bytearray, memoryview)):
-        return _decode(io.BytesIO(bytes(image)), "The bytes passed as image")
+        return _decode(io.BytesIO(bytes(image)), "The bytes passed as image", max_pixels)
     if isinstance(image, torch.Tensor):
         tensor = image.detach().cpu()
         if tensor.ndim != 3 or tensor.shape[0] not in (1, 3, 4):
@@ -46,9 +58,25 @@ def as_image(image) -> Image.Image | None:
     raise ImageInputError(f"Cannot use a {type(image).__name__} as an image; pass {ACCEPTED}.")
 
 
-def _decode(source, what: str) -> Image.Image:
+def _decode(source, what: str, max_pixels: int | None) -> Image.Image:
     try:
-        with Image.open(source) as opened:
+        with warnings.catch_warnings():
+            if max_pixels is not None:   # our own limit below says it as an error; PIL's warning goes to stderr
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(source)
+    except Image.DecompressionBombError as error:   # PIL's own limit, twice Image.MAX_IMAGE_PIXELS
+        raise ImageInputError(f"{what} is too large to decode safely ({error}); pass a smaller image.") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise ImageInputError(f"{what} could not be decoded as an image ({type(error).__name__}); pass a PNG, "
+                              "JPEG, WebP, GIF or BMP image.") from error
+    width, height = opened.size
+    if max_pixels is not None and width * height > max_pixels:
+        opened.close()
+        raise ImageInputError(f"{what} is a {width}x{height} image ({_megapixels(width * height)} megapixels), "
+                              f"more than the limit of {_megapixels(max_pixels)} megapixels; pass a smaller image "
+                              "(or a larger max_pixels).")
+    try:
+        with opened:
             picture = ImageOps.exif_transpose(opened)
             picture.load()
             return picture.convert("RGB")
@@ -70,8 +98,21 @@ def _from_array(array: np.ndarray) -> Image.Image:
         array = np.clip(array * 255.0 + 0.5, 0, 255)
     elif array.dtype == np.bool_:
         array = array * 255
+    elif np.issubdtype(array.dtype, np.unsignedinteger):
+        # The dtype's full range to 0..255 (uint16: / 257), rounded; uint8 unchanged.
+        top = np.iinfo(array.dtype).max
+        if top > 255:
+            array = (array.astype(np.float64) * (255.0 / top) + 0.5).astype(np.uint8)
     elif np.issubdtype(array.dtype, np.integer):
-        array = np.clip(array, 0, 255)
+        # Signed integers carry no depth of their own (np.array of Python ints is int64): 0..255.
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 255:
+            raise ImageInputError(f"The {array.dtype} image array holds values from {low} to {high}, outside 0..255; "
+                                  "pass uint8 values 0..255, a uint16 array for 16-bit images, or floats in 0..1.")
     else:
         raise ImageInputError(f"An image array must hold numbers, got dtype {array.dtype}.")
     return Image.fromarray(np.ascontiguousarray(array).astype(np.uint8)).convert("RGB")
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.0f}" if pixels >= 10e6 else f"{pixels / 1e6:.1f}"

@@ -48,6 +48,14 @@ def register():
     MODEL_REGISTRY_V2.register_manifest(manifest(), overwrite=True)
 
 
+def _whole_number(value, name: str) -> int:
+    """`value` (an int, or its digits as model_args and task configs give them) as an int >= 1."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not (isinstance(value, int) or text.isdigit()) or int(text) < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, such as 32; got {value!r}.")
+    return int(text)
+
+
 def _cut(text: str, until) -> str:
     """`text` up to the first of the task's stop strings."""
     for stop in ([until] if isinstance(until, str) else until or []):
@@ -76,6 +84,7 @@ class TransPrune(lmms):
                              "device, dtype, attn_implementation, device_map, max_new_tokens.")
         if int(batch_size) != 1:
             raise ValueError(f"--model transprune answers one question at a time; pass --batch_size 1, not {batch_size}.")
+        self.max_new_tokens = _whole_number(max_new_tokens, "max_new_tokens")
         self._rank = int(os.environ.get("RANK", 0))
         self._world_size = int(os.environ.get("WORLD_SIZE", 1))
         if torch.cuda.is_available() and device_map is None and (device is None or self._world_size > 1):
@@ -85,7 +94,6 @@ class TransPrune(lmms):
                                   attn_implementation=attn_implementation, device_map=device_map)
         self.preset = preset
         self.factory = check_methods([preset], model_shape(self.loaded.model)[2])[preset]
-        self.max_new_tokens = int(max_new_tokens)
         self.tflops: list[float] = []        # analytic prefill TFLOPs (visual tokens) of each answer
 
     @property
@@ -106,8 +114,9 @@ class TransPrune(lmms):
             return None
         visual = visuals[0]
         if isinstance(visual, str):
-            with Image.open(visual) as opened:
-                return opened.convert("RGB")
+            from .images import as_image   # refuses a decompression bomb from its header
+
+            return as_image(visual)
         if not isinstance(visual, Image.Image):
             raise ValueError(f"--model transprune takes images; this task gives {type(visual).__name__}.")
         return visual
@@ -121,7 +130,8 @@ class TransPrune(lmms):
         for request in tqdm(requests, desc=f"transprune {self.preset}", disable=self.rank != 0):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
             image = self._image(doc_to_visual(self.task_dict[task][split][doc_id]))
-            max_new_tokens = int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens)
+            max_new_tokens = _whole_number(gen_kwargs.get("max_new_tokens") or self.max_new_tokens,
+                                           f"{task}'s max_new_tokens")
             result = self.loaded.generate(image, context, config=self.factory(f"{task}/{split}/{doc_id}"),
                                           max_new_tokens=max_new_tokens)
             text = _cut(result.text, gen_kwargs.get("until"))

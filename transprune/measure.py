@@ -122,3 +122,21 @@ class ModuleTimer:
             handle.remove()
         self._handles = []
         return False
+
+
+def torch_cpu_peak_bytes(run) -> int:
+    """Peak of the bytes torch's CPU allocator holds while `run()` runs, above what it held before.
+
+    Replays, in order, the allocation and free events that torch.profiler records with
+    profile_memory=True. Unlike the peak RSS (VmHWM) it sees only tensors, and it does not depend on
+    what the C allocator keeps after a free, which makes runs of the same code give the same number.
+    """
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        run()
+    events = sorted((event.start_ns(), event.nbytes()) for event in profile.profiler.kineto_results.events()
+                    if event.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak

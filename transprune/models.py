@@ -12,6 +12,7 @@ from code in seconds and need no network.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Callable
 import torch
 
 from . import adapters
-from .config import PruneConfig
+from .config import PruneConfig, as_config
 from .errors import ModelLoadError, UnsupportedModelError
 from .images import as_image
 from .measure import (ModuleTimer, TokenClock, current_memory_mb, parse_dtype, peak_memory_mb, reset_peak_memory,
@@ -215,6 +216,35 @@ class Result:
     video: object | None = None    # transprune.video.Video actually used (sampled frames), None for images
 
 
+def check_max_new_tokens(max_new_tokens) -> None:
+    """TypeError / ValueError sentences for a max_new_tokens that is not a whole number >= 1."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
+        raise TypeError(f"max_new_tokens must be a whole number of tokens such as 32, got "
+                        f"{type(max_new_tokens).__name__} {max_new_tokens!r:.40}.")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+
+
+def context_length(model) -> int | None:
+    """How many positions the language model was built for (max_position_embeddings), None if unknown."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    length = getattr(text_config, "max_position_embeddings", None) or getattr(config, "max_position_embeddings", None)
+    return int(length) if length else None
+
+
+def check_fits_context(prompt_tokens: int, max_new_tokens: int, context: int | None) -> None:
+    """ValueError sentence when the prompt plus max_new_tokens is more than the model's context."""
+    if context is None or prompt_tokens + max_new_tokens <= context:
+        return
+    if prompt_tokens >= context:
+        raise ValueError(f"The prompt is {prompt_tokens} tokens, and this model's context is {context} positions; "
+                         "shorten the question (or use a model with a longer context).")
+    raise ValueError(f"The prompt is {prompt_tokens} tokens and this model's context is {context} positions, so at "
+                     f"most {context - prompt_tokens} new tokens fit; pass max_new_tokens={context - prompt_tokens} "
+                     f"or less (got {max_new_tokens}).")
+
+
 @dataclass
 class LoadedModel:
     spec: ModelSpec
@@ -295,9 +325,9 @@ class LoadedModel:
 
     def config_for(self, config: PruneConfig | str | None) -> PruneConfig | None:
         """`config` (a PruneConfig or preset name) with this model's recommended position mode filled
-        in where it leaves `positions` unset (see ModelSpec.positions)."""
-        if isinstance(config, str):
-            config = PruneConfig.preset(config)
+        in where it leaves `positions` unset (see ModelSpec.positions). None stays None; any other
+        type is a TypeError."""
+        config = as_config(config, allow_none=True)
         if config is not None and config.positions is None and self.spec.positions is not None:
             config = dataclasses.replace(config, positions=self.spec.positions)
         return config
@@ -310,15 +340,19 @@ class LoadedModel:
 
         `video`: a path, bytes, a list of PIL frames or a transprune.video.Video; a file is sampled
         to `num_frames` frames (default: transprune.video.DEFAULT_FRAMES for the family; at most
-        transprune.video.MAX_FRAMES). `image`: see transprune.images.as_image.
+        transprune.video.MAX_FRAMES). `image`: see transprune.images.as_image. `max_new_tokens`: a
+        whole number >= 1 that fits in the model's context after the prompt (a ValueError says how
+        many do).
         """
+        check_max_new_tokens(max_new_tokens)
+        config = self.config_for(config)
         image = as_image(image)
         if video is not None:
             video = self.as_video(video, num_frames)
             if inputs is None:
                 inputs = self.prepare_video(video, question, image=image)
         inputs = inputs if inputs is not None else self.prepare(image, question)
-        config = self.config_for(config)
+        check_fits_context(inputs["input_ids"].shape[1], max_new_tokens, context_length(self.model))
         device = self.device
         clock = TokenClock(device)
         with self.lock:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from . import adapters, compat, methods, scoring, sequence
-from .config import PruneConfig
+from .config import PruneConfig, as_config
 from .errors import PruningInputError
 from .methods.base import Needs
 from .sidepass import KeyReuse, SidePasses
@@ -77,9 +77,8 @@ class Pruner:
     the layer after a stage a key projection (`project(hidden)` redoes it).
     """
 
-    def __init__(self, model: nn.Module, config: PruneConfig):
-        if not isinstance(config, PruneConfig):
-            raise TypeError(f"config must be a transprune.PruneConfig, got {type(config).__name__}.")
+    def __init__(self, model: nn.Module, config: PruneConfig | str):
+        config = as_config(config)
         if model in _ATTACHED:
             raise PruningInputError("A pruner is already attached to this model; call its .remove() (or leave "
                                     "its `with` block) before applying another.")
@@ -336,10 +335,9 @@ class Pruner:
 
 
 def apply(model: nn.Module, config: PruneConfig | str = "high") -> Pruner:
-    """Prune `model`'s visual tokens with `config` (a PruneConfig or a preset name).
+    """Prune `model`'s visual tokens with `config` (a PruneConfig or a preset name; anything else is a
+    TypeError).
 
     Returns a Pruner; use it as a context manager or call `.remove()` to restore the model.
     """
-    if isinstance(config, str):
-        config = PruneConfig.preset(config)
-    return Pruner(model, config)
+    return Pruner(model, as_config(config))

@@ -49,13 +49,50 @@ def attention_probs(query: torch.Tensor, key: torch.Tensor, query_slots: torch.T
     query: (H, n, hd) and key: (Hkv, n, hd) after rotary embedding; query_slots: (q,) long, the
     query tokens' slots; key_valid: (n,) bool. Key heads are repeated for grouped-query attention.
     Returns (H, q, n) float32 probabilities; key j is visible to query i iff j <= i and valid.
+    That is H x q x n floats: the scores use `attention_to_columns`, which never holds all of it.
     """
-    heads, kv_heads, n = query.shape[0], key.shape[0], key.shape[1]
-    key = key.repeat_interleave(heads // kv_heads, dim=0).float()
-    logits = query[:, query_slots].float() @ key.transpose(-1, -2) * scaling
+    return _probs(query, _repeat_heads(key, query.shape[0]), query_slots, key_valid, scaling)
+
+
+def _repeat_heads(key: torch.Tensor, heads: int) -> torch.Tensor:
+    """(H, n, hd) float32 keys: each of the Hkv key heads repeated for its query heads (GQA)."""
+    return key.repeat_interleave(heads // key.shape[0], dim=0).float()
+
+
+def _probs(query, key, query_slots, key_valid, scaling) -> torch.Tensor:
+    n = key.shape[1]
+    logits = query[:, query_slots].float() @ key.transpose(-1, -2)
+    # In place: the same values as out-of-place ops, without two more (H, q, n) tensors.
+    logits.mul_(scaling)
     visible = (torch.arange(n, device=key.device)[None, :] <= query_slots[:, None]) & key_valid[None, :]
-    logits = logits.masked_fill(~visible[None], float("-inf"))
+    logits.masked_fill_(~visible[None], float("-inf"))
     return torch.softmax(logits, dim=-1)
+
+
+# A long question is thousands of query rows over thousands of keys: all at once, their attention
+# is quadratic in the prompt (2 GB at 8k tokens on a 4-head model), far more than the model itself
+# needs. `attention_to_columns` takes the rows in blocks of head_dim rows, so a block holds H x
+# head_dim x n = n x d logits, as many as one hidden state (the size the model allocates at every
+# layer; fewer rows make slow, thin matrix products), or CHUNK_ELEMENTS (4 MiB) if that is more.
+CHUNK_ELEMENTS = 2 ** 20
+
+
+def attention_to_columns(query: torch.Tensor, key: torch.Tensor, query_slots: torch.Tensor,
+                         key_valid: torch.Tensor, column_slots: torch.Tensor, scaling: float) -> torch.Tensor:
+    """(q, c) float32: `attention_probs` averaged over heads, at the key columns `column_slots` only.
+
+    The softmax still runs over every visible key; queries are taken a block of rows at a time
+    (see CHUNK_ELEMENTS), so memory grows with q x c and n x d, never with q x n. Each row is
+    computed exactly as `attention_probs` computes it.
+    """
+    heads, n = query.shape[0], key.shape[1]
+    key = _repeat_heads(key, heads)
+    rows = max(query.shape[-1], CHUNK_ELEMENTS // (heads * max(n, 1)))
+    blocks = [_probs(query, key, query_slots[start:start + rows], key_valid, scaling)[:, :, column_slots].mean(dim=0)
+              for start in range(0, len(query_slots), rows)]
+    if not blocks:
+        return torch.zeros(0, len(column_slots), dtype=torch.float32, device=query.device)
+    return torch.cat(blocks)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -70,8 +107,8 @@ def iga(query: torch.Tensor, key: torch.Tensor, instruction_slots: torch.Tensor,
     Attention of the instruction queries (mean over heads, then over queries) to the candidate
     keys, normalised to sum to one. Returns (len(candidate_slots),) float32.
     """
-    probs = attention_probs(query, key, instruction_slots, key_valid, scaling).mean(dim=0)
-    return normalize(probs[:, candidate_slots].mean(dim=0))
+    probs = attention_to_columns(query, key, instruction_slots, key_valid, candidate_slots, scaling)
+    return normalize(probs.mean(dim=0))
 
 
 def combine(ttv_acc: torch.Tensor, iga_scores: torch.Tensor | None, alpha: float) -> torch.Tensor:

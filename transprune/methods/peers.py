@@ -11,8 +11,7 @@ from .base import Method, Needs, StageContext, StageScores
 def _last_token_attention(query, key, ctx: StageContext, scaling: float) -> torch.Tensor:
     """Attention of the last prompt token to the candidates, mean over heads."""
     last = torch.tensor([ctx.last_slot], device=query.device)
-    probs = scoring.attention_probs(query, key, last, ctx.key_valid, scaling).mean(dim=0)[0]
-    return probs[ctx.candidate_slots]
+    return scoring.attention_to_columns(query, key, last, ctx.key_valid, ctx.candidate_slots, scaling)[0]
 
 
 class FastV(Method):

@@ -68,8 +68,7 @@ def rater_attention(query, key, rater_slots, key_valid, candidate_slots, scaling
 
     query (H, n, hd), key (Hkv, n, hd) of one sample after rotary; softmax over all visible keys.
     """
-    probs = scoring.attention_probs(query, key, rater_slots, key_valid, scaling).mean(dim=0)
-    return probs[:, candidate_slots]
+    return scoring.attention_to_columns(query, key, rater_slots, key_valid, candidate_slots, scaling)
 
 
 def rank_keep(relation: torch.Tensor, scale: float, bias: float) -> int:
