@@ -32,7 +32,7 @@ from transprune.measure import available_memory_bytes
 from transprune.eval import heldout_record
 
 from .speed import RealSizeSpeed, release_memory
-from transprune.models import REGISTRY, LoadedModel, ModelLoadError, ModelSpec, default_device, load
+from transprune.models import REGISTRY, LoadedModel, ModelLoadError, ModelSpec, context_length, default_device, load
 
 # The offline models tried, in order, when no model is named (the first that loads wins).
 OFFLINE_DEFAULTS = ("shapes-llava", "tiny-llava")
@@ -345,6 +345,7 @@ class Engine:
                 step("Decoding and sampling the video…")
                 clip = _as_video(lm, video)
             inputs = _prepare(lm, image, clip, question)
+            _check_context(lm, inputs, max_new_tokens)
 
             def generate(run_config, new_tokens):
                 media = dict(video=clip) if clip is not None else {}
@@ -404,6 +405,18 @@ def _prepare(lm: LoadedModel, image, clip, question: str) -> dict:
         what = "video" if clip is not None else "image"
         raise UserError(f"The model's processor could not read this question or {what} (error {reference} in the "
                         f"server log). Rephrase the question in plain words or try another {what}.") from error
+
+
+def _check_context(lm: LoadedModel, inputs: dict, max_new_tokens: int):
+    """The prompt and the answer must fit the model's context: say which setting to change."""
+    prompt, context = int(inputs["input_ids"].shape[1]), context_length(lm.model)
+    if context is None or prompt + max_new_tokens <= context:
+        return
+    if prompt >= context:
+        raise UserError(f"This prompt is {prompt} tokens, more than {lm.spec.label}'s context of {context} positions: "
+                        "shorten the question or use a smaller image.")
+    raise UserError(f"This prompt is {prompt} tokens and {lm.spec.label}'s context is {context} positions: set Max new "
+                    f"tokens (Advanced) to at most {context - prompt}.")
 
 
 def _as_video(lm: LoadedModel, path):

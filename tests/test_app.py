@@ -766,3 +766,11 @@ def test_numeric_settings_are_whole_numbers_in_range(handlers, example_image, fi
     settings = dict(FAST, **{field: value})
     with pytest.raises(gr.Error, match=re.escape(message)):
         compare(example_image, "What color is the circle?", progress=noop_progress, **settings)
+
+
+def test_a_prompt_and_answer_beyond_the_context_name_the_setting_to_change(handlers, example_image):
+    """shapes-llava's context is 512 positions: a long question with 256 new tokens does not fit."""
+    compare, _ = handlers
+    with pytest.raises(gr.Error, match=r"set Max new tokens \(Advanced\) to at most \d+"):
+        compare(example_image, "why " * 120, model="shapes-llava", max_new_tokens=256, repeats=1,
+                progress=noop_progress)
