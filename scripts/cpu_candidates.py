@@ -1,6 +1,7 @@
 """Which real checkpoint should a free CPU Space (2 vCPU, 16 GB) load by default? Measured, not guessed.
 
     python scripts/cpu_candidates.py --threads 2 --json docs/cpu_candidates.json
+    python scripts/cpu_candidates.py --report docs/cpu_candidates.json     # the table again
 
 Each candidate is a registry model at its full size (random weights: the speed does not depend on
 them) on one 640x480 photo, at the app's settings and at cheaper processor settings (fewer tiles /
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import LlavaOnevisionProcessor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -111,11 +113,40 @@ def build_smolvlm(candidate: Candidate):
     return model, processor
 
 
+class OneVisionInputs:
+    """The processor pieces LoadedModel uses (chat template, __call__, decode) for LLaVA-OneVision, from
+    its image processor and tokenizer: LlavaOnevisionProcessor itself cannot be built on this install
+    (its video processor needs torchvision). The image-token count is transformers' own
+    (its two counting methods, borrowed as they are, read the attributes set here)."""
+
+    _get_number_of_features = LlavaOnevisionProcessor._get_number_of_features
+    _get_unpadded_features = LlavaOnevisionProcessor._get_unpadded_features
+
+    def __init__(self, image_processor, tokenizer, num_image_tokens: int = 729,
+                 vision_aspect_ratio: str = "anyres_max_9"):
+        self.image_processor, self.tokenizer = image_processor, tokenizer
+        self.num_image_tokens, self.vision_aspect_ratio = num_image_tokens, vision_aspect_ratio
+
+    def apply_chat_template(self, conversation, add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(conversation, chat_template=ONEVISION_TEMPLATE, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def __call__(self, images=None, text=None, return_tensors="pt") -> dict:
+        pixels = self.image_processor(images, return_tensors="pt")
+        original_height, original_width = pixels["image_sizes"][0].tolist()
+        height, width = pixels["pixel_values"].shape[-2:]
+        count = self._get_number_of_features(original_height, original_width, height, width)
+        text = text.replace("<image>", "<image>" * count)
+        return {**self.tokenizer(text, return_tensors=return_tensors), **pixels}
+
+    def decode(self, ids, **kwargs) -> str:
+        return self.tokenizer.decode(ids, **kwargs)
+
+
 def build_onevision(candidate: Candidate):
-    """LlavaOnevisionForConditionalGeneration at 0.5B-ov's size, random weights; the processor is built
-    from its parts (the PIL image processor: the default one needs torchvision, which this torch lacks)."""
-    from transformers import AutoTokenizer, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, \
-        LlavaOnevisionProcessor
+    """LlavaOnevisionForConditionalGeneration at 0.5B-ov's size, random weights, with the PIL image
+    processor (the default one needs torchvision, which this torch lacks) and a Qwen2 tokenizer."""
+    from transformers import AutoTokenizer, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import \
         LlavaOnevisionImageProcessorPil
 
@@ -131,10 +162,7 @@ def build_onevision(candidate: Candidate):
     model = LlavaOnevisionForConditionalGeneration(config)
     image_processor = LlavaOnevisionImageProcessorPil(image_mean=[0.5] * 3, image_std=[0.5] * 3,
                                                       image_grid_pinpoints=config.image_grid_pinpoints)
-    processor = LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=729,
-                                        vision_feature_select_strategy="full", chat_template=ONEVISION_TEMPLATE,
-                                        vision_aspect_ratio="anyres_max_9")
-    return model, processor
+    return model, OneVisionInputs(image_processor, tokenizer)
 
 
 def vision_tower(model) -> torch.nn.Module:
@@ -322,7 +350,7 @@ def table(records: list[dict]) -> str:
     def pair(summary, key):
         return f"{num(summary[key])} ({num(summary[key.replace('_ms', '_cpu_ms')])})"
 
-    rows = ["| model | setting | visual / prompt tokens | vision ms | LLM prefill ms: baseline → High "
+    rows = ["| model | setting | visual tokens (High keeps) / prompt | vision ms | LLM prefill ms: baseline → High "
             "| decode tok/s base / High | est. s, app (3 repeats) | est. s, 1 repeat | measured Engine.compare s "
             "| peak RSS MB |",
             "|---|---|---|---|---|---|---|---|---|---|"]
@@ -331,7 +359,8 @@ def table(records: list[dict]) -> str:
         b, h = s["baseline"], s["high"]
         measured = "; ".join(f"r{c['repeats']}: {c['wall_s']:.1f} ({c['cpu_s']:.1f})" for c in r["compare"]) or "–"
         note = " †" if s.get("from_first_calls") else ""
-        rows.append(f"| {r['model']} | {r['setting']}{note} | {r['visual_tokens']} / {r['prompt_tokens']} "
+        kept = next((c["final_visual_tokens"] for c in r["first_calls"] if c["which"] == "high"), None)
+        rows.append(f"| {r['model']} | {r['setting']}{note} | {r['visual_tokens']} ({kept}) / {r['prompt_tokens']} "
                     f"| {pair(b, 'vision_ms')} | {pair(b, 'llm_ms')} → {pair(h, 'llm_ms')} "
                     f"| {num(b['decode_tokens_per_s'], '.1f')} / {num(h['decode_tokens_per_s'], '.1f')} "
                     f"| {num(s['estimate_app_s'], '.1f')} ({num(s['estimate_app_cpu_s'], '.1f')}) "
@@ -348,8 +377,15 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--compare-repeats", default="1,3", help="timing repeats of the end-to-end Engine.compare runs")
     parser.add_argument("--json", type=Path, help="write the record here too")
+    parser.add_argument("--report", type=Path, nargs="+", help="print the table of earlier --json outputs (runs nothing)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.report:
+        for path in args.report:
+            run = json.loads(path.read_text())
+            print(f"\n{path.name}: {run['threads']} thread(s), started {run['started']}, {run['machine']['cpu']}\n")
+            print(table(run["records"]))
+        return 0
     keys = [k.strip() for k in args.only.split(",") if k.strip()]
     unknown = [k for k in keys if k not in BY_KEY]
     if unknown:
