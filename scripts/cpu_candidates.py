@@ -325,6 +325,25 @@ def borrow_decode(records: list[dict]):
                                                                      cpu=True)
 
 
+def probe_threads(steps: int = 5) -> dict:
+    """Why 2-thread timings on a busy machine mislead: wall seconds of single-token decode steps of
+    SmolVLM-256M's text model (84-token cache) with 2 threads, then 1, then both again."""
+    torch.manual_seed(0)
+    model, _ = build_smolvlm(BY_KEY["smolvlm-256m/nosplit"])
+    text_model = model.to(torch.float32).eval().model.text_model
+    prompt = torch.randint(0, 49000, (1, 84))
+    seconds = {}
+    with torch.inference_mode():
+        for threads in (2, 1, 2, 1):
+            torch.set_num_threads(threads)
+            cache = text_model(input_ids=prompt, use_cache=True).past_key_values
+            for _ in range(steps):
+                start = time.perf_counter()
+                text_model(input_ids=prompt[:, :1], past_key_values=cache, use_cache=True)
+                seconds.setdefault(f"{threads} thread(s)", []).append(round(time.perf_counter() - start, 3))
+    return dict(uptime_before=None, seconds=seconds)
+
+
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
@@ -351,7 +370,7 @@ def table(records: list[dict]) -> str:
         return f"{num(summary[key])} ({num(summary[key.replace('_ms', '_cpu_ms')])})"
 
     rows = ["| model | setting | visual tokens (High keeps) / prompt | vision ms | LLM prefill ms: baseline → High "
-            "| decode tok/s base / High | est. s, app (3 repeats) | est. s, 1 repeat | measured Engine.compare s "
+            "| decode tok/s base / High (CPU ms per token) | est. s, app (3 repeats) | est. s, 1 repeat | measured Engine.compare s "
             "| peak RSS MB |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
@@ -363,6 +382,7 @@ def table(records: list[dict]) -> str:
         rows.append(f"| {r['model']} | {r['setting']}{note} | {r['visual_tokens']} ({kept}) / {r['prompt_tokens']} "
                     f"| {pair(b, 'vision_ms')} | {pair(b, 'llm_ms')} → {pair(h, 'llm_ms')} "
                     f"| {num(b['decode_tokens_per_s'], '.1f')} / {num(h['decode_tokens_per_s'], '.1f')} "
+                    f"({num(b['decode_cpu_ms_per_token'])} / {num(h['decode_cpu_ms_per_token'])} ms) "
                     f"| {num(s['estimate_app_s'], '.1f')} ({num(s['estimate_app_cpu_s'], '.1f')}) "
                     f"| {num(s['estimate_repeats1_s'], '.1f')} ({num(s['estimate_repeats1_cpu_s'], '.1f')}) "
                     f"| {measured} | {r['peak_rss_mb']:.0f} |")
@@ -378,8 +398,16 @@ def main(argv=None) -> int:
     parser.add_argument("--compare-repeats", default="1,3", help="timing repeats of the end-to-end Engine.compare runs")
     parser.add_argument("--json", type=Path, help="write the record here too")
     parser.add_argument("--report", type=Path, nargs="+", help="print the table of earlier --json outputs (runs nothing)")
+    parser.add_argument("--probe-threads", action="store_true",
+                        help="time text-model decode steps at 2 and 1 threads (shows a busy machine's thrashing)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.probe_threads:
+        before = uptime()
+        result = probe_threads()
+        result.update(uptime_before=before, uptime_after=uptime())
+        print(json.dumps(result))
+        return 0
     if args.report:
         for path in args.report:
             run = json.loads(path.read_text())
