@@ -8,10 +8,11 @@ them) on one 640x480 photo, at the app's settings and at cheaper processor setti
 crops). Per setting, in a fresh child process (so each peak RSS is its own and the memory is freed):
 
 - the visual and prompt token counts the processor gives;
-- vision-encoder ms (forward hooks around the vision tower, inside the real prefill) and the rest of
-  the prefill (the language model, projector and bookkeeping) for the baseline and the "high" preset;
-  first call (the warm-up) reported apart, then `--rounds` alternating runs of `--decode-tokens` tokens;
-- decode tokens/s (the app's TokenClock: tokens after the first / time after the first);
+- vision-encoder ms (forward hooks around the vision tower, inside the real generate call) and the LLM
+  prefill (the model's first forward after it: the language model with the pruning hooks; the small
+  connector between them is in neither), for the baseline and the "high" preset; first calls (the
+  warm-up) reported apart, then `--rounds` alternating runs of `--decode-tokens` tokens;
+- decode tokens/s and CPU ms per token (every later forward of the model);
 - the seconds a visitor waits: `Engine.compare` with the app's defaults (32 new tokens, 3 timing
   repeats) is estimated from the parts (two warm-ups, two answers, 2 x (repeats - 1) prefills), and
   for settings flagged `run_compare` it is also timed end to end (`--compare-repeats`, e.g. 1 and 3);
