@@ -40,9 +40,9 @@ OFFLINE_DEFAULTS = ("shapes-llava", "tiny-llava")
 # The default of a CPU-only Space that reaches the Hub, chosen by measurement (scripts/cpu_candidates.py;
 # table and sources in docs/cpu_space.md; full-size architectures, random weights, a 640x480 photo, one
 # thread of a shared Xeon, process CPU seconds). SmolVLM-256M with one 512-px view (CPU_PROCESSOR_KWARGS):
-# a click (Engine.compare, 32 new tokens, 1 timing repeat) took 12.5-12.8 s (7.5-7.6 s wall with 2 threads
-# in a quiet spell), and High still shows on the
-# language model's prefill (64 -> 8 visual tokens, 251 -> 177 ms). The others miss the free tier's 20 s:
+# a click (Engine.compare, 32 new tokens, 1 timing repeat) took 12.5-12.8 s (7.5-7.6 s wall with 2
+# threads in a quiet spell), and High still shows on the language model's prefill (64 -> 8 visual
+# tokens, 251 -> 177 ms). The others miss the free tier's 20 s:
 # with the checkpoint's 13 tiles the vision tower alone takes 26 s per prefill (~114 s a click);
 # SmolVLM-500M with one view decodes at half the speed (18.3 s a click, 29 s with 3 repeats);
 # LLaVA-OneVision-0.5B's 400M-parameter SigLIP-so400m tower over AnyRes crops makes a prefill 50 s
