@@ -282,7 +282,8 @@ def measure_one(candidate: Candidate, rounds: int, decode_tokens: int, compare_r
                                      cpu_s=time.process_time() - cpu,
                                      new_tokens=[comparison.baseline.timings["new_tokens"],
                                                  comparison.pruned.timings["new_tokens"]],
-                                     prefill_ms={k: statistics.median(v) for k, v in comparison.prefill_samples.items()}))
+                                     prefill_ms={which: statistics.median(samples)
+                                                 for which, samples in comparison.prefill_samples.items()}))
     return dict(key=candidate.key, model=candidate.model, setting=candidate.setting,
                 processor_kwargs=candidate.processor_kwargs, params=params, vision_params=vision_params,
                 prompt_tokens=prompt_tokens, visual_tokens=visual_tokens,
@@ -371,7 +372,8 @@ def table(records: list[dict]) -> str:
         return f"{num(summary[key])} ({num(summary[key.replace('_ms', '_cpu_ms')])})"
 
     rows = ["| model | setting | visual tokens (High keeps) / prompt | vision ms | LLM prefill ms: baseline → High "
-            "| decode tok/s base / High (CPU ms per token) | est. s, app (3 repeats) | est. s, 1 repeat | measured Engine.compare s "
+            "| decode tok/s base / High (CPU ms per token) | est. s, app (3 repeats) | est. s, 1 repeat "
+            "| measured Engine.compare s "
             "| peak RSS MB |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
@@ -398,7 +400,8 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--compare-repeats", default="1,3", help="timing repeats of the end-to-end Engine.compare runs")
     parser.add_argument("--json", type=Path, help="write the record here too")
-    parser.add_argument("--report", type=Path, nargs="+", help="print the table of earlier --json outputs (runs nothing)")
+    parser.add_argument("--report", type=Path, nargs="+",
+                        help="print the table of earlier --json outputs (runs nothing)")
     parser.add_argument("--probe-threads", action="store_true",
                         help="time text-model decode steps at 2 and 1 threads (shows a busy machine's thrashing)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
