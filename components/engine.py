@@ -36,8 +36,28 @@ from transprune.models import REGISTRY, LoadedModel, ModelLoadError, ModelSpec, 
 
 # The offline models tried, in order, when no model is named (the first that loads wins).
 OFFLINE_DEFAULTS = ("shapes-llava", "tiny-llava")
-# The default of a CPU-only Space that reaches the Hub: a small real checkpoint.
-CPU_SPACE_DEFAULT = "llava-onevision-0.5b"
+# The default of a CPU-only Space that reaches the Hub, chosen by measurement (scripts/cpu_candidates.py;
+# table and sources in docs/cpu_space.md; full-size architectures, random weights, a 640x480 photo, one
+# thread of a shared Xeon, process CPU seconds). SmolVLM-256M with one 512-px view (CPU_PROCESSOR_KWARGS):
+# a click (Engine.compare, 32 new tokens, 1 timing repeat) took 12.5-12.8 s (7.5-7.6 s wall with 2
+# threads in a quiet spell), and High still shows on the language model's prefill (64 -> 8 visual
+# tokens, 251 -> 177 ms). The others miss the free tier's 20 s:
+# with the checkpoint's 13 tiles the vision tower alone takes 26 s per prefill (~114 s a click);
+# SmolVLM-500M with one view decodes at half the speed (18.3 s a click, 29 s with 3 repeats);
+# LLaVA-OneVision-0.5B's 400M-parameter SigLIP-so400m tower over AnyRes crops makes a prefill 50 s
+# (19 s with a single crop), ~177 s a click (76 s). Peak RSS 1.5 GB (float32) of the Space's 16 GB.
+CPU_SPACE_DEFAULT = "smolvlm-256m"
+# Processor settings of registry models on a CPU (passed to AutoProcessor.from_pretrained). SmolVLM's
+# vision tower, run once per 512-px tile, is most of a CPU prefill: a 640x480 photo makes 13 tiles
+# (832 visual tokens) with the checkpoint's splitting, one without it (64 tokens).
+CPU_PROCESSOR_KWARGS = {
+    "smolvlm-256m": {"do_image_splitting": False},
+    "smolvlm-500m": {"do_image_splitting": False},
+}
+# "Timing repeats" preset on a CPU-only Space (3 elsewhere): each repeat adds a baseline + pruned prefill
+# pair (~4.3 s on one core for the default above: 21 s a click with 3 repeats, 12.5 s with 1).
+CPU_SPACE_REPEATS = 1
+DEFAULT_REPEATS = 3
 ATTENTION_CHOICES = ("sdpa", "eager")
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -203,6 +223,19 @@ class Engine:
         video = [name for name in self.model_names() if REGISTRY.get(name) and REGISTRY[name].video]
         return next((name for name in video if REGISTRY[name].offline), video[0] if video else None)
 
+    @property
+    def on_cpu_space(self) -> bool:
+        """A CPU-only Hugging Face Space (SPACE_ID set, no CUDA device): the free tier's 2 vCPUs."""
+        return bool(os.environ.get("SPACE_ID")) and not self.device.startswith("cuda")
+
+    def default_repeats(self) -> int:
+        """The "Timing repeats" preset: fewer on a CPU-only Space, where each repeat is a full prefill pair."""
+        return CPU_SPACE_REPEATS if self.on_cpu_space else DEFAULT_REPEATS
+
+    def processor_kwargs(self, name: str) -> dict:
+        """Processor settings this engine loads `name` with: CPU_PROCESSOR_KWARGS on a CPU, else none."""
+        return {} if self.device.startswith("cuda") else CPU_PROCESSOR_KWARGS.get(name, {})
+
     def default_model(self, preferred: str | None = None, log=print) -> str:
         """`preferred` if it loads, else the first offline default that loads (the offline fallback).
 
@@ -210,8 +243,7 @@ class Engine:
         real checkpoint that answers in seconds on a CPU (CPU_SPACE_DEFAULT); offline, shapes-llava.
         """
         candidates = [preferred] if preferred and preferred != "auto" else []
-        if not candidates and os.environ.get("SPACE_ID") and not self.device.startswith("cuda") \
-                and self.allowed(CPU_SPACE_DEFAULT) and hub_reachable():
+        if not candidates and self.on_cpu_space and self.allowed(CPU_SPACE_DEFAULT) and hub_reachable():
             candidates.append(CPU_SPACE_DEFAULT)
         candidates += [n for n in OFFLINE_DEFAULTS if n not in candidates and self.allowed(n)]
         candidates += [n for n in self.model_names() if REGISTRY.get(n) and REGISTRY[n].offline
@@ -289,7 +321,7 @@ class Engine:
     def _load(self, spec: ModelSpec, name: str, dtype: str, attn: str) -> LoadedModel:
         try:
             lm = load(name, device=self.device, dtype=None if dtype == "auto" else dtype,
-                      attn_implementation=attn)
+                      attn_implementation=attn, processor_kwargs=self.processor_kwargs(name))
             for_model(lm.model)  # refuse unsupported architectures now, not at the first run
             return lm
         except (ModelLoadError, UnsupportedModelError) as error:

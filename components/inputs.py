@@ -261,6 +261,9 @@ def model_info(engine: engine_module.Engine, name: str) -> str:
     text = f"**{spec.label}** · {spec.size} parameters"
     if spec.description:
         text += f" · {spec.description}"
+    settings = engine.processor_kwargs(name)
+    if settings:
+        text += " · on this CPU: " + ", ".join(f"{key}={value}" for key, value in settings.items())
     return text
 
 
@@ -306,7 +309,8 @@ def build(engine: engine_module.Engine, default_model: str) -> Inputs:
         with gr.Row():
             seed = gr.Number(value=0, precision=0, minimum=LIMITS["Seed"][0], maximum=LIMITS["Seed"][1], label="Seed",
                              info="Random method and torch seed")
-            repeats = gr.Slider(*LIMITS["Timing repeats"], value=3, step=1, label="Timing repeats",
+            repeats = gr.Slider(*LIMITS["Timing repeats"], value=engine.default_repeats(), step=1,
+                                label="Timing repeats",
                                 info="Prefill time = median over this many runs per side")
     return Inputs(tabs=tabs, image=image, video=video, question=question, model=model, model_info=info, method=method,
                   budget=budget, keep_ratio=keep_ratio, alpha=alpha, layers=layers, positions=positions,

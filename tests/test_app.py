@@ -715,7 +715,7 @@ def test_client_large_image_is_downscaled(served, tmp_path):
 
 
 def test_default_model_on_a_cpu_space_is_a_small_real_checkpoint(monkeypatch):
-    """Free CPU Space with the Hub reachable: llava-onevision-0.5b; offline, or it fails: shapes-llava."""
+    """Free CPU Space with the Hub reachable: CPU_SPACE_DEFAULT; offline, or it fails: shapes-llava."""
     tried = []
 
     def fake_get(self, name, *args, **kwargs):
@@ -729,7 +729,7 @@ def test_default_model_on_a_cpu_space_is_a_small_real_checkpoint(monkeypatch):
     monkeypatch.setattr(engine, "hub_reachable", lambda *a, **k: reachable[0])
     monkeypatch.setenv("SPACE_ID", "someone/transprune")
     e = Engine(Settings(device="cpu", allowed_models=tuple(REGISTRY)))
-    assert e.default_model("auto") == "llava-onevision-0.5b"
+    assert e.default_model("auto") == engine.CPU_SPACE_DEFAULT
     reachable[0] = False
     tried.clear()
     assert e.default_model("auto") == "shapes-llava" and tried == ["shapes-llava"]
@@ -737,6 +737,62 @@ def test_default_model_on_a_cpu_space_is_a_small_real_checkpoint(monkeypatch):
     reachable[0] = True
     assert e.default_model("auto") == "shapes-llava"                  # a laptop keeps the offline default
     assert e.default_model("tiny-llava") == "tiny-llava"              # a named model always wins
+
+
+def test_cpu_space_default_fits_the_free_tier_and_loads_with_its_cpu_settings(monkeypatch):
+    """The choice of docs/cpu_space.md: a downloadable checkpoint of a supported family whose float32
+    weights take at most a quarter of the free tier's 16 GB, loaded on a CPU with CPU_PROCESSOR_KWARGS
+    (not on a GPU); a CPU Space presets fewer timing repeats."""
+    from transprune import adapters
+
+    name = engine.CPU_SPACE_DEFAULT
+    spec = REGISTRY[name]
+    assert not spec.offline and adapters.by_family(spec.family).family == spec.family
+    assert engine.parameter_count(spec.size) * engine.BYTES_PER_PARAM["float32"] <= 16 * 2**30 / 4
+    assert engine.CPU_PROCESSOR_KWARGS[name] == {"do_image_splitting": False}
+
+    loaded = {}
+
+    def fake_load(model_name, **kwargs):
+        loaded[model_name] = kwargs["processor_kwargs"]
+        return LoadedModel(spec=spec, model=torch.nn.Linear(1, 1), processor=None)
+
+    monkeypatch.setattr(engine, "load", fake_load)
+    monkeypatch.setattr(engine, "for_model", lambda model: None)
+    Engine(Settings(device="cpu"))._load(spec, name, "auto", "sdpa")
+    assert loaded[name] == {"do_image_splitting": False}
+    Engine(Settings(device="cuda"))._load(spec, name, "auto", "sdpa")
+    assert loaded[name] == {}
+    Engine(Settings(device="cpu"))._load(REGISTRY["llava-1.5-7b"], "llava-1.5-7b", "auto", "sdpa")
+    assert loaded["llava-1.5-7b"] == {}
+
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert Engine(Settings(device="cpu")).default_repeats() == engine.DEFAULT_REPEATS == 3
+    monkeypatch.setenv("SPACE_ID", "someone/transprune")
+    assert Engine(Settings(device="cpu")).default_repeats() == engine.CPU_SPACE_REPEATS == 1
+    assert Engine(Settings(device="cuda")).default_repeats() == 3
+
+
+def test_cpu_processor_setting_gives_one_view_that_pruning_still_thins(tmp_path):
+    """CPU_PROCESSOR_KWARGS through from_pretrained, as models.load applies it, on the offline Idefics3
+    stand-in of SmolVLM-256M (same processor class): a 640x480 photo becomes one view of image_seq_len
+    tokens instead of tiles + global view, and High still removes visual tokens from it."""
+    from transformers import AutoProcessor
+
+    from transprune.models import load
+
+    lm = load("tiny-idefics3", device="cpu")
+    lm.processor.save_pretrained(tmp_path)
+    photo = Image.new("RGB", (640, 480), (120, 140, 160))
+    question = "What is in the picture?"
+    image_token = lm.model.config.image_token_id
+    tiled = int((lm.prepare(photo, question)["input_ids"] == image_token).sum())
+    lm.processor = AutoProcessor.from_pretrained(tmp_path, **engine.CPU_PROCESSOR_KWARGS[engine.CPU_SPACE_DEFAULT])
+    inputs = lm.prepare(photo, question)
+    one_view = int((inputs["input_ids"] == image_token).sum())
+    assert one_view == lm.processor.image_seq_len < tiled
+    trace = lm.generate(photo, question, "high", max_new_tokens=1, inputs=inputs).trace
+    assert trace.visual_tokens == one_view and 0 < trace.visual_tokens_per_layer[-1] < one_view
 
 
 def test_header_links_the_code_on_a_space(monkeypatch):

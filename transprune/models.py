@@ -140,8 +140,11 @@ def default_device() -> str:
 
 
 def load(name: str, device: str | None = None, dtype=None, attn_implementation: str | None = None,
-         device_map: str | None = None) -> "LoadedModel":
+         device_map: str | None = None, processor_kwargs: dict | None = None) -> "LoadedModel":
     """Load a registered model (or any Hugging Face id of a supported family) with its processor.
+
+    `processor_kwargs` (Hub checkpoints) override the checkpoint's processor settings, e.g.
+    `{"do_image_splitting": False}`: SmolVLM's single 512-px view (the app's CPU setting).
 
     `device_map="auto"` (Hub checkpoints) lets accelerate spread a model too large for one GPU over
     all visible GPUs; `device` is then ignored. Offline models are tiny and always go to `device`.
@@ -162,11 +165,12 @@ def load(name: str, device: str | None = None, dtype=None, attn_implementation: 
             model.config.text_config._attn_implementation = attn_implementation
         model = model.to(device=device, dtype=dtype or torch.float32)
     else:
-        model, processor = _from_pretrained(spec, device, dtype, attn_implementation, device_map)
+        model, processor = _from_pretrained(spec, device, dtype, attn_implementation, device_map, processor_kwargs)
     return LoadedModel(spec=spec, model=model.eval(), processor=processor)
 
 
-def _from_pretrained(spec: ModelSpec, device: str, dtype, attn_implementation, device_map: str | None = None):
+def _from_pretrained(spec: ModelSpec, device: str, dtype, attn_implementation, device_map: str | None = None,
+                     processor_kwargs: dict | None = None):
     import transformers
     from transformers import AutoConfig
 
@@ -189,7 +193,7 @@ def _from_pretrained(spec: ModelSpec, device: str, dtype, attn_implementation, d
         if "device_map" not in kwargs:
             model = model.to(device)
         # AutoProcessor, or without torchvision the same processor minus its video part (transprune.processors).
-        processor = load_processor(spec.checkpoint, config.model_type)
+        processor = load_processor(spec.checkpoint, config.model_type, **(processor_kwargs or {}))
         if getattr(processor, "tokenizer", None) is not None:
             # generate() continues every row of a batch at its last column, so pad before the prompt
             # (SmolVLM's and Qwen2.5-VL's tokenizers pad on the right by default).

@@ -56,27 +56,28 @@ def torchvision_works() -> bool:
     return True
 
 
-def load_processor(checkpoint: str, model_type: str):
+def load_processor(checkpoint: str, model_type: str, **kwargs):
     """The processor of `checkpoint` (a Hub id or a folder) whose config.json says `model_type`:
     `AutoProcessor`'s, or, where that fails for want of a working torchvision and the processor has a
-    video part, the same processor without it."""
+    video part, the same processor without it. `kwargs` (e.g. do_image_splitting=False) override the
+    checkpoint's processor settings, as AutoProcessor.from_pretrained's do."""
     from transformers import AutoProcessor
 
     try:
-        return AutoProcessor.from_pretrained(checkpoint)
+        return AutoProcessor.from_pretrained(checkpoint, **kwargs)
     except (ImportError, RuntimeError) as error:
         # ImportError: torchvision absent; RuntimeError: a torchvision built for another torch.
         cls = processor_class(model_type)
         if "torchvision" not in str(error).lower() or not has_video_part(cls):
             raise
-    return image_text_processor(cls, checkpoint)
+    return image_text_processor(cls, checkpoint, **kwargs)
 
 
-def image_text_processor(cls, checkpoint: str):
+def image_text_processor(cls, checkpoint: str, **image_kwargs):
     """`cls` built from `checkpoint`'s files as `from_pretrained` builds it, without its video processor."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    parts = dict(image_processor=AutoImageProcessor.from_pretrained(checkpoint),
+    parts = dict(image_processor=AutoImageProcessor.from_pretrained(checkpoint, **image_kwargs),
                  tokenizer=AutoTokenizer.from_pretrained(checkpoint), video_processor=None)
     # processor_config.json's values and the chat template (chat_template.json / .jinja).
     processor_dict, _ = cls.get_processor_dict(checkpoint)
