@@ -77,6 +77,7 @@ class SpeedResult:
     machine: str = ""            # the CPU's or GPU's name
     threads: int = 0             # torch CPU threads during the timing
     date: str = ""               # YYYY-MM-DD
+    load: float | None = None    # the machine's 1-minute load average when the timing ended
     recorded: bool = False       # True: a bundled figure recorded elsewhere, not measured by this server
 
     @property
@@ -94,7 +95,8 @@ class SpeedResult:
         """Where and when the figure was measured: recorded with the app elsewhere, or by this server."""
         where = f"{self.machine or self.device}, {self.threads} threads" if self.device == "cpu" else \
             (self.machine or self.device)
-        return f"{'recorded' if self.recorded else 'measured by this server'} on {where}, {self.date}"
+        load = f", load {self.load:.1f}" if self.load is not None else ""
+        return f"{'recorded' if self.recorded else 'measured by this server'} on {where}{load}, {self.date}"
 
     def headline(self) -> str:
         return f"**{self.speedup:.2f}×** prefill at real size (bound {self.bound:.2f}×)"
@@ -130,6 +132,14 @@ def machine_name(device: str) -> str:
     except OSError:
         pass
     return platform.processor() or "CPU"
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (other work sharing the CPU slows a timing down), None where unknown."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
 
 
 def schedule_key(arch: str, config: PruneConfig) -> list:
@@ -266,7 +276,7 @@ class RealSizeSpeed:
                                      visual_tokens=model.visual_tokens,
                                      final_visual_tokens=figures["final_visual_tokens"], repeats=REPEATS, note=note,
                                      machine=machine_name(self.device), threads=torch.get_num_threads(),
-                                     date=datetime.date.today().isoformat())
+                                     date=datetime.date.today().isoformat(), load=load_average())
             finally:
                 del model
                 release_memory()
