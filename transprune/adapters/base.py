@@ -100,6 +100,10 @@ class Adapter:
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return self.language_model(model).layers
 
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        """The norm the language model applies after its last decoder layer."""
+        return self.language_model(model).norm
+
     def resolve(self, config, model: nn.Module):
         """`config` (a PruneConfig) resolved for this model: its depth, the family's default position
         mode where the config leaves it unset; ConfigError for a position mode the family cannot run."""

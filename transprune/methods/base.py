@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from .. import scoring
 from ..errors import PruningInputError
 
 if TYPE_CHECKING:   # no import at run time: the config imports this registry
@@ -65,6 +66,7 @@ class Needs:
     next_layer_qk: bool = False                 # ctx.next_layer_qk(): layer p+1's q/k on layer p's output
     this_layer_qk: bool = False                 # ctx.this_layer_qk(): layer p's q/k on its own input
     input_embeddings: bool = False              # ctx.input_embeddings(): the first decoder layer's input
+    final_norm_output: bool = False             # ctx.final_norm_output(slots): the LM's final norm of layer p's output
 
 
 @dataclass
@@ -88,6 +90,9 @@ class StageContext:
     input_embeddings: Callable | None = None
     candidate_spans: torch.Tensor | None = None   # (c,) span (image or video) of each candidate
     output: Callable | None = None      # () -> (c, d) the pruning layer's output at the candidates
+    # (slots (m,)) -> (m, d): the language model's final norm applied to the pruning layer's output at
+    # any slots of the sample; None unless Needs.final_norm_output (DART compares tokens there).
+    final_norm_output: Callable | None = None
 
 
 @dataclass
@@ -142,6 +147,12 @@ class Method(PruningStage):
     def inserted_count(cls, candidates: int, kept: int) -> int:
         """How many tokens `insert` adds to one span when `kept` of `candidates` survive (analytic FLOPs)."""
         return 0
+
+    @classmethod
+    def planned_keep(cls, span_tokens: int, ratio: float) -> int:
+        """How many of a span's `span_tokens` one stage keeps at keep ratio `ratio` (analytic FLOPs):
+        floor(N_span * r), unless the method decides its own count (DART's pivots come on top)."""
+        return scoring.keep_count(span_tokens, ratio)
 
 
 class PreLLMStage(PruningStage):
