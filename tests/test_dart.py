@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import transprune
-from transprune import flops
+from transprune import adapters, flops
 from transprune.config import ConfigError, PruneConfig
 from transprune.methods import dart
 
@@ -167,3 +167,21 @@ def test_padded_batch_equals_each_prompt_alone(tiny_model, sample_image, make_in
             ids = model.generate(**alone, max_new_tokens=3, do_sample=False)
         assert batch_ids[b, -3:].tolist() == ids[0, -3:].tolist()
         assert torch.equal(traces[b].stages[0].kept, pruner.trace.stages[0].kept)
+
+
+def test_runs_on_every_family_with_one_budget_per_span(family, tiny_model, sample_image, make_inputs):
+    """Every family: each visual span (the image; for LLaVA-NeXT and SmolVLM its tiles are one span) keeps
+    4 pivots + 8 x (M // 8), M = floor(N_span * 128 / 576); the model still generates."""
+    model, processor = tiny_model(family)
+    inputs = make_inputs(processor, [sample_image()], ["what is it ?"])
+    with torch.inference_mode(), transprune.apply(model, "dart") as pruner:
+        output = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert output.shape[1] == inputs["input_ids"].shape[1] + 2
+    trace = pruner.trace
+    (stage,) = trace.stages
+    assert stage.layer == 1 and len(stage.candidates) == trace.visual_tokens
+    adapter = adapters.for_model(model)
+    ids = inputs["input_ids"]
+    prompt = adapter.read_prompt(model, ids, adapter.visual_mask(model, ids), inputs.get("attention_mask"))
+    span_sizes = prompt.visual_spans[0].unique(return_counts=True)[1].tolist()
+    assert len(stage.kept) == sum(dart.DART.planned_keep(size, 128 / 576) for size in span_sizes)
