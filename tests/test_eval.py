@@ -117,3 +117,15 @@ def test_heldout_record_finds_results_saved_with_visionzip_keep():
         resolved = PruneConfig.preset(name, positions="compact").resolve(layers)
         record, baseline = shapes_eval.heldout_record(path, resolved)
         assert record == saved[name] and baseline == saved["baseline"]
+
+
+def test_plot_takes_a_series_per_method_of_the_table(tmp_path):
+    """Every row label of the method table gets a series, more labels than markers included."""
+    from transprune import eval as shapes_eval
+    table = shapes_eval.method_table()
+    results = {name: dict(method=label, budget=budget, accuracy=0.5, tflops=1e-3 * i)
+               for i, (name, (label, budget, _)) in enumerate(table.items())}
+    assert len({r["method"] for r in results.values()}) > 12
+    path = tmp_path / "eval.png"
+    shapes_eval.plot(results, path, "all rows")
+    assert path.stat().st_size > 0

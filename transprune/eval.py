@@ -20,6 +20,7 @@ and ends stdout with one JSON line.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -211,7 +212,7 @@ def plot(results: dict, path: Path, title: str):
     series: dict[str, list] = {}
     for name, r in results.items():
         series.setdefault(r["method"], []).append((1e3 * r["tflops"], 100 * r["accuracy"], r["budget"]))
-    markers = iter("os^vDP*Xh<>")
+    markers = itertools.cycle("os^vDP*Xh<>")   # more series than markers: repeat (colours still differ)
     for label, points in series.items():
         points.sort()
         if label == "baseline":
