@@ -11,7 +11,8 @@ nothing else needs to know the method. There are two kinds of stage, with a comm
   the model's depth). The runner computes exactly that and nothing more: TTV recorded at
   `ttv_layers`, q/k of the layer after each stage on the stage's output (`next_layer_qk`), q/k of
   the pruning layer on its own input (`this_layer_qk`), the input embeddings (`input_embeddings`:
-  the first decoder layer's input at the visual and instruction tokens). How these are computed,
+  the first decoder layer's input at the visual and instruction tokens), the pruning layer's output
+  after the language model's final norm at any slots (`final_norm_output`, DART). How these are computed,
   shared between the samples of a batch and reused by the model's own forward (key reuse) is the
   runner's business;
 - `score(self, ctx: StageContext) -> StageScores`: one sample at one pruning layer, a score per
@@ -20,11 +21,14 @@ nothing else needs to know the method. There are two kinds of stage, with a comm
 - optionally `insert(self, ctx, scores, kept) -> Insertion | None`: new visual tokens to add
   after the stage (SparseVLM recycles deleted tokens), each borrowing the position and span of
   one candidate, and `inserted_count(candidates, kept)` (how many, for the analytic FLOPs);
+- optionally `planned_keep(span_tokens, ratio)`, when the method's own count (`StageScores.keep`)
+  follows from the budget by a rule of its own (DART: pivots on top), for the analytic FLOPs;
 - optionally `accumulates_ttv = True` (the config then defaults `accumulation_layers` to the
   first..last pruning layer) and `check_config(config) -> str | None` (a sentence saying what to
   change, for a config this method cannot run; the config raises it as a ConfigError).
 
-**A pre-LLM stage** (VisionZip) subclasses `PreLLMStage` and provides `name`, `label`,
+**A pre-LLM stage** (VisionZip; DivPrune and CDPruner through `preselect.SubsetStage`, which
+needs only `choose`) subclasses `PreLLMStage` and provides `name`, `label`,
 `supported_models` (words for an error message), `default_keep` (the share of each image's
 patches it keeps when the config gives none), `check_model`, `prepare_inputs` (rewrites the
 processor's inputs before the model sees them), `is_prepared` (tells a model call with those
