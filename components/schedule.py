@@ -13,7 +13,8 @@ Budget rules, shown in the UI and docs/app.md:
 - A pre-LLM stage (VisionZip, and any later one with presets in transprune.config) prunes before
   the language model: "High" is its preset that keeps the most, "Low" the one that keeps the least
   (VisionZip: 192 and 64 of 576 patches' share, 1/3 and 1/9, the released LLaVA-1.5 settings);
-  "Custom" keeps the share r. It has no pruning layers; VisionZip runs on LLaVA-1.5-family models only.
+  "Custom" keeps the share r. It has no pruning layers; VisionZip, DivPrune and CDPruner run on
+  LLaVA-1.5-family models only.
 - "Pruning layers" in the Advanced panel overrides the layers with the model's own 1-indexed
   layer numbers; the keep ratios then come from the budget if the stage count matches, else
   r_i = r_final ** (i / n) for n stages (geometric, e.g. .5/.25/.125 for three stages).

@@ -87,7 +87,7 @@ def test_the_pre_llm_stage_is_named_by_the_config():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(pre_llm="tome"), "Unknown pre-LLM stage 'tome'. Choose one of: visionzip."),
+    (dict(pre_llm="tome"), "Unknown pre-LLM stage 'tome'. Choose one of: visionzip, divprune, cdpruner."),
     (dict(pre_llm="fastv"), "'fastv' prunes inside the language model: give it as method"),
     (dict(pre_llm_keep=0.25), "pre_llm_keep 0.25 is set but pre_llm is not: name the stage that keeps it"),
     (dict(pre_llm="visionzip", pre_llm_keep=0.0),
@@ -106,7 +106,9 @@ def test_a_stack_is_a_pre_llm_preset_then_an_in_llm_preset():
     assert PruneConfig.preset("visionzip") == PruneConfig.preset("visionzip-64")
     assert PruneConfig.preset("visionzip+low") == PruneConfig.preset("visionzip-64+low")
     with pytest.raises(ConfigError, match=re.escape("write a pre-LLM preset (visionzip-192, visionzip-128, "
-                                                    "visionzip-64), '+', then an in-LLM preset")):
+                                                    "visionzip-64, divprune-192, divprune-128, divprune-64, "
+                                                    "cdpruner-192, cdpruner-128, cdpruner-64), '+', then an "
+                                                    "in-LLM preset")):
         PruneConfig.preset("fastv+high")
     with pytest.raises(ConfigError, match="stacks two pre-LLM stages"):
         PruneConfig.preset("visionzip-192+visionzip")

@@ -117,3 +117,38 @@ def test_heldout_record_finds_results_saved_with_visionzip_keep():
         resolved = PruneConfig.preset(name, positions="compact").resolve(layers)
         record, baseline = shapes_eval.heldout_record(path, resolved)
         assert record == saved[name] and baseline == saved["baseline"]
+
+
+def test_plot_takes_a_series_per_method_of_the_table(tmp_path):
+    """Every row label of the method table gets a series, more labels than markers included."""
+    from transprune import eval as shapes_eval
+    table = shapes_eval.method_table()
+    results = {name: dict(method=label, budget=budget, accuracy=0.5, tflops=1e-3 * i)
+               for i, (name, (label, budget, _)) in enumerate(table.items())}
+    assert len({r["method"] for r in results.values()}) > 12
+    path = tmp_path / "eval.png"
+    shapes_eval.plot(results, path, "all rows")
+    assert path.stat().st_size > 0
+
+
+def test_pareto_front_by_hand():
+    points = [(3.8, 90.0), (1.0, 80.0), (1.5, 79.0), (2.0, 88.0), (0.4, 60.0), (2.0, 85.0)]
+    assert shapes_eval.pareto_front(points) == [(0.4, 60.0), (1.0, 80.0), (2.0, 88.0), (3.8, 90.0)]
+
+
+def test_frontier_rows_are_every_preset_and_the_cli_draws_them(tmp_path, monkeypatch, capsys):
+    """Every method's presets (DART, DivPrune, CDPruner included), no ablations; the CLI on an untrained
+    model (no shipped weights needed) writes the figure and its JSON with each row's 7B TFLOPs."""
+    rows = shapes_eval.frontier_rows()
+    assert rows[0] == "baseline" and {"dart", "divprune-64", "cdpruner-192", "visionzip-128"} <= set(rows)
+    assert "ttv-high" not in rows and "high-original" not in rows
+    tokenizer = shapes_model.build_tokenizer()
+    shapes_model.save(shapes_model.build_model(tokenizer, seed=1).eval(), tokenizer, tmp_path / "model", {})
+    monkeypatch.setenv("TRANSPRUNE_SHAPES_DIR", str(tmp_path / "model"))
+    figure = tmp_path / "frontier.png"
+    shapes_eval.main(["--seed", "0", "--n", "2", "--methods", "high,dart,cdpruner-64", "--frontier", str(figure)])
+    results = json.loads(figure.with_suffix(".json").read_text())
+    assert [round(results[name]["tflops_llava15_7b"], 2) for name in ("baseline", "high", "dart", "cdpruner-64")] == \
+        [3.82, 1.56, 1.04, 0.42]
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["frontier"] == str(figure)

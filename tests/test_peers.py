@@ -1,4 +1,5 @@
-"""Peer methods (FastV, PDrop, random, VisionZip) and the analytic FLOPs, on tiny offline models.
+"""Peer methods (FastV, PDrop, random, SparseVLM, DART, and the pre-LLM VisionZip, DivPrune, CDPruner) and
+the analytic FLOPs, on tiny offline models.
 
 The tiny LLaVA has 16 decoder layers and N = 144 visual tokens; presets are written for 32 layers
 and scaled (config.scale_layers): FastV K=2 -> 1, PDrop (8, 16, 24) -> (4, 8, 12),
@@ -100,6 +101,8 @@ SCHEDULES = {
     "fastv": [(1, 72)],
     "pdrop": [(4, 72), (8, 36), (12, 18)],
     "sparsevlm": [(2, 75), (4, 50), (8, 27)],
+    # DART: M = floor(144 * 128 / 576) = 32 -> 4 image pivots + 8 pivots x 4 tokens.
+    "dart": [(1, 36)],
     "random": [(4, 126), (5, 90), (6, 18)],
     "high": [(4, 126), (5, 90), (6, 18)],
     "low": [(4, 72), (5, 36), (6, 9)],
@@ -118,8 +121,11 @@ def test_peer_keeps_right_tokens_at_right_layers(tiny, preset, prompt_inputs):
     survivors = [(s.layer, len(s.kept) - (0 if s.inserted is None else len(s.inserted))) for s in trace.stages]
     assert survivors == expected
     resolved = PruneConfig.preset(preset).resolve(LAYERS)
+    method = transprune.methods.METHODS[resolved.method]      # floor(N * r), or the method's own count (DART)
     assert survivors == [
-        (layer, keep_count(N, ratio)) for layer, ratio in zip(resolved.prune_layers, resolved.keep_ratios)]
+        (layer, method.planned_keep(N, ratio)) for layer, ratio in zip(resolved.prune_layers, resolved.keep_ratios)]
+    assert all(method.planned_keep(N, ratio) == keep_count(N, ratio) for ratio in resolved.keep_ratios) or \
+        preset == "dart"
     assert trace.visual_tokens_per_layer == flops.schedule_tokens(PruneConfig.preset(preset), N, LAYERS)
     assert trace.tokens_per_layer == [length - (N - v) for v in trace.visual_tokens_per_layer]
     for before, after in zip(trace.stages, trace.stages[1:]):
@@ -218,6 +224,36 @@ def test_random_is_seeded_and_deterministic(tiny, prompt_inputs):
     assert any(not torch.equal(a.kept, b.kept) for a, b in zip(first.stages, other.stages))
     # The choice depends on the seed only, not on the image or the question (a pure control).
     assert all(torch.equal(a.kept, b.kept) for a, b in zip(first.stages, other_prompt.stages))
+
+
+# ------------------------------------------------------------------------------------ pre-LLM stages
+@pytest.mark.parametrize("stage", list(PRE_LLM))
+def test_pre_llm_stage_stacks_with_transprune(tiny, prompt_inputs, stage):
+    """Every registered pre-LLM stage: its 128 preset keeps 32 of 144 before the LLM, then High keeps
+    28 / 20 / 4 of those; the trace indexes the image's own tokens, with the stage at layer 0."""
+    model, processor = tiny
+    inputs = prompt_inputs(processor)
+    with torch.inference_mode(), transprune.apply(model, f"{stage}-128+high") as pruner:
+        prepared = pruner.prepare_inputs(inputs)
+        model(**prepared)
+    trace = pruner.trace
+    assert int((prepared["input_ids"] == model.config.image_token_id).sum()) == 32
+    assert [(s.layer, len(s.kept)) for s in trace.stages] == [(0, 32), (4, 28), (5, 20), (6, 4)]
+    assert trace.visual_tokens_per_layer == flops.schedule_tokens(PruneConfig.preset(f"{stage}-128+high"), N, LAYERS)
+    for before, after in zip(trace.stages, trace.stages[1:]):
+        assert torch.equal(after.candidates, before.kept)
+
+
+def test_registered_methods_are_offered_by_the_app_and_the_eval():
+    from components import schedule
+    from transprune import eval as eval_tool
+    for label, name in (("DART", "dart"), ("DivPrune", "divprune"), ("CDPruner", "cdpruner")):
+        assert schedule.METHODS[label] == (name, "transprune")
+    assert schedule.method_kind("DART") == "own_preset"
+    assert schedule.method_kind("DivPrune") == schedule.method_kind("CDPruner") == "pre_llm"
+    assert schedule.pre_llm_budgets("cdpruner") == {"High": "cdpruner-192", "Low": "cdpruner-64"}
+    table = eval_tool.method_table()
+    assert {"dart", "dart-64", "dart-192", "divprune-64", "cdpruner-128"} <= set(table)
 
 
 # ------------------------------------------------------------------------------------ VisionZip

@@ -38,8 +38,9 @@ plot of speedup against the mean number of visual tokens per layer (`--plot`, de
 the JSON).
 
 Method names: "baseline" (no pruning), any PruneConfig preset ("high", "low", "fastv", "pdrop",
-"random", "off", "visionzip-64|128|192" before the LLM), a pre-LLM stage's name alone ("visionzip":
-its default share) and stacks "<pre-LLM preset>+<in-LLM preset>" such as "visionzip-128+high".
+"random", "off", "sparsevlm", "dart", "visionzip-64|128|192", "divprune-64|128|192" and
+"cdpruner-64|128|192" before the LLM), a pre-LLM stage's name alone ("visionzip": its default share)
+and stacks "<pre-LLM preset>+<in-LLM preset>" such as "visionzip-128+high".
 """
 
 from __future__ import annotations
@@ -628,7 +629,8 @@ def parser() -> argparse.ArgumentParser:
                    help=f"architecture: {', '.join([*flops.ARCHITECTURES, TINY_ARCH])} (default: llava-1.5-7b, or "
                         "with --checkpoint the checkpoint's own)")
     p.add_argument("--methods", default="baseline,fastv,pdrop,high,low,random",
-                   help="comma-separated: baseline, presets (high, low, fastv, pdrop, random, off), visionzip[-64|-128|-192], "
+                   help="comma-separated: baseline, presets (high, low, fastv, pdrop, random, off, dart, ...), "
+                        "visionzip|divprune|cdpruner[-64|-128|-192], "
                         "stacks like visionzip-128+high")
     p.add_argument("--flops-only", action="store_true", help="analytic figures only, no model is built")
     p.add_argument("--width-scale", type=float, default=1.0, help="scale hidden and MLP width (random weights)")

@@ -48,6 +48,23 @@ PRESETS: dict[str, dict] = {
     "visionzip-192": dict(method="visionzip", pre_llm_keep=192 / 576),
     "visionzip-128": dict(method="visionzip", pre_llm_keep=128 / 576),
     "visionzip-64": dict(method="visionzip", pre_llm_keep=64 / 576),
+    # DART's released LLaVA settings: once, after layer 2, max_num_trunction M = 128 (default), 64 or
+    # 192 of N = 576, 4 image + 4 text pivots; it keeps 4 + 8 * (M // 8) = 132 / 68 / 196 tokens
+    # (transprune.methods.dart), original positions as released.
+    "dart": dict(method="dart", prune_layers=(2,), keep_ratios=(128 / 576,), accumulation_layers=(),
+                 positions="original"),
+    "dart-64": dict(method="dart", prune_layers=(2,), keep_ratios=(64 / 576,), accumulation_layers=(),
+                    positions="original"),
+    "dart-192": dict(method="dart", prune_layers=(2,), keep_ratios=(192 / 576,), accumulation_layers=(),
+                     positions="original"),
+    # DivPrune and CDPruner before the language model, at 64 / 128 / 192 of LLaVA-1.5's 576 tokens
+    # (the share carries over to other patch grids); stack like VisionZip, e.g. "cdpruner-128+high".
+    "divprune-192": dict(method="divprune", pre_llm_keep=192 / 576),
+    "divprune-128": dict(method="divprune", pre_llm_keep=128 / 576),
+    "divprune-64": dict(method="divprune", pre_llm_keep=64 / 576),
+    "cdpruner-192": dict(method="cdpruner", pre_llm_keep=192 / 576),
+    "cdpruner-128": dict(method="cdpruner", pre_llm_keep=128 / 576),
+    "cdpruner-64": dict(method="cdpruner", pre_llm_keep=64 / 576),
 }
 
 

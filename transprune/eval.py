@@ -20,6 +20,7 @@ and ends stdout with one JSON line.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from . import methods
 from .config import PRESETS, PruneConfig, upgrade_saved_config
-from .flops import config_tflops, model_shape, Shape, trace_tflops
+from .flops import ARCHITECTURES, config_tflops, model_shape, Shape, trace_tflops
 
 
 def _with_seed(name: str, **overrides):
@@ -47,6 +48,8 @@ def method_table() -> dict:
     return {"baseline": ("baseline", "none", _fixed(None)), **preset_rows(), **ablation_rows()}
 
 
+FRONTIER_ARCH = "llava-1.5-7b"   # the frontier figure's cost axis: each config's TFLOPs at this shape
+
 # Presets without a row of their own: "off" keeps every token (its answers are the baseline's), and
 # the random control's preset is measured as random-high / random-low, a fresh keep-set per question.
 NOT_ROWS = ("off", "random")
@@ -65,6 +68,22 @@ def preset_rows() -> dict:
         config = PruneConfig.preset(name, **(dict(positions="compact") if open_positions else {}))
         rows[name] = (stage.label, name, _fixed(config))
     return rows
+
+
+def frontier_rows() -> list[str]:
+    """The rows of the frontier figure: the baseline and every preset of every registered method
+    (one point per released budget), without the ablations."""
+    return ["baseline", *preset_rows()]
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (cost, accuracy) points no other point beats on both (cheaper or equal and more accurate),
+    by increasing cost."""
+    front = []
+    for cost, accuracy in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or accuracy > front[-1][1]:
+            front.append((cost, accuracy))
+    return front
 
 
 def ablation_rows() -> dict:
@@ -184,7 +203,8 @@ def run_shapes(model_name: str, seed: int, n: int, names: list[str]) -> dict:
         config = factory(0)
         config = lm.config_for(config)   # what ran: the model's recommended positions where unset
         record.update(method=label, budget=budget, seconds=round(time.perf_counter() - start, 1),
-                      config=None if config is None else config.resolve(shape[2]).to_dict())
+                      config=None if config is None else config.resolve(shape[2]).to_dict(),
+                      tflops_llava15_7b=config_tflops(config, ARCHITECTURES[FRONTIER_ARCH]))
         results[name] = record
         print(f"{name}: {record['accuracy']:.3f} ({record['seconds']} s)", file=sys.stderr, flush=True)
     return results
@@ -211,7 +231,7 @@ def plot(results: dict, path: Path, title: str):
     series: dict[str, list] = {}
     for name, r in results.items():
         series.setdefault(r["method"], []).append((1e3 * r["tflops"], 100 * r["accuracy"], r["budget"]))
-    markers = iter("os^vDP*Xh<>")
+    markers = itertools.cycle("os^vDP*Xh<>")   # more series than markers: repeat (colours still differ)
     for label, points in series.items():
         points.sort()
         if label == "baseline":
@@ -240,6 +260,38 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def plot_frontier(results: dict, path: Path, title: str):
+    """Accuracy vs. LLaVA-1.5-7B analytic TFLOPs of each row's config, one marker series per method,
+    with the accuracy/cost frontier over all rows drawn as a step line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    series: dict[str, list] = {}
+    for r in results.values():
+        series.setdefault(r["method"], []).append((r["tflops_llava15_7b"], 100 * r["accuracy"]))
+    markers = itertools.cycle("os^vDP*Xh<>")
+    for label, points in series.items():
+        points.sort()
+        if label == "baseline":
+            ax.axhline(points[0][1], color="grey", linestyle="--", linewidth=1, label=f"unpruned ({points[0][1]:.1f}%)")
+            continue
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=next(markers), linewidth=0.8, label=label)
+    front = pareto_front([p for points in series.values() for p in points])
+    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", linewidth=1.5,
+            alpha=0.6, label="frontier")
+    ax.set_xlabel(f"analytic prefill TFLOPs of the config on {FRONTIER_ARCH} (visual tokens, paper's accounting)")
+    ax.set_ylabel("exact-match accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m transprune.eval", description=__doc__.split("\n")[0])
     parser.add_argument("--suite", default="shapes", choices=["shapes"], help="built-in suite (without --questions)")
@@ -252,6 +304,9 @@ def parser() -> argparse.ArgumentParser:
                              "fastv, pdrop, random, visionzip-64, visionzip-128+high, ...), ttv, iga, ttv-low, "
                              "iga-low, any with -original or -compact")
     parser.add_argument("--json", default=None, help="shapes: write the results here")
+    parser.add_argument("--frontier", default=None,
+                        help="shapes: write the frontier figure here (PNG: accuracy vs. LLaVA-1.5-7B TFLOPs, every "
+                             "method's presets; --methods defaults to those rows, --json to the PNG's .json)")
     parser.add_argument("--plot", default=None, help="PNG path (default: next to --json; --questions: OUT/summary.png)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     own = parser.add_argument_group("your own data (python -m transprune.eval --questions ...)")
@@ -286,7 +341,10 @@ def main(argv=None):
             return run_questions(args)
         except (DataError, ConfigError, ModelLoadError, eval_questions.EvalError) as error:
             raise SystemExit(str(error)) from None
-    names = [name.strip() for name in (args.methods or ",".join(method_table())).split(",") if name.strip()]
+    default_rows = frontier_rows() if args.frontier else list(method_table())
+    names = [name.strip() for name in (args.methods or ",".join(default_rows)).split(",") if name.strip()]
+    if args.frontier and not args.json:
+        args.json = str(Path(args.frontier).with_suffix(".json"))
     if "baseline" not in names:
         names.insert(0, "baseline")
     try:
@@ -298,11 +356,14 @@ def main(argv=None):
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     plot_path = Path(args.plot) if args.plot else (Path(args.json).with_suffix(".png") if args.json else None)
+    if args.frontier:
+        plot_frontier(results, Path(args.frontier), f"{args.model}, {args.n} held-out questions (seed {args.seed})")
+        plot_path = None if not args.plot else plot_path   # the frontier figure replaces the default plot
     if plot_path is not None:
         plot(results, plot_path, f"{args.model}, {args.n} held-out questions (seed {args.seed})")
     summary = {name: dict(accuracy=round(r["accuracy"], 4), tflops=r["tflops"]) for name, r in results.items()}
     print(json.dumps(dict(suite=args.suite, model=args.model, seed=args.seed, n=args.n, results=summary,
-                          json=args.json, plot=str(plot_path) if plot_path else None)))
+                          json=args.json, plot=str(plot_path) if plot_path else None, frontier=args.frontier)))
 
 
 def run_questions(args):

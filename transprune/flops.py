@@ -12,7 +12,6 @@ from . import methods
 from .adapters import ARCHITECTURES, for_model   # ARCHITECTURES: name -> Shape, declared by each family's adapter
 from .architecture import Shape
 from .config import PruneConfig
-from .scoring import keep_count
 
 
 def layer_flops(n: int, hidden: int, intermediate: int) -> float:
@@ -39,7 +38,7 @@ def schedule_tokens(config: PruneConfig | None, visual_tokens: int, layers: int)
     for number in range(1, layers + 1):
         counts.append(alive)
         if number in stages:
-            kept = min(keep_count(visual_tokens, stages[number]), alive)
+            kept = min(method.planned_keep(visual_tokens, stages[number]), alive)   # DART: pivots on top
             alive = kept + method.inserted_count(alive, kept)   # e.g. SparseVLM's recycled tokens
     return counts
 

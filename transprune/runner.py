@@ -283,7 +283,8 @@ class Pruner:
         seq = state.sequence
         scorer = SidePasses(self.adapter, self.layers, number, hidden,
                             compat.get(state.layer_kwargs, "position_embeddings"), seq.query_slots(),
-                            state.layer_inputs.get(number), state.key_projections.get(number))
+                            state.layer_inputs.get(number), state.key_projections.get(number),
+                            self.adapter.final_norm(self.model) if self.needs.final_norm_output else None)
         alive, anchors, tokens = list(seq.alive), [None] * len(seq.alive), [None] * len(seq.alive)
         for b, candidates in enumerate(seq.alive):
             if len(seq.prompt.visual_positions[b]) == 0:

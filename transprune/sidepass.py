@@ -26,8 +26,9 @@ class SidePasses:
 
     def __init__(self, adapter, layers, number: int, hidden: torch.Tensor, position_embeddings,
                  query_slots: torch.Tensor, layer_input: torch.Tensor | None = None,
-                 lent_keys: torch.Tensor | None = None):
+                 lent_keys: torch.Tensor | None = None, final_norm: nn.Module | None = None):
         self.adapter, self.layers, self.number, self.hidden = adapter, layers, number, hidden
+        self.final_norm = final_norm   # the language model's last norm (Needs.final_norm_output), else None
         self.position_embeddings, self.query_slots = position_embeddings, query_slots
         self.layer_input, self.lent_keys = layer_input, lent_keys
         self.next_scaling = adapter.attention_scaling(layers[number])
@@ -67,7 +68,9 @@ class SidePasses:
             next_scaling=self.next_scaling, this_scaling=self.this_scaling,
             input_embeddings=(None if input_embeddings is None
                               else functools.partial(seq.prompt_rows, input_embeddings, sample)),
-            candidate_spans=seq.candidate_spans(sample), output=lambda: self.hidden[sample, slots])
+            candidate_spans=seq.candidate_spans(sample), output=lambda: self.hidden[sample, slots],
+            final_norm_output=(None if self.final_norm is None
+                               else lambda at: self.final_norm(self.hidden[sample, at])))
 
 
 class KeyReuse:

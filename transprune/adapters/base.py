@@ -109,6 +109,10 @@ class Adapter:
         return [getattr(inner, name) for name in self.vision_encoder_names
                 if isinstance(getattr(inner, name, None), nn.Module)]
 
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        """The norm the language model applies after its last decoder layer."""
+        return self.language_model(model).norm
+
     def resolve(self, config, model: nn.Module):
         """`config` (a PruneConfig) resolved for this model: its depth, the family's default position
         mode where the config leaves it unset; ConfigError for a position mode the family cannot run."""

@@ -7,6 +7,9 @@ A new method = one module in this package (see `base.py` for what it provides) +
 from __future__ import annotations
 
 from .base import Insertion, Method, Needs, PreLLMStage, PruningStage, StageContext, StageScores
+from .cdpruner import CDPruner
+from .dart import DART
+from .divprune import DivPrune
 from .peers import FastV, PDrop, RandomKeep
 from .sparsevlm import SparseVLM, SparseVLMRank
 from .transprune import TransPrune
@@ -14,7 +17,7 @@ from .visionzip import VisionZip
 
 REGISTRY: dict[str, type[PruningStage]] = {}
 METHODS: dict[str, type[Method]] = {}          # in-LLM methods
-PRE_LLM: dict[str, type[PreLLMStage]] = {}     # stages before the language model (VisionZip)
+PRE_LLM: dict[str, type[PreLLMStage]] = {}     # stages before the language model (VisionZip, DivPrune, CDPruner)
 
 
 def register(stage_class: type[PruningStage]) -> type[PruningStage]:
@@ -32,6 +35,9 @@ register(RandomKeep)
 register(VisionZip)
 register(SparseVLM)
 register(SparseVLMRank)
+register(DART)
+register(DivPrune)
+register(CDPruner)
 
 
 def names() -> tuple[str, ...]:

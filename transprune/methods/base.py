@@ -11,7 +11,8 @@ nothing else needs to know the method. There are two kinds of stage, with a comm
   the model's depth). The runner computes exactly that and nothing more: TTV recorded at
   `ttv_layers`, q/k of the layer after each stage on the stage's output (`next_layer_qk`), q/k of
   the pruning layer on its own input (`this_layer_qk`), the input embeddings (`input_embeddings`:
-  the first decoder layer's input at the visual and instruction tokens). How these are computed,
+  the first decoder layer's input at the visual and instruction tokens), the pruning layer's output
+  after the language model's final norm at any slots (`final_norm_output`, DART). How these are computed,
   shared between the samples of a batch and reused by the model's own forward (key reuse) is the
   runner's business;
 - `score(self, ctx: StageContext) -> StageScores`: one sample at one pruning layer, a score per
@@ -20,11 +21,14 @@ nothing else needs to know the method. There are two kinds of stage, with a comm
 - optionally `insert(self, ctx, scores, kept) -> Insertion | None`: new visual tokens to add
   after the stage (SparseVLM recycles deleted tokens), each borrowing the position and span of
   one candidate, and `inserted_count(candidates, kept)` (how many, for the analytic FLOPs);
+- optionally `planned_keep(span_tokens, ratio)`, when the method's own count (`StageScores.keep`)
+  follows from the budget by a rule of its own (DART: pivots on top), for the analytic FLOPs;
 - optionally `accumulates_ttv = True` (the config then defaults `accumulation_layers` to the
   first..last pruning layer) and `check_config(config) -> str | None` (a sentence saying what to
   change, for a config this method cannot run; the config raises it as a ConfigError).
 
-**A pre-LLM stage** (VisionZip) subclasses `PreLLMStage` and provides `name`, `label`,
+**A pre-LLM stage** (VisionZip; DivPrune and CDPruner through `preselect.SubsetStage`, which
+needs only `choose`) subclasses `PreLLMStage` and provides `name`, `label`,
 `supported_models` (words for an error message), `default_keep` (the share of each image's
 patches it keeps when the config gives none), `check_model`, `prepare_inputs` (rewrites the
 processor's inputs before the model sees them), `is_prepared` (tells a model call with those
@@ -52,6 +56,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from .. import scoring
 from ..errors import PruningInputError
 
 if TYPE_CHECKING:   # no import at run time: the config imports this registry
@@ -65,6 +70,7 @@ class Needs:
     next_layer_qk: bool = False                 # ctx.next_layer_qk(): layer p+1's q/k on layer p's output
     this_layer_qk: bool = False                 # ctx.this_layer_qk(): layer p's q/k on its own input
     input_embeddings: bool = False              # ctx.input_embeddings(): the first decoder layer's input
+    final_norm_output: bool = False             # ctx.final_norm_output(slots): the LM's final norm of layer p's output
 
 
 @dataclass
@@ -88,6 +94,9 @@ class StageContext:
     input_embeddings: Callable | None = None
     candidate_spans: torch.Tensor | None = None   # (c,) span (image or video) of each candidate
     output: Callable | None = None      # () -> (c, d) the pruning layer's output at the candidates
+    # (slots (m,)) -> (m, d): the language model's final norm applied to the pruning layer's output at
+    # any slots of the sample; None unless Needs.final_norm_output (DART compares tokens there).
+    final_norm_output: Callable | None = None
 
 
 @dataclass
@@ -142,6 +151,12 @@ class Method(PruningStage):
     def inserted_count(cls, candidates: int, kept: int) -> int:
         """How many tokens `insert` adds to one span when `kept` of `candidates` survive (analytic FLOPs)."""
         return 0
+
+    @classmethod
+    def planned_keep(cls, span_tokens: int, ratio: float) -> int:
+        """How many of a span's `span_tokens` one stage keeps at keep ratio `ratio` (analytic FLOPs):
+        floor(N_span * r), unless the method decides its own count (DART's pivots come on top)."""
+        return scoring.keep_count(span_tokens, ratio)
 
 
 class PreLLMStage(PruningStage):

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,7 @@ from .. import compat
 from ..errors import UnsupportedModelError
 from ..trace import Stage, VisualLayout
 from .base import PreLLMStage
+from .preselect import reindex_trace, replace_image_runs
 
 SUPPORTED_MODELS = ("LlavaForConditionalGeneration",)
 CONTEXTUAL_SHARE = 10 / 64
@@ -235,26 +236,9 @@ def to_patch_space(trace, selection: VisionZipSelection, images: list[int], keep
         raise ValueError(f"The trace has {trace.visual_tokens} visual tokens but VisionZip produced {len(index)}.")
     score = torch.cat([torch.cat([selection.cls_attention[i, 1:], selection.cls_attention[i, :1]])[:per_image]
                        for i in images]).float().cpu()
-    stages = [Stage(layer=0, keep_ratio=keep, candidates=torch.arange(len(images) * per_image),
-                    kept=index.sort().values, score=score)]
-    total = len(images) * per_image
-    # Tokens an in-LLM stage inserted (indices from the LLM's N on) keep their order after the patches.
-    index = torch.cat([index, torch.arange(total, total + _inserted_count(trace))])
-    for stage in trace.stages:
-        candidates = index[stage.candidates]
-        order = candidates.argsort()
-        reorder = lambda t: None if t is None else t[order]  # noqa: E731
-        stages.append(replace(stage, candidates=candidates[order], kept=index[stage.kept].sort().values,
-                              score=stage.score[order], ttv=reorder(stage.ttv), iga=reorder(stage.iga),
-                              inserted=None if stage.inserted is None else index[stage.inserted],
-                              sources=None if stage.sources is None else [index[s] for s in stage.sources]))
-    return replace(trace, visual_tokens=total, stages=stages,
-                   tokens_per_layer=list(trace.tokens_per_layer),
-                   visual_tokens_per_layer=list(trace.visual_tokens_per_layer))
-
-
-def _inserted_count(trace) -> int:
-    return sum(0 if stage.inserted is None else len(stage.inserted) for stage in trace.stages)
+    first = Stage(layer=0, keep_ratio=keep, candidates=torch.arange(len(images) * per_image),
+                  kept=index.sort().values, score=score)
+    return reindex_trace(trace, index, len(images) * per_image, first)
 
 
 def patch_layout(layout, keep_cls: bool = True):
@@ -266,19 +250,6 @@ def patch_layout(layout, keep_cls: bool = True):
     return VisualLayout(boxes=torch.cat([layout.boxes, nan]), segment=torch.cat([layout.segment, layout.segment[:1]]),
                         segments=list(layout.segments), image_size=layout.image_size,
                         frame=None if layout.frame is None else torch.cat([layout.frame, layout.frame[:1]]))
-
-
-def _image_runs(row: torch.Tensor, image_token: int) -> list[tuple[int, int]]:
-    """(start, end) of each run of consecutive image tokens in one row of input_ids."""
-    is_image = (row == image_token).tolist() + [False]
-    runs, start = [], None
-    for position, flag in enumerate(is_image):
-        if flag and start is None:
-            start = position
-        elif not flag and start is not None:
-            runs.append((start, position))
-            start = None
-    return runs
 
 
 @torch.no_grad()
@@ -298,47 +269,11 @@ def compress_inputs(model, inputs: dict, dominant: int = 54, contextual: int = 1
 @torch.no_grad()
 def compress(model, inputs: dict, dominant: int = 54, contextual: int = 10, keep_cls: bool = True, span=None):
     """`compress_inputs` returning (new inputs, VisionZipSelection, per row the list of its image numbers)."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
     check_model(model)
     if inputs.get("pixel_values") is None:
         raise ValueError("VisionZip needs the image: pass the processor's inputs including pixel_values.")
-    input_ids = inputs["input_ids"]
-    image_token = model.config.image_token_id
     tokens, selection = compress_features(model, inputs["pixel_values"], dominant, contextual, keep_cls, span)
-    count = tokens.shape[1]
-    attention_mask = inputs.get("attention_mask")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    rows, masks, row_images, image = [], [], [], 0
-    for b in range(input_ids.shape[0]):
-        row, mask = input_ids[b], attention_mask[b]
-        pieces, mask_pieces, cursor = [], [], 0
-        row_images.append([])
-        for start, end in _image_runs(row, image_token):
-            pieces += [row[cursor:start], row.new_full((count,), image_token)]
-            mask_pieces += [mask[cursor:start], mask.new_ones(count)]
-            row_images[-1].append(image)
-            cursor, image = end, image + 1
-        pieces.append(row[cursor:])
-        mask_pieces.append(mask[cursor:])
-        rows.append(torch.cat(pieces))
-        masks.append(torch.cat(mask_pieces))
-    if image != tokens.shape[0]:
-        raise ValueError(f"input_ids hold {image} runs of image tokens but pixel_values has {tokens.shape[0]} "
-                         "images; pass the processor's output unchanged.")
-    width = max(len(r) for r in rows)
-    pad_id = model.config.text_config.pad_token_id
-    pad_id = 0 if pad_id is None else pad_id
-    new_ids = input_ids.new_full((len(rows), width), pad_id)
-    new_mask = attention_mask.new_zeros((len(rows), width))
-    for b, (row, mask) in enumerate(zip(rows, masks)):
-        new_ids[b, width - len(row):] = row
-        new_mask[b, width - len(row):] = mask
-    new_inputs = {k: v for k, v in inputs.items() if k not in ("pixel_values", "input_ids", "attention_mask",
-                                                               "image_sizes")}
-    new_inputs.update(input_ids=new_ids, attention_mask=new_mask,
-                      mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(tokens))})
+    new_inputs, row_images = replace_image_runs(model, inputs, tokens)
     return new_inputs, selection, row_images
 
 

@@ -1,0 +1,170 @@
+"""DivPrune and CDPruner, before the language model, on the tiny LLaVA (N = 144 patches): the runner
+equals a slow hand-written selection fed to the unpruned model as input embeddings.
+
+Both choose among the projected visual tokens (what the model inserts for the image); the kept tokens
+reach the LLM in their original order with renumbered ("compact") positions, as in both releases.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import transprune
+from transprune import flops
+from transprune.config import PruneConfig
+from transprune.methods import PRE_LLM, cdpruner, divprune
+from transprune.tiny import tiny_llava_next
+
+N = 144
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    return tiny_model("llava")
+
+
+def projected_by_hand(model, pixel_values):
+    """(N, d): the select layer's patch features (CLS dropped) through the projector, computed directly."""
+    out = model.model.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+    return model.model.multi_modal_projector(out.hidden_states[model.config.vision_feature_layer][0, 1:])
+
+
+def slow_divprune(features, keep):
+    """Max-min diversity as released, in float64 with explicit loops."""
+    x = features.double()
+    n = len(x)
+    distance = [[1 - float(x[i] @ x[j] / (x[i].norm() * x[j].norm())) for j in range(n)] for i in range(n)]
+    nearest_other = [sorted(distance[j][i] for i in range(n))[1] for j in range(n)]
+    chosen = [max(range(n), key=lambda j: nearest_other[j])]
+    while len(chosen) < keep:
+        rest = [j for j in range(n) if j not in chosen]
+        chosen.append(max(rest, key=lambda j: min(distance[i][j] for i in chosen)))
+    return sorted(chosen)
+
+
+def slow_cdpruner(features, instruction, keep):
+    """The conditional DPP with the release's relevance, in float64; the greedy MAP written as its
+    definition (add the token that maximises det L_S), not the incremental Cholesky of the release."""
+    v = features.double() / features.double().norm(dim=-1, keepdim=True)
+    t = instruction.double() / instruction.double().norm(dim=-1, keepdim=True)
+    relevance = torch.stack([-(v[i] @ t.T).mean() for i in range(len(v))])
+    relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
+    kernel = relevance[:, None] * (v @ v.T) * relevance[None, :]
+    chosen = []
+    for _ in range(keep):
+        rest = [j for j in range(len(v)) if j not in chosen]
+        chosen.append(max(rest, key=lambda j: float(torch.linalg.det(kernel[chosen + [j]][:, chosen + [j]]))))
+    return sorted(chosen), relevance
+
+
+def generate_from_embeddings(model, inputs, kept_features, steps=STEPS):
+    """The unpruned model on hand-made input embeddings: the prompt with one image token per kept feature."""
+    ids = inputs["input_ids"][0]
+    image_token = model.config.image_token_id
+    positions = (ids == image_token).nonzero().flatten()
+    new_ids = torch.cat([ids[:positions[0]], ids.new_full((len(kept_features),), image_token), ids[positions[-1] + 1:]])
+    embeds = model.get_input_embeddings()(new_ids)[None].clone()
+    embeds[0, new_ids == image_token] = kept_features
+    output = model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(new_ids)[None],
+                            max_new_tokens=steps + 1, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    return torch.stack(output.logits)[:, 0]
+
+
+def pruned_generation(model, inputs, preset, steps=STEPS):
+    with torch.inference_mode(), transprune.apply(model, preset) as pruner:
+        output = model.generate(**pruner.prepare_inputs(inputs), max_new_tokens=steps + 1, do_sample=False,
+                                output_logits=True, return_dict_in_generate=True)
+    return torch.stack(output.logits)[:, 0], pruner.trace
+
+
+@pytest.mark.parametrize("preset", ["divprune-64", "divprune-192", "cdpruner-64", "cdpruner-128"])
+def test_pruned_run_equals_slow_reimplementation(tiny, prompt_inputs, preset):
+    model, processor = tiny
+    inputs = prompt_inputs(processor)
+    keep = round(PruneConfig.preset(preset).pre_llm_keep * N)
+    logits, trace = pruned_generation(model, inputs, preset)
+    with torch.inference_mode():
+        features = projected_by_hand(model, inputs["pixel_values"])
+        if preset.startswith("divprune"):
+            kept = slow_divprune(features, keep)
+        else:
+            ids = inputs["input_ids"][0]
+            after = int((ids == model.config.image_token_id).nonzero()[-1]) + 1
+            kept, relevance = slow_cdpruner(features, model.get_input_embeddings()(ids[after:]), keep)
+            torch.testing.assert_close(trace.stages[0].score.double(), relevance, rtol=1e-4, atol=1e-5)
+        expected = generate_from_embeddings(model, inputs, features[kept])
+    first = trace.stages[0]
+    assert first.layer == 0 and torch.equal(first.candidates, torch.arange(N))
+    assert first.kept.tolist() == kept
+    assert trace.visual_tokens == N and trace.visual_tokens_per_layer == [keep] * 16
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_divprune_by_hand():
+    """a = (1, 0), b = (0, 1), c = (-1, 0) and d ~ a. Nearest-other distances: a, d ~0.001, b 0.95, c 1:
+    c first; then a (2 from c); then b (min(1, 1) against d's ~0.001); d last."""
+    points = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.99, 0.05]])
+    assert divprune.max_min_order(divprune.cosine_distances(points), 4).tolist() == [2, 0, 1, 3]
+    kept, score = divprune.DivPrune(PruneConfig.preset("divprune-64")).choose(points, None, 2)
+    assert kept.tolist() == [0, 2] and score.tolist() == [0.5, 0.0, 1.0, 0.0]
+
+
+def test_cdpruner_relevance_and_greedy_map_by_definition():
+    generator = torch.Generator().manual_seed(0)
+    visual = torch.randn(12, 6, generator=generator)
+    text = torch.randn(3, 6, generator=generator)
+    unit = torch.nn.functional.normalize
+    raw = -(unit(visual, dim=-1) @ unit(text, dim=-1).T).mean(dim=-1)
+    relevance = cdpruner.relevance(visual, text)
+    torch.testing.assert_close(relevance, (raw - raw.min() + 1e-6) / (raw.max() - raw.min()))
+    kernel = cdpruner.conditional_kernel(visual, relevance).double()
+    torch.testing.assert_close(kernel, (relevance[:, None] * (unit(visual, dim=-1) @ unit(visual, dim=-1).T)
+                                        * relevance[None]).double())
+    chosen = []   # the greedy MAP by its definition: add the token that maximises det L_S
+    for _ in range(5):
+        rest = [j for j in range(12) if j not in chosen]
+        chosen.append(max(rest, key=lambda j: float(torch.linalg.det(kernel[chosen + [j]][:, chosen + [j]]))))
+    assert cdpruner.greedy_map(kernel, 5).tolist() == chosen
+
+
+def test_presets_tflops_and_stacks(tiny, prompt_inputs):
+    shape = flops.ARCHITECTURES["llava-1.5-7b"]
+    for stage in ("divprune", "cdpruner"):
+        assert PRE_LLM[stage].pre_llm
+        assert [round(flops.config_tflops(PruneConfig.preset(f"{stage}-{t}"), shape), 2) for t in (192, 128, 64)] == \
+            [1.25, 0.83, 0.42]
+        assert round(flops.config_tflops(PruneConfig.preset(f"{stage}-128+high"), shape), 2) == 0.34
+    model, processor = tiny
+    inputs = prompt_inputs(processor)
+    with torch.inference_mode(), transprune.apply(model, "cdpruner-128+high") as pruner:
+        model(**pruner.prepare_inputs(inputs))
+    trace = pruner.trace
+    assert [(s.layer, len(s.kept)) for s in trace.stages] == [(0, 32), (4, 28), (5, 20), (6, 4)]
+    assert torch.equal(trace.stages[1].candidates, trace.stages[0].kept)       # in-LLM stages index patches
+    for before, after in zip(trace.stages, trace.stages[1:]):
+        assert set(after.kept.tolist()) <= set(before.kept.tolist())
+
+
+def test_batch_with_padding_equals_each_prompt_alone(tiny, sample_image, make_inputs):
+    model, processor = tiny
+    images = [sample_image(seed=1), sample_image(seed=2)]
+    questions = ["what is it ?", "what color is the big square in the middle ?"]
+    batch = make_inputs(processor, images, questions)
+    with torch.inference_mode(), transprune.apply(model, "cdpruner-64") as pruner:
+        batch_ids = model.generate(**pruner.prepare_inputs(batch), max_new_tokens=3, do_sample=False)
+    traces = pruner.traces
+    for b in range(2):
+        alone = make_inputs(processor, [images[b]], [questions[b]])
+        with torch.inference_mode(), transprune.apply(model, "cdpruner-64") as pruner:
+            ids = model.generate(**pruner.prepare_inputs(alone), max_new_tokens=3, do_sample=False)
+        assert batch_ids[b, -3:].tolist() == ids[0, -3:].tolist()
+        assert torch.equal(traces[b].stages[0].kept, pruner.trace.stages[0].kept)
+
+
+def test_other_families_are_refused_with_a_clear_error(tiny_model):
+    for model, _ in (tiny_llava_next(), tiny_model("qwen2_5_vl")):
+        for preset in ("divprune-64", "cdpruner-64+high"):
+            with pytest.raises(transprune.UnsupportedModelError, match="supports LlavaForConditionalGeneration"):
+                transprune.apply(model, preset)
