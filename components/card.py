@@ -90,7 +90,7 @@ def render(comparison, canvas: Canvas, method_label: str, budget_label: str, rea
     card.paste(view, (MARGIN + (box_w - view.width) // 2, top + (box_h - view.height) // 2))
     last = trace.stages[-1]
     recycled = nums.kept[-1][2]       # of the last stage's tokens, those a method inserted
-    caption = (f"Kept {stage_place(last.layer)}: {len(last.kept) - recycled} of {nums.visual_tokens} visual tokens "
+    caption = (f"Kept {stage_place(last.layer, comparison.pruned.trace)}: {len(last.kept) - recycled} of {nums.visual_tokens} visual tokens "
                f"(outlined); dimmed patches were pruned.")
     if recycled:
         caption += f" Plus {recycled} recycled tokens (means of pruned ones), not drawn."

@@ -22,13 +22,28 @@ HEADERS = ["Metric", "Baseline", "Pruned", "Change"]
 SPEEDUP_ROW = "Prefill speedup (measured)"
 
 
-def stage_place(layer: int) -> str:
-    """Where a stage prunes: "after layer 7", or "before the LLM" for layer 0 (VisionZip)."""
-    return "before the LLM (VisionZip)" if layer == 0 else f"after layer {layer}"
+def pre_llm_stage(trace):
+    """The stage class that pruned before the LLM in `trace` (its config's `pre_llm`), or None."""
+    from transprune import methods
+
+    return methods.PRE_LLM.get((getattr(trace, "config", None) or {}).get("pre_llm"))
 
 
-def kept_row_name(layer: int) -> str:
-    return f"Visual tokens {stage_place(layer)}"
+def stage_name(layer: int, trace=None) -> str:
+    """A stage as the page names it: "layer 7", or the pre-LLM stage's own label for layer 0."""
+    if layer != 0:
+        return f"layer {layer}"
+    stage = pre_llm_stage(trace)
+    return stage.label if stage else "pre-LLM stage"
+
+
+def stage_place(layer: int, trace=None) -> str:
+    """Where a stage prunes: "after layer 7", or "before the LLM (DivPrune)" for layer 0."""
+    return f"before the LLM ({stage_name(0, trace)})" if layer == 0 else f"after layer {layer}"
+
+
+def kept_row_name(layer: int, trace=None) -> str:
+    return f"Visual tokens {stage_place(layer, trace)}"
 
 
 def token_count(kept: int, recycled: int) -> str:
@@ -112,7 +127,8 @@ def table(comparison, method_label: str):
     n = nums.visual_tokens
     rows = [["Visual tokens in", str(n), str(n), ""]]
     for layer, kept, recycled in nums.kept:
-        rows.append([kept_row_name(layer), str(n), token_count(kept, recycled), f"−{1 - kept / n:.0%}" if n else ""])
+        rows.append([kept_row_name(layer, comparison.pruned.trace), str(n), token_count(kept, recycled),
+                     f"−{1 - kept / n:.0%}" if n else ""])
     repeats = len(comparison.prefill_samples["pruned"])
     rows.append([f"Prefill ms (median of {repeats})", f"{nums.prefill_ms[0]:.1f}", f"{nums.prefill_ms[1]:.1f}",
                  _change(*nums.prefill_ms)])

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from . import drawing
 from .drawing import INK, KEPT, PICK
 from .files import STORE
-from .metrics import stage_place
+from .metrics import pre_llm_stage, stage_name, stage_place
 
 DISPLAY_MAX = 768          # longer side of every overlay image, in pixels
 PRUNED_HERE_DIM = 0.55     # blend towards ink for tokens dropped at the stage shown
@@ -178,7 +178,7 @@ def heatmap(canvas: Canvas, stage_index: int, kind: str, segment: str | None = N
 
 def _stage_name(trace, stage_index: int) -> str:
     layer = trace.stages[stage_index].layer
-    return f"Stage {stage_index + 1} · " + ("VisionZip" if layer == 0 else f"layer {layer}")
+    return f"Stage {stage_index + 1} · {stage_name(layer, trace)}"
 
 
 def stage_gallery(canvas: Canvas) -> list[tuple[Image.Image, str]]:
@@ -195,7 +195,7 @@ def stage_gallery(canvas: Canvas) -> list[tuple[Image.Image, str]]:
             tokens = canvas.tokens(segment)
             kept = np.intersect1d(stage.kept.numpy(), tokens).size
             where = f" ({segment})" if len(canvas.segments) > 1 else ""
-            place = stage_place(stage.layer)
+            place = stage_place(stage.layer, trace)
             caption = f"{place[0].upper()}{place[1:]}{where}: {kept} of {len(tokens)} kept"
             if undrawn and segment == canvas.segments[-1]:
                 caption += f", + {undrawn} not drawn (class or row-end tokens: no patch of their own)"
@@ -207,7 +207,8 @@ def stage_gallery(canvas: Canvas) -> list[tuple[Image.Image, str]]:
 
 def _score_title(trace, layer: int) -> str:
     if layer == 0:
-        return "CLS attention (VisionZip)"
+        stage = pre_llm_stage(trace)
+        return f"{stage.score_title} ({stage.label})" if stage else "Score (pre-LLM stage)"
     criterion = trace.config.get("criterion", "transprune") if trace.config else "transprune"
     if trace.method != "transprune":
         return f"Score ({trace.method})"
@@ -224,7 +225,7 @@ def heatmap_gallery(canvas: Canvas, stage_index: int) -> list[tuple[Image.Image,
             if image is None:
                 continue
             where = f" ({segment})" if len(canvas.segments) > 1 else ""
-            items.append((image, f"{title} {stage_place(layer)}{where}"))
+            items.append((image, f"{title} {stage_place(layer, canvas.trace)}{where}"))
     return items
 
 
@@ -253,7 +254,7 @@ def patch_table(trace, token: int):
     for stage in trace.stages:
         candidates = stage.candidates.tolist()
         if token not in candidates:
-            columns[_column(stage.layer)] = ["already pruned", "", "", "", ""]
+            columns[_column(stage.layer, trace)] = ["already pruned", "", "", "", ""]
             continue
         at = candidates.index(token)
         fate = "kept" if token in set(stage.kept.tolist()) else "pruned here"
@@ -261,7 +262,7 @@ def patch_table(trace, token: int):
 
         def value(t):
             return "–" if t is None else f"{float(t[at]):.3g}"
-        columns[_column(stage.layer)] = [fate, value(stage.ttv), value(stage.iga), value(stage.score),
+        columns[_column(stage.layer, trace)] = [fate, value(stage.ttv), value(stage.iga), value(stage.score),
                                            f"{rank}/{len(candidates)}"]
     return pd.DataFrame({"": PATCH_ROWS, **columns})
 
@@ -269,8 +270,9 @@ def patch_table(trace, token: int):
 PATCH_ROWS = ["Fate", "TTV", "IGA", "Score", "Rank"]
 
 
-def _column(layer: int) -> str:
-    return "VisionZip" if layer == 0 else f"Layer {layer}"
+def _column(layer: int, trace=None) -> str:
+    name = stage_name(layer, trace)
+    return name[0].upper() + name[1:]
 
 
 def inspect_view(canvas: Canvas, segment: str, token: int | None = None) -> Image.Image:

@@ -260,7 +260,8 @@ def test_compare_handler_outputs(handlers, example_image):
     table = out.table
     rows = {r[0]: r[1:] for r in table.values.tolist()}
     for stage in trace["stages"]:
-        assert rows[metrics.kept_row_name(stage["layer"])][1] == str(len(stage["kept"]))
+        assert rows[metrics.kept_row_name(stage["layer"], out.state.comparison.pruned.trace)][1] == \
+            str(len(stage["kept"]))
         assert stage["kept"] == sorted(stage["kept"])
     assert rows[metrics.SPEEDUP_ROW][1] == f"{record['measured_prefill_speedup']:.2f}×"
     assert "toy model, not the claim" in rows[metrics.SPEEDUP_ROW][2]
@@ -312,7 +313,8 @@ def test_compare_handler_with_visionzip(handlers, example_image):
     assert record["resolved_config"]["pre_llm_keep"] == pytest.approx(1 / 9)
     rows = {r[0]: r[1:] for r in out.table.values.tolist()}
     assert rows["Visual tokens in"][:2] == ["144", "144"]
-    assert rows[metrics.kept_row_name(0)][:2] == ["144", "16"]
+    assert rows[metrics.kept_row_name(0, out.state.comparison.pruned.trace)][:2] == ["144", "16"]
+    assert "Visual tokens before the LLM (VisionZip)" in rows
     (path, caption), = out.stages
     assert caption.startswith("Before the LLM (VisionZip):")
     image = Image.open(path)
@@ -371,6 +373,24 @@ def test_stacked_visionzip_overlays_and_patch_table(eng, example_image):
     table = overlay.patch_table(trace, survivor)
     assert list(table.columns) == ["", "VisionZip", "Layer 4", "Layer 5", "Layer 6"]
     assert list(table.iloc[0, 1:]) == ["kept"] * 4
+
+
+@pytest.mark.parametrize("preset, label", [("divprune-64", "DivPrune"), ("cdpruner-128+high", "CDPruner")])
+def test_every_pre_llm_stage_is_named_by_its_own_label(eng, example_image, preset, label):
+    """A stage before the LLM is called by its method's name in the table, captions, heatmaps and
+    patch table (not "VisionZip", the first such stage)."""
+    from components.compare import render_outputs
+
+    comparison = eng.compare(MODEL, example_image, "What color is the circle?", PruneConfig.preset(preset), **FAST)
+    trace = comparison.pruned.trace
+    out = render_outputs(comparison, example_image, label, "High")
+    rows = {r[0]: r[1:] for r in out.table.values.tolist()}
+    assert f"Visual tokens before the LLM ({label})" in rows
+    assert out.stages[0][1].startswith(f"Before the LLM ({label})")
+    canvas = overlay.Canvas.from_trace(example_image, trace)
+    assert [c for _, c in overlay.heatmap_gallery(canvas, 0)] == [f"Score ({label}) before the LLM ({label})"]
+    assert list(overlay.patch_table(trace, int(trace.kept[0])).columns)[1] == label
+    assert not any("VisionZip" in str(value) for value in [*rows, *(c for _, c in out.stages)])
 
 
 def test_model_loader_describes_or_warns(handlers):
@@ -652,7 +672,7 @@ def test_client_visionzip_through_the_api(served):
     assert record["config"]["method"] == "visionzip" and record["config"]["pre_llm_keep"] == 0.25
     assert [(s["layer"], len(s["kept"])) for s in record["trace"]["stages"]] == [(0, 36)]
     rows = {r[0]: r[1:] for r in out.table["data"]}
-    assert rows[metrics.kept_row_name(0)][:2] == ["144", "36"]
+    assert rows["Visual tokens before the LLM (VisionZip)"][:2] == ["144", "36"]
 
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))

@@ -161,6 +161,8 @@ class Method(PruningStage):
 
 class PreLLMStage(PruningStage):
     """A stage before the language model that rewrites the inputs (see the module docstring)."""
+    # What its per-token score is, as the app titles its heatmap ("CLS attention" for VisionZip).
+    score_title = "Score"
     pre_llm = True
     supported_models = "some models"
     default_keep: float | None = None   # share of each image's patches kept when the config gives none

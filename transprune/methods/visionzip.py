@@ -286,6 +286,7 @@ class VisionZip(PreLLMStage):
     image's patches (see `counts`), and maps the in-LLM traces back into patch space."""
     name = "visionzip"
     label = "VisionZip"
+    score_title = "CLS attention"
     supported_models = "LLaVA-1.5-family models"
     default_keep = 64 / 576          # the released LLaVA-1.5 "64" setting
 
