@@ -133,7 +133,7 @@ def test_the_bundled_figures_cover_the_apps_default_schedules():
     from components.schedule import METHODS, build_config
 
     quoted = speed.RealSizeSpeed(device="cpu", book=None)
-    for label in ("TransPrune", "FastV", "PDrop", "SparseVLM", "VisionZip", "Random"):
+    for label in ("TransPrune", "FastV", "PDrop", "SparseVLM", "DART", "VisionZip", "DivPrune", "CDPruner", "Random"):
         assert label in METHODS
         for budget in ("High", "Low"):
             result = quoted.cached(build_config(label, budget), "llava")
