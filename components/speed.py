@@ -93,8 +93,9 @@ class SpeedResult:
     @property
     def provenance(self) -> str:
         """Where and when the figure was measured: recorded with the app elsewhere, or by this server."""
-        where = f"{self.machine or self.device}, {self.threads} threads" if self.device == "cpu" else \
-            (self.machine or self.device)
+        machine = " ".join(word for word in (self.machine or self.device).replace("(R)", "").replace("(TM)", "").split()
+                           if word not in ("CPU", "Processor"))     # "Intel(R) Xeon(R) Processor" -> "Intel Xeon"
+        where = f"{machine}, {self.threads} threads" if self.device == "cpu" else machine
         load = f", load {self.load:.1f}" if self.load is not None else ""
         return f"{'recorded' if self.recorded else 'measured by this server'} on {where}{load}, {self.date}"
 

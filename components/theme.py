@@ -28,7 +28,9 @@ CSS = """
 .verdict { font-size: 1.5rem; line-height: 1.4; padding: 0.6rem 0.9rem; border-radius: 10px;
            background: var(--block-background-fill); border: 1px solid var(--border-color-primary); }
 .verdict p { margin: 0; }
-.verdict small { font-size: 1rem; }
+/* Gradio's markdown sets its own 16 px on .md: the verdict's size has to be set there. */
+#verdict .md { font-size: 1.5rem !important; line-height: 1.4; }
+#verdict .md small { display: block; font-size: 1rem; line-height: 1.45; margin-top: 0.25rem; }
 /* The measure button looks like one: filled, bordered, bold. */
 #speed-run { background: var(--primary-50) !important; border: 2px solid var(--primary-600) !important;
              color: var(--primary-700) !important; font-weight: 600; }
@@ -88,8 +90,8 @@ CSS = """
       padding-right: 3px !important; }
   #metrics-table th .cell-wrap, #patch-table th .cell-wrap { padding-left: 2px !important;
       padding-right: 2px !important; }
-  .verdict { font-size: 1.15rem; }
-  .verdict small { font-size: 0.9rem; }
+  #verdict .md { font-size: 1.15rem !important; }
+  #verdict .md small { font-size: 0.9rem; }
   .answer .textfield, .answer .textspan { font-size: 1.25rem !important; }
 }
 """
