@@ -67,7 +67,9 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
 
     # GatedBlocks: every event's raw inputs pass the app's checks first (files only from the upload
     # folder, values within the components' bounds, a sentence for each refusal): components/gate.py.
-    with GatedBlocks(title="TransPrune: baseline vs pruned", delete_cache=(1800, 3600)) as demo:
+    with GatedBlocks(title="TransPrune: baseline vs pruned", delete_cache=(1800, 3600),
+                     file_checks={gr.Image: inputs.image_header_problem, gr.Video: inputs.video_header_problem},
+                     explain=inputs.explain_refusal) as demo:
         notes.build_header()
         health_warning = health.build()
         state = gr.State(None)

@@ -23,13 +23,17 @@ that is missing is left to the component's own check, which says the upload expi
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import gradio as gr
 
 from .examples import EXAMPLES_DIR
+
+log = logging.getLogger("transprune.app")
 
 NOT_AN_UPLOAD = ("This app reads only files uploaded through its page or its API's upload: send the file with "
                  "gradio_client's handle_file (or upload it on the page), then run again.")
@@ -150,45 +154,81 @@ VALUE_CHECKS = ((gr.Slider, number_refusal), (gr.Number, number_refusal), (gr.Ra
                 (gr.Dropdown, choice_refusal), (gr.Textbox, text_refusal))
 
 
-def refusal(blocks, inputs: list, values_checked: bool = True) -> str | None:
-    """The sentence refusing a request whose raw `inputs` do not fit the event's input `blocks`, or None.
+class Refusal(NamedTuple):
+    sentence: str
+    about_a_file: bool       # the page shows a file's refusal inline (its failure handler), not as a toast
 
-    Files are always checked. Values only with `values_checked` (events whose handler gets
-    Gradio-preprocessed values; an event with preprocess=False reads its raw inputs itself).
+
+def refusal(blocks, inputs: list, values_checked: bool = True, file_checks=None) -> Refusal | None:
+    """Why a request whose raw `inputs` do not fit the event's input `blocks` is refused, or None.
+
+    Files are always checked to lie inside the upload roots. With `values_checked` (events whose handler
+    gets Gradio-preprocessed values), also each file by `file_checks` ({component class: fn(path) ->
+    sentence or None}, reading a header at most) and each value by its component's bounds; an event
+    with preprocess=False reads its raw inputs itself (the page's failure handler does).
     """
     if not isinstance(inputs, list) or len(inputs) < len(blocks):   # extra values are ignored, as Gradio does
         names = ", ".join(_label(block) for block in blocks)
         count = len(inputs) if isinstance(inputs, list) else "no list of"
-        return (f"This request sends {count} values; this endpoint takes {len(blocks)} ({names}). Send one value "
-                "per input, in that order, as the page's \"Use via API\" link shows (or use gradio_client).")
+        return Refusal(f"This request sends {count} values; this endpoint takes {len(blocks)} ({names}). Send one "
+                       "value per input, in that order, as the page's \"Use via API\" link shows (or use "
+                       "gradio_client).", False)
     for block, value in zip(blocks, inputs):
         if getattr(block, "stateful", False):
             continue
-        problem = file_refusal(value, block)
-        if problem is None and values_checked:
+        problem = file_refusal(value, block) or (_checked_files(block, value, file_checks or {}) if values_checked
+                                                 else None)
+        if problem:
+            return Refusal(problem, True)
+        if values_checked:
             check = next((check for kind, check in VALUE_CHECKS if isinstance(block, kind)), None)
             problem = check(block, value) if check else None
-        if problem:
-            return problem
+            if problem:
+                return Refusal(problem, False)
     return None
 
 
+def _checked_files(block, value, file_checks) -> str | None:
+    check = next((check for kind, check in file_checks.items() if isinstance(block, kind)), None)
+    if check is None:
+        return None
+    return next((problem for payload in _file_payloads(value) if (problem := check(payload["path"]))), None)
+
+
 class GatedBlocks(gr.Blocks):
-    """gr.Blocks whose every event passes `refusal()` before Gradio preprocesses its inputs."""
+    """gr.Blocks whose every event passes `refusal()` before Gradio preprocesses its inputs.
+
+    `file_checks`: {component class: fn(path) -> sentence or None}, run on every uploaded file of such a
+    component before Gradio decodes it (an image's header: a decompression bomb is never decoded).
+    `explain`: fn(component, raw value) -> sentence or None, asked when Gradio still fails to read a
+    value (a file whose header was fine but whose data is not). Both live with the gate, not on the
+    components: Gradio replaces a session's component with a fresh copy when an event updates it, so
+    anything attached to a component instance can silently vanish.
+    """
+
+    def __init__(self, *args, file_checks=None, explain=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.file_checks = file_checks or {}
+        self.explain = explain
 
     async def preprocess_data(self, block_fn, inputs, state, explicit_call: bool = False):
         # The session's copy of a component (a dropdown whose choices a run updated) is the one to check.
         blocks = [block if block.stateful or state is None or block._id not in state else state[block._id]
                   for block in block_fn.inputs]
         try:
-            problem = refusal(blocks, inputs, values_checked=block_fn.preprocess)
+            refused = refusal(blocks, inputs, values_checked=block_fn.preprocess, file_checks=self.file_checks)
         except RecursionError:       # a payload nested deeper than anything the page sends
-            problem = UNREADABLE_REQUEST
-        if problem:
-            raise gr.Error(problem, print_exception=False)
+            refused = Refusal(UNREADABLE_REQUEST, False)
+        if refused:
+            raise gr.Error(refused.sentence, print_exception=False, visible=not refused.about_a_file)
         try:
             return await super().preprocess_data(block_fn, inputs, state, explicit_call)
         except gr.Error:
             raise
-        except Exception:
-            raise gr.Error(UNREADABLE_REQUEST, print_exception=False) from None
+        except Exception as error:
+            # Logged for the server's owner; the client gets one sentence without Gradio's internals.
+            log.info("request refused while Gradio read its inputs: %s: %s", type(error).__name__, error)
+            explained = next((sentence for block, value in zip(blocks, inputs)
+                              if self.explain and (sentence := self.explain(block, value))), None)
+            raise gr.Error(explained or UNREADABLE_REQUEST, print_exception=False,
+                           visible=explained is None) from None

@@ -189,31 +189,29 @@ def upload_problem(payload) -> str | None:
     return None
 
 
-def guard_uploads(image: gr.Image) -> gr.Image:
-    """Make a corrupt, non-image or oversized upload to `image` fail with a sentence.
+def image_header_problem(path: str) -> str | None:
+    """The request gate's check of an uploaded image before Gradio decodes it (components/gate.py):
+    the header only, so a decompression bomb or a non-image is refused with its sentence, undecoded."""
+    try:
+        check_image_file(path)
+    except UserError as error:
+        return str(error)
+    return None
 
-    Such a file fails inside gr.Image.preprocess (PIL cannot open it), which Gradio reports as a
-    bare processing error. The instance's preprocess is wrapped (not subclassed: a gr.Image
-    subclass makes Gradio write a .pyi stub next to this module) to check the header first and
-    turn PIL's errors into a gr.Error that says what to do. The page shows that sentence inline
-    (compare.ErrorInbox.show asks `upload_problem` again: the handler never ran, so it left none).
-    """
-    original = image.preprocess
 
-    def preprocess(payload):
-        try:
-            if payload is not None:
-                if not allowed_upload(payload.path):   # the gate refused it already; never read it here
-                    raise UserError(NOT_AN_UPLOAD)
-                check_image_file(payload.path)
-            return original(payload)
-        except UserError as error:
-            raise gr.Error(str(error), print_exception=False, visible=False) from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            raise gr.Error(UNREADABLE_IMAGE, print_exception=False, visible=False) from None
+def video_header_problem(path: str) -> str | None:
+    """The request gate's check of an uploaded video: its container header (length, frame size)."""
+    try:
+        check_video_file(path)
+    except UserError as error:
+        return str(error)
+    return None
 
-    image.preprocess = preprocess
-    return image
+
+def explain_refusal(component, payload) -> str | None:
+    """The sentence for a value Gradio failed to read after the gate passed it: an image whose header
+    was fine but whose data cannot be decoded (the gate asks; see upload_problem)."""
+    return upload_problem(payload) if isinstance(component, gr.Image) else None
 
 
 # ---------------------------------------------------------------------------- the panel
@@ -272,8 +270,8 @@ def build(engine: engine_module.Engine, default_model: str) -> Inputs:
     with gr.Tabs(elem_id="media-tabs") as tabs:
         with gr.Tab("Image", id="image", elem_id="tab-image"):
             # Preloaded with the first example, whose question is the default: one click on Run works.
-            image = guard_uploads(gr.Image(value=example_rows()[0][0], label="Image", type="pil",
-                                           sources=["upload", "clipboard"], height=300, elem_id="input-image"))
+            image = gr.Image(value=example_rows()[0][0], label="Image", type="pil", sources=["upload", "clipboard"],
+                             height=300, elem_id="input-image")
         with gr.Tab("Video", id="video", visible=engine.video_enabled(), elem_id="tab-video"):
             # format=None, include_audio=True: the upload is passed on as is (no ffmpeg needed).
             video = gr.Video(label=f"Video ({', '.join(FAMILIES[f].label for f in video_families())})", height=300,

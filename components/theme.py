@@ -59,9 +59,12 @@ CSS = """
 #stage-gallery .caption-label, #heatmap-gallery .caption-label { white-space: normal !important;
     text-overflow: clip !important; overflow: visible !important; max-width: 95% !important; }
 #speed-result h3 { margin-top: 0.2rem; }
+/* The question's live count: a small line tucked under the box. */
+#question-count { font-size: 0.85rem; color: var(--body-text-color-subdued); margin-top: -0.6rem; }
+#question-count p { margin: 0; }
 @media (max-width: 640px) {
-  #header h1 { font-size: 1.5rem; }
-  #header p { font-size: 0.9rem; }
+  #header h1 { font-size: 1.4rem; }
+  #header p { font-size: 0.85rem; }
   .answer { min-height: 84px; }
   /* An answer not given yet is a short empty box, not a 236 px placeholder filling the first screen. */
   .answer .empty { min-height: 48px !important; height: 48px !important; }
@@ -74,8 +77,8 @@ CSS = """
   #hero > * { order: 3; }
   #hero > #verdict, #hero > #answers-row { order: 1; }
   #inputs { order: 2; }
-  #input-image { height: 210px !important; }
-  #input-image .image-frame img { max-height: 170px; }
+  #input-image { height: 180px !important; }
+  #input-image .image-frame img { max-height: 140px; }
   #stage-gallery .grid-container, #heatmap-gallery .grid-container {
       grid-template-columns: minmax(0, 1fr) !important; }
   #model input { font-size: 0.85rem !important; }
