@@ -124,15 +124,15 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
         ins.model.change(load_model, inputs=[ins.model, ins.dtype, ins.attn], outputs=ins.model_info,
                          concurrency_id=GPU_QUEUE, concurrency_limit=1, api_visibility="private")
         # The speed panel follows the settings: the chosen schedule's figure, never another's.
-        gr.on([demo.load, ins.model.change, ins.method.change, ins.budget.change, ins.keep_ratio.release,
-               ins.alpha.release, ins.layers.blur], show_speed, inputs=ins.schedule_inputs(), outputs=real_size.result,
+        gr.on([demo.load, ins.model.change, ins.method.change, ins.budget.change, ins.keep_ratio.change,
+               ins.alpha.change, ins.layers.change], show_speed, inputs=ins.schedule_inputs(), outputs=real_size.result,
               api_visibility="private", queue=False, show_progress="hidden")
         ins.budget.change(inputs.on_budget, ins.budget, ins.keep_ratio, api_visibility="private", queue=False)
         # One medium at a time: a video replaces the image (and shows its tab), an uploaded image the video.
         ins.video.change(inputs.on_video, ins.video, [ins.tabs, ins.image], api_visibility="private", queue=False,
                          show_progress="hidden")
-        ins.image.upload(inputs.on_image_upload, None, ins.video, api_visibility="private", queue=False,
-                         show_progress="hidden")
+        ins.image.change(inputs.on_image, ins.image, ins.video, api_visibility="private", queue=False,
+                         show_progress="hidden", preprocess=False)
         ins.method.change(inputs.on_method, ins.method, [ins.alpha, ins.budget, ins.layers], api_visibility="private",
                           queue=False)
         # .input, not .change: only a presenter's choice re-renders (a run sets these values itself).

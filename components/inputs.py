@@ -87,9 +87,10 @@ def prepare_image(image) -> tuple[Image.Image, list[str]]:
     if min(image.size) < 2:
         raise UserError(f"This image is only {image.width}x{image.height} pixels. Upload a real picture.")
     if max(image.size) > MAX_ASPECT * min(image.size):
-        raise UserError(f"This image is {image.width}x{image.height}, {max(image.size) / min(image.size):.0f} times "
-                        f"longer than it is wide; the limit is {MAX_ASPECT}:1 (the model would see a sliver). Crop it "
-                        "and upload it again.")
+        shape = "wide as it is tall" if image.width > image.height else "tall as it is wide"
+        raise UserError(f"This image is {image.width}x{image.height}, {max(image.size) / min(image.size):.0f} times as "
+                        f"{shape}; the limit is {MAX_ASPECT}:1 (the model would see a sliver). Crop it and upload it "
+                        "again.")
     notices = []
     image = image.convert("RGB")
     if max(image.size) > MAX_SIDE:
@@ -157,8 +158,8 @@ def prepare_question(question) -> str:
         raise UserError("The question is empty: type a question about the image, e.g. "
                         f"“{DEFAULT_QUESTION}”.")
     if len(text) > MAX_QUESTION_CHARS:
-        raise UserError(f"The question is {len(text):,} characters long; keep it under {MAX_QUESTION_CHARS} "
-                        "characters.")
+        raise UserError(f"The question is {len(text):,} characters long; keep it to {MAX_QUESTION_CHARS} characters "
+                        "at most.")
     return text
 
 
@@ -274,15 +275,18 @@ def build(engine: engine_module.Engine, default_model: str) -> Inputs:
                              height=300, elem_id="input-image")
         with gr.Tab("Video", id="video", visible=engine.video_enabled(), elem_id="tab-video"):
             # format=None, include_audio=True: the upload is passed on as is (no ffmpeg needed).
-            video = gr.Video(label=f"Video ({', '.join(FAMILIES[f].label for f in video_families())})", height=300,
+            # A short label: the video panel's icons cover a long one (the families are in the tab's note).
+            video = gr.Video(label="Video", height=300,
                              sources=["upload"], format=None, include_audio=True, elem_id="input-video")
+            gr.Markdown(f"Video models: {', '.join(FAMILIES[f].label for f in video_families())}.",
+                        elem_classes=["model-info"])
     # No max_length: the browser would cut a pasted question silently; the handler refuses a long one
     # with its real length instead.
     question = gr.Textbox(label="Question", value=DEFAULT_QUESTION, lines=1, max_lines=4,
                           placeholder="Ask about the image…", elem_id="question")
     counter = gr.Markdown(question_count(DEFAULT_QUESTION), elem_id="question-count")
     # Counted in the browser as the visitor types (no server call): the one limit, shown before Run.
-    question.input(None, question, counter, js=QUESTION_COUNT_JS)
+    question.change(None, question, counter, js=QUESTION_COUNT_JS)   # typed, pasted, cleared or set by an example
     run = gr.Button("Run comparison", variant="primary", size="lg", elem_id="run")
     model = gr.Dropdown(choices=engine.choices(), value=default_model, label="Model",
                         allow_custom_value=engine.settings.allowed_models is None, elem_id="model")
@@ -322,9 +326,9 @@ def on_video(video):
     return (gr.Tabs(selected="video"), None) if video is not None else (gr.skip(), gr.skip())
 
 
-def on_image_upload():
-    """An image was uploaded: it replaces any video."""
-    return None
+def on_image(image):
+    """An image arrived (an upload or an example): it replaces any video."""
+    return None if image is not None else gr.skip()
 
 
 def on_budget(budget: str):

@@ -259,7 +259,7 @@ def time_chart(split_baseline: dict, split_pruned: dict, width: int = 480, heigh
         return x * scale
     small, label = drawing.font(round(u(13))), drawing.font(round(u(14)))
     heading = drawing.font(round(u(16)), bold=True)
-    title = "Where the time went (answer pass)" + (" — a toy model's timing" if toy else "")
+    title = "Where the time went" + (" (a toy model's timing)" if toy else " (answer pass)")
     draw.text((u(12), u(8)), title, fill=drawing.INK, font=heading)
     left, right = u(78), u(16)
     total = max(sum(split_baseline.values()), sum(split_pruned.values()), 1e-9)

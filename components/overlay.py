@@ -198,7 +198,7 @@ def stage_gallery(canvas: Canvas) -> list[tuple[Image.Image, str]]:
             place = stage_place(stage.layer, trace)
             caption = f"{place[0].upper()}{place[1:]}{where}: {kept} of {len(tokens)} kept"
             if undrawn and segment == canvas.segments[-1]:
-                caption += f", + {undrawn} not drawn (class or row-end tokens: no patch of their own)"
+                caption += f", + {undrawn} not drawn (class, row-end or merged tokens: no patch of their own)"
             if recycled and segment == canvas.segments[-1]:
                 caption += f", + {recycled} recycled (not drawn: merged from pruned patches)"
             items.append((stage_view(canvas, index, segment), caption))

@@ -95,7 +95,8 @@ class SpeedResult:
         """Where and when the figure was measured: recorded with the app elsewhere, or by this server."""
         machine = " ".join(word for word in (self.machine or self.device).replace("(R)", "").replace("(TM)", "").split()
                            if word not in ("CPU", "Processor"))     # "Intel(R) Xeon(R) Processor" -> "Intel Xeon"
-        where = f"{machine}, {self.threads} threads" if self.device == "cpu" else machine
+        threads = f"{self.threads} thread{'s' if self.threads != 1 else ''}"
+        where = f"{machine}, {threads}" if self.device == "cpu" else machine
         load = f", load {self.load:.1f}" if self.load is not None else ""
         return f"{'recorded' if self.recorded else 'measured by this server'} on {where}{load}, {self.date}"
 
@@ -237,10 +238,11 @@ class RealSizeSpeed:
                    and result.width_scale == self.width]
         if not matches:
             return None
-        # The recording made with the most threads up to ours: the closest to this machine.
+        # The recording made with the most threads up to ours: the closest to this machine. A family timed
+        # at a stand-in's shape (its own would take minutes on a CPU) carries that note.
         threads = torch.get_num_threads()
         best = max(matches, key=lambda r: (r.threads <= threads, r.threads if r.threads <= threads else -r.threads))
-        return dataclasses.replace(best, recorded=True)
+        return dataclasses.replace(best, recorded=True, note=self._shape(family)[2] or best.note)
 
     def measure(self, config: PruneConfig, progress=None, family: str | None = None) -> SpeedResult:
         """Baseline vs `config` on the real-size shape of `family` (cached). `progress(fraction, text)`

@@ -129,7 +129,7 @@ def test_prepare_image_rejects_missing_and_downscales_large():
 
 
 def test_prepare_image_refuses_a_sliver():
-    with pytest.raises(UserError, match=r"This image is 8000x100, 80 times longer than it is wide; the limit is 12:1"):
+    with pytest.raises(UserError, match=r"This image is 8000x100, 80 times as wide as it is tall; the limit is 12:1"):
         inputs.prepare_image(Image.new("RGB", (8000, 100), "white"))
     assert inputs.prepare_image(Image.new("RGB", (1200, 100), "white"))[0].size == (1200, 100)
 

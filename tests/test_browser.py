@@ -291,7 +291,7 @@ def test_first_screen_run_then_answers_with_a_labelled_real_size_figure(url, vie
                                timeout=120_000)
         verdict = _text(page, "#verdict")
         assert "at real size" in verdict and ("recorded on" in verdict or "measured by this server" in verdict)
-        assert "faster prefill at real size" in _text(page, ".speed-panel")
+        assert "faster prefill at real size" in _text(page, "#speed-result")
         if viewport == "phone":
             page.evaluate("window.scrollTo(0, 0)")
             page.wait_for_timeout(300)

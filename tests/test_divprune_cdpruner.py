@@ -168,3 +168,16 @@ def test_other_families_are_refused_with_a_clear_error(tiny_model):
         for preset in ("divprune-64", "cdpruner-64+high"):
             with pytest.raises(transprune.UnsupportedModelError, match="supports LlavaForConditionalGeneration"):
                 transprune.apply(model, preset)
+
+
+def test_cdpruner_keeps_distinct_tokens_when_the_kernel_runs_out_of_rank():
+    """Repeated or uniform patches make the DPP kernel singular: the greedy MAP still returns exactly
+    `keep` distinct tokens (the released update would divide by zero and repeat a token)."""
+    from transprune.methods.cdpruner import greedy_map
+
+    base = torch.nn.functional.normalize(torch.randn(3, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    features = base[torch.arange(12) % 3]               # 12 tokens, rank 3
+    kernel = features @ features.T
+    order = greedy_map(kernel, 8)
+    assert len(order) == 8 and len(set(order.tolist())) == 8
+    assert sorted(order[:3].tolist()) == [0, 1, 2]     # one of each distinct patch first

@@ -55,18 +55,28 @@ def conditional_kernel(visual: torch.Tensor, relevance_scores: torch.Tensor) -> 
 
 
 def greedy_map(kernel: torch.Tensor, keep: int) -> torch.Tensor:
-    """(keep,) indices chosen by the fast greedy MAP inference of a DPP with kernel L, in order."""
+    """(keep,) distinct indices chosen by the fast greedy MAP inference of a DPP with kernel L, in order.
+
+    Each step adds the unchosen token with the largest marginal gain d_i^2 (the released update).
+    Once the gains run out (the rest lie in the span of the chosen tokens: repeated or uniform patches),
+    the release's update divides by ~0 and its NaN gains pick the same token again and again; here a
+    token is never chosen twice, and a step whose gain is spent adds no factor (the rest then come in
+    the order of their remaining gains, ties by index), so exactly `keep` distinct tokens are kept.
+    """
     count = kernel.shape[0]
     factors = kernel.new_zeros(keep, count)           # c_t, one row per pick
     gains = kernel.diagonal().clone()                 # d_i^2: the marginal gain of adding token i
+    spent = 1e-6 * float(gains.abs().max().clamp_min(1e-30))   # below this a gain is rounding noise
+    chosen = torch.zeros(count, dtype=torch.bool, device=kernel.device)
     order = []
     for step in range(keep):
-        pick = int(gains.argmax())
+        pick = int(gains.masked_fill(chosen, float("-inf")).argmax())
         order.append(pick)
-        row = (kernel[pick] - factors[:step, pick] @ factors[:step]) / gains[pick].sqrt()
-        factors[step] = row
-        gains = gains - row.square()
-        gains[pick] = float("-inf")
+        chosen[pick] = True
+        if gains[pick] > spent:
+            row = (kernel[pick] - factors[:step, pick] @ factors[:step]) / gains[pick].sqrt()
+            factors[step] = row
+            gains = gains - row.square()
     return torch.tensor(order, dtype=torch.long, device=kernel.device)
 
 
