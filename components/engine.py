@@ -32,7 +32,8 @@ from transprune.measure import available_memory_bytes
 from transprune.eval import heldout_record
 
 from .speed import RealSizeSpeed, release_memory
-from transprune.models import REGISTRY, LoadedModel, ModelLoadError, ModelSpec, context_length, default_device, load
+from transprune.models import (REGISTRY, ContextError, LoadedModel, ModelLoadError, ModelSpec, check_fits_context,
+                               context_length, default_device, load)
 
 # The offline models tried, in order, when no model is named (the first that loads wins).
 OFFLINE_DEFAULTS = ("shapes-llava", "tiny-llava")
@@ -440,15 +441,14 @@ def _prepare(lm: LoadedModel, image, clip, question: str) -> dict:
 
 
 def _check_context(lm: LoadedModel, inputs: dict, max_new_tokens: int):
-    """The prompt and the answer must fit the model's context: say which setting to change."""
-    prompt, context = int(inputs["input_ids"].shape[1]), context_length(lm.model)
-    if context is None or prompt + max_new_tokens <= context:
-        return
-    if prompt >= context:
-        raise UserError(f"This prompt is {prompt} tokens, more than {lm.spec.label}'s context of {context} positions: "
-                        "shorten the question or use a smaller image.")
-    raise UserError(f"This prompt is {prompt} tokens and {lm.spec.label}'s context is {context} positions: set Max new "
-                    f"tokens (Advanced) to at most {context - prompt}.")
+    """The prompt and the answer must fit the model's context: the library's check, in the page's words."""
+    try:
+        check_fits_context(int(inputs["input_ids"].shape[1]), max_new_tokens, context_length(lm.model))
+    except ContextError as error:
+        fix = (f"set Max new tokens (Advanced) to at most {error.room}" if error.room else
+               "shorten the question or use a smaller image")
+        raise UserError(f"This prompt is {error.prompt_tokens} tokens and {lm.spec.label}'s context is "
+                        f"{error.context} positions: {fix}.") from None
 
 
 def _as_video(lm: LoadedModel, path):

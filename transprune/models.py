@@ -237,16 +237,25 @@ def context_length(model) -> int | None:
     return int(length) if length else None
 
 
+class ContextError(ValueError):
+    """The prompt plus the new tokens do not fit the model's context; `room` new tokens would (0: none)."""
+
+    def __init__(self, message: str, prompt_tokens: int, context: int):
+        super().__init__(message)
+        self.prompt_tokens, self.context = prompt_tokens, context
+        self.room = max(context - prompt_tokens, 0)
+
+
 def check_fits_context(prompt_tokens: int, max_new_tokens: int, context: int | None) -> None:
-    """ValueError sentence when the prompt plus max_new_tokens is more than the model's context."""
+    """ContextError (a ValueError) sentence when the prompt plus max_new_tokens exceed the model's context."""
     if context is None or prompt_tokens + max_new_tokens <= context:
         return
     if prompt_tokens >= context:
-        raise ValueError(f"The prompt is {prompt_tokens} tokens, and this model's context is {context} positions; "
-                         "shorten the question (or use a model with a longer context).")
-    raise ValueError(f"The prompt is {prompt_tokens} tokens and this model's context is {context} positions, so at "
-                     f"most {context - prompt_tokens} new tokens fit; pass max_new_tokens={context - prompt_tokens} "
-                     f"or less (got {max_new_tokens}).")
+        raise ContextError(f"The prompt is {prompt_tokens} tokens, and this model's context is {context} positions; "
+                           "shorten the question (or use a model with a longer context).", prompt_tokens, context)
+    raise ContextError(f"The prompt is {prompt_tokens} tokens and this model's context is {context} positions, so at "
+                       f"most {context - prompt_tokens} new tokens fit; pass max_new_tokens={context - prompt_tokens} "
+                       f"or less (got {max_new_tokens}).", prompt_tokens, context)
 
 
 @dataclass
