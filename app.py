@@ -87,7 +87,7 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
                 status = gr.Markdown("", elem_classes=["run-status"], elem_id="run-status")
             with gr.Column(scale=2, min_width=300, elem_id="inputs"):
                 ins = inputs.build(eng, default)
-        examples.build(ins.image, ins.question, ins.method, ins.budget)
+        examples.build(ins.image, ins.question, ins.method, ins.budget, ins.model, default)
         examples.build_video(ins.image, ins.video, ins.question, ins.model, eng.video_example_model())
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=300):

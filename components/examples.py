@@ -203,11 +203,15 @@ def example_rows(directory: Path = EXAMPLES_DIR) -> list[list[str]]:
             for example in EXAMPLES]
 
 
-def build(image, question, method, budget):
-    """The Examples block: clicking a row fills the image, the question, the method and the budget."""
+def build(image, question, method, budget, model=None, default_model: str | None = None):
+    """The Examples block: clicking a row fills the image, the question, the method and the budget, and
+    with `model`, picks `default_model` again (after the video example switched to a video model)."""
     import gradio as gr
 
-    return gr.Examples(examples=example_rows(), inputs=[image, question, method, budget],
+    rows, inputs = example_rows(), [image, question, method, budget]
+    if model is not None:
+        rows, inputs = [row + [default_model] for row in rows], inputs + [model]
+    return gr.Examples(examples=rows, inputs=inputs,
                        example_labels=[example.label for example in EXAMPLES],
                        label="Examples (drawn by the project; the last one is the control)",
                        examples_per_page=len(EXAMPLES), elem_id="examples")

@@ -322,3 +322,11 @@ def test_the_video_example_runs_in_one_click(url):
         assert re.search(rf"\b{final}\b", _text(page, "#metrics-table")), "the table must show the verdict's count"
         assert "no real-size figure times a video prompt" in verdict
         page.screenshot(path=str(_shots() / "app-video-example.png"))
+        # An image example afterwards: the image replaces the video, the default model comes back, Run works.
+        page.get_by_text("Colour: red circle, blue square", exact=True).click()
+        page.wait_for_function("() => document.querySelector('#model input').value.includes('Shapes LLaVA')",
+                               timeout=30_000)
+        page.wait_for_timeout(1500)
+        page.locator("#run").click()
+        page.wait_for_function("() => document.querySelector('#verdict').innerText.includes('Same answer')",
+                               timeout=180_000)
