@@ -112,7 +112,7 @@ def test_measurements_survive_a_restart_and_recorded_figures_answer_first(tmp_pa
     newcomer = speed.RealSizeSpeed(device="cpu", cpu_width=1 / 32, book=None, recorded=recorded)
     quoted = newcomer.cached(PruneConfig.preset("high"))
     assert quoted.recorded and quoted.speedup == live.speedup
-    assert "Recorded on " in quoted.markdown() and f"{live.threads} threads" in quoted.markdown()
+    assert "Recorded on " in quoted.markdown() and f"{live.threads} thread" in quoted.markdown()
     assert speed.RECORD_COMMAND in quoted.markdown() and "(R)" not in quoted.provenance
     assert newcomer.cached(PruneConfig.preset("low")) is None
     assert speed.RealSizeSpeed(device="cpu", cpu_width=1 / 8, book=None, recorded=recorded).cached(
