@@ -31,6 +31,7 @@ CSS = """
 /* Gradio's markdown sets its own 16 px on .md: the verdict's size has to be set there. */
 #verdict .md { font-size: 1.5rem !important; line-height: 1.4; }
 #verdict .md small { display: block; font-size: 1rem; line-height: 1.45; margin-top: 0.25rem; }
+#verdict .md p > small:first-child { display: inline; }   /* the question line: already followed by a break */
 /* The measure button looks like one: filled, bordered, bold. */
 #speed-run { background: var(--primary-50) !important; border: 2px solid var(--primary-600) !important;
              color: var(--primary-700) !important; font-weight: 600; }
