@@ -93,15 +93,17 @@ class FileStore:
 
     def over_caps(self) -> bool:
         """Trim the cache folder now; whether it is still over its caps (all of it too young to go)."""
-        self.trim()
-        count, size = folder_usage(cache_root())
+        _, count, size = self._trim()
         return count > self.max_files or size > self.max_bytes
 
     def trim(self) -> int:
         """Remove the oldest files of the cache folder beyond the caps; returns how many went."""
+        return self._trim()[0]
+
+    def _trim(self) -> tuple[int, int, int]:
         with self._trim_lock:
             self._last_trim = time.monotonic()
-            return trim_folder(cache_root(), self.max_files, self.max_bytes, self.min_age_s, set(self.keep()))
+            return _trim_folder(cache_root(), self.max_files, self.max_bytes, self.min_age_s, set(self.keep()))
 
 
 def _files(root: Path) -> list[tuple[float, int, Path]]:
@@ -117,17 +119,16 @@ def _files(root: Path) -> list[tuple[float, int, Path]]:
     return files
 
 
-def folder_usage(root: Path) -> tuple[int, int]:
-    """(files, bytes) under `root`."""
-    files = _files(root)
-    return len(files), sum(f[1] for f in files)
-
-
 def trim_folder(root: Path, max_files: int, max_bytes: int, min_age_s: float, keep=frozenset(),
                 now: float | None = None) -> int:
     """Delete files under `root`, oldest (by modification time) first, until at most `max_files` files
     and `max_bytes` bytes remain, never a file in `keep` or one modified less than `min_age_s` ago.
     Folders left empty are removed. Returns the number of files deleted."""
+    return _trim_folder(root, max_files, max_bytes, min_age_s, keep, now)[0]
+
+
+def _trim_folder(root, max_files, max_bytes, min_age_s, keep=frozenset(), now=None) -> tuple[int, int, int]:
+    """trim_folder's work: (files deleted, files left, bytes left), from one walk of the folder."""
     now = time.time() if now is None else now
     keep = {str(Path(p).resolve()) for p in keep}
     files = _files(root)
@@ -149,7 +150,7 @@ def trim_folder(root: Path, max_files: int, max_bytes: int, min_age_s: float, ke
                 parent.rmdir()
             except OSError:
                 pass
-    return removed
+    return removed, count, size
 
 
 def gradio_keeps(demo) -> set[str]:

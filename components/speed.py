@@ -224,7 +224,7 @@ class RealSizeSpeed:
         """This server's figure for `config` on `family`'s shape, else a recorded one, else None."""
         if config is None:
             return None
-        arch = self._shape(family)[0]
+        arch, _, note = self._shape(family)
         try:
             key = self._key(arch, config)
         except ValueError:       # a schedule the timed depth cannot run
@@ -242,7 +242,7 @@ class RealSizeSpeed:
         # at a stand-in's shape (its own would take minutes on a CPU) carries that note.
         threads = torch.get_num_threads()
         best = max(matches, key=lambda r: (r.threads <= threads, r.threads if r.threads <= threads else -r.threads))
-        return dataclasses.replace(best, recorded=True, note=self._shape(family)[2] or best.note)
+        return dataclasses.replace(best, recorded=True, note=note or best.note)
 
     def measure(self, config: PruneConfig, progress=None, family: str | None = None) -> SpeedResult:
         """Baseline vs `config` on the real-size shape of `family` (cached). `progress(fraction, text)`
