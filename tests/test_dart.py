@@ -7,6 +7,8 @@ taking M // 8 tokens each.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -14,6 +16,8 @@ import transprune
 from transprune import adapters, flops
 from transprune.config import ConfigError, PruneConfig
 from transprune.methods import dart
+
+import slow_decoder
 
 STEPS = 3
 
@@ -49,14 +53,7 @@ def slow_dart(model, inputs, config, steps=STEPS):
             return torch.tensor([sequence])
         return torch.arange(len(sequence))[None]
 
-    def run_layer(layer, hidden, position_ids):
-        cos_sin = language.rotary_emb(hidden, position_ids)
-        n = hidden.shape[1]
-        mask = torch.full((n, n), torch.finfo(hidden.dtype).min).triu(1)[None, None] if n > 1 else None
-        attn, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), position_embeddings=cos_sin,
-                                  attention_mask=mask, **{keyword: cache})
-        mid = hidden + attn
-        return mid + layer.mlp(layer.post_attention_layernorm(mid))
+    run_layer = functools.partial(slow_decoder.layer_step, language, {keyword: cache})
 
     def cosine(a, b):
         a, b = a.double(), b.double()

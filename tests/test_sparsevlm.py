@@ -6,6 +6,8 @@ and the 192-budget ratios 300/200/110 of 576 keep 75 / 50 / 27 of 144.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -14,6 +16,8 @@ from transprune import flops
 from transprune.config import PruneConfig
 from transprune.methods import sparsevlm
 from transprune.tiny import tiny_llava
+
+import slow_decoder
 
 N = 144
 
@@ -98,14 +102,7 @@ def slow_sparsevlm(model, inputs, config, rank=None, steps=3):
             return torch.arange(len(entries))[None]
         return torch.tensor([[-1 - e if e < 0 else position_of[e] for e in entries]])
 
-    def run_layer(layer, hidden, position_ids):
-        cos_sin = language.rotary_emb(hidden, position_ids)
-        n = hidden.shape[1]
-        mask = torch.full((n, n), torch.finfo(hidden.dtype).min).triu(1)[None, None] if n > 1 else None
-        attn, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden), position_embeddings=cos_sin,
-                                  attention_mask=mask, **{keyword: cache})
-        mid = hidden + attn
-        return mid + layer.mlp(layer.post_attention_layernorm(mid))
+    run_layer = functools.partial(slow_decoder.layer_step, language, {keyword: cache})
 
     for number, layer in enumerate(language.layers, start=1):
         position_ids = positions()
