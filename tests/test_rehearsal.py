@@ -42,14 +42,19 @@ EXPECTED = {
                           pad=151643, high_layers=(6, 8, 11)),
 }
 IN_LLM = ["high", "low", "off", "fastv", "pdrop", "random", "sparsevlm", "sparsevlm-128", "sparsevlm-64"]
-VISIONZIP = ["visionzip-192", "visionzip-128", "visionzip-64", "visionzip-128+high"]
-# The presets each family runs: VisionZip is LLaVA-1.5's (one CLIP tile); Qwen2.5-VL's M-RoPE runs only
-# "original" positions, and PDrop and SparseVLM presets are "compact" ones.
+DART = ["dart", "dart-64", "dart-192"]
+# The pre-LLM stages that rewrite one CLIP tile's tokens (transprune.methods.preselect, visionzip).
+ONE_TILE = ["visionzip-192", "visionzip-128", "visionzip-64", "visionzip-128+high", "divprune-192", "divprune-128",
+            "divprune-64", "cdpruner-192", "cdpruner-128", "cdpruner-64", "cdpruner-128+high"]
+# The presets each family runs: VisionZip, DivPrune and CDPruner are LLaVA-1.5's (one CLIP tile);
+# Qwen2.5-VL's M-RoPE runs only "original" positions, and PDrop and SparseVLM presets are "compact" ones.
 VALID_PRESETS = {
-    "llava-1.5-7b": IN_LLM + VISIONZIP,
-    "smolvlm-256m": IN_LLM,
-    "qwen2.5-vl-7b": ["high", "low", "off", "fastv", "random"],
+    "llava-1.5-7b": IN_LLM + DART + ONE_TILE,
+    "smolvlm-256m": IN_LLM + DART,
+    "qwen2.5-vl-7b": ["high", "low", "off", "fastv", "random"] + DART,
 }
+# The app on a CPU loads SmolVLM with one 512-px view (components.engine.CPU_PROCESSOR_KWARGS): 64 tokens.
+APP_VISUAL_TOKENS_ON_CPU = {"smolvlm-256m": 64}
 NAMES = [item.name for item in REHEARSED]
 
 
@@ -263,7 +268,8 @@ def test_app_compare_through_gradio_client(rehearsal_cache, roomy_memory, serve_
     assert traces, result
     record = json.loads(Path(traces[0]["value"]).read_text())
     assert record["model"] == name
-    assert record["trace"]["visual_tokens"] == BY_NAME[name].visual_tokens_640x480
+    expected_tokens = APP_VISUAL_TOKENS_ON_CPU.get(name, BY_NAME[name].visual_tokens_640x480)
+    assert record["trace"]["visual_tokens"] == expected_tokens
     assert [stage["layer"] for stage in record["trace"]["stages"]] == list(EXPECTED[name]["high_layers"])
 
 
