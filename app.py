@@ -23,8 +23,8 @@ import gradio as gr
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from components import (answers, downloads, engine, examples, files, health, inputs, metrics, notes, overlay, speed,
-                        theme)
+from components import (answers, downloads, engine, examples, files, frontier, health, inputs, metrics, notes, overlay,
+                        speed, theme)
 from components.gate import GatedBlocks
 from components.compare import CompareOutputs, ErrorInbox, make_handlers, make_speed_handler, make_speed_lookup
 
@@ -97,6 +97,7 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
                 chart = metrics.build_chart()
                 patch_note, patch_table = overlay.build_patch_panel()
         gal = overlay.build_galleries()
+        frontier_text, frontier_figure = frontier.build()
         notes.build_measurement()
 
         # ------------------------------------------------------------------ wiring
@@ -126,6 +127,8 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
         # The speed panel follows the settings: the chosen schedule's figure, never another's.
         gr.on([demo.load, ins.model.change, ins.method.change, ins.budget.change, ins.keep_ratio.change,
                ins.alpha.change, ins.layers.change], show_speed, inputs=ins.schedule_inputs(), outputs=real_size.result,
+              api_visibility="private", queue=False, show_progress="hidden")
+        gr.on([demo.load, ins.model.change], frontier.show, inputs=ins.model, outputs=[frontier_text, frontier_figure],
               api_visibility="private", queue=False, show_progress="hidden")
         ins.budget.change(inputs.on_budget, ins.budget, ins.keep_ratio, api_visibility="private", queue=False)
         # One medium at a time: a video replaces the image (and shows its tab), an uploaded image the video.

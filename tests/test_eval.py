@@ -10,6 +10,7 @@ import torch
 from transprune import PruneConfig
 from transprune import eval as shapes_eval
 from transprune import models
+from transprune import flops
 from transprune.flops import model_shape
 from transprune.shapes import model as shapes_model
 from transprune.shapes import scenes
@@ -137,18 +138,38 @@ def test_pareto_front_by_hand():
 
 
 def test_frontier_rows_are_every_preset_and_the_cli_draws_them(tmp_path, monkeypatch, capsys):
-    """Every method's presets (DART, DivPrune, CDPruner included), no ablations; the CLI on an untrained
-    model (no shipped weights needed) writes the figure and its JSON with each row's 7B TFLOPs."""
+    """Every method's presets (DART, DivPrune, CDPruner included) and the random control at every budget,
+    no ablations; the CLI on an untrained model (no shipped weights needed) writes the figure, its JSON with
+    each row's 7B TFLOPs and measured CPU prefill speedup, and the table with its command."""
     rows = shapes_eval.frontier_rows()
     assert rows[0] == "baseline" and {"dart", "divprune-64", "cdpruner-192", "visionzip-128"} <= set(rows)
+    assert {"random-high", "random-low", "random-64", "random-128", "random-192"} <= set(rows)
     assert "ttv-high" not in rows and "high-original" not in rows
+    # The random control at 64 kept tokens: once after layer 2, a new keep-set per question.
+    factory = shapes_eval.method_table()["random-64"][2]
+    assert factory(0).prune_layers == (2,) and round(factory(0).keep_ratios[0] * 576) == 64
+    assert factory(0).seed != factory(1).seed
+    monkeypatch.setattr(shapes_eval, "FRONTIER_WIDTH", 1 / 32)     # the real shape's depth and N, narrow
     tokenizer = shapes_model.build_tokenizer()
     shapes_model.save(shapes_model.build_model(tokenizer, seed=1).eval(), tokenizer, tmp_path / "model", {})
     monkeypatch.setenv("TRANSPRUNE_SHAPES_DIR", str(tmp_path / "model"))
     figure = tmp_path / "frontier.png"
-    shapes_eval.main(["--seed", "0", "--n", "2", "--methods", "high,dart,cdpruner-64", "--frontier", str(figure)])
+    shapes_eval.main(["--seed", "0", "--n", "2", "--methods", "high,dart,cdpruner-64", "--frontier", str(figure),
+                      "--speed-repeats", "1"])
     results = json.loads(figure.with_suffix(".json").read_text())
     assert [round(results[name]["tflops_llava15_7b"], 2) for name in ("baseline", "high", "dart", "cdpruner-64")] == \
         [3.82, 1.56, 1.04, 0.42]
+    # Speed: measured on the 32-layer, 576-token shape; High's bound at this width (hidden 128, MLP 344,
+    # 61 text tokens; 504 / 360 / 72 visual tokens after layers 7 / 9 / 12) as in test_speed.
+    assert "cpu_speedup" not in results["baseline"]
+    assert all(results[name]["cpu_speedup"] > 0 and len(results[name]["cpu_pairs"]) == 1
+               for name in ("high", "dart", "cdpruner-64"))
+    full = flops.tflops([576 + 61] * 32, 128, 344)
+    pruned = [576] * 7 + [504] * 2 + [360] * 3 + [72] * 20
+    assert results["high"]["cpu_bound"] == pytest.approx(full / flops.tflops([n + 61 for n in pruned], 128, 344))
+    table = figure.with_suffix(".md").read_text()
+    assert "Command: `python -m transprune.eval --seed 0 --n 2" in table and "0.03125x width" in table
+    assert [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ") and "row" not in line] == \
+        ["| baseline", "| high", "| dart", "| cdpruner-64"]     # cheapest last
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["frontier"] == str(figure)

@@ -18,9 +18,17 @@ def narrow():
     return speed.RealSizeSpeed(device="cpu", cpu_width=1 / 32, book=None)
 
 
-def test_measures_baseline_and_schedule_on_the_real_shape_and_caches(narrow):
-    steps = []
+def test_measures_baseline_and_schedule_on_the_real_shape_and_caches(narrow, monkeypatch):
+    steps, prefills = [], []
+    real_prefill = speed.bench._Attached.prefill
+    monkeypatch.setattr(speed.bench._Attached, "prefill",
+                        lambda self: prefills.append(self.pruner is not None) or real_prefill(self))
     result = narrow.measure(PruneConfig.preset("high"), lambda fraction, text: steps.append((fraction, text)))
+    # One warm-up of each, then REPEATS alternating pairs, and nothing else.
+    assert prefills.count(True) == prefills.count(False) == 1 + speed.REPEATS
+    assert len(result.pair_speedups) == result.repeats == speed.REPEATS
+    pairs = sorted(result.pair_speedups)
+    assert f"pairs {pairs[0]:.2f}× and {pairs[1]:.2f}×" in result.markdown()
     assert result.visual_tokens == 576 and result.final_visual_tokens == 72     # 576 * 0.125
     assert result.baseline_ms > 0 and result.pruned_ms > 0 and math.isfinite(result.speedup)
     # The analytic whole-sequence bound of High at 32 layers, at this width (hidden 128, MLP 344), for the
@@ -106,7 +114,7 @@ def test_measurements_survive_a_restart_and_recorded_figures_answer_first(tmp_pa
     assert live.machine and live.threads >= 1 and live.date and not live.recorded
     assert "Measured by this server on" in live.markdown()
     again = speed.RealSizeSpeed(device="cpu", cpu_width=1 / 32, book=book, recorded=None)
-    assert again.cached(PruneConfig.preset("high", seed=5)) == live           # read back from disk
+    assert again.cached(PruneConfig.preset("high", seed=5)) == live           # read back from disk, pairs too
     # The same figure as a bundled recording, for a server that has measured nothing.
     recorded.write_text(book.read_text())
     newcomer = speed.RealSizeSpeed(device="cpu", cpu_width=1 / 32, book=None, recorded=recorded)

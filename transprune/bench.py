@@ -357,8 +357,11 @@ class _ReuseClock:
 
 
 def measure(bench: BenchModel, specs: list[MethodSpec], repeats: int, new_tokens: int, decode_repeats: int,
-            scoring_repeats: int, log=print) -> dict[str, dict]:
+            scoring_repeats: int, log=print, reuse: bool = True) -> dict[str, dict]:
     """Median prefill, decode tokens/s, peak memory and scoring time of each method.
+
+    `reuse=False` skips the extra prefill per pruned method that measures what key reuse saved
+    (the app's real-size timing reads only the prefill times).
 
     Every loop runs the methods alternately, rotating the order each repeat. On CPU the scoring
     clock rides along the timed prefills (a few perf_counter calls per stage, no sync); on CUDA it
@@ -408,7 +411,7 @@ def measure(bench: BenchModel, specs: list[MethodSpec], repeats: int, new_tokens
                         finally:
                             clock.remove()
                         scoring[spec.name].append(clock.total * 1e3)
-        for repeat in range(max(1, scoring_repeats)):
+        for repeat in range(max(1, scoring_repeats) if reuse else 0):
             # What key reuse saved the layers after each stage, for the net scoring share.
             for spec in rotated(repeat):
                 with _Attached(model, spec, inputs) as attached:

@@ -22,13 +22,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from . import methods
 from .config import PRESETS, PruneConfig, upgrade_saved_config
-from .flops import ARCHITECTURES, config_tflops, model_shape, Shape, trace_tflops
+from .flops import ARCHITECTURES, config_tflops, model_shape, Shape, tflops, trace_tflops
 
 
 def _with_seed(name: str, **overrides):
@@ -45,7 +46,7 @@ def _fixed(config):
 # recommends "original"): a preset that leaves them open runs with the released code's "compact".
 def method_table() -> dict:
     """Every row: the unpruned baseline, one per preset of every registered method, then the ablations."""
-    return {"baseline": ("baseline", "none", _fixed(None)), **preset_rows(), **ablation_rows()}
+    return {"baseline": ("baseline", "none", _fixed(None)), **preset_rows(), **ablation_rows(), **random_budget_rows()}
 
 
 FRONTIER_ARCH = "llava-1.5-7b"   # the frontier figure's cost axis: each config's TFLOPs at this shape
@@ -70,10 +71,21 @@ def preset_rows() -> dict:
     return rows
 
 
+# The random control at the budgets the pre-LLM methods and DART keep of LLaVA-1.5's 576 tokens
+# (64 / 128 / 192), pruned once after layer 2 (DART's layer; the earliest an in-LLM stage runs here),
+# a fresh keep-set per question.
+RANDOM_BUDGETS = (64, 128, 192)
+
+
+def random_budget_rows() -> dict:
+    return {f"random-{kept}": ("random", f"{kept} tokens", _with_seed(
+        "random", prune_layers=(2,), keep_ratios=(kept / 576,), positions="compact")) for kept in RANDOM_BUDGETS}
+
+
 def frontier_rows() -> list[str]:
-    """The rows of the frontier figure: the baseline and every preset of every registered method
-    (one point per released budget), without the ablations."""
-    return ["baseline", *preset_rows()]
+    """The rows of the frontier figure: the baseline, every preset of every registered method (one
+    point per released budget) and the random control at every budget, without the ablations."""
+    return ["baseline", *preset_rows(), "random-high", "random-low", *random_budget_rows()]
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -260,36 +272,98 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def plot_frontier(results: dict, path: Path, title: str):
+FRONTIER_WIDTH = 0.25   # the speed column: FRONTIER_ARCH's language-model shape at a quarter width (a CPU's)
+
+
+def measure_speed(results: dict, repeats: int = 2, width: float | None = None, log=print) -> str:
+    """Add each pruned row's measured CPU prefill speedup on FRONTIER_ARCH's shape at `width` (random
+    weights, timing only) to `results`: `cpu_speedup` (median baseline ÷ median pruned over `repeats`
+    alternating pairs after a warm-up), `cpu_bound` (the analytic whole-sequence bound of that model)
+    and `cpu_pairs` (each pair's ratio). Returns where it was measured, for the table and the figure."""
+    import torch
+
+    from . import bench
+
+    width = FRONTIER_WIDTH if width is None else width
+    table = method_table()
+    shape = ARCHITECTURES[FRONTIER_ARCH]
+    model = bench.build_shape(shape, description=FRONTIER_ARCH, width_scale=width)
+    baseline_full = tflops([model.visual_tokens + model.text_tokens] * model.layers, model.hidden, model.intermediate)
+    for name, record in results.items():
+        config = table[name][2](0)
+        if config is None:
+            continue
+        spec = bench.MethodSpec(name, config)
+        measured = bench.measure(model, [bench.MethodSpec("baseline"), spec], repeats=repeats, new_tokens=1,
+                                 decode_repeats=0, scoring_repeats=0, log=lambda *a, **k: None, reuse=False)
+        base, pruned = measured["baseline"], measured[name]
+        record.update(cpu_speedup=base["prefill_ms"] / pruned["prefill_ms"],
+                      cpu_bound=bench.analytic(spec, shape, model, baseline_full)["bound"],
+                      cpu_pairs=[b / p for b, p in zip(base["prefill_ms_all"], pruned["prefill_ms_all"])])
+        log(f"{name}: {record['cpu_speedup']:.2f}x prefill (bound {record['cpu_bound']:.2f}x)", file=sys.stderr,
+            flush=True)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{FRONTIER_ARCH} shape at {width:g}x width, random weights, {bench.machine_description(torch.device('cpu'))}, "
+            f"load {load:.1f} at the end, median of {repeats} alternating pairs after a warm-up")
+
+
+def plot_frontier(results: dict, path: Path, title: str, speed_where: str | None = None):
     """Accuracy vs. LLaVA-1.5-7B analytic TFLOPs of each row's config, one marker series per method,
-    with the accuracy/cost frontier over all rows drawn as a step line."""
+    with the accuracy/cost frontier over all rows drawn as a step line; each point carries its
+    measured CPU prefill speedup when `measure_speed` ran."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    fig, ax = plt.subplots(figsize=(9, 5.6), dpi=110)
     series: dict[str, list] = {}
     for r in results.values():
-        series.setdefault(r["method"], []).append((r["tflops_llava15_7b"], 100 * r["accuracy"]))
+        series.setdefault(r["method"], []).append((r["tflops_llava15_7b"], 100 * r["accuracy"], r.get("cpu_speedup")))
     markers = itertools.cycle("os^vDP*Xh<>")
     for label, points in series.items():
         points.sort()
         if label == "baseline":
             ax.axhline(points[0][1], color="grey", linestyle="--", linewidth=1, label=f"unpruned ({points[0][1]:.1f}%)")
             continue
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker=next(markers), linewidth=0.8, label=label)
-    front = pareto_front([p for points in series.values() for p in points])
+        style = dict(color="grey", linestyle=":") if label == "random" else {}
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=next(markers), linewidth=0.8, label=label,
+                **style)
+        for x, y, speedup in points:
+            if speedup is not None:
+                ax.annotate(f"{speedup:.1f}×", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6,
+                            alpha=0.8)
+    front = pareto_front([p[:2] for points in series.values() for p in points])
     ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", linewidth=1.5,
             alpha=0.6, label="frontier")
     ax.set_xlabel(f"analytic prefill TFLOPs of the config on {FRONTIER_ARCH} (visual tokens, paper's accounting)")
     ax.set_ylabel("exact-match accuracy (%)")
-    ax.set_title(title, fontsize=10)
+    if speed_where:
+        title += f"\nnext to each point: measured CPU prefill speedup ({speed_where.split(', random weights')[0]})"
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def frontier_markdown(results: dict, command: str, speed_where: str | None) -> str:
+    """The frontier's table, cheapest first, with the command, the machine and the date."""
+    import datetime
+
+    lines = [f"Command: `{command}` ({datetime.date.today().isoformat()}).", ""]
+    if speed_where:
+        lines += [f"CPU prefill speedup: {speed_where}.", ""]
+    lines += ["| row | method | budget | accuracy % | TFLOPs (LLaVA-1.5-7B) | CPU prefill × | bound × | ÷ bound |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, r in sorted(results.items(), key=lambda item: (-item[1]["tflops_llava15_7b"], item[0])):
+        speed = r.get("cpu_speedup")
+        cells = (f"{speed:.2f} | {r['cpu_bound']:.2f} | {speed / r['cpu_bound']:.2f}" if speed is not None
+                 else "– | – | –")
+        lines.append(f"| {name} | {r['method']} | {r['budget']} | {100 * r['accuracy']:.1f} | "
+                     f"{r['tflops_llava15_7b']:.2f} | {cells} |")
+    return "\n".join(lines) + "\n"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -307,6 +381,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--frontier", default=None,
                         help="shapes: write the frontier figure here (PNG: accuracy vs. LLaVA-1.5-7B TFLOPs, every "
                              "method's presets; --methods defaults to those rows, --json to the PNG's .json)")
+    parser.add_argument("--speed-repeats", type=int, default=2,
+                        help="--frontier: alternating baseline/pruned prefill pairs per row timed on the LLaVA-1.5-7B "
+                             "shape at a quarter width (random weights); 0 skips the speed column")
     parser.add_argument("--plot", default=None, help="PNG path (default: next to --json; --questions: OUT/summary.png)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     own = parser.add_argument_group("your own data (python -m transprune.eval --questions ...)")
@@ -351,13 +428,19 @@ def main(argv=None):
         results = run_shapes(args.model, args.seed, args.n, names)
     except ValueError as error:   # a bad --methods: the message, not a traceback
         raise SystemExit(str(error)) from None
+    speed_where = None
+    if args.frontier and args.speed_repeats > 0:
+        speed_where = measure_speed(results, args.speed_repeats)
     print(markdown_table(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     plot_path = Path(args.plot) if args.plot else (Path(args.json).with_suffix(".png") if args.json else None)
     if args.frontier:
-        plot_frontier(results, Path(args.frontier), f"{args.model}, {args.n} held-out questions (seed {args.seed})")
+        title = f"{args.model}, {args.n} held-out questions (seed {args.seed})"
+        plot_frontier(results, Path(args.frontier), title, speed_where)
+        command = "python -m transprune.eval " + " ".join(argv if argv is not None else sys.argv[1:])
+        Path(args.frontier).with_suffix(".md").write_text(frontier_markdown(results, command, speed_where))
         plot_path = None if not args.plot else plot_path   # the frontier figure replaces the default plot
     if plot_path is not None:
         plot(results, plot_path, f"{args.model}, {args.n} held-out questions (seed {args.seed})")

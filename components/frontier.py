@@ -1,0 +1,51 @@
+"""Compare all methods: every registered method's held-out accuracy against its cost, for the chosen model.
+
+The figure and table are written by the library's own command (see FRONTIER_COMMAND), which answers
+the held-out shapes questions unpruned and under every preset of every method, plus the random
+control at every budget, and times each schedule's prefill on LLaVA-1.5-7B's language-model shape.
+They are bundled per model as assets/frontier/<model>.png and .md; the app only shows them. Only a
+model whose answers can be scored offline has one (shapes-llava); for the others the panel says how
+to measure one's own data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+FOLDER = Path(__file__).resolve().parent.parent / "assets" / "frontier"
+FRONTIER_COMMAND = ("python -m transprune.eval --suite shapes --seed 1 --n 500 --threads 1 "
+                    "--frontier assets/frontier/shapes-llava.png")
+NONE_YET = ("No frontier is bundled for **{model}**: its answers cannot be scored offline here. The figure for "
+            "`shapes-llava` (choose it above) compares every method on 500 held-out questions. For this model, run "
+            "your own questions through every method with `python -m transprune.eval --questions FILE --images DIR "
+            "--model {model} --methods baseline,high,low,dart,cdpruner-128,... --out runs/mine` (docs/evaluation.md).")
+
+
+def files_for(model: str | None) -> tuple[Path, Path] | None:
+    """(figure, table) bundled for `model`, or None."""
+    if not model:
+        return None
+    figure, table = FOLDER / f"{model}.png", FOLDER / f"{model}.md"
+    return (figure, table) if figure.is_file() and table.is_file() else None
+
+
+def show(model: str | None):
+    """The panel for `model`: (markdown, figure path or None)."""
+    found = files_for(model)
+    if found is None:
+        return NONE_YET.format(model=model or "this model"), None
+    figure, table = found
+    return (f"Every method's presets on the held-out shapes questions, against its analytic prefill cost at "
+            f"LLaVA-1.5-7B's size; the number by each point is its measured CPU prefill speedup. The dotted grey "
+            f"line is the random control: a method is only worth its cost above it.\n\n{table.read_text()}"), str(figure)
+
+
+def build():
+    """The closed accordion; returns (markdown, image) for the model-change event to fill."""
+    with gr.Accordion("Compare all methods: accuracy vs cost", open=False, elem_id="frontier"):
+        figure = gr.Image(None, label="Held-out accuracy vs TFLOPs, every method", interactive=False,
+                          show_label=True, buttons=["download", "fullscreen"], elem_id="frontier-figure")
+        text = gr.Markdown("", elem_id="frontier-table")
+    return text, figure
