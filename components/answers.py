@@ -57,10 +57,13 @@ def escape_markdown(text: str) -> str:
 
 
 def verdict(baseline: str, pruned: str, visual_kept: int, visual_total: int, flops_saved: float,
-            speed: str, heldout: str | None = None, question: str | None = None, recycled: int = 0) -> str:
+            speed: str, heldout: str | None = None, question: str | None = None, recycled: int = 0,
+            schedule: str = "", model: str = "") -> str:
     """The headline over the answers: same answer or not, what it cost, and how fast.
 
-    `recycled`: how many of the `visual_kept` tokens a method inserted (SparseVLM).
+    `recycled`: how many of the `visual_kept` tokens a method inserted (SparseVLM). `schedule` and
+    `model` name the run on the question's line, so a verdict read after the settings changed says
+    which run it describes.
     `speed` is the speed figure that means something for this run (the run's own measured speedup
     on a real checkpoint; the real-size measurement, or where to get it, for the built-in tiny
     models); `heldout` a line on the setting's accuracy over the model's held-out questions.
@@ -71,8 +74,10 @@ def verdict(baseline: str, pruned: str, visual_kept: int, visual_total: int, flo
     of_them = f" ({recycled} recycled)" if recycled else ""
     text = (f"{answer} &nbsp;·&nbsp; **{visual_total} → {visual_kept}** visual tokens{of_them} &nbsp;·&nbsp; "
             f"**{flops_saved:.0%}** fewer analytic FLOPs &nbsp;·&nbsp; {speed}")
-    if question:
-        text = f"<small>Q: {escape_markdown(question)}</small>  \n" + text
+    ran = " · ".join(escape_markdown(part) for part in (model, schedule) if part)
+    if question or ran:
+        asked = f"Q: {escape_markdown(question)}" if question else ""
+        text = f"<small>{asked}{' — ' if asked and ran else ''}{ran}</small>  \n" + text
     if heldout:
         text += f"  \n<small>{heldout}</small>"
     return text

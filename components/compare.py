@@ -257,7 +257,7 @@ def make_speed_handler(engine: Engine):
         if comparison is not None and comparison.spec.offline:
             measured = engine.real_size.cached(comparison.config, comparison.spec.family or None)
             if measured is not None and measured.markdown() == text:
-                return text, verdict_text(comparison, measured)
+                return text, verdict_text(comparison, measured, schedule_label(method, budget))
         return text, gr.skip()
 
     def _measure(model, method, budget, keep_ratio, alpha, layers, positions, seed, progress) -> str:
@@ -302,6 +302,12 @@ def make_speed_lookup(engine: Engine):
     return show_speed
 
 
+def times_this_prompt(comparison) -> bool:
+    """Whether a real-size figure applies to this run: they time an image's prompt, not a video's."""
+    layout = comparison.pruned.trace.layout
+    return layout is None or layout.frame is None
+
+
 def speed_text(comparison, nums, real_size) -> str:
     """The speed figure that means something for this run, saying which it is.
 
@@ -312,23 +318,28 @@ def speed_text(comparison, nums, real_size) -> str:
     if not comparison.spec.offline:
         return (f"prefill **{nums.speedup:.2f}×** measured on this model, vision encoder included (its language "
                 f"model alone {nums.llm_speedup:.2f}×; bound {nums.bound:.2f}×)")
-    layout = comparison.pruned.trace.layout
-    if layout is not None and layout.frame is not None:   # real-size figures time an image's prompt, not a video's
+    if not times_this_prompt(comparison):
         return "speed: a model this small is too small to show it, and no real-size figure times a video prompt"
     if real_size is not None:
         return real_size.headline() + f" on a {real_size.arch}-shaped language model ({real_size.provenance})"
     return "speed: see **Speed at real size** below (a model this small is too small to show it)"
 
 
-def verdict_text(comparison, real_size=None) -> str:
-    """The verdict line of a comparison, quoting `real_size` (a SpeedResult) when there is one."""
+def verdict_text(comparison, real_size=None, ran: str = "") -> str:
+    """The verdict line of a comparison, quoting `real_size` (a SpeedResult) when there is one.
+    `ran` ("TransPrune · High") names the run's schedule, so a verdict left on the page
+    after the settings change still says which run it describes."""
     nums = metrics.numbers(comparison)
     heldout = comparison.heldout
     recycled = nums.kept[-1][2] if nums.kept else 0      # of the last stage's tokens, those a method inserted
     return answers.verdict(comparison.baseline.text, comparison.pruned.text, len(comparison.pruned.trace.kept),
                            nums.visual_tokens, nums.flops_saved, speed_text(comparison, nums, real_size),
                            answers.heldout_line(*heldout) if heldout else None, comparison.question,
-                           recycled=recycled)
+                           recycled=recycled, schedule=ran, model=comparison.spec.label)
+
+
+def schedule_label(method_label: str, budget: str) -> str:
+    return f"{method_label} · {budget}" if budget else method_label
 
 
 def render_outputs(comparison, picture: Image.Image | None, method_label: str, budget: str,
@@ -344,10 +355,11 @@ def render_outputs(comparison, picture: Image.Image | None, method_label: str, b
     segments = canvas.segments
     inspect_segment = segments[-1]
     labels = overlay.stage_labels(trace)
+    real_size = real_size if times_this_prompt(comparison) else None    # the card quotes what the verdict does
     card_path = downloads.write_card(comparison, canvas, method_label, budget, real_size)
     notes = "".join(f"  \n<small>⚠ {notice}</small>" for notice in notices)
     return CompareOutputs(
-        verdict_text(comparison, real_size) + notes,
+        verdict_text(comparison, real_size, schedule_label(method_label, budget)) + notes,
         status_line(comparison, method_label, budget),
         left,
         right,

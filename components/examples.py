@@ -189,11 +189,16 @@ def build_video(image, video, question, model, video_model: str | None):
     `video_model` (a video-capable model this app offers); None: no such model, no example."""
     import gradio as gr
 
+    from transprune.models import REGISTRY
+
     if video_model is None:
         return None
+    # The model's own label, so the page says what answers to expect ("… (random weights)": noise).
+    spec = REGISTRY.get(video_model)
     return gr.Examples(examples=[[None, video_example_path(), VIDEO_QUESTION, video_model]],
                        inputs=[image, video, question, model], example_labels=["Video: a red circle moves"],
-                       label=f"Video example (switches the model to {video_model})", elem_id="video-examples")
+                       label=f"Video example (switches the model to {spec.label if spec else video_model})",
+                       elem_id="video-examples")
 
 
 def example_rows(directory: Path = EXAMPLES_DIR) -> list[list[str]]:

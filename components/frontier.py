@@ -17,10 +17,13 @@ import gradio as gr
 FOLDER = Path(__file__).resolve().parent.parent / "assets" / "frontier"
 FRONTIER_COMMAND = ("python -m transprune.eval --suite shapes --seed 1 --n 500 --threads 1 "
                     "--frontier assets/frontier/shapes-llava.png")
-NONE_YET = ("No frontier is bundled for **{model}**: its answers cannot be scored offline here. The figure for "
-            "`shapes-llava` (choose it above) compares every method on 500 held-out questions. For this model, run "
-            "your own questions through every method with `python -m transprune.eval --questions FILE --images DIR "
-            "--model {model} --methods baseline,high,low,dart,cdpruner-128,... --out runs/mine` (docs/evaluation.md).")
+SUITE_MODEL = "shapes-llava"      # the built-in model whose held-out questions are scored offline
+MISSING = ("The frontier of **shapes-llava** is not in this install. Make it with `{command}` (it writes "
+           "assets/frontier/shapes-llava.png and .md; about an hour on one CPU thread), then reload the page.")
+NONE_YET = ("No frontier is bundled for **{model}**. The app bundles the one of `shapes-llava`, the built-in model "
+            "whose held-out questions are scored offline (choose it in Model to see it). For **{model}**, score your "
+            "own questions under every method: `python -m transprune.eval --questions FILE --images DIR "
+            "--model {model} --methods baseline,high,low,dart,cdpruner-128 --out runs/mine` (docs/evaluation.md).")
 
 
 def files_for(model: str | None) -> tuple[Path, Path] | None:
@@ -34,6 +37,8 @@ def files_for(model: str | None) -> tuple[Path, Path] | None:
 def show(model: str | None):
     """The panel for `model`: (markdown, figure path or None)."""
     found = files_for(model)
+    if found is None and model == SUITE_MODEL:
+        return MISSING.format(command=FRONTIER_COMMAND), None
     if found is None:
         return NONE_YET.format(model=model or "this model"), None
     figure, table = found

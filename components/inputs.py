@@ -342,7 +342,8 @@ def question_count(text: str) -> str:
 
 
 # Counts what the handler counts: the text with its runs of white space made one space.
-QUESTION_COUNT_JS = ("(q) => { const n = (q || '').trim().split(/\\s+/).join(' ').length; "
+# [...s] counts code points, as Python's len() does (s.length counts UTF-16 units: an emoji twice).
+QUESTION_COUNT_JS = ("(q) => { const n = [...(q || '').trim().split(/\\s+/).join(' ')].length; "
                      f"return `${{n}} / {MAX_QUESTION_CHARS} characters` + "
                      f"(n > {MAX_QUESTION_CHARS} ? ' — too long: shorten it' : ''); }}")
 

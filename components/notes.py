@@ -37,9 +37,9 @@ only and removed afterwards (per call, under the model's lock), so concurrent us
 that alternates from one click to the next; *Timing repeats − 1* more prefill-only pairs, again alternating,
 follow. *Prefill ms* is the median over those runs: the time to the first new token, including the pruning
 scores. *Decode tokens/s* and *end-to-end ms* come from the answer pass. On a GPU the clock is read after a
-CUDA synchronize. *Run memory* is each run's own peak above what was in use before it (the loaded model):
-activations and KV cache, from the resident set on a CPU (reset before each run), from allocated memory on a
-GPU. *Where the time went* splits the answer pass into the vision encoder, the language model's prefill and
+CUDA synchronize. *KV cache at the end* is what each run's cache holds when it stops, read from its
+tensors: every layer keeps the tokens it saw, so layers after a pruning stage hold fewer. On a GPU, *Run
+memory* is each run's own allocator peak above the loaded model (activations too). *Where the time went* splits the answer pass into the vision encoder, the language model's prefill and
 decoding. Pruning has a
 fixed cost per layer (hooks, the TTV and IGA scores): on the tiny built-in models it outweighs the FLOPs saved,
 so they can measure slower than the baseline; the saving shows at real model sizes (`python -m transprune.bench`).

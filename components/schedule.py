@@ -152,5 +152,6 @@ def describe(config: PruneConfig, num_layers: int) -> str:
     if resolved.prune_layers:
         layers = ", ".join(str(l) for l in resolved.prune_layers)
         ratios = " / ".join(f"{r:.1%}".replace(".0%", "%") for r in resolved.keep_ratios)
-        parts.append(f"layers {layers} keep {ratios}")
+        one = len(resolved.prune_layers) == 1
+        parts.append(f"layer{'' if one else 's'} {layers} keep{'s' if one else ''} {ratios}")
     return ", then ".join(parts)

@@ -46,6 +46,11 @@ CPU_WIDTH = 0.25
 # pair's own ratio is shown as the spread. Two pairs make the button's wait 6 prefills (it was 9, with
 # a third pair and a key-reuse pass nobody read).
 REPEATS = 2
+# Pairs further apart than this ratio (or a figure this far above its bound) mark a timing as noisy: it
+# is flagged on the page, and pressing the button again measures it again instead of quoting it.
+NOISY_SPREAD = 1.25
+NOISY_WARNING = ("\n\n⚠ **Noisy**: the pairs disagree (or the figure beats its own bound), so other work was "
+                 "running on this machine while it timed. Press the button again when it is quieter.")
 RECORDED = Path(__file__).resolve().parent.parent / "assets" / "real_size_speed.json"
 RECORD_COMMAND = "python -m components.speed --record"
 
@@ -114,8 +119,17 @@ class SpeedResult:
             return f"pairs {ratios[0]:.2f}× and {ratios[1]:.2f}×"
         return f"pairs from {ratios[0]:.2f}× to {ratios[-1]:.2f}×"
 
+    @property
+    def noisy(self) -> bool:
+        """The pairs disagree by more than NOISY_SPREAD, or the figure beats its own analytic bound by more
+        than that: the machine was busy while timing, so the figure says little."""
+        ratios = self.pair_speedups
+        spread = len(ratios) >= 2 and max(ratios) / min(ratios) > NOISY_SPREAD
+        return spread or self.speedup > self.bound * NOISY_SPREAD
+
     def headline(self) -> str:
-        return f"**{self.speedup:.2f}×** prefill at real size (bound {self.bound:.2f}×)"
+        noisy = "noisy, " if self.noisy else ""
+        return f"**{self.speedup:.2f}×** prefill at real size ({noisy}bound {self.bound:.2f}×)"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -135,7 +149,8 @@ class SpeedResult:
                 f"alternating runs after a warm-up{f' ({self.spread})' if self.spread else ''}. The analytic bound for this schedule is **{self.bound:.2f}×**, "
                 f"so it reaches **{self.speedup / self.bound:.0%}** of it. Random weights: timing only, no answer "
                 f"is read. *{self.provenance[0].upper() + self.provenance[1:]}"
-                f"{f' with `{RECORD_COMMAND}`; press the button to measure it here' if self.recorded else ''}.*")
+                f"{f' with `{RECORD_COMMAND}`; press the button to measure it here' if self.recorded else ''}.*"
+                f"{NOISY_WARNING if self.noisy else ''}")
 
 
 def machine_name(device: str) -> str:
@@ -246,8 +261,8 @@ class RealSizeSpeed:
         except ValueError:       # a schedule the timed depth cannot run
             return None
         live = self.book.get(key)
-        if live is not None:
-            return live
+        if live is not None:    # the note is this family's (a figure measured for another may lack it)
+            return dataclasses.replace(live, note=note)
         schedule, kind = schedule_key(arch, config), self.device.split(":")[0]
         matches = [result for recorded_key, result in self.recorded.items()
                    if json.loads(recorded_key)[:2] == schedule and result.device.split(":")[0] == kind
@@ -258,7 +273,7 @@ class RealSizeSpeed:
         # at a stand-in's shape (its own would take minutes on a CPU) carries that note.
         threads = torch.get_num_threads()
         best = max(matches, key=lambda r: (r.threads <= threads, r.threads if r.threads <= threads else -r.threads))
-        return dataclasses.replace(best, recorded=True, note=note or best.note)
+        return dataclasses.replace(best, recorded=True, note=note)
 
     def measure(self, config: PruneConfig, progress=None, family: str | None = None) -> SpeedResult:
         """Baseline vs `config` on the real-size shape of `family` (cached). `progress(fraction, text)`
@@ -267,8 +282,8 @@ class RealSizeSpeed:
         key = self._key(arch, config)
         with self._lock:
             known = self.book.get(key)
-            if known is not None:
-                return known
+            if known is not None and not known.noisy:
+                return dataclasses.replace(known, note=note)
             cuda = self.device.startswith("cuda")
             width = self.width
             step = progress or (lambda fraction, text: None)

@@ -271,7 +271,19 @@ def test_compare_handler_outputs(handlers, example_image):
         assert float(rows[parts[0]][column]) > 0
         assert sum(float(rows[part][column]) for part in parts) == pytest.approx(
             float(rows["End-to-end ms (answer pass)"][column]), abs=0.2)
-    assert "Run memory MB (peak RSS above the model)" in rows
+    # Memory: what each run's KV cache holds at the end, counted exactly: every layer keeps the tokens it
+    # saw in prefill (fewer after a pruning stage) plus one per decode step, the same bytes per token.
+    comparison = out.state.comparison
+    seen = comparison.pruned.trace.tokens_per_layer
+    held = {"baseline": [seen[0] + comparison.baseline.timings["new_tokens"] - 1] * len(seen),
+            "pruned": [n + comparison.pruned.timings["new_tokens"] - 1 for n in seen]}
+    per_token = comparison.baseline.timings["kv_cache_mb"] * 2**20 / sum(held["baseline"])
+    assert per_token == int(per_token) and per_token % 8 == 0               # keys + values, float32
+    assert comparison.pruned.timings["kv_cache_mb"] * 2**20 == per_token * sum(held["pruned"])
+    assert rows["KV cache at the end"] == [metrics._megabytes(comparison.baseline.timings["kv_cache_mb"]),
+                                           metrics._megabytes(comparison.pruned.timings["kv_cache_mb"]),
+                                           rows["KV cache at the end"][2]]
+    assert "Run memory MB (peak RSS above the model)" not in rows      # a CPU's peak RSS reads 0 after a first run
     assert list(table.columns)[2] == "TransPrune"
     assert record["resolved_config"]["prune_layers"] == [4, 5, 6]
     assert len(out.stages) == len(trace["stages"])          # one overlay per stage
@@ -298,7 +310,9 @@ def test_every_example_agrees_at_the_default_settings_except_the_control(eng, ro
     else:
         assert same and "✓ **Same answer**" in out.verdict, (question, record["baseline"]["text"],
                                                        record["pruned"]["text"])
-    assert out.verdict.startswith(f"<small>Q: {answers.escape_markdown(question)}</small>")
+    # The question, the model and the schedule that ran: a verdict left on the page names its run.
+    ran = f"{answers.escape_markdown(REGISTRY['shapes-llava'].label)} · {method} · {budget}"
+    assert out.verdict.startswith(f"<small>Q: {answers.escape_markdown(question)} — {ran}</small>")
 
 
 def test_compare_handler_with_visionzip(handlers, example_image):

@@ -18,6 +18,9 @@ def test_the_panel_shows_the_chosen_models_bundled_figure_and_table(tmp_path, mo
     text, figure = frontier.show("llava-1.5-7b")
     assert figure is None and "**llava-1.5-7b**" in text and "--questions" in text and "--model llava-1.5-7b" in text
     assert frontier.show(None)[1] is None
+    (tmp_path / "shapes-llava.png").unlink()
+    text, figure = frontier.show("shapes-llava")
+    assert figure is None and frontier.FRONTIER_COMMAND in text and "not in this install" in text
 
 
 def test_the_bundled_frontier_has_a_row_for_every_registered_method_and_budget():

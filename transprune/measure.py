@@ -140,3 +140,17 @@ def torch_cpu_peak_bytes(run) -> int:
         live += nbytes
         peak = max(peak, live)
     return peak
+
+
+def cache_megabytes(cache) -> float | None:
+    """MB held by a KV cache's tensors (the keys and values of every layer, what each layer kept);
+    None for no cache or one this does not know how to read."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return None
+    held = 0
+    for layer in layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                held += tensor.numel() * tensor.element_size()
+    return held / 2**20

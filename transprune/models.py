@@ -25,8 +25,8 @@ from . import adapters
 from .config import PruneConfig, as_config
 from .errors import ModelLoadError, UnsupportedModelError
 from .images import as_image
-from .measure import (ModuleTimer, TokenClock, current_memory_mb, parse_dtype, peak_memory_mb, reset_peak_memory,
-                      sync)
+from .measure import (ModuleTimer, TokenClock, cache_megabytes, current_memory_mb, parse_dtype, peak_memory_mb,
+                      reset_peak_memory, sync)
 from .runner import apply
 from .trace import PruneTrace
 
@@ -381,10 +381,11 @@ class LoadedModel:
                 start = time.perf_counter()
                 if pruner is not None:
                     inputs = pruner.prepare_inputs(inputs)   # VisionZip (before the LLM) is part of the timed run
-                output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                             streamer=clock)
+                generated = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                                streamer=clock, return_dict_in_generate=True)
                 sync(device)
                 end = time.perf_counter()
+            output = generated.sequences
             trace = pruner.trace if pruner is not None else None
             pre_stage = pruner.pre_stage if pruner is not None else None
         finally:
@@ -402,6 +403,8 @@ class LoadedModel:
                        peak_mb=peak_memory_mb(device),
                        # Above what was in use before the run (the loaded model): activations and KV cache.
                        run_memory_mb=max(peak_memory_mb(device) - memory_before, 0.0),
+                       # What the run's own KV cache holds at the end: the memory pruning saves for good.
+                       kv_cache_mb=cache_megabytes(generated.past_key_values),
                        # The vision encoder's share of prefill (VisionZip's second pass over it included).
                        vision_ms=vision.ms)
         if trace is not None and video is not None:
