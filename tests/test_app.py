@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import app as app_module
-from components import answers, card, engine, examples, inputs, metrics, overlay, schedule
+from components import answers, card, downloads, engine, examples, inputs, metrics, overlay, schedule
 from components.compare import CompareOutputs, make_handlers
 from components.engine import Engine, Settings, UserError
 from transprune import PruneConfig
@@ -538,10 +538,15 @@ def clip(tmp_path_factory, write_clip):
     return make_clip(write_clip, tmp_path_factory.mktemp("video") / "clip.mp4")
 
 
-def test_video_comparison_draws_every_frame(handlers, clip):
+def test_video_comparison_draws_every_frame(handlers, clip, monkeypatch):
     compare, _ = handlers
+    quoted = []      # the real-size figure the comparison card is drawn with
+    render = downloads.card.render
+    monkeypatch.setattr(downloads.card, "render", lambda *args: quoted.append(args[4]) or render(*args))
     out = compare(None, "What happens in the video?", video=str(clip), model="tiny-video-llava",
                   progress=noop_progress, **FAST)
+    # A real-size figure times an image's prompt: neither the verdict nor the card quotes one for a video.
+    assert quoted == [None] and "no real-size figure times a video prompt" in out.verdict
     record = _trace_json(out)
     assert record["trace"]["layout"]["frame"] is not None
     assert record["baseline"]["text"] and record["pruned"]["text"]
