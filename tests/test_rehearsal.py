@@ -53,7 +53,7 @@ VALID_PRESETS = {
     "smolvlm-256m": IN_LLM + DART,
     "qwen2.5-vl-7b": ["high", "low", "off", "fastv", "random"] + DART,
 }
-# The app on a CPU loads SmolVLM with one 512-px view (components.engine.CPU_PROCESSOR_KWARGS): 64 tokens.
+# The app on a CPU loads SmolVLM with one 512-px view (components.policy.CPU_PROCESSOR_KWARGS): 64 tokens.
 APP_VISUAL_TOKENS_ON_CPU = {"smolvlm-256m": 64}
 NAMES = [item.name for item in REHEARSED]
 
@@ -248,9 +248,9 @@ def test_doctor_with_the_rehearsal_cache(rehearsal_hub):
 def roomy_memory(monkeypatch):
     """The app refuses a 7B checkpoint that would not fit at its real size; the rehearsal's weights are
     small, so let its memory guard see room for it."""
-    from components import engine
+    from components import hub
 
-    monkeypatch.setattr(engine, "free_memory_bytes", lambda device: 2**45)
+    monkeypatch.setattr(hub, "free_memory_bytes", lambda device: 2**45)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -195,6 +195,12 @@ class PreLLMStage(PruningStage):
         """How many of `visual_tokens` reach the language model."""
         return visual_tokens
 
+    @classmethod
+    def kept_split(cls, keep: float, visual_tokens: int) -> list[int] | None:
+        """The stage's own split of what it keeps of `visual_tokens` at share `keep`, for the bench's JSON
+        (VisionZip: [dominant, contextual]); None for a stage that keeps one kind of token."""
+        return None
+
     def patches(self, model) -> int:
         """Tokens one image has before this stage (what its traces index)."""
         raise NotImplementedError

@@ -290,6 +290,10 @@ class VisionZip(PreLLMStage):
     supported_models = "LLaVA-1.5-family models"
     default_keep = 64 / 576          # the released LLaVA-1.5 "64" setting
 
+    @classmethod
+    def kept_split(cls, keep: float, visual_tokens: int) -> list[int]:
+        return list(counts(keep, visual_tokens))
+
     def __init__(self, config):
         super().__init__(config)
         self.keep = config.pre_llm_keep
