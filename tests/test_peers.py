@@ -16,7 +16,8 @@ from transprune import flops
 from transprune.config import PruneConfig
 from transprune.methods import PRE_LLM, visionzip
 from transprune.scoring import keep_count
-from transprune.tiny import tiny_llava, tiny_llava_next
+from transprune.adapters.llava import tiny_llava
+from transprune.adapters.llava_next import tiny_llava_next
 
 N = 144
 LAYERS = 16
