@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import flops, tiny
+from . import adapters, flops, tiny
 from .config import ConfigError, PruneConfig
 from .measure import TokenClock, peak_memory_mb, reset_peak_memory, sync
 from .runner import apply
@@ -175,8 +175,7 @@ def build(arch: str, width_scale: float = 1.0, layers: int | None = None, checkp
         description = f"{checkpoint} (real weights)"
     else:
         if arch == TINY_ARCH:
-            from .tiny import tiny_llava
-            model, _ = tiny_llava(attn_implementation=attn_implementation, seed=seed)
+            model, _ = adapters.by_family("llava").build_tiny(attn_implementation=attn_implementation, seed=seed)
             model.generation_config.eos_token_id = None
             description = "tiny-llava (random weights)"
         elif arch in flops.ARCHITECTURES:
