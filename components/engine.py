@@ -86,19 +86,15 @@ class Engine(ModelPolicy, ModelLoader):
         alternating, give the median prefill time.
         """
         lm = self.get(name, dtype, attn, progress)
-        adapter = for_model(lm.model)
         config = lm.config_for(config)   # the model's recommended position mode where the config leaves it unset
         try:
-            resolved = adapter.resolve(config, lm.model)
+            resolved = lm.resolve(config)    # the library's one resolver: positions, depth, family checks
         except ConfigError as error:
             raise UserError(f"Impossible pruning schedule for {lm.spec.label}: {error}") from error
-        pre_stage = methods.pre_llm_stage(resolved)
-        if pre_stage is not None:
-            try:
-                pre_stage.check_model(lm.model)
-            except UnsupportedModelError:
-                raise UserError(f"{pre_stage.label} runs on {pre_stage.supported_models} only; {lm.spec.label} is a "
-                                f"{adapter.family} model. Pick another method or a model it supports.") from None
+        except UnsupportedModelError:
+            stage = methods.PRE_LLM[config.pre_llm]
+            raise UserError(f"{stage.label} runs on {stage.supported_models} only; {lm.spec.label} is a "
+                            f"{for_model(lm.model).family} model. Pick another method or a model it supports.") from None
         steps = 2 + 2 + 2 * max(0, repeats - 1) + (video is not None)
         done = itertools.count(1)
 

@@ -102,7 +102,6 @@ def test_processor_prompt_and_visual_tokens_are_the_checkpoints(loaded, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_every_preset_of_the_family_runs(loaded, name):
     item, expected, lm = BY_NAME[name], EXPECTED[name], loaded[name]
-    adapter = adapters.for_model(lm.model)
     image = photo()
     inputs = lm.prepare(image, QUESTION)
     traces = {}
@@ -113,7 +112,7 @@ def test_every_preset_of_the_family_runs(loaded, name):
         config = lm.config_for(preset)
         stages = [] if config.pre_llm is None else [0]
         if not PRESETS.get(preset, {}).get("pre_llm_keep"):
-            stages += list(adapter.resolve(config, lm.model).prune_layers)
+            stages += list(lm.resolve(config).prune_layers)
         assert [stage.layer for stage in trace.stages] == stages, preset
         if config.pre_llm is None:
             assert trace.visual_tokens == item.visual_tokens_640x480, preset

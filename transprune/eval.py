@@ -169,7 +169,7 @@ def run_shapes(model_name: str, seed: int, n: int, names: list[str]) -> dict:
         config = factory(0)
         config = lm.config_for(config)   # what ran: the model's recommended positions where unset
         record.update(method=label, budget=budget, seconds=round(time.perf_counter() - start, 1),
-                      config=None if config is None else config.resolve(shape[2]).to_dict(),
+                      config=None if config is None else lm.resolve(config).to_dict(),
                       tflops_llava15_7b=config_tflops(config, ARCHITECTURES[FRONTIER_ARCH]))
         results[name] = record
         print(f"{name}: {record['accuracy']:.3f} ({record['seconds']} s)", file=sys.stderr, flush=True)

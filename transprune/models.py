@@ -11,7 +11,6 @@ from code in seconds and need no network.
 
 from __future__ import annotations
 
-import dataclasses
 import numbers
 import threading
 import time
@@ -20,11 +19,12 @@ from dataclasses import dataclass, field
 import torch
 
 from . import adapters
-from .config import PruneConfig, as_config
+from .config import PruneConfig
 from .errors import ModelLoadError, UnsupportedModelError
 from .images import as_image
 from .measure import (ModuleTimer, TokenClock, current_memory_mb, parse_dtype, peak_memory_mb, reset_peak_memory,
                       sync)
+from .resolve import for_model as resolve_for_model, recommended
 from .runner import apply
 from .spec import ModelSpec
 from .trace import PruneTrace
@@ -249,12 +249,13 @@ class LoadedModel:
 
     def config_for(self, config: PruneConfig | str | None) -> PruneConfig | None:
         """`config` (a PruneConfig or preset name) with this model's recommended position mode filled
-        in where it leaves `positions` unset (see ModelSpec.positions). None stays None; any other
-        type is a TypeError."""
-        config = as_config(config, allow_none=True)
-        if config is not None and config.positions is None and self.spec.positions is not None:
-            config = dataclasses.replace(config, positions=self.spec.positions)
-        return config
+        in where it leaves `positions` unset (see ModelSpec.positions); None stays None. The pruner
+        resolves the rest when it attaches (`transprune.resolve`)."""
+        return recommended(config, self.spec)
+
+    def resolve(self, config: PruneConfig | str) -> PruneConfig:
+        """`config` resolved for this model as it will run (`transprune.resolve.for_model`)."""
+        return resolve_for_model(self.model, config, self.spec)
 
     @torch.inference_mode()
     def generate(self, image, question: str, config: PruneConfig | str | None = None,

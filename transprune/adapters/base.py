@@ -78,7 +78,6 @@ import torch
 from torch import nn
 
 from .. import sequence
-from ..config import ConfigError
 from ..architecture import Shape
 from ..spec import ModelSpec
 from ..errors import UnsupportedModelError
@@ -142,15 +141,6 @@ class Adapter:
     def final_norm(self, model: nn.Module) -> nn.Module:
         """The norm the language model applies after its last decoder layer."""
         return self.language_model(model).norm
-
-    def resolve(self, config, model: nn.Module):
-        """`config` (a PruneConfig) resolved for this model: its depth, the family's default position
-        mode where the config leaves it unset; ConfigError for a position mode the family cannot run."""
-        resolved = config.resolve(len(self.decoder_layers(model)), self.default_positions)
-        if resolved.positions not in self.allowed_positions:
-            raise ConfigError(f"positions={resolved.positions!r} is not valid for {self.family} models; "
-                              f"use one of {', '.join(self.allowed_positions)}.")
-        return resolved
 
     def attention(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.attention_name)
