@@ -118,3 +118,8 @@ def finish(model_class, config, attn_implementation: str, seed: int):
     return model
 
 
+
+
+# The names these pieces had before the tiny builders moved into the adapter modules; family branches
+# written against them still import these (remove once every branch is merged).
+_text_config, _vision_config, _finish = llama_text_config, clip_vision_config, finish
