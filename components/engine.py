@@ -91,10 +91,13 @@ class Engine(ModelPolicy, ModelLoader):
             resolved = lm.resolve(config)    # the library's one resolver: positions, depth, family checks
         except ConfigError as error:
             raise UserError(f"Impossible pruning schedule for {lm.spec.label}: {error}") from error
-        except UnsupportedModelError:
+        except UnsupportedModelError as error:
+            if config.pre_llm is None:    # the model itself (refused at load, so not expected here)
+                raise UserError(str(error)) from error
             stage = methods.PRE_LLM[config.pre_llm]
-            raise UserError(f"{stage.label} runs on {stage.supported_models} only; {lm.spec.label} is a "
-                            f"{for_model(lm.model).family} model. Pick another method or a model it supports.") from None
+            family = for_model(lm.model).family
+            raise UserError(f"{stage.label} runs on {stage.supported_models} only; {lm.spec.label} is a {family} "
+                            "model. Pick another method or a model it supports.") from None
         steps = 2 + 2 + 2 * max(0, repeats - 1) + (video is not None)
         done = itertools.count(1)
 

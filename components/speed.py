@@ -5,8 +5,8 @@ fixed cost per layer outweighs the FLOPs saved). So this panel times the baselin
 schedule on a model with the language-model shape of the selected family's checkpoint (hidden and
 MLP width, depth, visual tokens; `FAMILY_ARCH`), random weights (timing only: no answer is read),
 built with the benchmark's own code (transprune.benchmarking, the core of `python -m transprune.bench`:
-a LLaVA-1.5-style model whose vision tower gives a square patch grid, so N is rounded to the nearest square): at full width on a GPU, at a
-quarter of the width on a CPU so that it fits in memory and seconds. On a CPU, a shape whose
+a LLaVA-1.5-style model whose vision tower gives a square patch grid, so N is rounded to the nearest
+square): at full width on a GPU, at a quarter of the width on a CPU so that it fits in memory and seconds. On a CPU, a shape whose
 unpruned prefill costs more FLOPs than LLaVA-1.5-7B's (the AnyRes and video families: thousands of
 visual tokens into a 7B model) would take minutes, so it is timed at LLaVA-1.5-7B's shape instead,
 and the panel says so; SmolVLM's ~1k visual tokens into a 0.5B model cost far less and run at its

@@ -55,7 +55,8 @@ def _own_model(adapter_class: type[Adapter], spec: ModelSpec) -> ModelSpec:
     spec of another family, or a model that is neither offline (builder) nor on the Hub (checkpoint)."""
     if spec.name in MODELS:
         raise ValueError(f"{adapter_class.__name__} declares model {spec.name!r}, already registered by "
-                         f"{MODELS[spec.name].family!r}; an adapter subclass declares its own `models` (or `models = ()`).")
+                         f"{MODELS[spec.name].family!r}; an adapter subclass declares its own `models` "
+                         "(or `models = ()`).")
     if spec.family not in ("", adapter_class.family):
         raise ValueError(f"{adapter_class.__name__} declares model {spec.name!r} of family {spec.family!r}; "
                          "leave ModelSpec.family unset, the adapter fills it in.")

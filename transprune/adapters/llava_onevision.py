@@ -114,7 +114,8 @@ def tiny_llava_onevision(layers: int = 16, hidden: int = 64, image_size: int = 5
                                   image_grid_pinpoints=pinpoints)
     model = tiny.finish(LlavaOnevisionForConditionalGeneration, config, attn_implementation, seed)
     image_processor = LlavaOnevisionImageProcessorPil(size={"height": s, "width": s}, image_grid_pinpoints=pinpoints)
-    processor = without_video_processor(LlavaOnevisionProcessor)(video_processor=None, image_processor=image_processor, tokenizer=tokenizer,
-                                        num_image_tokens=(s // patch_size) ** 2,
-                                        vision_feature_select_strategy="full", chat_template=tiny.CHAT_TEMPLATE)
+    processor_class = without_video_processor(LlavaOnevisionProcessor)   # image-only: no torchvision needed
+    processor = processor_class(video_processor=None, image_processor=image_processor, tokenizer=tokenizer,
+                                num_image_tokens=(s // patch_size) ** 2, vision_feature_select_strategy="full",
+                                chat_template=tiny.CHAT_TEMPLATE)
     return model, processor

@@ -175,6 +175,7 @@ def tiny_qwen2_5_vl(layers: int = 16, hidden: int = 64, attn_implementation: str
     model = tiny.finish(Qwen2_5_VLForConditionalGeneration, config, attn_implementation, seed)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14,
                                                merge_size=2, temporal_patch_size=2)
-    processor = without_video_processor(Qwen2_5_VLProcessor)(video_processor=None, image_processor=image_processor, tokenizer=tokenizer,
-                                    chat_template=tiny.QWEN_CHAT_TEMPLATE)
+    processor_class = without_video_processor(Qwen2_5_VLProcessor)   # image-only: no torchvision needed
+    processor = processor_class(video_processor=None, image_processor=image_processor, tokenizer=tokenizer,
+                                chat_template=tiny.QWEN_CHAT_TEMPLATE)
     return model, processor

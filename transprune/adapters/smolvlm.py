@@ -103,8 +103,10 @@ class SmolVLMAdapter(Adapter):
                               "SmolVLM-256M/500M-Instruct."),
         # SmolVLM(1) checkpoints: config.json model_type "idefics3", so Idefics3ForConditionalGeneration and
         # Idefics3Processor (which, unlike SmolVLM2's SmolVLMProcessor, does not need `num2words`).
-        ModelSpec("smolvlm-256m", "SmolVLM-256M-Instruct", size="256M", checkpoint="HuggingFaceTB/SmolVLM-256M-Instruct"),
-        ModelSpec("smolvlm-500m", "SmolVLM-500M-Instruct", size="500M", checkpoint="HuggingFaceTB/SmolVLM-500M-Instruct"),
+        ModelSpec("smolvlm-256m", "SmolVLM-256M-Instruct", size="256M",
+                  checkpoint="HuggingFaceTB/SmolVLM-256M-Instruct"),
+        ModelSpec("smolvlm-500m", "SmolVLM-500M-Instruct", size="500M",
+                  checkpoint="HuggingFaceTB/SmolVLM-500M-Instruct"),
     )
 
     @staticmethod

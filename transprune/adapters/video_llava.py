@@ -90,7 +90,8 @@ def tiny_video_llava(layers: int = 16, hidden: int = 64, image_size: int = 112, 
     model = tiny.finish(VideoLlavaForConditionalGeneration, config, attn_implementation, seed)
     image_processor = VideoLlavaImageProcessor(size={"shortest_edge": image_size},
                                                crop_size={"height": image_size, "width": image_size})
-    processor = without_video_processor(VideoLlavaProcessor)(video_processor=None, image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-                                    vision_feature_select_strategy="default", chat_template=tiny.CHAT_TEMPLATE,
-                                    num_additional_image_tokens=1)
+    processor_class = without_video_processor(VideoLlavaProcessor)   # image-only: no torchvision needed
+    processor = processor_class(video_processor=None, image_processor=image_processor, tokenizer=tokenizer,
+                                patch_size=patch_size, vision_feature_select_strategy="default",
+                                chat_template=tiny.CHAT_TEMPLATE, num_additional_image_tokens=1)
     return model, processor
