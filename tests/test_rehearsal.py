@@ -310,8 +310,9 @@ def test_app_in_chromium_with_a_real_checkpoint(rehearsal_cache, roomy_memory, s
 
 
 # ---------------------------------------------------------------------------- video families without torchvision
-TINY_OF_FAMILY = {"qwen2_5_vl": "tiny-qwen2.5-vl", "llava_onevision": "tiny-llava-onevision",
-                  "video_llava": "tiny-video-llava"}
+# Every video family's tiny model, as its adapter declares it ("tiny-<family>").
+TINY_OF_FAMILY = {family: next(spec.name for spec in adapters.FAMILIES[family].models
+                               if spec.name.startswith("tiny-")) for family in adapters.video_families()}
 
 
 @pytest.mark.parametrize("family", list(TINY_OF_FAMILY))
