@@ -22,7 +22,8 @@ from transprune.models import REGISTRY
 
 from . import answers, downloads, metrics, overlay, schedule, speed
 from .files import STORE
-from .engine import Engine, UserError, _oom, gpu_task, logged, public_message
+from .engine import Engine, gpu_task
+from .errors import UserError, logged, out_of_memory, public_message
 from .gate import UNREADABLE_REQUEST
 from .inputs import LIMITS, check_video_file, model_info, prepare_image, prepare_question, upload_problem
 
@@ -270,7 +271,7 @@ def make_speed_handler(engine: Engine):
             return f"⚠ This schedule cannot be timed at real size: {public_message(error)}"
         except Exception as error:  # never crash the app over a measurement
             logged(error, "real-size timing failed")
-            if _oom(error):
+            if out_of_memory(error):
                 return "⚠ Not enough memory here to build the real-size model; try again when no other run is going."
             return f"⚠ The real-size timing failed ({type(error).__name__}); the app is still running, try again."
         return result.markdown()

@@ -32,7 +32,8 @@ from transprune.adapters import FAMILIES, video_families
 from transprune.images import ImageInputError, as_image
 
 from . import engine as engine_module
-from .engine import ATTENTION_CHOICES, DTYPE_CHOICES, GONE, UserError
+from .errors import GONE, UserError
+from .loading import ATTENTION_CHOICES, DTYPE_CHOICES
 from .examples import SCENES, example_rows
 from .gate import NOT_AN_UPLOAD, allowed_upload
 from .schedule import BUDGETS, METHODS, POSITION_CHOICES, method_kind, pre_llm_budgets

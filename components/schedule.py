@@ -1,16 +1,18 @@
 """From the controls (method, budget, keep ratio, advanced fields) to one PruneConfig.
 
 Budget rules, shown in the UI and docs/app.md:
+- Which methods the page offers, under which labels, and how their budgets are built are facts each
+  method declares (`PruningStage.ui_choices` / `app_kind` in transprune.methods.base).
 - "High" and "Low" are the library's presets (written for 32 layers, scaled to the model's depth).
-  TTV-only / IGA-only / Random use TransPrune's schedules. A peer method (FastV, PDrop, and any
-  later method that has a preset of its own name in transprune.config) uses its preset at "High"
-  and half its keep ratios at "Low".
+  TTV-only / IGA-only / Random use TransPrune's schedules ("transprune_schedule"). A peer method
+  with a preset of its own name (FastV, PDrop, SparseVLM, DART, ...: "own_preset") uses that
+  preset at "High" and half its keep ratios at "Low".
 - "Custom" takes r, the share of visual tokens kept after the last stage. TransPrune-style
   schedules keep the preset's three layers and drop, at each stage, the same fraction of what is
   removed in total as the High preset does: r_i = 1 - (1 - r) * f_i with f = (1/7, 3/7, 1), so
   r = 0.125 is exactly High. A peer's preset ratios are scaled so the last one is r (capped at
   1): FastV keeps r in its one stage, PDrop (4r, 2r, r).
-- A pre-LLM stage (VisionZip, and any later one with presets in transprune.config) prunes before
+- A pre-LLM stage with presets (VisionZip, DivPrune, CDPruner, ...: "pre_llm") prunes before
   the language model: "High" is its preset that keeps the most, "Low" the one that keeps the least
   (VisionZip: 192 and 64 of 576 patches' share, 1/3 and 1/9, the released LLaVA-1.5 settings);
   "Custom" keeps the share r. It has no pruning layers; VisionZip, DivPrune and CDPruner run on
@@ -28,9 +30,6 @@ from transprune import ConfigError, PruneConfig
 from transprune import methods as method_registry
 from transprune.config import PRESETS
 
-TRANSPRUNE_SCHEDULE = ("transprune", "random")   # methods that run on TransPrune's High/Low schedules
-
-
 def pre_llm_budgets(stage_name: str) -> dict[str, str]:
     """A pre-LLM stage's High and Low budgets, as preset names: of its presets in transprune.config
     (VisionZip: visionzip-192, -128, -64), the one that keeps the most and the one that keeps the
@@ -41,17 +40,11 @@ def pre_llm_budgets(stage_name: str) -> dict[str, str]:
 
 
 def method_choices() -> dict[str, tuple[str, str]]:
-    """Label shown in the UI -> (PruneConfig.method, criterion), from the method registry: TransPrune
-    and its criteria, every in-LLM method with a preset of its own name (FastV, PDrop, ...), every
-    pre-LLM stage with presets (VisionZip), then the random control."""
-    choices = {"TransPrune": ("transprune", "transprune"), "TTV-only": ("transprune", "ttv"),
-               "IGA-only": ("transprune", "iga")}
-    choices.update({stage.label: (name, "transprune") for name, stage in method_registry.METHODS.items()
-                    if name not in TRANSPRUNE_SCHEDULE and name in PRESETS})
-    choices.update({stage.label: (name, "transprune") for name, stage in method_registry.PRE_LLM.items()
-                    if pre_llm_budgets(name)})
-    choices["Random"] = ("random", "transprune")
-    return choices
+    """Label shown in the UI -> (PruneConfig.method, criterion), from what each registered stage declares
+    (`ui_choices`): in-LLM methods in registry order (TransPrune and its criteria first), then pre-LLM
+    stages, then the controls (random)."""
+    stages = sorted(method_registry.REGISTRY.values(), key=lambda stage: (stage.control, stage.pre_llm))
+    return {label: (stage.name, criterion) for stage in stages for label, criterion in stage.ui_choices().items()}
 
 
 METHODS = method_choices()
@@ -59,13 +52,13 @@ METHODS = method_choices()
 
 def method_kind(method_label: str) -> str:
     """"pre_llm" (VisionZip: before the language model), "own_preset" (a peer with its published
-    schedule, FastV / PDrop) or "transprune_schedule" (TransPrune, its criteria, random)."""
-    name = METHODS[method_label][0]
-    if name in method_registry.PRE_LLM:
-        return "pre_llm"
-    if name not in TRANSPRUNE_SCHEDULE and name in PRESETS:
-        return "own_preset"
-    return "transprune_schedule"
+    schedule, FastV / PDrop) or "transprune_schedule" (TransPrune, its criteria, random): the
+    stage's declared `app_kind`."""
+    return method_registry.stage_class(METHODS[method_label][0]).app_kind()
+
+
+def _on_transprune_schedule(method: str) -> bool:
+    return method_registry.stage_class(method).app_kind() == "transprune_schedule"
 
 
 BUDGETS = ("High", "Low", "Custom")
@@ -91,7 +84,7 @@ def custom_ratios(method: str, final: float) -> tuple[float, ...]:
     """Keep ratios for a custom final keep ratio, per the rule in the module docstring."""
     if not 0.0 < final <= 1.0:
         raise ConfigError(f"Keep ratio {final} must lie in (0, 1]: it is the share of visual tokens kept.")
-    if method in TRANSPRUNE_SCHEDULE:
+    if _on_transprune_schedule(method):
         return tuple(round(1.0 - (1.0 - final) * f, 6) for f in HIGH_SHAPE)
     preset = PRESETS[method]["keep_ratios"]
     return tuple(round(min(1.0, r * final / preset[-1]), 6) for r in preset)
@@ -122,9 +115,9 @@ def build_config(method_label: str = "TransPrune", budget: str = "High", keep_ra
         if not 0.0 < keep <= 1.0:
             raise ConfigError(f"Keep ratio {keep} must lie in (0, 1]: it is the share of patches kept.")
         return PruneConfig(method=method, pre_llm_keep=keep, seed=int(seed))
-    base = dict(PRESETS["high" if method == "transprune" else method])
+    base = dict(PRESETS[method] if method in PRESETS else PRESETS["high"])   # TransPrune's schedule is "high"
     if budget == "Low":
-        ratios = (PRESETS["low"]["keep_ratios"] if method in TRANSPRUNE_SCHEDULE
+        ratios = (PRESETS["low"]["keep_ratios"] if _on_transprune_schedule(method)
                   else tuple(r / 2 for r in base["keep_ratios"]))
     elif budget == "Custom":
         ratios = custom_ratios(method, float(keep_ratio))
@@ -137,7 +130,7 @@ def build_config(method_label: str = "TransPrune", budget: str = "High", keep_ra
         if len(layers) != len(ratios):
             ratios = geometric_ratios(ratios[-1], len(layers))
         values.update(prune_layers=layers, keep_ratios=ratios, reference_depth=None,
-                      accumulation_layers=None if method == "transprune" else ())
+                      accumulation_layers=None if method_registry.stage_class(method).accumulates_ttv else ())
     values["positions"] = None if positions == "Model default" else positions
     return PruneConfig(**values)
 

@@ -4,9 +4,9 @@ The tiny models the app answers with are too small for pruning to pay off in wal
 fixed cost per layer outweighs the FLOPs saved). So this panel times the baseline and the chosen
 schedule on a model with the language-model shape of the selected family's checkpoint (hidden and
 MLP width, depth, visual tokens; `FAMILY_ARCH`), random weights (timing only: no answer is read),
-built with the benchmark's own code (transprune.bench, a LLaVA-1.5-style model whose vision tower
-gives a square patch grid, so N is rounded to the nearest square): at full width on a GPU, at a
-quarter of the width on a CPU so that it fits in memory and seconds. On a CPU, a shape whose
+built with the benchmark's own code (transprune.benchmarking, the core of `python -m transprune.bench`:
+a LLaVA-1.5-style model whose vision tower gives a square patch grid, so N is rounded to the nearest
+square): at full width on a GPU, at a quarter of the width on a CPU so that it fits in memory and seconds. On a CPU, a shape whose
 unpruned prefill costs more FLOPs than LLaVA-1.5-7B's (the AnyRes and video families: thousands of
 visual tokens into a 7B model) would take minutes, so it is timed at LLaVA-1.5-7B's shape instead,
 and the panel says so; SmolVLM's ~1k visual tokens into a 0.5B model cost far less and run at its
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from transprune import PruneConfig, bench, flops
+from transprune import PruneConfig, benchmarking, flops
 from transprune.adapters import FAMILIES
 
 ARCH = "llava-1.5-7b"       # the default shape, and the CPU stand-in for long visual prompts
@@ -288,10 +288,10 @@ class RealSizeSpeed:
             width = self.width
             step = progress or (lambda fraction, text: None)
             step(0.05, "Building the real-size model (random weights)…")
-            model = bench.build_shape(shape, description=arch, width_scale=width, device=self.device,
+            model = benchmarking.build_shape(shape, description=arch, width_scale=width, device=self.device,
                                       dtype=torch.float16 if cuda else torch.float32)
             try:
-                specs = [bench.MethodSpec("baseline"), bench.MethodSpec("pruned", config)]
+                specs = [benchmarking.MethodSpec("baseline"), benchmarking.MethodSpec("pruned", config)]
                 done = [0]
                 total = REPEATS        # log() is told once per alternating pair
 
@@ -299,12 +299,12 @@ class RealSizeSpeed:
                     done[0] += 1
                     step(0.15 + 0.8 * min(done[0], total) / total, "Timing prefill, baseline and pruned alternately…")
                 step(0.15, "Warming up both paths…")
-                measured = bench.measure(model, specs, repeats=REPEATS, new_tokens=1, decode_repeats=0,
-                                         scoring_repeats=0, log=log, reuse=False)
+                measured = benchmarking.measure(model, specs, repeats=REPEATS, new_tokens=1, decode_repeats=0,
+                                                scoring_repeats=0, log=log, reuse=False)
                 pairs = zip(measured["baseline"]["prefill_ms_all"], measured["pruned"]["prefill_ms_all"])
                 baseline_full = flops.tflops([model.visual_tokens + model.text_tokens] * model.layers, model.hidden,
                                              model.intermediate)
-                figures = bench.analytic(specs[1], shape, model, baseline_full)
+                figures = benchmarking.analytic(specs[1], shape, model, baseline_full)
                 result = SpeedResult(arch=arch, layers=model.layers, width_scale=width, device=self.device,
                                      baseline_ms=measured["baseline"]["prefill_ms"],
                                      pruned_ms=measured["pruned"]["prefill_ms"], bound=figures["bound"],

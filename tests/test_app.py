@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import app as app_module
-from components import answers, card, downloads, engine, examples, inputs, metrics, overlay, schedule
+from components import answers, card, downloads, engine, examples, hub, inputs, loading, metrics, overlay, policy, schedule
 from components.compare import CompareOutputs, make_handlers
 from components.engine import Engine, Settings, UserError
 from transprune import PruneConfig
@@ -197,15 +197,15 @@ def test_hub_model_offline_is_a_clear_message():
 
 
 def test_hub_model_load_failure_is_a_clear_message(monkeypatch):
-    monkeypatch.setattr(engine, "hub_reachable", lambda timeout=3.0: True)   # HF_HUB_OFFLINE makes it fail fast
-    monkeypatch.setattr(engine, "free_memory_bytes", lambda device: None)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: True)   # HF_HUB_OFFLINE makes it fail fast
+    monkeypatch.setattr(hub, "free_memory_bytes", lambda device: None)
     with pytest.raises(UserError, match="Hugging Face Hub"):
         Engine().get("llava-1.5-7b")
 
 
 def test_model_too_big_for_memory_is_refused(monkeypatch):
-    monkeypatch.setattr(engine, "cached_on_disk", lambda checkpoint: True)
-    monkeypatch.setattr(engine, "free_memory_bytes", lambda device: 2 * 2**30)
+    monkeypatch.setattr(hub, "cached_on_disk", lambda checkpoint: True)
+    monkeypatch.setattr(hub, "free_memory_bytes", lambda device: 2 * 2**30)
     with pytest.raises(UserError, match="does not fit in memory"):
         Engine().get("llava-1.5-7b")
 
@@ -709,8 +709,8 @@ def test_client_bad_input_then_good_request(served, bad_files, case, monkeypatch
             raise torch.OutOfMemoryError("CUDA out of memory")
         monkeypatch.setattr(LoadedModel, "generate", oom)
     if request.pop("too_big", False):
-        monkeypatch.setattr(engine, "cached_on_disk", lambda checkpoint: True)
-        monkeypatch.setattr(engine, "free_memory_bytes", lambda device: 2**30)
+        monkeypatch.setattr(hub, "cached_on_disk", lambda checkpoint: True)
+        monkeypatch.setattr(hub, "free_memory_bytes", lambda device: 2**30)
     kwargs = dict(FAST, **request)
     question = kwargs.pop("question", "What color is the circle?")
     with pytest.raises(AppError, match=message):
@@ -759,16 +759,16 @@ def test_default_model_on_a_cpu_space_is_a_small_real_checkpoint(monkeypatch):
 
     def fake_get(self, name, *args, **kwargs):
         tried.append(name)
-        if name == engine.CPU_SPACE_DEFAULT and not reachable[0]:
+        if name == policy.CPU_SPACE_DEFAULT and not reachable[0]:
             raise UserError("cannot be downloaded")
         return object()
 
     reachable = [True]
     monkeypatch.setattr(Engine, "get", fake_get)
-    monkeypatch.setattr(engine, "hub_reachable", lambda *a, **k: reachable[0])
+    monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: reachable[0])
     monkeypatch.setenv("SPACE_ID", "someone/transprune")
     e = Engine(Settings(device="cpu", allowed_models=tuple(REGISTRY)))
-    assert e.default_model("auto") == engine.CPU_SPACE_DEFAULT
+    assert e.default_model("auto") == policy.CPU_SPACE_DEFAULT
     reachable[0] = False
     tried.clear()
     assert e.default_model("auto") == "shapes-llava" and tried == ["shapes-llava"]
@@ -784,11 +784,11 @@ def test_cpu_space_default_fits_the_free_tier_and_loads_with_its_cpu_settings(mo
     (not on a GPU); a CPU Space presets fewer timing repeats."""
     from transprune import adapters
 
-    name = engine.CPU_SPACE_DEFAULT
+    name = policy.CPU_SPACE_DEFAULT
     spec = REGISTRY[name]
     assert not spec.offline and adapters.by_family(spec.family).family == spec.family
-    assert engine.parameter_count(spec.size) * engine.BYTES_PER_PARAM["float32"] <= 16 * 2**30 / 4
-    assert engine.CPU_PROCESSOR_KWARGS[name] == {"do_image_splitting": False}
+    assert hub.parameter_count(spec.size) * hub.BYTES_PER_PARAM["float32"] <= 16 * 2**30 / 4
+    assert policy.CPU_PROCESSOR_KWARGS[name] == {"do_image_splitting": False}
 
     loaded = {}
 
@@ -796,8 +796,8 @@ def test_cpu_space_default_fits_the_free_tier_and_loads_with_its_cpu_settings(mo
         loaded[model_name] = kwargs["processor_kwargs"]
         return LoadedModel(spec=spec, model=torch.nn.Linear(1, 1), processor=None)
 
-    monkeypatch.setattr(engine, "load", fake_load)
-    monkeypatch.setattr(engine, "for_model", lambda model: None)
+    monkeypatch.setattr(loading, "load", fake_load)
+    monkeypatch.setattr(loading, "for_model", lambda model: None)
     Engine(Settings(device="cpu"))._load(spec, name, "auto", "sdpa")
     assert loaded[name] == {"do_image_splitting": False}
     Engine(Settings(device="cuda"))._load(spec, name, "auto", "sdpa")
@@ -806,9 +806,9 @@ def test_cpu_space_default_fits_the_free_tier_and_loads_with_its_cpu_settings(mo
     assert loaded["llava-1.5-7b"] == {}
 
     monkeypatch.delenv("SPACE_ID", raising=False)
-    assert Engine(Settings(device="cpu")).default_repeats() == engine.DEFAULT_REPEATS == 3
+    assert Engine(Settings(device="cpu")).default_repeats() == policy.DEFAULT_REPEATS == 3
     monkeypatch.setenv("SPACE_ID", "someone/transprune")
-    assert Engine(Settings(device="cpu")).default_repeats() == engine.CPU_SPACE_REPEATS == 1
+    assert Engine(Settings(device="cpu")).default_repeats() == policy.CPU_SPACE_REPEATS == 1
     assert Engine(Settings(device="cuda")).default_repeats() == 3
 
 
@@ -826,7 +826,7 @@ def test_cpu_processor_setting_gives_one_view_that_pruning_still_thins(tmp_path)
     question = "What is in the picture?"
     image_token = lm.model.config.image_token_id
     tiled = int((lm.prepare(photo, question)["input_ids"] == image_token).sum())
-    lm.processor = AutoProcessor.from_pretrained(tmp_path, **engine.CPU_PROCESSOR_KWARGS[engine.CPU_SPACE_DEFAULT])
+    lm.processor = AutoProcessor.from_pretrained(tmp_path, **policy.CPU_PROCESSOR_KWARGS[policy.CPU_SPACE_DEFAULT])
     inputs = lm.prepare(photo, question)
     one_view = int((inputs["input_ids"] == image_token).sum())
     assert one_view == lm.processor.image_seq_len < tiled

@@ -102,7 +102,7 @@ def test_bench_end_to_end_on_tiny_model(tmp_path, capsys):
     assert data["high"]["visual_tokens_per_layer"] == bench.visual_schedule(bench.parse_method("high"), 144, 16)
     # VisionZip presets are shares of the patches: 64/576 of the tiny model's 144 is 16 (13 + 3).
     assert data["visionzip-64+high"]["visual_tokens_per_layer"][0] == 16
-    assert data["visionzip-64+high"]["visionzip"] == [13, 3]
+    assert data["visionzip-64+high"]["pre_llm_split"] == [13, 3]
     assert results["pdrop"]["final_visual_tokens"] == 18
     assert "| method |" in out and "| visionzip-64+high |" in out
     assert set(last_json_line(out)["results"]) == set(methods.split(","))

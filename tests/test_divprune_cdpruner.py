@@ -14,7 +14,7 @@ import transprune
 from transprune import flops
 from transprune.config import PruneConfig
 from transprune.methods import PRE_LLM, cdpruner, divprune
-from transprune.tiny import tiny_llava_next
+from transprune.adapters.llava_next import tiny_llava_next
 
 N = 144
 STEPS = 3

@@ -9,6 +9,7 @@ import torch
 
 from transprune import PruneConfig
 from transprune import eval as shapes_eval
+from transprune import heldout
 from transprune import models
 from transprune import flops
 from transprune.flops import model_shape
@@ -116,7 +117,7 @@ def test_heldout_record_finds_results_saved_with_visionzip_keep():
     layers = 12                       # shapes-llava's depth: High's (7, 9, 12) ran as (3, 4, 5)
     for name in ("visionzip-192", "visionzip-192+high", "high"):
         resolved = PruneConfig.preset(name, positions="compact").resolve(layers)
-        record, baseline = shapes_eval.heldout_record(path, resolved)
+        record, baseline = heldout.heldout_record(path, resolved)
         assert record == saved[name] and baseline == saved["baseline"]
 
 

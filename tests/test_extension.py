@@ -27,7 +27,7 @@ def registered():
     try:
         yield KeepLast
     finally:
-        del methods.REGISTRY[KeepLast.name], methods.METHODS[KeepLast.name]
+        methods.unregister(KeepLast.name)
 
 
 @pytest.fixture
@@ -48,12 +48,22 @@ def test_a_new_method_is_one_class_and_one_registration(registered, llava):
         methods.register(KeepLast)
 
 
-def test_a_new_method_with_a_preset_gets_an_eval_row(registered, monkeypatch):
-    monkeypatch.setitem(PRESETS, "keep-last-test", dict(method=registered.name, prune_layers=(7, 9),
-                                                        keep_ratios=(0.5, 0.25), accumulation_layers=()))
-    label, budget, factory = eval_tool.method_table()["keep-last-test"]
-    assert (label, budget) == ("Keep last", "keep-last-test")
-    assert factory(0) == PruneConfig.preset("keep-last-test", positions="compact")
+class KeepLastWithPresets(KeepLast):
+    """KeepLast declaring its presets in its own class, as a method module does."""
+    name = "keep_last_presets_for_test"
+    presets = {"keep-last-test": dict(prune_layers=(7, 9), keep_ratios=(0.5, 0.25), accumulation_layers=())}
+
+
+def test_a_new_method_with_a_preset_gets_an_eval_row():
+    methods.register(KeepLastWithPresets)
+    try:
+        assert PRESETS["keep-last-test"]["method"] == KeepLastWithPresets.name     # the registry fills it in
+        label, budget, factory = eval_tool.method_table()["keep-last-test"]
+        assert (label, budget) == ("Keep last", "keep-last-test")
+        assert factory(0) == PruneConfig.preset("keep-last-test", positions="compact")
+    finally:
+        methods.unregister(KeepLastWithPresets.name)
+    assert "keep-last-test" not in PRESETS
 
 
 class HalfZip(PreLLMStage):
@@ -62,18 +72,16 @@ class HalfZip(PreLLMStage):
     label = "Half zip"
     supported_models = "no models"
     default_keep = 0.5
+    presets = {"halfzip-most": dict(pre_llm_keep=0.75), "halfzip-least": dict(pre_llm_keep=0.25), "halfzip-mid": {}}
 
 
 @pytest.fixture
-def pre_llm_registered(monkeypatch):
+def pre_llm_registered():
     methods.register(HalfZip)
-    monkeypatch.setitem(PRESETS, "halfzip-most", dict(method=HalfZip.name, pre_llm_keep=0.75))
-    monkeypatch.setitem(PRESETS, "halfzip-least", dict(method=HalfZip.name, pre_llm_keep=0.25))
-    monkeypatch.setitem(PRESETS, "halfzip-mid", dict(method=HalfZip.name))
     try:
         yield HalfZip
     finally:
-        del methods.REGISTRY[HalfZip.name], methods.PRE_LLM[HalfZip.name]
+        methods.unregister(HalfZip.name)
 
 
 def test_a_new_pre_llm_stage_with_presets_is_configured_and_offered(pre_llm_registered, monkeypatch):

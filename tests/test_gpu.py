@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import transprune
-from transprune import PruneConfig, tiny
+from transprune import PruneConfig
+from transprune.adapters.llava import tiny_llava
 
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -20,7 +21,7 @@ def _cuda_model(builder, attn, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_keep_all_is_identical_on_gpu(dtype, make_inputs, sample_image):
-    model, processor = _cuda_model(tiny.tiny_llava, "sdpa", dtype)
+    model, processor = _cuda_model(tiny_llava, "sdpa", dtype)
     inputs = {k: v.to("cuda") for k, v in make_inputs(processor, [sample_image()], ["What is it ?"]).items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     with torch.no_grad():
@@ -34,7 +35,7 @@ def test_keep_all_is_identical_on_gpu(dtype, make_inputs, sample_image):
 def test_flash_attention_2_selects_like_sdpa(make_inputs, sample_image):
     kept = {}
     for attn in ("sdpa", "flash_attention_2"):
-        model, processor = _cuda_model(tiny.tiny_llava, attn, torch.float16)
+        model, processor = _cuda_model(tiny_llava, attn, torch.float16)
         inputs = {k: v.to("cuda") for k, v in make_inputs(processor, [sample_image()], ["What is it ?"]).items()}
         inputs["pixel_values"] = inputs["pixel_values"].half()
         with torch.no_grad(), transprune.apply(model, PruneConfig.preset("high")) as pruner:

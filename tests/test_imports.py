@@ -87,3 +87,22 @@ def test_library_raises_instead_of_exiting_outside_main():
             for node in ast.walk(function):
                 if isinstance(node, ast.Raise) and node.exc is not None and "SystemExit" in ast.unparse(node.exc):
                     assert False, f"{path.name}:{node.lineno} raises SystemExit outside main()"
+
+
+COMPONENTS = PACKAGE.parent / "components"
+COMMAND_LINES = ("transprune.eval", "transprune.bench")   # a CLI's module: the app reads their cores instead
+
+
+def test_app_core_imports_no_command_line():
+    """components/ reads what it shares with a CLI from a library module (transprune.heldout,
+    transprune.benchmarking), never the CLI itself, not even inside a function."""
+    for path in sorted(COMPONENTS.glob("*.py")) + [PACKAGE.parent / "app.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                targets = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            for target in targets:
+                assert target not in COMMAND_LINES, f"{path.name}:{node.lineno} imports {target}"

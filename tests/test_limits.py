@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 import transprune
-from transprune import images, models, tiny
+from transprune import images, models
+from transprune.adapters import llava as llava_family
 from transprune.images import ImageInputError, as_image
 from transprune.measure import torch_cpu_peak_bytes
 
@@ -177,7 +178,7 @@ def test_the_peak_counter_sees_a_large_temporary():
 def long_prompt():
     """A 3-layer tiny LLaVA (SDPA: no L x L mask of its own), ~8k tokens (~6k of text, the image, then a
     ~2k-token question: the instruction, whose rows the scores read), and the unpruned prefill's peak."""
-    model, processor = tiny.tiny_llava(layers=3)
+    model, processor = llava_family.tiny_llava(layers=3)
     words = ["what", "color", "is", "the", "red", "circle", "?"]
     content = [{"type": "text", "text": " ".join(words * 860)}, {"type": "image"},
                {"type": "text", "text": " ".join(words * 290)}]

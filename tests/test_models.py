@@ -114,13 +114,14 @@ def test_tiny_models_get_the_same_weights_when_built_in_parallel_threads():
     """The app builds one while its start-up self-check builds others: the seed must still decide."""
     import threading
 
-    from transprune import tiny
+    from transprune.adapters.llava import tiny_llava
+    from transprune.adapters.qwen2_5_vl import tiny_qwen2_5_vl
 
-    serial = tiny.tiny_llava()[0].state_dict()
+    serial = tiny_llava()[0].state_dict()
     built = {}
 
     def build(index):
-        builder = tiny.tiny_llava if index % 2 else tiny.tiny_qwen2_5_vl
+        builder = tiny_llava if index % 2 else tiny_qwen2_5_vl
         built[index] = builder()[0]
 
     threads = [threading.Thread(target=build, args=(i,)) for i in range(4)]

@@ -16,7 +16,8 @@ from transprune import flops
 from transprune.config import PruneConfig
 from transprune.methods import PRE_LLM, visionzip
 from transprune.scoring import keep_count
-from transprune.tiny import tiny_llava, tiny_llava_next
+from transprune.adapters.llava import tiny_llava
+from transprune.adapters.llava_next import tiny_llava_next
 
 N = 144
 LAYERS = 16
@@ -96,7 +97,8 @@ def test_full_sequence_variant_counts_text_tokens(tiny, prompt_inputs):
 
 
 # ------------------------------------------------------------------------------------ token counts
-# (config, expected [(layer, kept)] on 16 layers with N = 144)
+# (preset, expected [(layer, kept)] on 16 layers with N = 144), computed by hand; every registered
+# method also runs in test_every_registered_method_keeps_its_planned_tokens.
 SCHEDULES = {
     "fastv": [(1, 72)],
     "pdrop": [(4, 72), (8, 36), (12, 18)],
@@ -111,28 +113,48 @@ SCHEDULES = {
 
 @pytest.mark.parametrize("preset", list(SCHEDULES))
 def test_peer_keeps_right_tokens_at_right_layers(tiny, preset, prompt_inputs):
+    """The hand-computed counts of the presets above."""
+    model, processor = tiny
+    trace = pruned_trace(model, prompt_inputs(processor), PruneConfig.preset(preset))
+    # Survivors of each stage's candidates (SparseVLM also inserts recycled tokens: `inserted`).
+    assert [(s.layer, len(s.kept) - (0 if s.inserted is None else len(s.inserted))) for s in trace.stages] == \
+        SCHEDULES[preset]
+
+
+@pytest.mark.parametrize("name", list(transprune.methods.METHODS))
+def test_every_registered_method_keeps_its_planned_tokens(tiny, name, prompt_inputs):
+    """Every registered in-LLM method, at the config it declares for the shared tests (`test_values`):
+    floor(N * r) per stage or its own planned count (DART), at most that for a method that decides its
+    count per input; the trace agrees with the analytic schedule, and every stage keeps a subset."""
     model, processor = tiny
     inputs = prompt_inputs(processor)
     length = inputs["input_ids"].shape[1]
-    trace = pruned_trace(model, inputs, PruneConfig.preset(preset))
-    expected = SCHEDULES[preset]
+    method = transprune.methods.METHODS[name]
+    config = PruneConfig(**method.test_values(), reference_depth=32)
+    trace = pruned_trace(model, inputs, config)
     assert trace.visual_tokens == N
-    # Survivors of each stage's candidates (SparseVLM also inserts recycled tokens: `inserted`).
     survivors = [(s.layer, len(s.kept) - (0 if s.inserted is None else len(s.inserted))) for s in trace.stages]
-    assert survivors == expected
-    resolved = PruneConfig.preset(preset).resolve(LAYERS)
-    method = transprune.methods.METHODS[resolved.method]      # floor(N * r), or the method's own count (DART)
-    assert survivors == [
-        (layer, method.planned_keep(N, ratio)) for layer, ratio in zip(resolved.prune_layers, resolved.keep_ratios)]
-    assert all(method.planned_keep(N, ratio) == keep_count(N, ratio) for ratio in resolved.keep_ratios) or \
-        preset == "dart"
-    assert trace.visual_tokens_per_layer == flops.schedule_tokens(PruneConfig.preset(preset), N, LAYERS)
-    assert trace.tokens_per_layer == [length - (N - v) for v in trace.visual_tokens_per_layer]
+    resolved = config.resolve(LAYERS)
+    planned = [(layer, method.planned_keep(N, ratio)) for layer, ratio in zip(resolved.prune_layers,
+                                                                               resolved.keep_ratios)]
+    assert [layer for layer, _ in survivors] == [layer for layer, _ in planned]
+    if method.adaptive_keep:
+        assert all(0 < kept <= N for _, kept in survivors)
+    else:
+        assert survivors == planned
+        assert trace.visual_tokens_per_layer == flops.schedule_tokens(config, N, LAYERS)
+        assert trace.tokens_per_layer == [length - (N - v) for v in trace.visual_tokens_per_layer]
     for before, after in zip(trace.stages, trace.stages[1:]):
         inserted = set() if after.inserted is None else set(after.inserted.tolist())
         assert set(after.kept.tolist()) - inserted <= set(before.kept.tolist())
     for stage in trace.stages:
         assert torch.equal(stage.kept, stage.kept.sort().values)
+
+
+def test_planned_keep_is_floor_n_r_except_for_dart():
+    for name, method in transprune.methods.METHODS.items():
+        for ratio in (0.875, 0.5, 128 / 576, 0.0625):
+            assert (method.planned_keep(N, ratio) == keep_count(N, ratio)) == (name != "dart"), (name, ratio)
 
 
 # ------------------------------------------------------------------------------------ scores

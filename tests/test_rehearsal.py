@@ -53,7 +53,7 @@ VALID_PRESETS = {
     "smolvlm-256m": IN_LLM + DART,
     "qwen2.5-vl-7b": ["high", "low", "off", "fastv", "random"] + DART,
 }
-# The app on a CPU loads SmolVLM with one 512-px view (components.engine.CPU_PROCESSOR_KWARGS): 64 tokens.
+# The app on a CPU loads SmolVLM with one 512-px view (components.policy.CPU_PROCESSOR_KWARGS): 64 tokens.
 APP_VISUAL_TOKENS_ON_CPU = {"smolvlm-256m": 64}
 NAMES = [item.name for item in REHEARSED]
 
@@ -102,7 +102,6 @@ def test_processor_prompt_and_visual_tokens_are_the_checkpoints(loaded, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_every_preset_of_the_family_runs(loaded, name):
     item, expected, lm = BY_NAME[name], EXPECTED[name], loaded[name]
-    adapter = adapters.for_model(lm.model)
     image = photo()
     inputs = lm.prepare(image, QUESTION)
     traces = {}
@@ -113,7 +112,7 @@ def test_every_preset_of_the_family_runs(loaded, name):
         config = lm.config_for(preset)
         stages = [] if config.pre_llm is None else [0]
         if not PRESETS.get(preset, {}).get("pre_llm_keep"):
-            stages += list(adapter.resolve(config, lm.model).prune_layers)
+            stages += list(lm.resolve(config).prune_layers)
         assert [stage.layer for stage in trace.stages] == stages, preset
         if config.pre_llm is None:
             assert trace.visual_tokens == item.visual_tokens_640x480, preset
@@ -248,9 +247,9 @@ def test_doctor_with_the_rehearsal_cache(rehearsal_hub):
 def roomy_memory(monkeypatch):
     """The app refuses a 7B checkpoint that would not fit at its real size; the rehearsal's weights are
     small, so let its memory guard see room for it."""
-    from components import engine
+    from components import hub
 
-    monkeypatch.setattr(engine, "free_memory_bytes", lambda device: 2**45)
+    monkeypatch.setattr(hub, "free_memory_bytes", lambda device: 2**45)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -311,8 +310,9 @@ def test_app_in_chromium_with_a_real_checkpoint(rehearsal_cache, roomy_memory, s
 
 
 # ---------------------------------------------------------------------------- video families without torchvision
-TINY_OF_FAMILY = {"qwen2_5_vl": "tiny-qwen2.5-vl", "llava_onevision": "tiny-llava-onevision",
-                  "video_llava": "tiny-video-llava"}
+# Every video family's tiny model, as its adapter declares it ("tiny-<family>").
+TINY_OF_FAMILY = {family: next(spec.name for spec in adapters.FAMILIES[family].models
+                               if spec.name.startswith("tiny-")) for family in adapters.video_families()}
 
 
 @pytest.mark.parametrize("family", list(TINY_OF_FAMILY))

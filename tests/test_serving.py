@@ -22,7 +22,8 @@ from PIL import Image
 
 from components import examples, files, overlay
 from components.compare import UNREADABLE_REQUEST, CompareOutputs, RunState, make_handlers
-from components.engine import Engine, public_message
+from components.engine import Engine
+from components.errors import public_message
 from transprune import ImageInputError
 from transprune.images import as_image
 from transprune.models import load

@@ -15,7 +15,7 @@ import transprune
 from transprune import flops
 from transprune.config import PruneConfig
 from transprune.methods import sparsevlm
-from transprune.tiny import tiny_llava
+from transprune.adapters.llava import tiny_llava
 
 import slow_decoder
 

@@ -29,8 +29,8 @@ def narrow():
 
 def test_measures_baseline_and_schedule_on_the_real_shape_and_caches(narrow, monkeypatch):
     steps, prefills = [], []
-    real_prefill = speed.bench._Attached.prefill
-    monkeypatch.setattr(speed.bench._Attached, "prefill",
+    real_prefill = speed.benchmarking._Attached.prefill
+    monkeypatch.setattr(speed.benchmarking._Attached, "prefill",
                         lambda self: prefills.append(self.pruner is not None) or real_prefill(self))
     result = narrow.measure(PruneConfig.preset("high"), lambda fraction, text: steps.append((fraction, text)))
     # One warm-up of each, then REPEATS alternating pairs, and nothing else.

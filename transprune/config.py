@@ -19,53 +19,10 @@ POSITIONS = ("compact", "original")
 
 REFERENCE_DEPTH = 32
 
-# Each preset is a dict of field overrides. "low" is inferred: the paper prints only its
-# TFLOPs (1.19 on LLaVA-1.5-7B); ratios .5/.25/.0625 at layers 7/9/12 reproduce that figure.
-PRESETS: dict[str, dict] = {
-    "high": dict(method="transprune", prune_layers=(7, 9, 12), keep_ratios=(0.875, 0.625, 0.125),
-                 accumulation_layers=tuple(range(7, 13)), alpha=0.5),
-    "low": dict(method="transprune", prune_layers=(7, 9, 12), keep_ratios=(0.5, 0.25, 0.0625),
-                accumulation_layers=tuple(range(7, 13)), alpha=0.5),
-    "off": dict(method="transprune", prune_layers=(7, 9, 12), keep_ratios=(1.0, 1.0, 1.0),
-                accumulation_layers=tuple(range(7, 13)), alpha=0.5),
-    "fastv": dict(method="fastv", prune_layers=(2,), keep_ratios=(0.5,), accumulation_layers=(),
-                  positions="original"),
-    "pdrop": dict(method="pdrop", prune_layers=(8, 16, 24), keep_ratios=(0.5, 0.25, 0.125),
-                  accumulation_layers=(), positions="compact"),
-    "random": dict(method="random", prune_layers=(7, 9, 12), keep_ratios=(0.875, 0.625, 0.125),
-                   accumulation_layers=()),
-    # SparseVLM's released LLaVA budgets: after 1-indexed layers 3, 7, 16 keep 300/200/110 ("192"),
-    # 303/110/36 ("128") or 66/30/17 ("64") of N = 576 (transprune.methods.sparsevlm).
-    "sparsevlm": dict(method="sparsevlm", prune_layers=(3, 7, 16), keep_ratios=(300 / 576, 200 / 576, 110 / 576),
-                      accumulation_layers=(), positions="compact"),
-    "sparsevlm-128": dict(method="sparsevlm", prune_layers=(3, 7, 16),
-                          keep_ratios=(303 / 576, 110 / 576, 36 / 576), accumulation_layers=(), positions="compact"),
-    "sparsevlm-64": dict(method="sparsevlm", prune_layers=(3, 7, 16), keep_ratios=(66 / 576, 30 / 576, 17 / 576),
-                         accumulation_layers=(), positions="compact"),
-    # VisionZip alone, before the language model, at the released LLaVA-1.5 token counts (of 576
-    # patches); the share carries over to other patch grids. Stack with an in-LLM preset by name,
-    # e.g. "visionzip-128+high".
-    "visionzip-192": dict(method="visionzip", pre_llm_keep=192 / 576),
-    "visionzip-128": dict(method="visionzip", pre_llm_keep=128 / 576),
-    "visionzip-64": dict(method="visionzip", pre_llm_keep=64 / 576),
-    # DART's released LLaVA settings: once, after layer 2, max_num_trunction M = 128 (default), 64 or
-    # 192 of N = 576, 4 image + 4 text pivots; it keeps 4 + 8 * (M // 8) = 132 / 68 / 196 tokens
-    # (transprune.methods.dart), original positions as released.
-    "dart": dict(method="dart", prune_layers=(2,), keep_ratios=(128 / 576,), accumulation_layers=(),
-                 positions="original"),
-    "dart-64": dict(method="dart", prune_layers=(2,), keep_ratios=(64 / 576,), accumulation_layers=(),
-                    positions="original"),
-    "dart-192": dict(method="dart", prune_layers=(2,), keep_ratios=(192 / 576,), accumulation_layers=(),
-                     positions="original"),
-    # DivPrune and CDPruner before the language model, at 64 / 128 / 192 of LLaVA-1.5's 576 tokens
-    # (the share carries over to other patch grids); stack like VisionZip, e.g. "cdpruner-128+high".
-    "divprune-192": dict(method="divprune", pre_llm_keep=192 / 576),
-    "divprune-128": dict(method="divprune", pre_llm_keep=128 / 576),
-    "divprune-64": dict(method="divprune", pre_llm_keep=64 / 576),
-    "cdpruner-192": dict(method="cdpruner", pre_llm_keep=192 / 576),
-    "cdpruner-128": dict(method="cdpruner", pre_llm_keep=128 / 576),
-    "cdpruner-64": dict(method="cdpruner", pre_llm_keep=64 / 576),
-}
+# Every registered stage's presets (`PruningStage.presets`, declared in its method module), by name:
+# field overrides written for a 32-layer language model, `method` filled in. The registry's own
+# dict, so a stage registered later brings its presets along.
+PRESETS: dict[str, dict] = registry.PRESETS
 
 
 class ConfigError(ValueError):

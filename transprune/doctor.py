@@ -105,11 +105,11 @@ def _pruned_decode_matches_reference(model, inputs, preset: str) -> Check:
     import transprune
     from .config import PruneConfig
     from .reference import Reference
+    from .resolve import for_model as resolve_for_model
 
     name = f"{preset} vs reference"
     config = PruneConfig.preset(preset)
-    layers = len(transprune.adapters.for_model(model).decoder_layers(model))
-    resolved = config.resolve(layers, transprune.adapters.for_model(model).default_positions)
+    resolved = resolve_for_model(model, config)
     expected = Reference(model, resolved).run(inputs, max_new_tokens=NEW_TOKENS)
     with torch.no_grad(), transprune.apply(model, config) as pruner:
         output = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,

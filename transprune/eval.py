@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from . import methods
-from .config import PRESETS, PruneConfig, upgrade_saved_config
+from .config import PRESETS, PruneConfig
 from .flops import ARCHITECTURES, config_tflops, model_shape, Shape, tflops, trace_tflops
 
 
@@ -134,40 +134,6 @@ def ablation_rows() -> dict:
     }
 
 
-# The fields that make two resolved configs the same setting for held-out accuracy (not the seed:
-# the random control draws a new keep-set per question anyway).
-_SETTING_FIELDS = ("method", "prune_layers", "keep_ratios", "alpha", "criterion", "direction", "positions",
-                   "pre_llm", "pre_llm_keep")
-
-
-def heldout_record(path: str | Path, resolved: PruneConfig | None) -> tuple[dict, dict] | None:
-    """(record of this setting, baseline record) from an eval JSON, or None if it was not measured.
-
-    `resolved` is the config as run on the model (PruneConfig.resolve), None for the unpruned model.
-    """
-    try:
-        records = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    baseline = records.get("baseline")
-    if baseline is None:
-        return None
-    if resolved is None:
-        return baseline, baseline
-    # Without an in-LLM stage (VisionZip alone) the position mode changes nothing.
-    fields = [key for key in _SETTING_FIELDS if resolved.prune_layers or key != "positions"]
-    wanted = {key: _as_tuple(resolved.to_dict()[key]) for key in fields}
-    for record in records.values():
-        stored = record.get("config")
-        if stored and {key: _as_tuple(upgrade_saved_config(stored).get(key)) for key in fields} == wanted:
-            return record, baseline
-    return None
-
-
-def _as_tuple(value):
-    return tuple(value) if isinstance(value, list) else value
-
-
 def evaluate_method(lm, examples, factory, shape: tuple[int, int, int], progress=None) -> dict:
     """Exact-match accuracy (overall and per question type) and mean analytic TFLOPs of one method."""
     hidden, intermediate, layers = shape
@@ -215,7 +181,7 @@ def run_shapes(model_name: str, seed: int, n: int, names: list[str]) -> dict:
         config = factory(0)
         config = lm.config_for(config)   # what ran: the model's recommended positions where unset
         record.update(method=label, budget=budget, seconds=round(time.perf_counter() - start, 1),
-                      config=None if config is None else config.resolve(shape[2]).to_dict(),
+                      config=None if config is None else lm.resolve(config).to_dict(),
                       tflops_llava15_7b=config_tflops(config, ARCHITECTURES[FRONTIER_ARCH]))
         results[name] = record
         print(f"{name}: {record['accuracy']:.3f} ({record['seconds']} s)", file=sys.stderr, flush=True)
@@ -282,7 +248,8 @@ def measure_speed(results: dict, repeats: int = 2, width: float | None = None, l
     and `cpu_pairs` (each pair's ratio). Returns where it was measured, for the table and the figure."""
     import torch
 
-    from . import bench
+    from . import benchmarking as bench
+    from .bench import machine_description
 
     width = FRONTIER_WIDTH if width is None else width
     table = method_table()
@@ -303,7 +270,7 @@ def measure_speed(results: dict, repeats: int = 2, width: float | None = None, l
         log(f"{name}: {record['cpu_speedup']:.2f}x prefill (bound {record['cpu_bound']:.2f}x)", file=sys.stderr,
             flush=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{FRONTIER_ARCH} shape at {width:g}x width, random weights, {bench.machine_description(torch.device('cpu'))}, "
+    return (f"{FRONTIER_ARCH} shape at {width:g}x width, random weights, {machine_description(torch.device('cpu'))}, "
             f"load {load:.1f} at the end, median of {repeats} alternating pairs after a warm-up")
 
 

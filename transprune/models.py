@@ -11,66 +11,23 @@ from code in seconds and need no network.
 
 from __future__ import annotations
 
-import dataclasses
 import numbers
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
 
 import torch
 
 from . import adapters
-from .config import PruneConfig, as_config
+from .config import PruneConfig
 from .errors import ModelLoadError, UnsupportedModelError
 from .images import as_image
 from .measure import (ModuleTimer, TokenClock, cache_megabytes, current_memory_mb, parse_dtype, peak_memory_mb,
                       reset_peak_memory, sync)
+from .resolve import for_model as resolve_for_model, recommended
 from .runner import apply
+from .spec import ModelSpec
 from .trace import PruneTrace
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    label: str
-    family: str
-    size: str
-    checkpoint: str | None = None          # Hugging Face model id; None for built-in offline models
-    builder: Callable | None = None        # () -> (model, processor) for offline models
-    video: bool = False
-    description: str = ""
-    # Position mode used whenever a config leaves `positions` unset (None: the family's default, which
-    # for 1-D RoPE is "compact", as the released code does). Say why in `positions_reason`.
-    positions: str | None = None
-    positions_reason: str = ""
-    # Held-out accuracy per setting, measured by `python -m transprune.eval` (a JSON in the package).
-    heldout: str | None = None
-
-    @property
-    def offline(self) -> bool:
-        return self.checkpoint is None
-
-    @property
-    def heldout_path(self) -> Path | None:
-        return Path(__file__).resolve().parent / self.heldout if self.heldout else None
-
-    @property
-    def display_name(self) -> str:
-        where = "offline" if self.offline else "from the Hub"
-        return f"{self.label} · {self.size} · {where}"
-
-
-def _tiny(family: str, **kwargs) -> Callable:
-    """The offline tiny model of a family (its adapter's builder), with default arguments but `kwargs`."""
-    return lambda: adapters.by_family(family).build_tiny(**kwargs)
-
-
-def _shapes_llava():
-    # Trained weights shipped in the package (issue: embedded default model).
-    from .shapes import load_shapes_llava
-    return load_shapes_llava()
 
 
 REGISTRY: dict[str, ModelSpec] = {}
@@ -83,55 +40,9 @@ def register(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
-for _spec in (
-    ModelSpec("shapes-llava", "Shapes LLaVA (trained)", "llava", "2.9M",
-              builder=_shapes_llava,
-              description="A small LLaVA trained on synthetic shape scenes; answers colour/shape/count/where questions.",
-              positions="original",
-              positions_reason=("trained only on unpruned sequences, this small model reads where a shape is from "
-                                "its 1-D positions: on 500 held-out questions High keeps 98.0 % of the answers with "
-                                "original positions and 86.4 % with the released code's compact renumbering "
-                                "(where 73 %, count 63 %)"),
-              heldout="assets/shapes-llava/eval.json"),
-    ModelSpec("tiny-llava", "Tiny LLaVA (random weights)", "llava", "0.65M", builder=_tiny("llava"),
-              description="LLaVA-1.5 architecture, 16 layers, random weights: exercises pruning, answers are noise."),
-    ModelSpec("tiny-llava-next", "Tiny LLaVA-NeXT (random weights)", "llava_next", "0.9M", builder=_tiny("llava_next"),
-              description="LLaVA-NeXT AnyRes architecture, random weights."),
-    ModelSpec("tiny-video-llava", "Tiny Video-LLaVA (random weights)", "video_llava", "0.9M",
-              builder=_tiny("video_llava"), video=True, description="Video-LLaVA architecture, random weights."),
-    ModelSpec("tiny-llava-onevision", "Tiny LLaVA-OneVision (random weights)", "llava_onevision", "0.9M",
-              builder=_tiny("llava_onevision"), video=True, description="LLaVA-OneVision architecture, random weights."),
-    ModelSpec("tiny-qwen2.5-vl", "Tiny Qwen2.5-VL (random weights)", "qwen2_5_vl", "0.9M",
-              builder=_tiny("qwen2_5_vl"), video=True, description="Qwen2.5-VL architecture (M-RoPE), random weights."),
-    ModelSpec("tiny-smolvlm", "Tiny SmolVLM (random weights)", "smolvlm", "0.9M", builder=_tiny("smolvlm"),
-              description="SmolVLM architecture (image splitting: 2x2 tiles + global view), random weights."),
-    ModelSpec("tiny-idefics3", "Tiny Idefics3 (random weights)", "smolvlm", "0.9M",
-              builder=_tiny("smolvlm", model_type="idefics3"),
-              description="tiny-smolvlm's model and weights in Idefics3ForConditionalGeneration, the class of "
-                          "SmolVLM-256M/500M-Instruct."),
-    ModelSpec("llava-1.5-7b", "LLaVA-1.5-7B", "llava", "7B", checkpoint="llava-hf/llava-1.5-7b-hf"),
-    ModelSpec("llava-1.5-13b", "LLaVA-1.5-13B", "llava", "13B", checkpoint="llava-hf/llava-1.5-13b-hf"),
-    ModelSpec("llava-next-vicuna-7b", "LLaVA-NeXT-Vicuna-7B", "llava_next", "7B",
-              checkpoint="llava-hf/llava-v1.6-vicuna-7b-hf"),
-    ModelSpec("llava-next-mistral-7b", "LLaVA-NeXT-Mistral-7B", "llava_next", "7B",
-              checkpoint="llava-hf/llava-v1.6-mistral-7b-hf"),
-    ModelSpec("qwen2.5-vl-3b", "Qwen2.5-VL-3B-Instruct", "qwen2_5_vl", "3B", checkpoint="Qwen/Qwen2.5-VL-3B-Instruct",
-              video=True),
-    ModelSpec("qwen2.5-vl-7b", "Qwen2.5-VL-7B-Instruct", "qwen2_5_vl", "7B", checkpoint="Qwen/Qwen2.5-VL-7B-Instruct",
-              video=True),
-    ModelSpec("video-llava-7b", "Video-LLaVA-7B", "video_llava", "7B", checkpoint="LanguageBind/Video-LLaVA-7B-hf",
-              video=True),
-    ModelSpec("llava-onevision-0.5b", "LLaVA-OneVision-0.5B", "llava_onevision", "0.9B",
-              checkpoint="llava-hf/llava-onevision-qwen2-0.5b-ov-hf", video=True),
-    ModelSpec("llava-onevision-7b", "LLaVA-OneVision-7B", "llava_onevision", "8B",
-              checkpoint="llava-hf/llava-onevision-qwen2-7b-ov-hf", video=True),
-    # SmolVLM(1) checkpoints: config.json model_type "idefics3", so Idefics3ForConditionalGeneration and
-    # Idefics3Processor (which, unlike SmolVLM2's SmolVLMProcessor, does not need `num2words`).
-    ModelSpec("smolvlm-256m", "SmolVLM-256M-Instruct", "smolvlm", "256M",
-              checkpoint="HuggingFaceTB/SmolVLM-256M-Instruct"),
-    ModelSpec("smolvlm-500m", "SmolVLM-500M-Instruct", "smolvlm", "500M",
-              checkpoint="HuggingFaceTB/SmolVLM-500M-Instruct"),
-):
+# Every family's models, as its adapter declares them (`Adapter.models`): the offline ones first (the
+# app's offline fallback takes the first that loads), then the Hub checkpoints, each in family order.
+for _spec in sorted(adapters.MODELS.values(), key=lambda spec: not spec.offline):
     register(_spec)
 
 
@@ -338,12 +249,13 @@ class LoadedModel:
 
     def config_for(self, config: PruneConfig | str | None) -> PruneConfig | None:
         """`config` (a PruneConfig or preset name) with this model's recommended position mode filled
-        in where it leaves `positions` unset (see ModelSpec.positions). None stays None; any other
-        type is a TypeError."""
-        config = as_config(config, allow_none=True)
-        if config is not None and config.positions is None and self.spec.positions is not None:
-            config = dataclasses.replace(config, positions=self.spec.positions)
-        return config
+        in where it leaves `positions` unset (see ModelSpec.positions); None stays None. The pruner
+        resolves the rest when it attaches (`transprune.resolve`)."""
+        return recommended(config, self.spec)
+
+    def resolve(self, config: PruneConfig | str) -> PruneConfig:
+        """`config` resolved for this model as it will run (`transprune.resolve.for_model`)."""
+        return resolve_for_model(self.model, config, self.spec)
 
     @torch.inference_mode()
     def generate(self, image, question: str, config: PruneConfig | str | None = None,

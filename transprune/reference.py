@@ -6,7 +6,8 @@ TTV with its own formula from the sub-modules' inputs/outputs, IGA from the atte
 probabilities the next layer's own eager attention returns. The library must agree with it.
 
 It ships with the package so `python -m transprune.doctor` can check an installation against it;
-it shares nothing with the runner except `compat.cache_keyword` (the name the cache travels under).
+it shares nothing with the runner except `compat.cache_keyword` (the name the cache travels under) and
+the family adapter's `language_model` (where the decoder sits in the model).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from . import compat
+from . import adapters, compat
 
 
 def _ttv(x_in, x_out, direction):
@@ -39,8 +40,7 @@ class Reference:
         is not one contiguous run (SmolVLM tiles); None = runs of adjacent tokens with one token id.
         """
         self.model, self.config, self.span_override = model, config, spans
-        inner = model.model
-        self.lm = inner.language_model if hasattr(inner, "language_model") else inner.text_model   # SmolVLM
+        self.lm = adapters.for_model(model).language_model(model)
         self.layers = self.lm.layers
         self.stages = dict(zip(config.prune_layers, config.keep_ratios))
 

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import adapters, compat, methods, scoring, sequence
+from . import adapters, compat, methods, resolve, scoring, sequence
 from .config import PruneConfig, as_config
 from .errors import PruningInputError
 from .methods.base import Needs
@@ -85,10 +85,8 @@ class Pruner:
         self.model = model
         self.adapter = adapters.for_model(model)
         self.layers = self.adapter.decoder_layers(model)
-        self.config = self.adapter.resolve(config, model)
+        self.config = resolve.for_model(model, config)
         self.pre_stage = methods.pre_llm_stage(self.config)
-        if self.pre_stage is not None:
-            self.pre_stage.check_model(model)
         self.method = methods.for_config(self.config)
         self.needs = self.method.needs() if self.method is not None else Needs()
         self.prune_layers = self.config.prune_layers

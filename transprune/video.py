@@ -14,13 +14,14 @@ adapter facts (`transprune.adapters`: `video_frames`, `required_frames`, `video_
 transformers' video processors need torchvision. When the processor has one (a real checkpoint on
 a machine with torchvision) it is used as is. Otherwise `FramesVideoProcessor` stands in: it does
 what the family's video processor does, with the image processor's parameters, in PIL/numpy, in
-the style the family's adapter names (`video_frames_style`):
+the family's adapter method `video_pixel_values` (each video family writes its own, with the shared
+pieces of `transprune.frames`):
 
-- "clip_frames" (Video-LLaVA): each frame through the image processor (shortest-edge resize, centre crop, CLIP
+- Video-LLaVA: each frame through the image processor (shortest-edge resize, centre crop, CLIP
   normalisation, exactly like VideoLlavaVideoProcessor); the CLS token of every frame is kept.
-- "squashed_tile" (LLaVA-OneVision): each frame squashed to the base tile (size height x width, no crop, no AnyRes),
+- LLaVA-OneVision: each frame squashed to the base tile (size height x width, no crop, no AnyRes),
   normalised; the model pools each frame's patch grid 2x2 and appends one newline token.
-- "qwen_patches" (Qwen2.5-VL): frames resized with smart_resize (multiples of 28 px, pixel count within the image
+- Qwen2.5-VL: frames resized with smart_resize (multiples of 28 px, pixel count within the image
   processor's min_pixels and min(max_pixels, 768*28*28), the video processor's cap), an odd frame
   count padded by repeating the last frame, patchified into (T/2 * h/14 * w/14, 3*2*14*14) with
   video_grid_thw = (T/2, h/14, w/14); second_per_grid_ts = 2 / sampled fps.
@@ -39,9 +40,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from . import adapters
+from .frames import setting
 from .measure import available_memory_bytes
 from .adapters.qwen2_5_vl import qwen_frame_size  # noqa: F401  (re-exported: where a Qwen frame is resized to)
 
@@ -270,22 +271,6 @@ def as_video(video, family: str, num_frames: int | None = None) -> Video:
 
 
 # ---------------------------------------------------------------------------- per-family frames
-def _get(obj, name, default=None):
-    value = obj.get(name) if isinstance(obj, dict) else getattr(obj, name, None)
-    return default if value is None else value
-
-
-def _normalise(frames: list[Image.Image], image_processor) -> torch.Tensor:
-    """(T, 3, H, W) float32: rescaled to [0, 1] and normalised with the image processor's mean/std."""
-    array = np.stack([np.asarray(f, dtype=np.float32) for f in frames]) * float(
-        _get(image_processor, "rescale_factor", 1 / 255))
-    if _get(image_processor, "do_normalize", True):
-        mean = np.asarray(_get(image_processor, "image_mean", OPENAI_CLIP_MEAN), np.float32)
-        std = np.asarray(_get(image_processor, "image_std", OPENAI_CLIP_STD), np.float32)
-        array = (array - mean) / std
-    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
-
-
 class FramesVideoProcessor:
     """A torchvision-free stand-in for a family's video processor (see the module docstring).
 
@@ -299,50 +284,21 @@ class FramesVideoProcessor:
         if family not in DEFAULT_FRAMES:
             raise VideoError(f"{family} models take no video; video families: {', '.join(DEFAULT_FRAMES)}.")
         self.family, self.image_processor = family, image_processor
-        self.style = adapters.FAMILIES[family].video_frames_style
-        self.patch_size = int(_get(image_processor, "patch_size", 14))
-        self.merge_size = int(_get(image_processor, "merge_size", 2))
-        self.temporal_patch_size = int(_get(image_processor, "temporal_patch_size", 2))
+        self.adapter = adapters.by_family(family)
+        # Processors read these off their video processor (Qwen's expands a video placeholder with merge_size).
+        self.patch_size = int(setting(image_processor, "patch_size", 14))
+        self.merge_size = int(setting(image_processor, "merge_size", 2))
+        self.temporal_patch_size = int(setting(image_processor, "temporal_patch_size", 2))
 
     def __call__(self, videos, video_metadata=None, return_tensors=None, **kwargs):
         from transformers import BatchFeature
+        from transformers.video_utils import VideoMetadata
 
         clips = [[Image.fromarray(np.asarray(frame, dtype=np.uint8)) for frame in video] for video in videos]
         metadata = video_metadata or [Video.from_frames(clip).metadata() for clip in clips]
-        if self.style == "qwen_patches":
-            patches, grids = zip(*(self._qwen(clip) for clip in clips))
-            data = dict(pixel_values_videos=torch.cat(patches), video_grid_thw=torch.tensor(grids))
-        else:
-            resize = {"clip_frames": self._clip_frames, "squashed_tile": self._squashed_tile}[self.style]
-            data = dict(pixel_values_videos=torch.stack([resize(clip) for clip in clips]))
-        from transformers.video_utils import VideoMetadata
+        data = dict(self.adapter.video_pixel_values(self.image_processor, clips))
         data["video_metadata"] = [m if isinstance(m, VideoMetadata) else VideoMetadata(**m) for m in metadata]
         return BatchFeature(data, skip_tensor_conversion=["video_metadata"])
-
-    def _clip_frames(self, frames) -> torch.Tensor:
-        kwargs = dict(return_tensors="pt")
-        if "return_legacy_image_output" in getattr(getattr(self.image_processor, "valid_kwargs", None),
-                                                   "__annotations__", {}):
-            kwargs["return_legacy_image_output"] = False  # silences a deprecation warning
-        out = self.image_processor(images=frames, **kwargs)
-        return out.get("pixel_values_images", out.get("pixel_values"))
-
-    def _squashed_tile(self, frames) -> torch.Tensor:
-        size = _get(self.image_processor, "size", {})
-        height, width = int(_get(size, "height")), int(_get(size, "width"))
-        return _normalise([f.resize((width, height), Image.BICUBIC) for f in frames], self.image_processor)
-
-    def _qwen(self, frames):
-        patch, merge, temporal = self.patch_size, self.merge_size, self.temporal_patch_size
-        height, width = qwen_frame_size(self.image_processor, frames[0].height, frames[0].width)
-        video = _normalise([f.resize((width, height), Image.BICUBIC) for f in frames], self.image_processor)
-        if pad := -len(frames) % temporal:  # as Qwen2VLVideoProcessor.patchify: repeat the last frame
-            video = torch.cat([video, video[-1:].expand(pad, -1, -1, -1)])
-        grid_t, grid_h, grid_w = video.shape[0] // temporal, height // patch, width // patch
-        channels = video.shape[1]
-        patches = video.view(grid_t, temporal, channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
-        patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-        return patches.reshape(grid_t * grid_h * grid_w, channels * temporal * patch * patch), [grid_t, grid_h, grid_w]
 
 
 def has_video_processor(processor) -> bool:

@@ -1,25 +1,55 @@
 """What the runner, the app and the tests need to know about a model family, with Llama-style defaults.
 
 A new family = one module in this package with an `Adapter` subclass + one `register(...)` line in
-`transprune/adapters/__init__.py`. Nothing else has to name the family: `transprune.models`,
-`.video`, the app and `tests/conftest.py` (whose FAMILIES parametrise every invariant) read
-everything below from the adapter registry. Optional extra: `ModelSpec` lines in
-`transprune.models` for its checkpoints (and a "tiny-<family>" entry built by `build_tiny`).
+`transprune/adapters/__init__.py` + its test file. Nothing else names the family: `transprune.models`
+(its registry entries), `.flops` (shapes), `.video` (frame counts and preprocessing), `.reference`
+(where the language model sits), `.resolve` (position modes), the app and `tests/conftest.py`
+(whose FAMILIES parametrise every invariant) read it all from the adapter registry, and
+`tests/test_registry.py` fails when a registered family lacks a fact. For example:
+
+    class PaliAdapter(Adapter):
+        family, label = "pali", "PaliGemma"
+        model_classes = ("PaliGemmaForConditionalGeneration",)
+        architectures = {"paligemma-3b": Shape(hidden=2048, intermediate=16384, layers=18, visual_tokens=256)}
+        timing_arch = "paligemma-3b"
+        models = (
+            ModelSpec("tiny-pali", "Tiny PaliGemma (random weights)", size="0.9M", builder=lambda: tiny_pali(),
+                      description="PaliGemma architecture, random weights."),
+            ModelSpec("paligemma-3b", "PaliGemma-3B", size="3B", checkpoint="google/paligemma-3b-mix-224"),
+        )
+
+        @staticmethod
+        def build_tiny(**kwargs):
+            return tiny_pali(**kwargs)
+
+        def language_model(self, model):          # only where it differs from model.model.language_model
+            return model.model.language_model
+
+    def tiny_pali(layers=16, hidden=64, attn_implementation="sdpa", seed=0):
+        ...                                        # built with transprune.tiny's shared pieces
 
 A family's adapter provides (class attributes unless noted; the defaults fit Llama-style decoders):
 
 - `family` (registry key, e.g. "llava"), `label` (shown to users), `model_classes` (the
   transformers class names it handles; `transprune.models` loads the one a checkpoint's config.json
   names, see `model_class`);
+- `models`: its registry entries (`transprune.spec.ModelSpec`: name, label, size, and either a
+  Hub `checkpoint` or an offline `builder`; optionally a recommended `positions` mode with its
+  reason and a held-out eval file). `register` fills in `family` and `video` (from `video_frames`);
+  `transprune.models.REGISTRY` lists them (offline ones first). A subclass declares its own;
 - sizes: `architectures`, its real checkpoints' language-model shapes by name
   (`transprune.architecture.Shape`: public config.json values and the usual number of visual
   tokens), which `transprune.flops.ARCHITECTURES` collects for the analytic FLOPs and
   `bench --arch`; `text_config(model)`, the loaded model's language-model config;
-- structure: `language_model(model)` / `decoder_layers(model)`, and the names of a decoder
-  layer's sub-modules the runner hooks: `attention_name`, `mlp_name`, `input_norm_name`, and the
-  attention's `key_projection_name`, `query_projection_name`;
-- positions: `default_positions`, `allowed_positions`, `rotary(model, hidden, position_ids)` and
-  `apply_rotary` (M-RoPE families override them if their layout differs);
+  `timing_arch`: the entry of `architectures` whose shape the app's "speed at real size" times
+  for this family (None: LLaVA-1.5-7B's);
+- structure: `language_model(model)` (the reference and the runner read it here) /
+  `decoder_layers(model)`, and the names of a decoder layer's sub-modules the runner hooks:
+  `attention_name`, `mlp_name`, `input_norm_name`, and the attention's `key_projection_name`,
+  `query_projection_name`;
+- positions: `default_positions`, `allowed_positions` (`transprune.resolve` applies them),
+  `rotary(model, hidden, position_ids)` and `apply_rotary` (M-RoPE families override them if
+  their layout differs);
 - side passes: `side_projection(layer, hidden, position_embeddings, query_slots)` (input norm,
   q/k projections with biases, q/k norms, rotary; override for another attention layout) and
   `attention_scaling(layer)`; `attn_implementation(model)` picks the mask builder;
@@ -28,15 +58,14 @@ A family's adapter provides (class attributes unless noted; the defaults fit Lla
   `transprune.sequence.read_prompt`);
 - `build_tiny(attn_implementation=..., seed=...)` -> (model, processor): the offline tiny model
   of the family (16 decoder layers, random weights, float32, fixed seed, offline processor) the
-  tests and the app use; write it in the family's module (`transprune.tiny` has the shared
+  tests and the app use, written in the family's module (`transprune.tiny` has the shared
   word-level tokenizer, chat template and config pieces);
 - video facts: `video_frames` (default frames sampled from a file; None = the family takes no
-  video), `required_frames` (a count its checkpoints insist on), `video_frames_style` (how
-  `transprune.video.FramesVideoProcessor` preprocesses frames without torchvision),
-  `video_metadata` (its processor reads the frame rate), `video_token_count(...)`, `video_layout(...)`;
-- overlays: `visual_layout(model, processor, image_size, num_tokens)`;
-- `timing_arch`: the entry of its `architectures` whose shape the app's "speed at real size" times
-  for this family (None: LLaVA-1.5-7B's).
+  video), `required_frames` (a count its checkpoints insist on), `video_pixel_values(image_processor,
+  clips)` (what its video processor makes of the frames, without torchvision; `transprune.frames`
+  has the shared pieces), `video_metadata` (its processor reads the frame rate),
+  `video_token_count(...)`, `video_layout(...)`;
+- overlays: `visual_layout(model, processor, image_size, num_tokens)`.
 
 The KV cache travels however transformers passes it: `transprune.compat` finds it by type.
 """
@@ -49,8 +78,8 @@ import torch
 from torch import nn
 
 from .. import sequence
-from ..config import ConfigError
 from ..architecture import Shape
+from ..spec import ModelSpec
 from ..errors import UnsupportedModelError
 
 
@@ -61,6 +90,7 @@ class Adapter:
     # Real checkpoints' language-model shapes by name (a subclass declares its own, or {}).
     architectures: dict[str, Shape] = {}
     timing_arch: str | None = None   # the name in `architectures` whose shape the app times at real size
+    models: tuple[ModelSpec, ...] = ()   # its registry entries (a subclass declares its own, or ())
     default_positions = "compact"
     allowed_positions = ("compact", "original")
     # Sub-module names of one decoder layer (and of its attention).
@@ -72,7 +102,6 @@ class Adapter:
     # Video: None = images only.
     video_frames: int | None = None
     required_frames: int | None = None
-    video_frames_style: str | None = None
     video_metadata = False
 
     # ----------------------------------------------------------------- structure
@@ -112,15 +141,6 @@ class Adapter:
     def final_norm(self, model: nn.Module) -> nn.Module:
         """The norm the language model applies after its last decoder layer."""
         return self.language_model(model).norm
-
-    def resolve(self, config, model: nn.Module):
-        """`config` (a PruneConfig) resolved for this model: its depth, the family's default position
-        mode where the config leaves it unset; ConfigError for a position mode the family cannot run."""
-        resolved = config.resolve(len(self.decoder_layers(model)), self.default_positions)
-        if resolved.positions not in self.allowed_positions:
-            raise ConfigError(f"positions={resolved.positions!r} is not valid for {self.family} models; "
-                              f"use one of {', '.join(self.allowed_positions)}.")
-        return resolved
 
     def attention(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.attention_name)
@@ -212,6 +232,12 @@ class Adapter:
     # ----------------------------------------------------------------- video
     def video_token_count(self, model_config, processor, num_frames: int, frame_size) -> int:
         """How many visual tokens one video of `num_frames` frames of size (W, H) becomes."""
+        raise NotImplementedError(f"{self.family} models take no video.")
+
+    def video_pixel_values(self, image_processor, clips: list) -> dict:
+        """What the family's video processor returns for `clips` (lists of PIL frames), made without
+        torchvision with the image processor's settings: `pixel_values_videos` (and whatever else the
+        model reads, e.g. Qwen's `video_grid_thw`). Every video family overrides it."""
         raise NotImplementedError(f"{self.family} models take no video.")
 
     # ----------------------------------------------------------------- overlays

@@ -12,6 +12,7 @@ import torch
 
 from .. import tiny
 from ..architecture import Shape
+from ..spec import ModelSpec
 from ..trace import VisualLayout
 from .llava import LlavaAdapter, grid_boxes
 
@@ -48,7 +49,18 @@ class LlavaNextAdapter(LlavaAdapter):
         "llava-next-mistral-7b": Shape(hidden=4096, intermediate=14336, layers=32, visual_tokens=2880),
     }
     timing_arch = "llava-next-vicuna-7b"
-    build_tiny = staticmethod(tiny.tiny_llava_next)
+    models = (
+        ModelSpec("tiny-llava-next", "Tiny LLaVA-NeXT (random weights)", size="0.9M",
+                  builder=lambda: tiny_llava_next(), description="LLaVA-NeXT AnyRes architecture, random weights."),
+        ModelSpec("llava-next-vicuna-7b", "LLaVA-NeXT-Vicuna-7B", size="7B",
+                  checkpoint="llava-hf/llava-v1.6-vicuna-7b-hf"),
+        ModelSpec("llava-next-mistral-7b", "LLaVA-NeXT-Mistral-7B", size="7B",
+                  checkpoint="llava-hf/llava-v1.6-mistral-7b-hf"),
+    )
+
+    @staticmethod
+    def build_tiny(**kwargs):
+        return tiny_llava_next(**kwargs)
 
     def max_tiles(self, model) -> int | None:
         return None
@@ -75,3 +87,33 @@ class LlavaNextAdapter(LlavaAdapter):
             base = torch.cat([torch.full((1, 4), float("nan")), base])
         return VisualLayout(boxes=torch.cat([base, fine]), segment=segment, segments=["base", "high-res"],
                             image_size=(width, height))
+
+
+# ---------------------------------------------------------------------------- offline model
+def llava_next_processor(tokenizer, image_size: int, patch_size: int, grid_pinpoints):
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": image_size},
+                                                 crop_size={"height": image_size, "width": image_size},
+                                                 image_grid_pinpoints=grid_pinpoints)
+    return LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                              vision_feature_select_strategy="default", chat_template=tiny.CHAT_TEMPLATE,
+                              num_additional_image_tokens=1)
+
+
+def tiny_llava_next(layers: int = 16, hidden: int = 64, image_size: int = 112, patch_size: int = 14,
+                    attn_implementation: str = "sdpa", seed: int = 0):
+    """(model, processor): a random LlavaNextForConditionalGeneration with AnyRes up to 2x2 tiles."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    tokenizer = tiny.word_tokenizer()
+    pinpoints = [[image_size, image_size * 2], [image_size * 2, image_size], [image_size * 2, image_size * 2]]
+    config = LlavaNextConfig(text_config=tiny.llama_text_config(tokenizer, layers, hidden, 4, 2),
+                             vision_config=tiny.clip_vision_config(image_size, patch_size),
+                             image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                             projector_hidden_act="gelu", vision_feature_layer=-2,
+                             vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints,
+                             image_seq_length=(image_size // patch_size) ** 2)
+    model = tiny.finish(LlavaNextForConditionalGeneration, config, attn_implementation, seed)
+    return model, llava_next_processor(tokenizer, image_size, patch_size, pinpoints)

@@ -14,6 +14,9 @@ import torch
 
 from .. import tiny
 from ..architecture import Shape
+from ..frames import normalise_frames
+from ..processors import without_video_processor
+from ..spec import ModelSpec
 from ..trace import VisualLayout
 from .base import Adapter
 from .llava import grid_boxes
@@ -50,6 +53,25 @@ def qwen_frame_size(processor, height: int, width: int) -> tuple[int, int]:
     return smart_resize(height, width, factor=patch * merge, min_pixels=min_pixels, max_pixels=max_pixels)
 
 
+def qwen_video_patches(image_processor, frames) -> tuple[torch.Tensor, list[int]]:
+    """(patches (T/2 * h/14 * w/14, 3*2*14*14), [T/2, h/14, w/14]) of one clip, as Qwen2VLVideoProcessor
+    makes them: frames resized with `qwen_frame_size`, normalised, an odd count padded with the last frame."""
+    from PIL import Image
+
+    patch = int(_get(image_processor, "patch_size", 14))
+    merge = int(_get(image_processor, "merge_size", 2))
+    temporal = int(_get(image_processor, "temporal_patch_size", 2))
+    height, width = qwen_frame_size(image_processor, frames[0].height, frames[0].width)
+    video = normalise_frames([f.resize((width, height), Image.BICUBIC) for f in frames], image_processor)
+    if pad := -len(frames) % temporal:  # as Qwen2VLVideoProcessor.patchify: repeat the last frame
+        video = torch.cat([video, video[-1:].expand(pad, -1, -1, -1)])
+    grid_t, grid_h, grid_w = video.shape[0] // temporal, height // patch, width // patch
+    channels = video.shape[1]
+    patches = video.view(grid_t, temporal, channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
+    patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return patches.reshape(grid_t * grid_h * grid_w, channels * temporal * patch * patch), [grid_t, grid_h, grid_w]
+
+
 class Qwen2_5_VLAdapter(Adapter):
     family = "qwen2_5_vl"
     label = "Qwen2.5-VL"
@@ -60,12 +82,26 @@ class Qwen2_5_VLAdapter(Adapter):
         "qwen2.5-vl-7b": Shape(hidden=3584, intermediate=18944, layers=28, visual_tokens=256),
     }
     timing_arch = "qwen2.5-vl-7b"
-    build_tiny = staticmethod(tiny.tiny_qwen2_5_vl)
+    models = (
+        ModelSpec("tiny-qwen2.5-vl", "Tiny Qwen2.5-VL (random weights)", size="0.9M",
+                  builder=lambda: tiny_qwen2_5_vl(), description="Qwen2.5-VL architecture (M-RoPE), random weights."),
+        ModelSpec("qwen2.5-vl-3b", "Qwen2.5-VL-3B-Instruct", size="3B", checkpoint="Qwen/Qwen2.5-VL-3B-Instruct"),
+        ModelSpec("qwen2.5-vl-7b", "Qwen2.5-VL-7B-Instruct", size="7B", checkpoint="Qwen/Qwen2.5-VL-7B-Instruct"),
+    )
+
+    @staticmethod
+    def build_tiny(**kwargs):
+        return tiny_qwen2_5_vl(**kwargs)
+
     video_frames = 8              # even: two consecutive frames form one temporal patch (4 steps)
-    video_frames_style = "qwen_patches"
     video_metadata = True         # its processor reads the sampled frame rate
     default_positions = "original"
     allowed_positions = ("original",)
+
+    def video_pixel_values(self, image_processor, clips) -> dict:
+        """Patches and grids as Qwen2VLVideoProcessor makes them (`qwen_video_patches`)."""
+        patches, grids = zip(*(qwen_video_patches(image_processor, clip) for clip in clips))
+        return dict(pixel_values_videos=torch.cat(patches), video_grid_thw=torch.tensor(grids))
 
     def visual_layout(self, model, processor, image_size, num_tokens):
         """The processor resizes (no crop) to multiples of 28 px; each token is one 28 px cell."""
@@ -112,3 +148,34 @@ class Qwen2_5_VLAdapter(Adapter):
         return VisualLayout(boxes=grid.repeat(steps, 1), segment=torch.zeros(num_tokens, dtype=torch.long),
                             segments=["video"], image_size=(width, height),
                             frame=(torch.arange(steps) * temporal).repeat_interleave(rows * cols))
+
+
+# ---------------------------------------------------------------------------- offline model
+def tiny_qwen2_5_vl(layers: int = 16, hidden: int = 64, attn_implementation: str = "sdpa", seed: int = 0,
+                    min_pixels: int = 224 * 224, max_pixels: int = 448 * 448):
+    """(model, processor): a random Qwen2_5_VLForConditionalGeneration (M-RoPE, 2x2 merged 28 px cells)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tokenizer = tiny.word_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    head_dim = hidden // 4
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=hidden,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[1]),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    model = tiny.finish(Qwen2_5_VLForConditionalGeneration, config, attn_implementation, seed)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14,
+                                               merge_size=2, temporal_patch_size=2)
+    processor_class = without_video_processor(Qwen2_5_VLProcessor)   # image-only: no torchvision needed
+    processor = processor_class(video_processor=None, image_processor=image_processor, tokenizer=tokenizer,
+                                chat_template=tiny.QWEN_CHAT_TEMPLATE)
+    return model, processor

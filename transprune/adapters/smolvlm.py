@@ -46,8 +46,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import sequence
+from .. import sequence, tiny
 from ..architecture import Shape
+from ..spec import ModelSpec
 from ..trace import VisualLayout
 from .base import Adapter
 from .llava import grid_boxes
@@ -93,6 +94,20 @@ class SmolVLMAdapter(Adapter):
         "smolvlm-500m": Shape(hidden=960, intermediate=2560, layers=32, visual_tokens=1088),
     }
     timing_arch = "smolvlm-500m"
+    models = (
+        ModelSpec("tiny-smolvlm", "Tiny SmolVLM (random weights)", size="0.9M", builder=lambda: tiny_smolvlm(),
+                  description="SmolVLM architecture (image splitting: 2x2 tiles + global view), random weights."),
+        ModelSpec("tiny-idefics3", "Tiny Idefics3 (random weights)", size="0.9M",
+                  builder=lambda: tiny_smolvlm(model_type="idefics3"),
+                  description="tiny-smolvlm's model and weights in Idefics3ForConditionalGeneration, the class of "
+                              "SmolVLM-256M/500M-Instruct."),
+        # SmolVLM(1) checkpoints: config.json model_type "idefics3", so Idefics3ForConditionalGeneration and
+        # Idefics3Processor (which, unlike SmolVLM2's SmolVLMProcessor, does not need `num2words`).
+        ModelSpec("smolvlm-256m", "SmolVLM-256M-Instruct", size="256M",
+                  checkpoint="HuggingFaceTB/SmolVLM-256M-Instruct"),
+        ModelSpec("smolvlm-500m", "SmolVLM-500M-Instruct", size="500M",
+                  checkpoint="HuggingFaceTB/SmolVLM-500M-Instruct"),
+    )
 
     @staticmethod
     def build_tiny(**kwargs):
@@ -210,12 +225,10 @@ def smolvlm_tokenizer(max_tiles: int = 4):
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    from ..tiny import BASE_WORDS
-
     specials = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<|im_start|>", "<end_of_utterance>", FAKE_TOKEN,
                 GLOBAL_TOKEN] + [f"<row_{r}_col_{c}>" for r in range(1, max_tiles + 1) for c in range(1, max_tiles + 1)]
     vocab = {token: i for i, token in enumerate(specials)}
-    for word in BASE_WORDS + ["User", "Assistant"]:
+    for word in tiny.BASE_WORDS + ["User", "Assistant"]:
         vocab.setdefault(word.lower(), len(vocab))
     core = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
@@ -279,8 +292,6 @@ def tiny_smolvlm(layers: int = 16, hidden: int = 64, tile_size: int = 64, patch_
     import transformers
     from transformers import LlamaConfig
 
-    from ..tiny import _finish
-
     variant = VARIANTS[model_type]
     tokenizer = smolvlm_tokenizer()
     scale_factor = 2
@@ -294,7 +305,7 @@ def tiny_smolvlm(layers: int = 16, hidden: int = 64, tile_size: int = 64, patch_
     config = getattr(transformers, variant.config)(text_config=text, vision_config=vision, scale_factor=scale_factor,
                                                    image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                                                    pad_token_id=tokenizer.pad_token_id)
-    model = _finish(getattr(transformers, variant.model), config, attn_implementation, seed)
+    model = tiny.finish(getattr(transformers, variant.model), config, attn_implementation, seed)
     image_seq_len = (tile_size // patch_size) ** 2 // scale_factor**2
     return model, smolvlm_processor(tokenizer, tile_size, image_seq_len, longest_edge=2 * tile_size,
                                     model_type=model_type)

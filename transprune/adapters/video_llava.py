@@ -10,6 +10,8 @@ import torch
 
 from .. import tiny
 from ..architecture import Shape
+from ..processors import without_video_processor
+from ..spec import ModelSpec
 from ..trace import VisualLayout
 from .llava import LlavaAdapter
 
@@ -23,12 +25,32 @@ class VideoLlavaAdapter(LlavaAdapter):
         "video-llava-7b": Shape(hidden=4096, intermediate=11008, layers=32, visual_tokens=2056),
     }
     timing_arch = "video-llava-7b"
-    build_tiny = staticmethod(tiny.tiny_video_llava)
+    models = (
+        ModelSpec("tiny-video-llava", "Tiny Video-LLaVA (random weights)", size="0.9M",
+                  builder=lambda: tiny_video_llava(), description="Video-LLaVA architecture, random weights."),
+        ModelSpec("video-llava-7b", "Video-LLaVA-7B", size="7B", checkpoint="LanguageBind/Video-LLaVA-7B-hf"),
+    )
+
+    @staticmethod
+    def build_tiny(**kwargs):
+        return tiny_video_llava(**kwargs)
+
     video_frames = 8              # trained on exactly 8 frames, and its checkpoints take no other count
     required_frames = 8
-    video_frames_style = "clip_frames"
 
     # -- video (transprune.video) --------------------------------------------------------------
+    def video_pixel_values(self, image_processor, clips) -> dict:
+        """Each frame through the image processor, as VideoLlavaVideoProcessor does (CLS kept)."""
+        kwargs = dict(return_tensors="pt")
+        if "return_legacy_image_output" in getattr(getattr(image_processor, "valid_kwargs", None),
+                                                   "__annotations__", {}):
+            kwargs["return_legacy_image_output"] = False  # silences a deprecation warning
+        frames = []
+        for clip in clips:
+            out = image_processor(images=clip, **kwargs)
+            frames.append(out.get("pixel_values_images", out.get("pixel_values")))
+        return dict(pixel_values_videos=torch.stack(frames))
+
     def video_token_count(self, model_config, processor, num_frames, frame_size):
         """Per frame the CLS token and the patch grid."""
         vision = model_config.vision_config
@@ -47,3 +69,29 @@ class VideoLlavaAdapter(LlavaAdapter):
                             segment=torch.zeros(num_tokens, dtype=torch.long), segments=["video"],
                             image_size=tuple(frame_size),
                             frame=torch.arange(num_frames).repeat_interleave(side * side + 1))
+
+
+# ---------------------------------------------------------------------------- offline model
+def tiny_video_llava(layers: int = 16, hidden: int = 64, image_size: int = 112, patch_size: int = 14,
+                     attn_implementation: str = "sdpa", seed: int = 0):
+    """(model, processor): a random VideoLlavaForConditionalGeneration (images; videos via transprune.video)."""
+    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration, VideoLlavaProcessor
+    from transformers.models.video_llava.image_processing_video_llava import VideoLlavaImageProcessor
+
+    tokenizer = tiny.word_tokenizer()
+    side = image_size // patch_size
+    config = VideoLlavaConfig(text_config=tiny.llama_text_config(tokenizer, layers, hidden, 4, 2),
+                              vision_config=tiny.clip_vision_config(image_size, patch_size),
+                              image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                              video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+                              projector_hidden_act="gelu", vision_feature_layer=-2,
+                              vision_feature_select_strategy="default", image_seq_length=side * side,
+                              video_seq_length=8 * (side * side + 1))
+    model = tiny.finish(VideoLlavaForConditionalGeneration, config, attn_implementation, seed)
+    image_processor = VideoLlavaImageProcessor(size={"shortest_edge": image_size},
+                                               crop_size={"height": image_size, "width": image_size})
+    processor_class = without_video_processor(VideoLlavaProcessor)   # image-only: no torchvision needed
+    processor = processor_class(video_processor=None, image_processor=image_processor, tokenizer=tokenizer,
+                                patch_size=patch_size, vision_feature_select_strategy="default",
+                                chat_template=tiny.CHAT_TEMPLATE, num_additional_image_tokens=1)
+    return model, processor

@@ -1,12 +1,24 @@
 """The stage protocol between the runner and a pruning method.
 
 A method is one file in `transprune/methods/` plus one `register(...)` line in
-`transprune/methods/__init__.py`; the config validates method names against that registry and
-nothing else needs to know the method. There are two kinds of stage, with a common base:
+`transprune/methods/__init__.py` plus its test file; the config validates method names against that
+registry, and the presets, the app, the eval table, the bench and the shared tests read every fact
+below from it (`tests/test_registry.py` fails when a registered stage lacks one). There are two
+kinds of stage, with a common base. Every stage declares (class attributes):
+
+- `name` (unique in the registry, the string of `PruneConfig.method`) and `label` (shown in the app);
+- `presets`: named PruneConfig field overrides written for a 32-layer model, `method` left out
+  (`transprune.config.PRESETS` collects them; the eval table has a row per preset, the bench and
+  eval take them by name), e.g. `presets = {"keeplast": dict(prune_layers=(2,), keep_ratios=(0.5,))}`;
+- how the app offers it: by default an in-LLM method with a preset of its own name appears under
+  its `label` with that preset at High and half its keep ratios at Low, and a pre-LLM stage with
+  presets appears with the ones that keep the most / least; `app_choices`, `app_budgets` and
+  `control` override that (see `PruningStage`);
+- `test_config` (the fields the shared tests run it with, default its first preset) and
+  `adaptive_keep` (it decides its own counts per input).
 
 **An in-LLM method** (TransPrune, FastV, PDrop, random) subclasses `Method` and provides:
 
-- `name`: the string of `PruneConfig.method` (unique in the registry), and `label` (shown in the app);
 - `needs(self) -> Needs`: what its scores read, from `self.config` (the PruneConfig resolved for
   the model's depth). The runner computes exactly that and nothing more: TTV recorded at
   `ttv_layers`, q/k of the layer after each stage on the stage's output (`next_layer_qk`), q/k of
@@ -37,12 +49,6 @@ original visual tokens, with itself as a stage at layer 0), `tokens_entering_llm
 analytic FLOPs), and `patches` / `layout` (for the overlays). It keeps the share
 `config.pre_llm_keep` and runs alone (`PruneConfig(method=name)`) or before any in-LLM method
 (`PruneConfig(pre_llm=name, ...)`, see `methods.pre_llm_stage`).
-
-Also, for a new method: presets in `transprune.config.PRESETS` (the eval table has a row per
-preset; the bench and eval take presets by name). The app offers every in-LLM method that has a
-preset of its own name, and every pre-LLM stage that has presets (its High and Low budgets are the
-presets that keep the most and the least), under its `label`. And a line in the tests' method
-matrix (`tests/test_peers.py`).
 
 An in-LLM method reads the model only through what the runner hands it (`StageContext`); a
 pre-LLM stage gets the model itself. No method module imports the adapters or the runner
@@ -119,11 +125,26 @@ class Insertion:
 
 
 class PruningStage:
-    """What every registered stage has: a name, a label for people, the config, and a config check."""
+    """What every registered stage has: a name, a label for people, its presets, the config, a config check,
+    and how the app offers it."""
     name = "base"
     label = "base"
     pre_llm = False
     accumulates_ttv = False
+    # Named presets: PruneConfig field overrides written for a 32-layer model (`method` is filled in).
+    presets: dict[str, dict] = {}
+    # The config fields the shared tests (tests/test_peers.py) run it with; None = its first preset.
+    test_config: dict | None = None
+    # True when the method decides how many tokens each stage keeps (StageScores.keep) per input, so
+    # the budget is an upper bound, not the count.
+    adaptive_keep = False
+    # The app: its method choices, UI label -> criterion (None: {label: "transprune"} when it is
+    # offered); how its High / Low budgets are built (None: "own_preset" for an in-LLM method with a
+    # preset of its own name, "pre_llm" for a pre-LLM stage with presets, else not offered);
+    # `control`: listed after the others (the random control).
+    app_choices: dict[str, str] | None = None
+    app_budgets: str | None = None
+    control = False
 
     def __init__(self, config: "PruneConfig"):
         self.config = config
@@ -132,6 +153,33 @@ class PruningStage:
     def check_config(cls, config: "PruneConfig") -> str | None:
         """None if this stage can run `config`, else a sentence saying what to change."""
         return None
+
+    @classmethod
+    def app_kind(cls) -> str | None:
+        """How the app builds this stage's budgets: "transprune_schedule" (TransPrune's High / Low
+        presets), "own_preset" (its preset of its own name at High, half its keep ratios at Low),
+        "pre_llm" (its presets that keep the most / the least), or None (the app does not offer it)."""
+        if cls.app_budgets is not None:
+            return cls.app_budgets
+        if cls.pre_llm:
+            return "pre_llm" if cls.presets else None
+        return "own_preset" if cls.name in cls.presets else None
+
+    @classmethod
+    def ui_choices(cls) -> dict[str, str]:
+        """The app's method choices for this stage, UI label -> criterion; {} when it is not offered."""
+        if cls.app_kind() is None:
+            return {}
+        return dict(cls.app_choices) if cls.app_choices is not None else {cls.label: "transprune"}
+
+    @classmethod
+    def test_values(cls) -> dict:
+        """PruneConfig fields the shared tests run this stage with (`test_config`, or its first preset)."""
+        if cls.test_config is not None:
+            return dict(cls.test_config, method=cls.name)
+        if not cls.presets:
+            raise ValueError(f"{cls.__name__} declares neither presets nor a test_config: give it one.")
+        return dict(next(iter(cls.presets.values())), method=cls.name)
 
 
 class Method(PruningStage):
@@ -194,6 +242,12 @@ class PreLLMStage(PruningStage):
     def tokens_entering_llm(self, visual_tokens: int) -> int:
         """How many of `visual_tokens` reach the language model."""
         return visual_tokens
+
+    @classmethod
+    def kept_split(cls, keep: float, visual_tokens: int) -> list[int] | None:
+        """The stage's own split of what it keeps of `visual_tokens` at share `keep`, for the bench's JSON
+        (VisionZip: [dominant, contextual]); None for a stage that keeps one kind of token."""
+        return None
 
     def patches(self, model) -> int:
         """Tokens one image has before this stage (what its traces index)."""

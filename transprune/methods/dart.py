@@ -89,6 +89,14 @@ class DART(Method):
     """Duplication-aware pruning after layer 2 (see the module docstring)."""
     name = "dart"
     label = "DART"
+    # The released LLaVA settings: once, after layer 2, max_num_trunction M = 128 (default), 64 or 192 of
+    # N = 576, 4 image + 4 text pivots; it keeps 4 + 8 * (M // 8) = 132 / 68 / 196 tokens (see the module
+    # docstring), original positions as released.
+    presets = {
+        "dart": dict(prune_layers=(2,), keep_ratios=(128 / 576,), accumulation_layers=(), positions="original"),
+        "dart-64": dict(prune_layers=(2,), keep_ratios=(64 / 576,), accumulation_layers=(), positions="original"),
+        "dart-192": dict(prune_layers=(2,), keep_ratios=(192 / 576,), accumulation_layers=(), positions="original"),
+    }
 
     @classmethod
     def check_config(cls, config):

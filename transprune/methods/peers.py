@@ -19,6 +19,7 @@ class FastV(Method):
     attends to most in layer K itself (recomputed as a side pass, so SDPA/FA2 still work)."""
     name = "fastv"
     label = "FastV"
+    presets = {"fastv": dict(prune_layers=(2,), keep_ratios=(0.5,), accumulation_layers=(), positions="original")}
 
     def needs(self) -> Needs:
         return Needs(this_layer_qk=True)
@@ -33,6 +34,8 @@ class PDrop(Method):
     attention, computed like IGA with the next layer's projections."""
     name = "pdrop"
     label = "PDrop"
+    presets = {"pdrop": dict(prune_layers=(8, 16, 24), keep_ratios=(0.5, 0.25, 0.125), accumulation_layers=(),
+                             positions="compact")}
 
     def needs(self) -> Needs:
         return Needs(next_layer_qk=True)
@@ -46,6 +49,9 @@ class RandomKeep(Method):
     """Uniform random keep at the same schedule: the control every method must beat."""
     name = "random"
     label = "Random"
+    presets = {"random": dict(prune_layers=(7, 9, 12), keep_ratios=(0.875, 0.625, 0.125), accumulation_layers=())}
+    app_budgets = "transprune_schedule"   # the control runs on TransPrune's High / Low schedules
+    control = True                        # listed last in the app
 
     def score(self, ctx: StageContext) -> StageScores:
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + ctx.layer * 1009 + ctx.sample)

@@ -147,6 +147,16 @@ class SparseVLM(Method):
     """Text-rater attention of the pruning layer itself; released per-stage budgets (see module doc)."""
     name = "sparsevlm"
     label = "SparseVLM"
+    # The released LLaVA budgets: after 1-indexed layers 3, 7, 16 keep 300/200/110 ("192"),
+    # 303/110/36 ("128") or 66/30/17 ("64") of N = 576 (see the module docstring).
+    presets = {
+        "sparsevlm": dict(prune_layers=(3, 7, 16), keep_ratios=(300 / 576, 200 / 576, 110 / 576),
+                          accumulation_layers=(), positions="compact"),
+        "sparsevlm-128": dict(prune_layers=(3, 7, 16), keep_ratios=(303 / 576, 110 / 576, 36 / 576),
+                              accumulation_layers=(), positions="compact"),
+        "sparsevlm-64": dict(prune_layers=(3, 7, 16), keep_ratios=(66 / 576, 30 / 576, 17 / 576),
+                             accumulation_layers=(), positions="compact"),
+    }
 
     def needs(self) -> Needs:
         # The input embeddings (raters) and each pruning layer's q/k on its own input (its attention).
@@ -187,6 +197,11 @@ class SparseVLMRank(SparseVLM):
     """SparseVLM with the rank-adaptive deletion count: keep min(int(rank(P) * scale + bias), c - 1)."""
     name = "sparsevlm_rank"
     label = "SparseVLM (rank-adaptive)"
+    presets = {}                          # none: the app and the eval table do not offer it
+    # The shared tests run it at SparseVLM's released "192" schedule; it decides its own counts.
+    test_config = dict(prune_layers=(3, 7, 16), keep_ratios=(300 / 576, 200 / 576, 110 / 576),
+                       accumulation_layers=(), positions="compact")
+    adaptive_keep = True
     scale = 13.5
     bias = 0.0
 

@@ -10,6 +10,19 @@ class TransPrune(Method):
     name = "transprune"
     label = "TransPrune"
     accumulates_ttv = True
+    # "low" is inferred: the paper prints only its TFLOPs (1.19 on LLaVA-1.5-7B); ratios .5/.25/.0625
+    # at layers 7/9/12 reproduce that figure. "off" keeps everything (the hooks run, nothing is pruned).
+    presets = {
+        "high": dict(prune_layers=(7, 9, 12), keep_ratios=(0.875, 0.625, 0.125),
+                     accumulation_layers=tuple(range(7, 13)), alpha=0.5),
+        "low": dict(prune_layers=(7, 9, 12), keep_ratios=(0.5, 0.25, 0.0625),
+                    accumulation_layers=tuple(range(7, 13)), alpha=0.5),
+        "off": dict(prune_layers=(7, 9, 12), keep_ratios=(1.0, 1.0, 1.0),
+                    accumulation_layers=tuple(range(7, 13)), alpha=0.5),
+    }
+    # The app: TransPrune and its two single criteria, on the High / Low presets above.
+    app_choices = {"TransPrune": "transprune", "TTV-only": "ttv", "IGA-only": "iga"}
+    app_budgets = "transprune_schedule"
 
     @classmethod
     def check_config(cls, config):

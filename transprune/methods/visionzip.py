@@ -289,6 +289,14 @@ class VisionZip(PreLLMStage):
     score_title = "CLS attention"
     supported_models = "LLaVA-1.5-family models"
     default_keep = 64 / 576          # the released LLaVA-1.5 "64" setting
+    # Alone, before the language model, at the released LLaVA-1.5 token counts (of 576 patches); the share
+    # carries over to other patch grids. Stack with an in-LLM preset by name, e.g. "visionzip-128+high".
+    presets = {"visionzip-192": dict(pre_llm_keep=192 / 576), "visionzip-128": dict(pre_llm_keep=128 / 576),
+               "visionzip-64": dict(pre_llm_keep=64 / 576)}
+
+    @classmethod
+    def kept_split(cls, keep: float, visual_tokens: int) -> list[int]:
+        return list(counts(keep, visual_tokens))
 
     def __init__(self, config):
         super().__init__(config)
