@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from transprune import sequence
-from transprune.sequence import DenseMask, PaddingMask, PrunedSequence
+from transprune import masks, positions, sequence
+from transprune import prompt as prompts
+from transprune.masks import DenseMask, PaddingMask
+from transprune.sequence import PrunedSequence
 
 IMAGE, VIDEO, PAD = 7, 8, 0
 
@@ -19,11 +21,11 @@ def _batch():
 
 
 def _sequence():
-    return PrunedSequence.start(sequence.read_prompt(*_batch()))
+    return PrunedSequence.start(prompts.read_prompt(*_batch()))
 
 
 def test_read_prompt_finds_spans_instruction_and_last_token():
-    prompt = sequence.read_prompt(*_batch())
+    prompt = prompts.read_prompt(*_batch())
     assert prompt.visual_positions[0].tolist() == [2, 3, 4, 5]
     assert prompt.visual_spans[0].tolist() == [0, 0, 0, 0]
     assert prompt.visual_spans[1].tolist() == [0, 0, 1, 1]          # image then video: two budgets
@@ -34,12 +36,12 @@ def test_read_prompt_finds_spans_instruction_and_last_token():
 
 def test_span_starts_after_a_gap():
     positions = torch.tensor([2, 3, 6, 7])
-    assert sequence.visual_spans(positions, torch.full((4,), IMAGE)).tolist() == [0, 0, 1, 1]
+    assert prompts.visual_spans(positions, torch.full((4,), IMAGE)).tolist() == [0, 0, 1, 1]
 
 
 def test_a_prompt_ending_with_its_image_uses_the_last_token_as_instruction():
     ids = torch.tensor([[1, IMAGE, IMAGE]])
-    prompt = sequence.read_prompt(ids, ids == IMAGE, None)
+    prompt = prompts.read_prompt(ids, ids == IMAGE, None)
     assert prompt.instruction_positions[0].tolist() == [2]
 
 
@@ -69,20 +71,20 @@ def test_positions_original_and_compact():
     seq = _sequence()
     seq.prune(1, [torch.tensor([1]), torch.tensor([0, 1, 3])])
     ids = torch.arange(8)[None]
-    assert sequence.prefill_positions(seq.view, ids, "original")[1].tolist() == [0, 1, 2, 3, 5, 6, 7]
-    compact = sequence.prefill_positions(seq.view, ids, "compact")
+    assert positions.prefill_positions(seq.view, ids, "original")[1].tolist() == [0, 1, 2, 3, 5, 6, 7]
+    compact = positions.prefill_positions(seq.view, ids, "compact")
     assert compact[1].tolist() == [0, 1, 2, 3, 4, 5, 6]
     assert compact[0, 2:].tolist() == [0, 1, 2, 3, 4]        # renumbered after the dummies
     mrope = torch.stack([ids, ids * 10, ids * 100])           # (3, 1, L)
-    assert sequence.prefill_positions(seq.view, mrope, "original")[2, 1].tolist() == [0, 100, 200, 300, 500, 600, 700]
-    assert sequence.decode_positions(seq.view, torch.tensor([[8], [8]])).tolist() == [[5], [7]]
+    assert positions.prefill_positions(seq.view, mrope, "original")[2, 1].tolist() == [0, 100, 200, 300, 500, 600, 700]
+    assert positions.decode_positions(seq.view, torch.tensor([[8], [8]])).tolist() == [[5], [7]]
 
 
 def test_rotary_rows_follow_the_slots():
     seq = _sequence()
     seq.prune(1, [torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2])])
     cos = torch.arange(8, dtype=torch.float32)[None, :, None].expand(1, 8, 4)
-    gathered, = sequence.gather_rotary(seq.view, (cos,))
+    gathered, = positions.gather_rotary(seq.view, (cos,))
     assert gathered[1, :, 0].tolist() == seq.view.seq_index[1].float().tolist()
 
 
@@ -110,7 +112,7 @@ def test_dense_mask_gathers_rows_and_columns_of_the_full_mask():
 
 
 def test_unpadded_unpruned_batches_keep_no_mask():
-    seq = PrunedSequence.start(sequence.read_prompt(torch.tensor([[1, IMAGE, IMAGE, 2]]),
+    seq = PrunedSequence.start(prompts.read_prompt(torch.tensor([[1, IMAGE, IMAGE, 2]]),
                                                     torch.tensor([[False, True, True, False]]), None))
     seq.prune(1, [torch.tensor([1])])
     assert DenseMask.prefill(seq.view, None) is None
@@ -147,7 +149,7 @@ def test_decode_masks_cover_the_cached_slots_and_the_decoded_tokens():
                                            ("flash_attention_2", PaddingMask),
                                            ("kernels-community/flash-attn", PaddingMask)])
 def test_mask_builder_is_chosen_from_the_table(name, builder):
-    assert sequence.mask_builder(name) is builder
+    assert masks.mask_builder(name) is builder
 
 
 def test_select_keeps_each_spans_budget_in_order():
@@ -192,8 +194,8 @@ def test_inserted_tokens_follow_their_span_and_borrow_a_position():
     assert pruned[1, :, 0].tolist() == [8, 9, 11, 100, 13, 200, 14, 15]
     # Compact positions renumber by slot; original ones take the borrowed position.
     ids = torch.arange(8)[None]
-    assert sequence.prefill_positions(view, ids, "compact")[1].tolist() == list(range(8))
-    assert sequence.prefill_positions(view, ids, "original")[1].tolist() == [0, 1, 3, 2, 5, 4, 6, 7]
+    assert positions.prefill_positions(view, ids, "compact")[1].tolist() == list(range(8))
+    assert positions.prefill_positions(view, ids, "original")[1].tolist() == [0, 1, 3, 2, 5, 4, 6, 7]
     # A second stage keeps the inserted tokens in their slots (still inserted: masks follow slot order).
     seq.prune(5, [torch.tensor([1]), torch.tensor([1, 4, 5])])
     assert seq.view.seq_index[1, -6:].tolist() == [1, 3, 2, 4, 6, 7]
