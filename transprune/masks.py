@@ -1,30 +1,38 @@
 """Attention masks of the layers after a pruning stage: one builder per attention backend and layer type.
 
-A layer's mask is described by a `LayerMask` (its transformers layer type, a sliding window, and
-whether an image's tokens see each other both ways), which the family adapter declares per decoder
-layer (`Adapter.layer_masks`). `MASK_BUILDERS`, keyed by (backend layout, layer type) as
-transformers' `masking_utils` keys its functions, gives the builder; `layer_builder` picks it once
-per layer.
+Each decoder layer has a `LayerMask` (its transformers layer type and sliding window), declared by
+the family adapter (`Adapter.layer_masks`); `MASK_BUILDERS`, keyed by (backend layout, layer
+type) as transformers' `masking_utils` keys its mask functions, gives the layer's builder
+(`layer_builder`, chosen once per layer).
 
-Layouts:
-- "dense" (eager, SDPA, flex): a 4-D (B, 1, q, k) bool or additive float mask, or None for an
-  unpadded causal batch. `DenseMask` gathers the rows and columns of the survivors from the
-  model's own mask, which is exact for a causal mask (and any pattern laid over it that moves with
-  the tokens). `RebuiltMask` builds the mask again over the survivors from the mask functions below
-  (`MASK_FUNCTIONS`): used where a gathered mask would be wrong (a sliding window) or where the
-  model sizes its decode masks against another layer's cache (Gemma 3).
-- "padding" (FlashAttention): a (B, k) 0/1 padding mask; FlashAttention reads gaps in
-  `position_ids` as packed sequences, so layers after a stage get gap-free ids (rotary still comes
-  from `position_embeddings`). FlashAttention applies a sliding window itself, over the keys it is
-  given, which are the survivors: the same convention as `RebuiltMask`.
+Layouts and layer types:
+- "dense" (eager, SDPA, flex), a 4-D (B, 1, q, k) bool or additive float mask, or None for an
+  unpadded causal batch:
+  - "full_attention" (`DenseMask`): the survivors' rows and columns of the model's own mask. Exact
+    for a causal mask and for any pattern over it that moves with the tokens: **bidirectional
+    attention within an image block** (Gemma 3: the tokens of one image see each other both ways)
+    stays right, because the survivors of an image keep their order and stay together.
+  - "sliding_attention" (`SlidingWindowMask`): the same, then the window is counted again over
+    the survivors (below).
+- "padding" (FlashAttention), a (B, k) 0/1 padding mask (`PaddingMask`), both layer types:
+  FlashAttention reads gaps in `position_ids` as packed sequences, so layers after a stage get
+  gap-free ids (rotary still comes from `position_embeddings`); the kernel applies a sliding
+  window itself, over the keys it is given (the survivors): the convention below.
 
 **The sliding-window convention.** After a stage a sliding-window layer counts its window over the
-surviving sequence, as the model itself would over the shorter sequence: a query sees the keys
-fewer than `window` slots before it (kept text and visual tokens, and tokens a stage inserted),
-not fewer than `window` original positions. This is also what the model's KV cache does in
-decoding: a sliding layer (`DynamicSlidingWindowLayer`) keeps the last `window - 1` entries it
-was given, so counting in original positions could not hold beyond prefill. The slow reference
-(`transprune.reference`, which runs the layers on the gathered survivors) builds its masks the same way.
+surviving sequence, as the model itself would over the shorter sequence (transformers 5.24,
+`sliding_window_overlay`: a query at index q sees keys at index k > q - window, causal or in its own
+image block): a query sees the kept tokens fewer than `window` slots before it, not fewer than
+`window` original positions. This is also what the model's KV cache does in decoding: a sliding
+layer (`DynamicSlidingWindowLayer`) keeps the last `window - 1` entries it was given, so a window
+in original positions could not hold beyond prefill. The slow reference (`transprune.reference`,
+which runs the layers on the gathered survivors) builds its masks the same way.
+
+**Decode masks.** transformers sizes a decode step's mask for one layer of each type (the first
+full-attention and the first sliding one). A layer after a stage caches fewer tokens: its mask is
+gathered from the model's when that one is in prompt coordinates, else built from the columns its
+own cache holds (the view's slots, then the decoded tokens; a sliding layer: the last
+`window - 1` of them, then the new tokens).
 """
 
 from __future__ import annotations
@@ -42,31 +50,6 @@ class LayerMask:
     """What one decoder layer's attention mask says, over the sequence that layer sees."""
     layer_type: str = "full_attention"      # transformers' name: "full_attention" or "sliding_attention"
     window: int | None = None               # sliding window: a query sees keys fewer than `window` slots back
-    image_blocks: bool = False              # the tokens of one visual span see each other both ways (Gemma 3)
-
-
-# ---------------------------------------------------------------------------- mask functions over slots
-# Each takes the view, query slots (B, q, 1) and key slots (B, 1, k) and says which pairs may attend,
-# as transformers' masking_utils functions do over positions; `RebuiltMask` combines them:
-# (causal OR image_block) AND sliding_window AND the key is a real token.
-def causal(view: SequenceView, query: torch.Tensor, key: torch.Tensor, spec: LayerMask) -> torch.Tensor:
-    return key <= query
-
-
-def image_block(view: SequenceView, query: torch.Tensor, key: torch.Tensor, spec: LayerMask) -> torch.Tensor:
-    """Both in one visual span (its slots are contiguous: the span's survivors stay together)."""
-    span = view.span
-    query_span = span.gather(1, query[:, :, 0].clamp_max(span.shape[1] - 1))[:, :, None]
-    key_span = span.gather(1, key[:, 0, :].clamp_max(span.shape[1] - 1))[:, None, :]
-    inside = (query < span.shape[1]) & (key < span.shape[1])   # decoded tokens are text
-    return inside & (query_span == key_span) & (query_span >= 0)
-
-
-def sliding_window(view: SequenceView, query: torch.Tensor, key: torch.Tensor, spec: LayerMask) -> torch.Tensor:
-    return key > query - spec.window
-
-
-MASK_FUNCTIONS = {"causal": causal, "image_block": image_block, "sliding_window": sliding_window}
 
 
 def _fill_values(mask: torch.Tensor):
@@ -122,12 +105,63 @@ class DenseMask:
         """The mask of a decode step for a layer that saw `view` in prefill, from the unpruned
         step's mask; `decoded` tokens are cached since prefill, `query_length` are new. Returns
         `mask` itself when it needs no change."""
+        in_prompt_columns = view.slot_of_pos.shape[1] + decoded + query_length
+        if mask is not None and mask.dim() == 4 and mask.shape[-1] != in_prompt_columns:
+            return _own_cache_mask(view, mask, decoded, query_length)   # sized against another layer's cache
         if mask is not None:
             return _gather_decode_mask(view, mask)
         if not view.has_dummy:
             return mask
         keep = _decode_keep(view, decoded + query_length)
         return keep[:, None, None, :].expand(-1, 1, query_length, -1)
+
+
+class SlidingWindowMask:
+    """A sliding-window layer's 4-D masks: `DenseMask`'s, with the window counted over the slots."""
+    gap_free_position_ids = False
+
+    def __init__(self, window: int):
+        self.window = window
+
+    def prefill(self, view: SequenceView, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Keys at or before the query: the real tokens fewer than `window` slots back (the model's
+        own mask says nothing here: its window counted original positions). Keys after the query:
+        the model's own mask, gathered (its image blocks; a window never reaches forward)."""
+        slots = torch.arange(view.width, device=view.seq_index.device)
+        too_far = slots[None, :] <= slots[:, None] - self.window      # (query, key): key `window` or more back
+        if mask is None and not view.has_dummy and not bool(too_far.any()):
+            return None
+        past = _slot_order_mask(view, None) & ~too_far[None, None]
+        gathered = DenseMask.prefill(view, mask)
+        if gathered is None:   # the model passed None: causal, nothing after the query
+            return _in_format(past, mask)
+        if gathered.dtype != torch.bool:
+            gathered = gathered > torch.finfo(gathered.dtype).min / 2
+        future = slots[None, :] > slots[:, None]
+        return _in_format(torch.where(future[None, None], gathered, past), mask)
+
+    def decode(self, view: SequenceView, mask: torch.Tensor | None, decoded: int, query_length: int):
+        if mask is None and not view.has_dummy and bool(view.token_valid.all()):
+            return None   # every column the layer holds is a real token, and the model passed no mask
+        return _own_cache_mask(view, mask, decoded, query_length, self.window)
+
+
+def _own_cache_mask(view: SequenceView, like: torch.Tensor | None, decoded: int, query_length: int,
+                    window: int | None = None) -> torch.Tensor:
+    """(B, 1, q, k) mask of a decode step over the columns a layer of `view` caches: its slots, then
+    the `decoded` tokens, then the `query_length` new ones (a sliding layer keeps the last
+    `window - 1` before the new ones); causal and within the window over those slots; real tokens only.
+    In `like`'s format."""
+    total = view.width + decoded + query_length
+    first = 0 if window is None else max(view.width + decoded - (window - 1), 0)
+    key = torch.arange(first, total, device=view.seq_index.device)
+    query = torch.arange(total - query_length, total, device=key.device)
+    decoded_valid = view.token_valid.new_ones(view.token_valid.shape[0], decoded + query_length)
+    valid = torch.cat([view.token_valid, decoded_valid], 1)[:, key]
+    allowed = key[None, :] <= query[:, None]
+    if window is not None:
+        allowed &= key[None, :] > query[:, None] - window
+    return _in_format((allowed[None] & valid[:, None, :])[:, None], like)
 
 
 class PaddingMask:
@@ -184,49 +218,6 @@ def _gather_decode_mask(view: SequenceView, mask: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-class RebuiltMask:
-    """4-D masks built again over the slots a layer sees, from `MASK_FUNCTIONS` (dense backends).
-
-    Prefill: (causal OR same image block) AND within the window, over the slots, for real tokens;
-    padding and dummy rows see only themselves (their outputs are never read). Decode: the columns
-    the layer's own KV cache holds (a sliding layer: its last `window - 1` entries) then the new
-    tokens, whatever width the model sized its own mask to. Same format as the model's mask (bool,
-    or additive float of its dtype; bool when the model passed None).
-    """
-    gap_free_position_ids = False
-
-    def __init__(self, spec: LayerMask):
-        self.spec = spec
-
-    def _allowed(self, view: SequenceView, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        allowed = MASK_FUNCTIONS["causal"](view, query, key, self.spec)
-        if self.spec.image_blocks:
-            allowed = allowed | MASK_FUNCTIONS["image_block"](view, query, key, self.spec)
-        if self.spec.window is not None:
-            allowed = allowed & MASK_FUNCTIONS["sliding_window"](view, query, key, self.spec)
-        return allowed
-
-    def prefill(self, view: SequenceView, mask: torch.Tensor | None) -> torch.Tensor | None:
-        if mask is None and not view.has_dummy and self.spec == LayerMask():
-            return None
-        slots = torch.arange(view.width, device=view.seq_index.device)
-        allowed = self._allowed(view, slots[None, :, None], slots[None, None, :]) & view.token_valid[:, None, :]
-        allowed |= torch.eye(view.width, dtype=torch.bool, device=slots.device)[None] & ~view.token_valid[:, :, None]
-        return _in_format(allowed[:, None], mask)
-
-    def decode(self, view: SequenceView, mask: torch.Tensor | None, decoded: int, query_length: int):
-        if mask is None and not view.has_dummy and bool(view.token_valid.all()):
-            return None   # every cached column is a real token and the model needs no mask
-        total = view.width + decoded + query_length
-        first = 0 if self.spec.window is None else max(view.width + decoded - (self.spec.window - 1), 0)
-        key = torch.arange(first, total, device=view.seq_index.device)
-        query = torch.arange(total - query_length, total, device=key.device)
-        decoded_valid = view.token_valid.new_ones(view.token_valid.shape[0], decoded + query_length)
-        valid = torch.cat([view.token_valid, decoded_valid], 1)[:, key]
-        allowed = self._allowed(view, query[None, :, None], key[None, None, :]) & valid[:, None, :]
-        return _in_format(allowed[:, None], mask)
-
-
 def _in_format(allowed: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
     """A bool mask `allowed` as `like` is: bool, or additive float of its dtype (bool when None)."""
     if like is None or like.dtype == torch.bool:
@@ -244,10 +235,10 @@ LAYOUTS: dict[str, str] = {
     "flash_attention_3": "padding",
 }
 
-# (layout, layer type) -> builder; a class is the builder itself, a function makes one from the LayerMask.
+# (layout, layer type) -> a function of the layer's LayerMask that gives its builder.
 MASK_BUILDERS: dict[tuple[str, str], object] = {
-    ("dense", "full_attention"): lambda spec: RebuiltMask(spec) if spec.image_blocks else DenseMask,
-    ("dense", "sliding_attention"): RebuiltMask,
+    ("dense", "full_attention"): lambda spec: DenseMask,
+    ("dense", "sliding_attention"): lambda spec: SlidingWindowMask(spec.window),
     ("padding", "full_attention"): lambda spec: PaddingMask,
     ("padding", "sliding_attention"): lambda spec: PaddingMask,   # the kernel windows the survivors itself
 }
@@ -274,5 +265,5 @@ def layer_builder(attn_implementation: str | None, spec: LayerMask = LayerMask()
 
 
 def mask_builder(attn_implementation: str | None):
-    """The builder of a full-attention layer without image blocks (every family but Gemma 3)."""
+    """The builder of a full-attention layer (every layer of a family without layer types)."""
     return layer_builder(attn_implementation)

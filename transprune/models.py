@@ -133,6 +133,8 @@ for _spec in (
               checkpoint="HuggingFaceTB/SmolVLM-500M-Instruct"),
 ):
     register(_spec)
+for _entry in adapters.gemma3.MODELS:   # a family that declares its own entries (issue 21)
+    register(ModelSpec(family="gemma3", builder=None if "checkpoint" in _entry else _tiny("gemma3"), **_entry))
 
 
 def default_device() -> str:

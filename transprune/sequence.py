@@ -38,7 +38,6 @@ class SequenceView:
     slot_of_pos: torch.Tensor    # (B, L) slot of each original position, -1 if removed
     visual_index: torch.Tensor   # index into the sample's visual tokens (PrunedSequence.visual), -1 for text and dummies
     inserted: torch.Tensor       # bool, a token a stage inserted
-    span: torch.Tensor           # span (image or video) of a visual slot, -1 for text and dummies
 
     @property
     def width(self) -> int:
@@ -68,14 +67,12 @@ class SequenceView:
         device = prompt.is_visual.device
         arange = torch.arange(length, device=device).expand(batch, length)
         visual_index = torch.full((batch, length), -1, dtype=torch.long, device=device)
-        span = torch.full((batch, length), -1, dtype=torch.long, device=device)
         for b, positions in enumerate(prompt.visual_positions):
             visual_index[b, positions] = torch.arange(len(positions), device=device)
-            span[b, positions] = prompt.visual_spans[b]
         return cls(seq_index=arange.clone(), dummy=torch.zeros_like(prompt.token_valid),
                    token_valid=prompt.token_valid, removed=torch.zeros(batch, dtype=torch.long, device=device),
                    slot_of_pos=arange.clone(), visual_index=visual_index,
-                   inserted=torch.zeros_like(prompt.token_valid), span=span)
+                   inserted=torch.zeros_like(prompt.token_valid))
 
 
 @dataclass
@@ -126,7 +123,6 @@ def next_view(prompt: Prompt, old: SequenceView, alive: list[torch.Tensor], visu
     gather = torch.zeros(batch, width, dtype=torch.long, device=device)
     dummy = torch.zeros(batch, width, dtype=torch.bool, device=device)
     inserted = torch.zeros(batch, width, dtype=torch.bool, device=device)
-    span = torch.full((batch, width), -1, dtype=torch.long, device=device)
     slot_of_pos = torch.full((batch, length), -1, dtype=torch.long, device=device)
     for b, (source, index) in enumerate(rows):
         pad, is_new = width - len(source), source < 0
@@ -136,12 +132,11 @@ def next_view(prompt: Prompt, old: SequenceView, alive: list[torch.Tensor], visu
         dummy[b, :pad] = True
         seq_index[b, :pad], seq_index[b, pad:] = positions[0], positions
         visual_index[b, pad:], inserted[b, pad:] = index, is_inserted
-        span[b, pad:] = torch.cat([visual[b].spans, visual[b].spans.new_tensor([-1])])[index]   # index -1: text
         gather[b, :pad], gather[b, pad:] = source.clamp_min(0)[0], source.clamp_min(0)
         slot_of_pos[b, positions[~is_inserted]] = torch.arange(pad, width, device=device)[~is_inserted]
     token_valid = prompt.token_valid.gather(1, seq_index) & ~dummy
     removed = torch.tensor([v.prompt_count - len(a) for v, a in zip(visual, alive)], device=device)
-    return SequenceView(seq_index, dummy, token_valid, removed, slot_of_pos, visual_index, inserted, span), gather
+    return SequenceView(seq_index, dummy, token_valid, removed, slot_of_pos, visual_index, inserted), gather
 
 
 def gather_slots(values: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..architecture import Shape
 from ..errors import UnsupportedModelError
 from .base import Adapter
+from .gemma3 import Gemma3Adapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
@@ -49,6 +50,7 @@ register(VideoLlavaAdapter)
 register(LlavaOnevisionAdapter)
 register(Qwen2_5_VLAdapter)
 register(SmolVLMAdapter)
+register(Gemma3Adapter)
 
 
 def by_family(family: str) -> Adapter:
