@@ -35,12 +35,16 @@ What differs from a Llama-style decoder, and where it is handled:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from ..architecture import Shape
 from ..masks import LayerMask
+from ..trace import VisualLayout
 from .base import Adapter
+from .llava import grid_boxes
 
 BOI_TOKEN, IMAGE_TOKEN, EOI_TOKEN = "<start_of_image>", "<image_soft_token>", "<end_of_image>"
 
@@ -72,6 +76,17 @@ class Gemma3Adapter(Adapter):
     def reference_steps(language_model: nn.Module):
         """How `transprune.reference` runs this family's decoder layers."""
         return ReferenceSteps(language_model)
+
+    def visual_layout(self, model, processor, image_size, num_tokens):
+        """One image's soft tokens: a side x side grid, row-major, over the whole image (the processor
+        stretches it to a square); None for pan-and-scan crops (more than one image's worth of tokens)."""
+        side = math.isqrt(num_tokens)
+        if num_tokens != model.config.mm_tokens_per_image or side * side != num_tokens:
+            return None
+        width, height = image_size
+        return VisualLayout(boxes=grid_boxes(side, side, 0.0, 0.0, float(width), float(height)),
+                            segment=torch.zeros(num_tokens, dtype=torch.long), segments=["image"],
+                            image_size=(width, height))
 
     def layer_type(self, model: nn.Module, number: int) -> str:
         return self.text_config(model).layer_types[number - 1]
