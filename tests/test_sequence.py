@@ -5,7 +5,7 @@ import torch
 
 from transprune import masks, positions, sequence
 from transprune import prompt as prompts
-from transprune.masks import DenseMask, PaddingMask
+from transprune.masks import DenseMask, LayerMask, PaddingMask, SlidingWindowMask
 from transprune.sequence import PrunedSequence
 
 IMAGE, VIDEO, PAD = 7, 8, 0
@@ -150,6 +150,58 @@ def test_decode_masks_cover_the_cached_slots_and_the_decoded_tokens():
                                            ("kernels-community/flash-attn", PaddingMask)])
 def test_mask_builder_is_chosen_from_the_table(name, builder):
     assert masks.mask_builder(name) is builder
+
+
+@pytest.mark.parametrize("name, layer_type, expected", [
+    ("sdpa", "full_attention", DenseMask), ("eager", "sliding_attention", SlidingWindowMask),
+    ("flash_attention_2", "full_attention", PaddingMask), ("flash_attention_2", "sliding_attention", PaddingMask)])
+def test_each_backend_and_layer_type_has_a_builder(name, layer_type, expected):
+    builder = masks.layer_builder(name, LayerMask(layer_type, 3 if layer_type == "sliding_attention" else None))
+    assert builder is expected or isinstance(builder, expected)
+    assert masks.layer_builder(name, LayerMask("sliding_attention", 3)) is masks.layer_builder(
+        name, LayerMask("sliding_attention", 3))     # one builder per kind of layer: layers alike share masks
+    with pytest.raises(ValueError, match="chunked_attention"):
+        masks.layer_builder(name, LayerMask("chunked_attention"))
+
+
+def _image_block_mask(length: int, block: range) -> torch.Tensor:
+    """(1, 1, L, L) bool: causal, and the positions of `block` see each other both ways (Gemma 3)."""
+    query, key = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    inside = torch.tensor([i in block for i in range(length)])
+    return ((key <= query) | (inside[:, None] & inside[None, :]))[None, None]
+
+
+def test_sliding_window_counts_slots_and_keeps_image_blocks():
+    """Prompt [t, t, I, I, I, I, t, t]; the image sees itself both ways; keep I2 and I5 (positions 3, 5)."""
+    ids = torch.tensor([[1, 1, IMAGE, IMAGE, IMAGE, IMAGE, 2, 3]])
+    seq = PrunedSequence.start(prompts.read_prompt(ids, ids == IMAGE, None))
+    seq.prune(1, [torch.tensor([1, 3])])                      # slots: t0 t1 I3 I5 t6 t7
+    mask = SlidingWindowMask(3).prefill(seq.view, _image_block_mask(8, range(2, 6)))
+    # A query sees keys fewer than 3 slots back (t6 sees I3: 4 positions back, 2 slots back), and
+    # the kept image tokens see each other both ways.
+    expected = torch.tensor([[1, 0, 0, 0, 0, 0],
+                             [1, 1, 0, 0, 0, 0],
+                             [1, 1, 1, 1, 0, 0],
+                             [0, 1, 1, 1, 0, 0],
+                             [0, 0, 1, 1, 1, 0],
+                             [0, 0, 0, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask[0, 0], expected)
+    additive = SlidingWindowMask(3).prefill(seq.view, _image_block_mask(8, range(2, 6)).float().log())
+    assert torch.equal(additive[0, 0] == 0, expected)
+
+
+def test_sliding_decode_masks_cover_only_the_layers_window():
+    """Padded row 0 keeps 5 real slots of 7 (2 dummies): a window of 4 caches its last 3 entries."""
+    seq = _sequence()
+    seq.prune(1, [torch.tensor([1]), torch.tensor([0, 1, 3])])
+    like = torch.ones(2, 1, 1, 4, dtype=torch.bool)           # whatever width the model sized it to
+    decoded = SlidingWindowMask(4).decode(seq.view, like, 0, 1)
+    assert decoded.shape == (2, 1, 1, 4) and bool(decoded.all())   # the last 3 slots are real tokens
+    early = SlidingWindowMask(20).decode(seq.view, like, 2, 1)    # window not full: every slot, then 3 decoded
+    assert early[0, 0, 0].tolist() == seq.view.token_valid[0].tolist() + [True] * 3
+    # A full-attention mask the model sized against a pruned layer's cache: the layer's own columns.
+    own = DenseMask.decode(seq.view, torch.ones(2, 1, 1, 10, dtype=torch.bool), 2, 1)
+    assert own[0, 0, 0].tolist() == seq.view.token_valid[0].tolist() + [True] * 3
 
 
 def test_select_keeps_each_spans_budget_in_order():
