@@ -40,6 +40,7 @@ import math
 import torch
 from torch import nn
 
+from .. import compat
 from ..architecture import Shape
 from ..masks import LayerMask
 from ..trace import VisualLayout
@@ -106,8 +107,6 @@ class Gemma3Adapter(Adapter):
     def side_position_embeddings(self, model: nn.Module, number: int, layer_kwargs: dict, hidden: torch.Tensor):
         """Layer `number`'s own type of rotary at the positions the latest layer saw (the same rows the
         language model would hand it: rotary is computed per position)."""
-        from .. import compat
-
         position_ids = compat.require(layer_kwargs, "position_ids", "A Gemma 3 decoder layer")
         return self.layer_rotary(model, number, hidden, position_ids)
 
