@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from transprune import sequence
-from transprune.sequence import DenseMask, PaddingMask, PrunedSequence
+from transprune import masks, positions, sequence
+from transprune import prompt as prompts
+from transprune.masks import DenseMask, LayerMask, PaddingMask, SlidingWindowMask
+from transprune.sequence import PrunedSequence
 
 IMAGE, VIDEO, PAD = 7, 8, 0
 
@@ -19,11 +21,11 @@ def _batch():
 
 
 def _sequence():
-    return PrunedSequence.start(sequence.read_prompt(*_batch()))
+    return PrunedSequence.start(prompts.read_prompt(*_batch()))
 
 
 def test_read_prompt_finds_spans_instruction_and_last_token():
-    prompt = sequence.read_prompt(*_batch())
+    prompt = prompts.read_prompt(*_batch())
     assert prompt.visual_positions[0].tolist() == [2, 3, 4, 5]
     assert prompt.visual_spans[0].tolist() == [0, 0, 0, 0]
     assert prompt.visual_spans[1].tolist() == [0, 0, 1, 1]          # image then video: two budgets
@@ -34,12 +36,12 @@ def test_read_prompt_finds_spans_instruction_and_last_token():
 
 def test_span_starts_after_a_gap():
     positions = torch.tensor([2, 3, 6, 7])
-    assert sequence.visual_spans(positions, torch.full((4,), IMAGE)).tolist() == [0, 0, 1, 1]
+    assert prompts.visual_spans(positions, torch.full((4,), IMAGE)).tolist() == [0, 0, 1, 1]
 
 
 def test_a_prompt_ending_with_its_image_uses_the_last_token_as_instruction():
     ids = torch.tensor([[1, IMAGE, IMAGE]])
-    prompt = sequence.read_prompt(ids, ids == IMAGE, None)
+    prompt = prompts.read_prompt(ids, ids == IMAGE, None)
     assert prompt.instruction_positions[0].tolist() == [2]
 
 
@@ -69,20 +71,20 @@ def test_positions_original_and_compact():
     seq = _sequence()
     seq.prune(1, [torch.tensor([1]), torch.tensor([0, 1, 3])])
     ids = torch.arange(8)[None]
-    assert sequence.prefill_positions(seq.view, ids, "original")[1].tolist() == [0, 1, 2, 3, 5, 6, 7]
-    compact = sequence.prefill_positions(seq.view, ids, "compact")
+    assert positions.prefill_positions(seq.view, ids, "original")[1].tolist() == [0, 1, 2, 3, 5, 6, 7]
+    compact = positions.prefill_positions(seq.view, ids, "compact")
     assert compact[1].tolist() == [0, 1, 2, 3, 4, 5, 6]
     assert compact[0, 2:].tolist() == [0, 1, 2, 3, 4]        # renumbered after the dummies
     mrope = torch.stack([ids, ids * 10, ids * 100])           # (3, 1, L)
-    assert sequence.prefill_positions(seq.view, mrope, "original")[2, 1].tolist() == [0, 100, 200, 300, 500, 600, 700]
-    assert sequence.decode_positions(seq.view, torch.tensor([[8], [8]])).tolist() == [[5], [7]]
+    assert positions.prefill_positions(seq.view, mrope, "original")[2, 1].tolist() == [0, 100, 200, 300, 500, 600, 700]
+    assert positions.decode_positions(seq.view, torch.tensor([[8], [8]])).tolist() == [[5], [7]]
 
 
 def test_rotary_rows_follow_the_slots():
     seq = _sequence()
     seq.prune(1, [torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2])])
     cos = torch.arange(8, dtype=torch.float32)[None, :, None].expand(1, 8, 4)
-    gathered, = sequence.gather_rotary(seq.view, (cos,))
+    gathered, = positions.gather_rotary(seq.view, (cos,))
     assert gathered[1, :, 0].tolist() == seq.view.seq_index[1].float().tolist()
 
 
@@ -110,7 +112,7 @@ def test_dense_mask_gathers_rows_and_columns_of_the_full_mask():
 
 
 def test_unpadded_unpruned_batches_keep_no_mask():
-    seq = PrunedSequence.start(sequence.read_prompt(torch.tensor([[1, IMAGE, IMAGE, 2]]),
+    seq = PrunedSequence.start(prompts.read_prompt(torch.tensor([[1, IMAGE, IMAGE, 2]]),
                                                     torch.tensor([[False, True, True, False]]), None))
     seq.prune(1, [torch.tensor([1])])
     assert DenseMask.prefill(seq.view, None) is None
@@ -147,7 +149,59 @@ def test_decode_masks_cover_the_cached_slots_and_the_decoded_tokens():
                                            ("flash_attention_2", PaddingMask),
                                            ("kernels-community/flash-attn", PaddingMask)])
 def test_mask_builder_is_chosen_from_the_table(name, builder):
-    assert sequence.mask_builder(name) is builder
+    assert masks.mask_builder(name) is builder
+
+
+@pytest.mark.parametrize("name, layer_type, expected", [
+    ("sdpa", "full_attention", DenseMask), ("eager", "sliding_attention", SlidingWindowMask),
+    ("flash_attention_2", "full_attention", PaddingMask), ("flash_attention_2", "sliding_attention", PaddingMask)])
+def test_each_backend_and_layer_type_has_a_builder(name, layer_type, expected):
+    builder = masks.layer_builder(name, LayerMask(layer_type, 3 if layer_type == "sliding_attention" else None))
+    assert builder is expected or isinstance(builder, expected)
+    assert masks.layer_builder(name, LayerMask("sliding_attention", 3)) is masks.layer_builder(
+        name, LayerMask("sliding_attention", 3))     # one builder per kind of layer: layers alike share masks
+    with pytest.raises(ValueError, match="chunked_attention"):
+        masks.layer_builder(name, LayerMask("chunked_attention"))
+
+
+def _image_block_mask(length: int, block: range) -> torch.Tensor:
+    """(1, 1, L, L) bool: causal, and the positions of `block` see each other both ways (Gemma 3)."""
+    query, key = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    inside = torch.tensor([i in block for i in range(length)])
+    return ((key <= query) | (inside[:, None] & inside[None, :]))[None, None]
+
+
+def test_sliding_window_counts_slots_and_keeps_image_blocks():
+    """Prompt [t, t, I, I, I, I, t, t]; the image sees itself both ways; keep I2 and I5 (positions 3, 5)."""
+    ids = torch.tensor([[1, 1, IMAGE, IMAGE, IMAGE, IMAGE, 2, 3]])
+    seq = PrunedSequence.start(prompts.read_prompt(ids, ids == IMAGE, None))
+    seq.prune(1, [torch.tensor([1, 3])])                      # slots: t0 t1 I3 I5 t6 t7
+    mask = SlidingWindowMask(3).prefill(seq.view, _image_block_mask(8, range(2, 6)))
+    # A query sees keys fewer than 3 slots back (t6 sees I3: 4 positions back, 2 slots back), and
+    # the kept image tokens see each other both ways.
+    expected = torch.tensor([[1, 0, 0, 0, 0, 0],
+                             [1, 1, 0, 0, 0, 0],
+                             [1, 1, 1, 1, 0, 0],
+                             [0, 1, 1, 1, 0, 0],
+                             [0, 0, 1, 1, 1, 0],
+                             [0, 0, 0, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask[0, 0], expected)
+    additive = SlidingWindowMask(3).prefill(seq.view, _image_block_mask(8, range(2, 6)).float().log())
+    assert torch.equal(additive[0, 0] == 0, expected)
+
+
+def test_sliding_decode_masks_cover_only_the_layers_window():
+    """Padded row 0 keeps 5 real slots of 7 (2 dummies): a window of 4 caches its last 3 entries."""
+    seq = _sequence()
+    seq.prune(1, [torch.tensor([1]), torch.tensor([0, 1, 3])])
+    like = torch.ones(2, 1, 1, 4, dtype=torch.bool)           # whatever width the model sized it to
+    decoded = SlidingWindowMask(4).decode(seq.view, like, 0, 1)
+    assert decoded.shape == (2, 1, 1, 4) and bool(decoded.all())   # the last 3 slots are real tokens
+    early = SlidingWindowMask(20).decode(seq.view, like, 2, 1)    # window not full: every slot, then 3 decoded
+    assert early[0, 0, 0].tolist() == seq.view.token_valid[0].tolist() + [True] * 3
+    # A full-attention mask the model sized against a pruned layer's cache: the layer's own columns.
+    own = DenseMask.decode(seq.view, torch.ones(2, 1, 1, 10, dtype=torch.bool), 2, 1)
+    assert own[0, 0, 0].tolist() == seq.view.token_valid[0].tolist() + [True] * 3
 
 
 def test_select_keeps_each_spans_budget_in_order():
@@ -192,8 +246,8 @@ def test_inserted_tokens_follow_their_span_and_borrow_a_position():
     assert pruned[1, :, 0].tolist() == [8, 9, 11, 100, 13, 200, 14, 15]
     # Compact positions renumber by slot; original ones take the borrowed position.
     ids = torch.arange(8)[None]
-    assert sequence.prefill_positions(view, ids, "compact")[1].tolist() == list(range(8))
-    assert sequence.prefill_positions(view, ids, "original")[1].tolist() == [0, 1, 3, 2, 5, 4, 6, 7]
+    assert positions.prefill_positions(view, ids, "compact")[1].tolist() == list(range(8))
+    assert positions.prefill_positions(view, ids, "original")[1].tolist() == [0, 1, 3, 2, 5, 4, 6, 7]
     # A second stage keeps the inserted tokens in their slots (still inserted: masks follow slot order).
     seq.prune(5, [torch.tensor([1]), torch.tensor([1, 4, 5])])
     assert seq.view.seq_index[1, -6:].tolist() == [1, 3, 2, 4, 6, 7]

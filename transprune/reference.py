@@ -6,8 +6,10 @@ TTV with its own formula from the sub-modules' inputs/outputs, IGA from the atte
 probabilities the next layer's own eager attention returns. The library must agree with it.
 
 It ships with the package so `python -m transprune.doctor` can check an installation against it;
-it shares nothing with the runner except `compat.cache_keyword` (the name the cache travels under) and
-the family adapter's `language_model` (where the decoder sits in the model).
+it shares nothing with the runner except `compat.cache_keyword` (the name the cache travels under)
+and the adapter's `language_model` (where the decoder sits). A family whose decoder layers are not
+Llama-style (other norms, per-layer rotary or masks) gives its own steps (`reference_steps` on its
+adapter, written in its own module); `LlamaSteps` is the default.
 """
 
 from __future__ import annotations
@@ -32,6 +34,29 @@ def _additive_causal_mask(n, dtype):
     return mask[None, None]
 
 
+class LlamaSteps:
+    """How the reference runs one Llama-style decoder layer: one rotary, a causal mask, pre-norms."""
+
+    def __init__(self, language_model):
+        self.lm = language_model
+
+    def rotary(self, hidden, positions, number: int):
+        return self.lm.rotary_emb(hidden, positions)
+
+    def mask(self, kept, is_visual, number: int, dtype):
+        return _additive_causal_mask(len(kept), dtype)
+
+    def layer(self, layer, hidden, cos_sin, mask, cache_kwargs):
+        """(output, (attention input, attention output), (MLP input, MLP output))."""
+        normed = layer.input_layernorm(hidden)
+        attn_out, _ = layer.self_attn(hidden_states=normed, position_embeddings=cos_sin, attention_mask=mask,
+                                      **cache_kwargs)
+        mid = hidden + attn_out
+        normed2 = layer.post_attention_layernorm(mid)
+        mlp_out = layer.mlp(normed2)
+        return mid + mlp_out, (normed, attn_out), (normed2, mlp_out)
+
+
 class Reference:
     def __init__(self, model, config, spans=None):
         """`config` must already be resolved for the model's depth (PruneConfig.resolve).
@@ -40,7 +65,9 @@ class Reference:
         is not one contiguous run (SmolVLM tiles); None = runs of adjacent tokens with one token id.
         """
         self.model, self.config, self.span_override = model, config, spans
-        self.lm = adapters.for_model(model).language_model(model)
+        adapter = adapters.for_model(model)
+        self.lm = adapter.language_model(model)
+        self.steps = getattr(adapter, "reference_steps", LlamaSteps)(self.lm)
         self.layers = self.lm.layers
         self.stages = dict(zip(config.prune_layers, config.keep_ratios))
 
@@ -123,22 +150,18 @@ class Reference:
         for number, layer in enumerate(self.layers, start=1):
             removed_for_layer.append(removed)
             pos = positions(removed)
-            cos_sin = self.lm.rotary_emb(hidden, pos)
-            mask = _additive_causal_mask(hidden.shape[1], hidden.dtype)
-            normed = layer.input_layernorm(hidden)
-            attn_out, _ = layer.self_attn(hidden_states=normed, position_embeddings=cos_sin, attention_mask=mask,
-                                          **{cache_keyword: cache})
-            mid = hidden + attn_out
-            normed2 = layer.post_attention_layernorm(mid)
-            mlp_out = layer.mlp(normed2)
-            out = mid + mlp_out
+            cos_sin = self.steps.rotary(hidden, pos, number)
+            mask = self.steps.mask(kept_seq, is_visual, number, hidden.dtype)
+            out, (normed, attn_out), (normed2, mlp_out) = self.steps.layer(layer, hidden, cos_sin, mask,
+                                                                           {cache_keyword: cache})
             vis_slots = torch.searchsorted(kept_seq, visual_positions[alive])
             if number in config.effective_accumulation_layers:
                 ttv_acc[alive] += (_ttv(normed, attn_out, config.direction) +
                                    _ttv(normed2, mlp_out, config.direction))[vis_slots]
             if number in self.stages:
                 ttv = ttv_acc[alive] / (ttv_acc[alive].sum() + 1e-8)
-                probs = self._attention_probs(self.layers[number], out, cos_sin).mean(0)
+                # IGA: layer p+1's own q/k (and its type's rotary) on layer p's output, causal.
+                probs = self._attention_probs(self.layers[number], out, self.steps.rotary(out, pos, number + 1)).mean(0)
                 instruction = (~is_visual[kept_seq]).nonzero().flatten()
                 instruction = instruction[kept_seq[instruction] > visual_positions[-1]]
                 iga = probs[instruction][:, vis_slots].mean(0)
@@ -173,12 +196,10 @@ class Reference:
                     step_position = (model_positions.max() + 1 + step).view(1, 1, 1).expand(3, 1, 1)
                 else:
                     step_position = torch.tensor([[position - shift]])
-                cos_sin = self.lm.rotary_emb(hidden, step_position)
-                normed = layer.input_layernorm(hidden)
-                attn_out, _ = layer.self_attn(hidden_states=normed, position_embeddings=cos_sin,
-                                              attention_mask=None, **{cache_keyword: cache})
-                mid = hidden + attn_out
-                hidden = mid + layer.mlp(layer.post_attention_layernorm(mid))
+                cos_sin = self.steps.rotary(hidden, step_position, number)
+                # No mask: one new token sees every key its layer caches (a sliding layer's cache keeps
+                # only the last window - 1 of them).
+                hidden, _, _ = self.steps.layer(layer, hidden, cos_sin, None, {cache_keyword: cache})
             step_logits = model.lm_head(self.lm.norm(hidden))[0, -1]
             generated.append(int(step_logits.argmax()))
             step_logits_all.append(step_logits)

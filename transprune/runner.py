@@ -14,7 +14,8 @@ forward hooks and pre-hooks:
   gathered hidden states, which become the next layer's input.
 
 The state of one prefill is a `transprune.sequence.PrunedSequence` (which token each slot holds,
-per stage); every tensor computation on it lives there. Model-family facts come from the adapter
+per stage); every tensor computation on it lives there, and what a layer after a stage receives
+(positions, rotary, mask) in `transprune.positions` and `transprune.masks`. Model-family facts come from the adapter
 (`transprune.adapters`), scores from the method (`transprune.methods`), which declares what it
 reads (`Method.needs()`); this module decides how that is computed and reused.
 """
@@ -30,7 +31,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import adapters, compat, methods, resolve, scoring, sequence
+from . import adapters, compat, masks, methods, positions, resolve, scoring, sequence
 from .config import PruneConfig, as_config
 from .errors import PruningInputError
 from .methods.base import Needs
@@ -56,11 +57,11 @@ class _Prefill:
     layer_inputs: dict = field(default_factory=dict)       # layer -> its input (Needs.this_layer_qk)
     input_embeddings: torch.Tensor | None = None           # layer 1's input (Needs.input_embeddings)
     key_projections: dict = field(default_factory=dict)    # layer -> its key projection, to reuse
-    memo: sequence.Memo = field(default_factory=sequence.Memo)        # per stage: gathered layer kwargs
+    memo: positions.Memo = field(default_factory=positions.Memo)        # per stage: gathered layer kwargs
     guard: compat.DecodeGuard | None = None  # set when the pruned prefill returned its KV cache
     decoding: bool = False
     steps: int = 0                           # tokens decoded before the current step
-    step_memo: sequence.Memo = field(default_factory=sequence.Memo)   # per decode step: adjusted layer kwargs
+    step_memo: positions.Memo = field(default_factory=positions.Memo)   # per decode step: adjusted layer kwargs
 
 
 class Pruner:
@@ -91,7 +92,8 @@ class Pruner:
         self.needs = self.method.needs() if self.method is not None else Needs()
         self.prune_layers = self.config.prune_layers
         self.input_layers = set(self.prune_layers) if self.needs.this_layer_qk else set()
-        self.masks = sequence.mask_builder(self.adapter.attn_implementation(model))
+        self.masks = [masks.layer_builder(self.adapter.attn_implementation(model), spec)
+                      for spec in self.adapter.layer_masks(model)]   # per layer
         self.traces: list[PruneTrace] = []
         self.timer: Callable | None = None
         self.reuse_listener: Callable | None = None
@@ -213,7 +215,7 @@ class Pruner:
                 "Generate from the prompt with the pruner attached, in one call."))
             return
         steps = state.guard.check(cache, "before a decode step")
-        state.decoding, state.steps, state.step_memo = True, steps, sequence.Memo()
+        state.decoding, state.steps, state.step_memo = True, steps, positions.Memo()
 
     def _after_model_call(self, module, args, kwargs, output):
         cache, state = compat.output_cache(output), self._state
@@ -238,11 +240,13 @@ class Pruner:
             view = state.sequence.view_for_layer(number)
             if view is None:
                 return None
-            return args, compat.replace(kwargs, **sequence.decode_layer_kwargs(
-                view, kwargs, hidden, self.config.positions, self.masks, self._rotary, state.steps, state.step_memo))
+            return args, compat.replace(kwargs, **positions.decode_layer_kwargs(
+                view, kwargs, hidden, self.config.positions, self.masks[number - 1],
+                functools.partial(self._rotary, number), state.steps, state.step_memo))
         if state.sequence.pruned:
-            kwargs = compat.replace(kwargs, **sequence.prefill_layer_kwargs(
-                state.sequence.view, kwargs, hidden, self.config.positions, self.masks, self._rotary, state.memo))
+            kwargs = compat.replace(kwargs, **positions.prefill_layer_kwargs(
+                state.sequence.view, kwargs, hidden, self.config.positions, self.masks[number - 1],
+                functools.partial(self._rotary, number), state.memo))
         state.layer_kwargs = kwargs
         if number in self.input_layers:
             state.layer_inputs[number] = hidden
@@ -253,8 +257,8 @@ class Pruner:
             trace.visual_tokens_per_layer.append(visual)
         return args, kwargs
 
-    def _rotary(self, hidden, position_ids):
-        return self.adapter.rotary(self.model, hidden, position_ids)
+    def _rotary(self, number, hidden, position_ids):
+        return self.adapter.layer_rotary(self.model, number, hidden, position_ids)
 
     def _after_attention(self, module, args, kwargs, output):
         self._record_ttv(compat.hidden_states(args, kwargs), output[0] if isinstance(output, tuple) else output)
@@ -280,7 +284,9 @@ class Pruner:
         ratio = self.config.keep_ratios[self.prune_layers.index(number)]
         seq = state.sequence
         scorer = SidePasses(self.adapter, self.layers, number, hidden,
-                            compat.get(state.layer_kwargs, "position_embeddings"), seq.query_slots(),
+                            compat.get(state.layer_kwargs, "position_embeddings"),
+                            self.adapter.side_position_embeddings(self.model, number + 1, state.layer_kwargs, hidden),
+                            seq.query_slots(),
                             state.layer_inputs.get(number), state.key_projections.get(number),
                             self.adapter.final_norm(self.model) if self.needs.final_norm_output else None)
         alive, anchors, tokens = list(seq.alive), [None] * len(seq.alive), [None] * len(seq.alive)
@@ -300,7 +306,7 @@ class Pruner:
         state.layer_inputs.pop(number, None)
         state.key_projections.pop(number, None)
         gather = seq.prune(number, alive, anchors)
-        state.memo = sequence.Memo()
+        state.memo = positions.Memo()
         if scorer.next_key_proj is not None and not any(t is not None for t in tokens):
             # Key reuse only when every slot is gathered: an inserted token has no key projection yet.
             state.key_projections[number + 1] = sequence.gather_slots(scorer.next_key_proj, gather)

@@ -22,14 +22,17 @@ class SidePasses:
 
     `hidden`: layer `number`'s output (B, n, d); `layer_input`: its input (only for
     `this_layer_qk`); `lent_keys`: its own key projection of that input, if it lent it.
+    `position_embeddings`: layer `number`'s (cos, sin); `next_position_embeddings`: those layer
+    number+1 uses on the same sequence (they differ where layer types have their own rotary, Gemma 3).
     """
 
     def __init__(self, adapter, layers, number: int, hidden: torch.Tensor, position_embeddings,
-                 query_slots: torch.Tensor, layer_input: torch.Tensor | None = None,
+                 next_position_embeddings, query_slots: torch.Tensor, layer_input: torch.Tensor | None = None,
                  lent_keys: torch.Tensor | None = None, final_norm: nn.Module | None = None):
         self.adapter, self.layers, self.number, self.hidden = adapter, layers, number, hidden
         self.final_norm = final_norm   # the language model's last norm (Needs.final_norm_output), else None
         self.position_embeddings, self.query_slots = position_embeddings, query_slots
+        self.next_position_embeddings = next_position_embeddings
         self.layer_input, self.lent_keys = layer_input, lent_keys
         self.next_scaling = adapter.attention_scaling(layers[number])
         self.this_scaling = adapter.attention_scaling(layers[number - 1])
@@ -41,7 +44,7 @@ class SidePasses:
         """(q (H, n, hd), k (Hkv, n, hd)) of layer number+1 on layer number's output."""
         if self._next is None:
             *self._next, self.next_key_proj = self.adapter.side_projection(
-                self.layers[self.number], self.hidden, self.position_embeddings, self.query_slots)
+                self.layers[self.number], self.hidden, self.next_position_embeddings, self.query_slots)
         return self._next[0][sample], self._next[1][sample]
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ from ..architecture import Shape
 from ..spec import ModelSpec
 from ..errors import UnsupportedModelError
 from .base import Adapter
+from .gemma3 import Gemma3Adapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
@@ -72,6 +73,7 @@ register(VideoLlavaAdapter)
 register(LlavaOnevisionAdapter)
 register(Qwen2_5_VLAdapter)
 register(SmolVLMAdapter)
+register(Gemma3Adapter)
 
 
 def by_family(family: str) -> Adapter:

@@ -49,13 +49,15 @@ A family's adapter provides (class attributes unless noted; the defaults fit Lla
   `query_projection_name`;
 - positions: `default_positions`, `allowed_positions` (`transprune.resolve` applies them),
   `rotary(model, hidden, position_ids)` and `apply_rotary` (M-RoPE families override them if
-  their layout differs);
+  their layout differs); per layer, where layers differ: `layer_rotary`,
+  `side_position_embeddings`, and `layer_masks` (each layer's `transprune.masks.LayerMask`: layer
+  type, sliding window, bidirectional image blocks);
 - side passes: `side_projection(layer, hidden, position_embeddings, query_slots)` (input norm,
   q/k projections with biases, q/k norms, rotary; override for another attention layout) and
   `attention_scaling(layer)`; `attn_implementation(model)` picks the mask builder;
 - tokens: `visual_token_ids(model)` / `visual_mask(model, input_ids)` (every token the vision
   path fills in), `read_prompt(...)` (visual spans and the instruction; see
-  `transprune.sequence.read_prompt`);
+  `transprune.prompt.read_prompt`);
 - `build_tiny(attn_implementation=..., seed=...)` -> (model, processor): the offline tiny model
   of the family (16 decoder layers, random weights, float32, fixed seed, offline processor) the
   tests and the app use, written in the family's module (`transprune.tiny` has the shared
@@ -77,7 +79,9 @@ import sys
 import torch
 from torch import nn
 
-from .. import sequence
+from .. import compat
+from .. import prompt as prompts
+from ..masks import LayerMask
 from ..architecture import Shape
 from ..spec import ModelSpec
 from ..errors import UnsupportedModelError
@@ -175,14 +179,28 @@ class Adapter:
         return mask
 
     def read_prompt(self, model: nn.Module, input_ids: torch.Tensor, is_visual: torch.Tensor,
-                    attention_mask: torch.Tensor | None) -> sequence.Prompt:
+                    attention_mask: torch.Tensor | None) -> prompts.Prompt:
         """Visual tokens, their spans (one per image or video) and the instruction of each sample."""
-        return sequence.read_prompt(input_ids, is_visual, attention_mask)
+        return prompts.read_prompt(input_ids, is_visual, attention_mask)
 
     # ----------------------------------------------------------------- positions
     def rotary(self, model: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor):
         """(cos, sin) for the given position ids, as the language model computes them."""
         return self.language_model(model).rotary_emb(hidden, position_ids=position_ids)
+
+    def layer_rotary(self, model: nn.Module, number: int, hidden: torch.Tensor, position_ids: torch.Tensor):
+        """(cos, sin) of decoder layer `number` (1-indexed): `rotary`, unless layers differ (Gemma 3)."""
+        return self.rotary(model, hidden, position_ids)
+
+    def side_position_embeddings(self, model: nn.Module, number: int, layer_kwargs: dict, hidden: torch.Tensor):
+        """(cos, sin) that layer `number` would use on the sequence the latest layer saw (its
+        `layer_kwargs`): the same ones, unless layers differ (Gemma 3)."""
+        return compat.get(layer_kwargs, "position_embeddings")
+
+    def layer_masks(self, model: nn.Module) -> list[LayerMask]:
+        """Per decoder layer, what its attention mask says (`transprune.masks`): causal everywhere
+        unless the family interleaves layer types (Gemma 3)."""
+        return [LayerMask()] * len(self.decoder_layers(model))
 
     def apply_rotary(self, attn: nn.Module, query, key, cos, sin):
         module = sys.modules[type(attn).__module__]

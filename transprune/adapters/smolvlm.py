@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import sequence, tiny
+from .. import prompt as prompts, tiny
 from ..architecture import Shape
 from ..spec import ModelSpec
 from ..trace import VisualLayout
@@ -117,7 +117,7 @@ class SmolVLMAdapter(Adapter):
         return model.model.text_model
 
     def read_prompt(self, model: nn.Module, input_ids: torch.Tensor, is_visual: torch.Tensor,
-                    attention_mask: torch.Tensor | None) -> sequence.Prompt:
+                    attention_mask: torch.Tensor | None) -> prompts.Prompt:
         """The base prompt, with one span per image across its tiles and global view (`visual_spans`)."""
         prompt = super().read_prompt(model, input_ids, is_visual, attention_mask)
         prompt.visual_spans = [self.visual_spans(model, input_ids[b], positions)
