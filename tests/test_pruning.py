@@ -43,8 +43,8 @@ def test_keep_all_schedule_is_bit_identical(family, attn, single):
 def test_pruned_prefill_and_generation_match_slow_reference(family, positions, preset, single):
     model, inputs = single(family, "eager")
     config = PruneConfig.preset(preset, positions=positions)
-    if family == "qwen2_5_vl" and positions == "compact":
-        with pytest.raises(transprune.ConfigError, match="not valid for qwen2_5_vl"):
+    if positions not in transprune.adapters.by_family(family).allowed_positions:   # M-RoPE: original only
+        with pytest.raises(transprune.ConfigError, match=f"not valid for {family}"):
             transprune.apply(model, config)
         return
     layers = transprune.adapters.for_model(model).decoder_layers(model)

@@ -18,13 +18,15 @@ from transprune.reference import Reference
 
 VIDEO_FAMILIES = adapters.video_families()
 REGISTRY_NAME = {"video_llava": "tiny-video-llava", "llava_onevision": "tiny-llava-onevision",
-                 "qwen2_5_vl": "tiny-qwen2.5-vl"}
+                 "qwen2_5_vl": "tiny-qwen2.5-vl", "qwen3_vl": "tiny-qwen3-vl"}
 QUESTION = "What color is the square in this video ?"
 FRAMES, WIDTH, HEIGHT, FPS = 10, 96, 64, 5
 COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220)]
 # Frames for the model-level tests: Video-LLaVA needs 8; Qwen2.5-VL with 4 (two temporal patches)
 # keeps the slow reference quick. The end-to-end test uses DEFAULT_FRAMES.
-TEST_FRAMES = {"video_llava": 8, "llava_onevision": 8, "qwen2_5_vl": 4}
+TEST_FRAMES = {"video_llava": 8, "llava_onevision": 8, "qwen2_5_vl": 4, "qwen3_vl": 4}
+# Families whose video token covers two consecutive frames (one temporal patch of merged cells).
+QWEN_PATCHES = [name for name, adapter in adapters.FAMILIES.items() if adapter.video_frames_style == "qwen_patches"]
 
 
 def write_video(write_clip, path, frames=FRAMES, width=WIDTH, height=HEIGHT, codec="mpeg4", fps=FPS):
@@ -153,7 +155,8 @@ def test_pruned_video_generation_matches_slow_reference(video_family, video_file
     config = PruneConfig.preset("high")
     resolved = config.resolve(len(model.model.language_model.layers),
                               transprune.adapters.for_model(model).default_positions)
-    reference = Reference(model, resolved).run(inputs, max_new_tokens=4)
+    # One video = one span (Qwen3-VL writes it as several runs, one per timestamped frame group).
+    reference = Reference(model, resolved, spans=[0] * _video_span(model, inputs)).run(inputs, max_new_tokens=4)
     with torch.no_grad(), transprune.apply(model, config) as pruner:
         logits = model(**inputs).logits[0, -1]
         output = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
@@ -173,7 +176,7 @@ def test_image_and_video_prompt_prunes_each_span_with_its_own_budget(video_famil
     sizes = [int((ids == model.config.image_token_id).sum()), _video_span(model, inputs)]
     assert min(sizes) > 0
     config = PruneConfig.preset("high", positions="original")
-    reference = Reference(model, config.resolve(16)).run(inputs, max_new_tokens=3)
+    reference = Reference(model, config.resolve(16), spans=[0] * sizes[0] + [1] * sizes[1]).run(inputs, max_new_tokens=3)
     with torch.no_grad(), transprune.apply(model, config) as pruner:
         logits = model(**inputs).logits[0, -1]
     for stage, kept in zip(pruner.trace.stages, reference["kept"], strict=True):
@@ -194,15 +197,15 @@ def test_video_file_to_pruned_answer_and_overlay(video_family, video_file):
     n = trace.visual_tokens
     assert layout is not None and layout.boxes.shape == (n, 4) and layout.frame.shape == (n,)
     assert layout.image_size == (WIDTH, HEIGHT)
-    step = 2 if video_family == "qwen2_5_vl" else 1   # a Qwen token covers two consecutive frames
+    step = 2 if video_family in QWEN_PATCHES else 1   # a Qwen token covers two consecutive frames
     assert sorted(layout.frame.unique().tolist()) == list(range(0, frames, step))
     placeless = torch.isnan(layout.boxes).any(dim=1)
-    expected_placeless = {"video_llava": frames, "llava_onevision": 1, "qwen2_5_vl": 0}[video_family]
+    expected_placeless = {"video_llava": frames, "llava_onevision": 1}.get(video_family, 0)
     assert int(placeless.sum()) == expected_placeless
     boxes = layout.boxes[~placeless]
     assert (boxes[:, 0] >= -1e-4).all() and (boxes[:, 2] <= WIDTH + 1e-4).all()
     assert (boxes[:, 1] >= -1e-4).all() and (boxes[:, 3] <= HEIGHT + 1e-4).all()
-    if video_family == "qwen2_5_vl":  # the merged 28 px cells of each pair tile the whole frame
+    if video_family in QWEN_PATCHES:  # the merged cells of each pair tile the whole frame
         per_step = boxes[layout.frame[~placeless] == 0]
         area = ((per_step[:, 2] - per_step[:, 0]) * (per_step[:, 3] - per_step[:, 1])).sum()
         assert float(area) == pytest.approx(WIDTH * HEIGHT, rel=1e-4)

@@ -128,6 +128,7 @@ class Pruner:
 
     def _attach(self):
         hook, adapter = self._handles.append, self.adapter
+        self._handles.extend(adapter.attach(self.model, self._prefill_sequence))   # first: they run before ours
         hook(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
         hook(self.model.register_forward_hook(self._after_model_call, with_kwargs=True))
         for index, layer in enumerate(self.layers):
@@ -147,6 +148,10 @@ class Pruner:
                 hook(adapter.key_projection(layer).register_forward_hook(functools.partial(self._lend_keys, number)))
         if self.pre_stage is not None:
             hook(self.layers[-1].register_forward_hook(self._after_last_layer))
+
+    def _prefill_sequence(self) -> sequence.PrunedSequence | None:
+        state = self._state
+        return None if state is None or state.decoding else state.sequence
 
     def remove(self):
         """Detach every hook and drop all state; safe to call twice."""

@@ -14,6 +14,7 @@ from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 from .smolvlm import SmolVLMAdapter
 from .video_llava import VideoLlavaAdapter
 
@@ -49,6 +50,7 @@ register(VideoLlavaAdapter)
 register(LlavaOnevisionAdapter)
 register(Qwen2_5_VLAdapter)
 register(SmolVLMAdapter)
+register(Qwen3VLAdapter)
 
 
 def by_family(family: str) -> Adapter:

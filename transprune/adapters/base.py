@@ -36,7 +36,11 @@ A family's adapter provides (class attributes unless noted; the defaults fit Lla
   `video_metadata` (its processor reads the frame rate), `video_token_count(...)`, `video_layout(...)`;
 - overlays: `visual_layout(model, processor, image_size, num_tokens)`;
 - `timing_arch`: the entry of its `architectures` whose shape the app's "speed at real size" times
-  for this family (None: LLaVA-1.5-7B's).
+  for this family (None: LLaVA-1.5-7B's);
+- `models`: its `transprune.models` registry entries, as dicts of `ModelSpec` fields without
+  `family` and `builder` (an entry without `checkpoint` is built by `build_tiny`);
+- `attach(model, prefill_sequence)`: hooks of its own the pruner attaches before its own (Qwen3-VL's
+  DeepStack), returning their handles.
 
 The KV cache travels however transformers passes it: `transprune.compat` finds it by type.
 """
@@ -61,6 +65,7 @@ class Adapter:
     # Real checkpoints' language-model shapes by name (a subclass declares its own, or {}).
     architectures: dict[str, Shape] = {}
     timing_arch: str | None = None   # the name in `architectures` whose shape the app times at real size
+    models: tuple[dict, ...] = ()    # transprune.models entries (ModelSpec fields but family and builder)
     default_positions = "compact"
     allowed_positions = ("compact", "original")
     # Sub-module names of one decoder layer (and of its attention).
@@ -93,6 +98,12 @@ class Adapter:
     def build_tiny(**kwargs):
         """(model, processor): the family's offline tiny random model."""
         raise NotImplementedError
+
+    def attach(self, model: nn.Module, prefill_sequence) -> list:
+        """Handles of hooks the family needs beyond the runner's, attached before the runner's (so on
+        a shared module they run first); `prefill_sequence()` is the `transprune.sequence.PrunedSequence`
+        of the prefill in progress, None outside one. Most families need none."""
+        return []
 
     def language_model(self, model: nn.Module) -> nn.Module:
         return model.model.language_model
