@@ -142,10 +142,10 @@ def test_presets_run_in_the_app_or_say_why_not():
         config = PruneConfig.preset(name)
         if config.positions == "compact" or methods.pre_llm_stage(config) is not None:
             with pytest.raises(UserError, match="Impossible pruning schedule|runs on .* only"):
-                engine.compare("tiny-qwen3-vl", image, QUESTION, config, max_new_tokens=2, repeats=1)
+                engine.compare("tiny-qwen3-vl", image, QUESTION, config, max_new_tokens=1, repeats=1)
         elif config.method not in tried:
             tried.add(config.method)
-            comparison = engine.compare("tiny-qwen3-vl", image, QUESTION, config, max_new_tokens=2, repeats=1)
+            comparison = engine.compare("tiny-qwen3-vl", image, QUESTION, config, max_new_tokens=1, repeats=1)
             assert comparison.pruned.trace.visual_tokens == 24, name
     assert tried == {"transprune", "fastv", "random", "dart"}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..architecture import Shape
 from ..errors import UnsupportedModelError
 from .base import Adapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
@@ -51,6 +52,7 @@ register(LlavaOnevisionAdapter)
 register(Qwen2_5_VLAdapter)
 register(SmolVLMAdapter)
 register(Qwen3VLAdapter)
+register(InternVLAdapter)
 
 
 def by_family(family: str) -> Adapter:
