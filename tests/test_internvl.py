@@ -58,7 +58,8 @@ def test_two_images_keep_their_own_budget_across_their_tiles(positions, make_inp
     sizes = [48, 16]
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == sum(sizes)
     config = PruneConfig.preset("high", positions=positions)
-    reference = Reference(model, config.resolve(16), spans=[0] * sizes[0] + [1] * sizes[1]).run(inputs, max_new_tokens=4)
+    spans = [0] * sizes[0] + [1] * sizes[1]
+    reference = Reference(model, config.resolve(16), spans=spans).run(inputs, max_new_tokens=4)
     with torch.no_grad(), transprune.apply(model, config) as pruner:
         output = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
                                 return_dict_in_generate=True)

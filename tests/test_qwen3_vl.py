@@ -147,6 +147,7 @@ def test_presets_run_in_the_app_or_say_why_not():
             tried.add(config.method)
             comparison = engine.compare("tiny-qwen3-vl", image, QUESTION, config, max_new_tokens=1, repeats=1)
             assert comparison.pruned.trace.visual_tokens == 24, name
+            assert comparison.pruned.trace.layout is not None, name   # 32 px cells over the image
     assert tried == {"transprune", "fastv", "random", "dart"}
 
 

@@ -156,7 +156,8 @@ def test_pruned_video_generation_matches_slow_reference(video_family, video_file
     resolved = config.resolve(len(model.model.language_model.layers),
                               transprune.adapters.for_model(model).default_positions)
     # One video = one span (Qwen3-VL writes it as several runs, one per timestamped frame group).
-    reference = Reference(model, resolved, spans=[0] * _video_span(model, inputs)).run(inputs, max_new_tokens=4)
+    spans = [0] * _video_span(model, inputs)
+    reference = Reference(model, resolved, spans=spans).run(inputs, max_new_tokens=4)
     with torch.no_grad(), transprune.apply(model, config) as pruner:
         logits = model(**inputs).logits[0, -1]
         output = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
@@ -176,7 +177,8 @@ def test_image_and_video_prompt_prunes_each_span_with_its_own_budget(video_famil
     sizes = [int((ids == model.config.image_token_id).sum()), _video_span(model, inputs)]
     assert min(sizes) > 0
     config = PruneConfig.preset("high", positions="original")
-    reference = Reference(model, config.resolve(16), spans=[0] * sizes[0] + [1] * sizes[1]).run(inputs, max_new_tokens=3)
+    spans = [0] * sizes[0] + [1] * sizes[1]
+    reference = Reference(model, config.resolve(16), spans=spans).run(inputs, max_new_tokens=3)
     with torch.no_grad(), transprune.apply(model, config) as pruner:
         logits = model(**inputs).logits[0, -1]
     for stage, kept in zip(pruner.trace.stages, reference["kept"], strict=True):

@@ -135,7 +135,8 @@ for _spec in (
     register(_spec)
 for _adapter in adapters.FAMILIES.values():   # entries a family lists in its own module (Adapter.models)
     for _entry in _adapter.models:
-        register(ModelSpec(family=_adapter.family, builder=None if _entry.get("checkpoint") else _tiny(_adapter.family), **_entry))
+        _builder = None if _entry.get("checkpoint") else _tiny(_adapter.family)
+        register(ModelSpec(family=_adapter.family, builder=_builder, **_entry))
 
 
 def default_device() -> str:

@@ -3,8 +3,9 @@
 A new family = one module in this package with an `Adapter` subclass + one `register(...)` line in
 `transprune/adapters/__init__.py`. Nothing else has to name the family: `transprune.models`,
 `.video`, the app and `tests/conftest.py` (whose FAMILIES parametrise every invariant) read
-everything below from the adapter registry. Optional extra: `ModelSpec` lines in
-`transprune.models` for its checkpoints (and a "tiny-<family>" entry built by `build_tiny`).
+everything below from the adapter registry, its `transprune.models` entries (checkpoints and a
+"tiny-<family>" built by `build_tiny`) included (`models`; the older families still list theirs in
+`transprune.models`).
 
 A family's adapter provides (class attributes unless noted; the defaults fit Llama-style decoders):
 
