@@ -23,9 +23,9 @@ REGISTRY_NAME = {family: next(spec.name for spec in adapters.FAMILIES[family].mo
 QUESTION = "What color is the square in this video ?"
 FRAMES, WIDTH, HEIGHT, FPS = 10, 96, 64, 5
 COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220)]
-# Frames for the model-level tests: the family's default (Video-LLaVA needs 8), except Qwen2.5-VL with 4
+# Frames for the model-level tests: the family's default (Video-LLaVA needs 8), except Qwen2.5-VL and Qwen3-VL with 4
 # (two temporal patches), which keeps the slow reference quick. The end-to-end test uses DEFAULT_FRAMES.
-TEST_FRAMES = {family: adapters.FAMILIES[family].video_frames for family in VIDEO_FAMILIES} | {"qwen2_5_vl": 4}
+TEST_FRAMES = {family: adapters.FAMILIES[family].video_frames for family in VIDEO_FAMILIES} | {"qwen2_5_vl": 4, "qwen3_vl": 4}
 
 
 def write_video(write_clip, path, frames=FRAMES, width=WIDTH, height=HEIGHT, codec="mpeg4", fps=FPS):
@@ -154,7 +154,9 @@ def test_pruned_video_generation_matches_slow_reference(video_family, video_file
     config = PruneConfig.preset("high")
     resolved = config.resolve(len(model.model.language_model.layers),
                               transprune.adapters.for_model(model).default_positions)
-    reference = Reference(model, resolved).run(inputs, max_new_tokens=4)
+    # One video = one span (Qwen3-VL writes it as several runs, one per timestamped frame group).
+    spans = [0] * _video_span(model, inputs)
+    reference = Reference(model, resolved, spans=spans).run(inputs, max_new_tokens=4)
     with torch.no_grad(), transprune.apply(model, config) as pruner:
         logits = model(**inputs).logits[0, -1]
         output = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
@@ -174,7 +176,8 @@ def test_image_and_video_prompt_prunes_each_span_with_its_own_budget(video_famil
     sizes = [int((ids == model.config.image_token_id).sum()), _video_span(model, inputs)]
     assert min(sizes) > 0
     config = PruneConfig.preset("high", positions="original")
-    reference = Reference(model, config.resolve(16)).run(inputs, max_new_tokens=3)
+    spans = [0] * sizes[0] + [1] * sizes[1]
+    reference = Reference(model, config.resolve(16), spans=spans).run(inputs, max_new_tokens=3)
     with torch.no_grad(), transprune.apply(model, config) as pruner:
         logits = model(**inputs).logits[0, -1]
     for stage, kept in zip(pruner.trace.stages, reference["kept"], strict=True):
@@ -197,18 +200,18 @@ def test_video_file_to_pruned_answer_and_overlay(video_family, video_file):
     assert layout.image_size == (WIDTH, HEIGHT)
     # Each family's exact layout where this file knows it (a Qwen token covers two consecutive frames;
     # Video-LLaVA's CLS tokens and OneVision's newline token have no place); any family: frames from 0.
-    frame_steps = {"video_llava": 1, "llava_onevision": 1, "qwen2_5_vl": 2}
+    frame_steps = {"video_llava": 1, "llava_onevision": 1, "qwen2_5_vl": 2, "qwen3_vl": 2}
     shown = sorted(layout.frame.unique().tolist())
     if video_family in frame_steps:
         assert shown == list(range(0, frames, frame_steps[video_family]))
     assert shown[0] == 0 and set(shown) <= set(range(frames))
     placeless = torch.isnan(layout.boxes).any(dim=1)
-    expected_placeless = {"video_llava": frames, "llava_onevision": 1, "qwen2_5_vl": 0}.get(video_family)
+    expected_placeless = {"video_llava": frames, "llava_onevision": 1, "qwen2_5_vl": 0, "qwen3_vl": 0}.get(video_family)
     assert expected_placeless is None or int(placeless.sum()) == expected_placeless
     boxes = layout.boxes[~placeless]
     assert (boxes[:, 0] >= -1e-4).all() and (boxes[:, 2] <= WIDTH + 1e-4).all()
     assert (boxes[:, 1] >= -1e-4).all() and (boxes[:, 3] <= HEIGHT + 1e-4).all()
-    if video_family == "qwen2_5_vl":  # the merged 28 px cells of each pair tile the whole frame
+    if frame_steps.get(video_family) == 2:  # Qwen: the merged cells of each pair tile the whole frame
         per_step = boxes[layout.frame[~placeless] == 0]
         area = ((per_step[:, 2] - per_step[:, 0]) * (per_step[:, 3] - per_step[:, 1])).sum()
         assert float(area) == pytest.approx(WIDTH * HEIGHT, rel=1e-4)

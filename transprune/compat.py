@@ -46,6 +46,9 @@ ARGUMENT_NAMES: dict[str, tuple[str, ...]] = {
     "inputs_embeds": ("inputs_embeds",),
     "pixel_values": ("pixel_values",),
     "use_cache": ("use_cache",),
+    "video_grid_thw": ("video_grid_thw",),                    # Qwen3-VL: each video's size (its span),
+    "mm_encoder_outputs": ("mm_encoder_outputs",),            # or its encoded features (generate passes these)
+    "deepstack_visual_embeds": ("deepstack_visual_embeds",),  # Qwen3-VL's language model: DeepStack features
 }
 
 

@@ -77,6 +77,7 @@ class Reference:
         def grab(module, args, kwargs):
             captured["embeds"] = compat.require(kwargs, "inputs_embeds", "The language model")
             captured["position_ids"] = compat.get(kwargs, "position_ids")
+            captured["deepstack"] = compat.get(kwargs, "deepstack_visual_embeds") or []   # Qwen3-VL
             raise StopIteration
 
         handle = self.lm.register_forward_pre_hook(grab, with_kwargs=True)
@@ -86,6 +87,7 @@ class Reference:
             pass
         finally:
             handle.remove()
+        self.deepstack = captured["deepstack"]   # per DeepStack layer, (N, d) features of the visual tokens
         return captured["embeds"], captured["position_ids"]
 
     def _attention_probs(self, layer, hidden, cos_sin):
@@ -124,6 +126,7 @@ class Reference:
             span_of = [int(x) for x in self.span_override]
             spans = [span_of.count(span) for span in range(max(span_of) + 1)]
         hidden, model_positions = self._embeds(inputs)
+        deepstack = self.deepstack
         length = hidden.shape[1]
         # M-RoPE models (Qwen2.5-VL) hand the LM 3-D positions (a 4th leading row = text positions).
         mrope = model_positions is not None and model_positions.dim() == 3
@@ -155,6 +158,8 @@ class Reference:
             out, (normed, attn_out), (normed2, mlp_out) = self.steps.layer(layer, hidden, cos_sin, mask,
                                                                            {cache_keyword: cache})
             vis_slots = torch.searchsorted(kept_seq, visual_positions[alive])
+            if number <= len(deepstack):   # DeepStack: layer `number`'s vision feature, to the visual tokens left
+                out[:, vis_slots] += deepstack[number - 1][alive]
             if number in config.effective_accumulation_layers:
                 ttv_acc[alive] += (_ttv(normed, attn_out, config.direction) +
                                    _ttv(normed2, mlp_out, config.direction))[vis_slots]

@@ -9,15 +9,14 @@ forward hooks and pre-hooks:
 - before every decoder layer: hand layers after a pruning stage the position ids, position
   embeddings and attention mask of the surviving tokens;
 - on attention and MLP at the layers whose TTV the method needs: record TTV (prefill only);
-- after each pruning layer: score the alive visual tokens, keep the top k, add the tokens a
-  method inserts (SparseVLM's recycled ones), and return the
-  gathered hidden states, which become the next layer's input.
+- after each pruning layer: score the alive visual tokens, keep the top k, add the tokens a method
+  inserts (SparseVLM's recycled ones), and return the gathered hidden states: the next layer's input.
 
-The state of one prefill is a `transprune.sequence.PrunedSequence` (which token each slot holds,
-per stage); every tensor computation on it lives there, and what a layer after a stage receives
-(positions, rotary, mask) in `transprune.positions` and `transprune.masks`. Model-family facts come from the adapter
-(`transprune.adapters`), scores from the method (`transprune.methods`), which declares what it
-reads (`Method.needs()`); this module decides how that is computed and reused.
+The state of one prefill is a `transprune.sequence.PrunedSequence` (which token each slot holds, per
+stage); what a layer after a stage receives is in `transprune.positions` (positions, rotary) and
+`transprune.masks`. Family facts come from the adapter (`transprune.adapters`), scores from the method
+(`transprune.methods`), which declares what it reads (`Method.needs()`); this module decides how that
+is computed and reused.
 """
 
 from __future__ import annotations
@@ -128,6 +127,7 @@ class Pruner:
 
     def _attach(self):
         hook, adapter = self._handles.append, self.adapter
+        self._handles.extend(adapter.attach(self.model, self._prefill_sequence))   # first: they run before ours
         hook(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
         hook(self.model.register_forward_hook(self._after_model_call, with_kwargs=True))
         for index, layer in enumerate(self.layers):
@@ -147,6 +147,9 @@ class Pruner:
                 hook(adapter.key_projection(layer).register_forward_hook(functools.partial(self._lend_keys, number)))
         if self.pre_stage is not None:
             hook(self.layers[-1].register_forward_hook(self._after_last_layer))
+
+    def _prefill_sequence(self) -> sequence.PrunedSequence | None:   # for an adapter's own hooks
+        return None if self._state is None or self._state.decoding else self._state.sequence
 
     def remove(self):
         """Detach every hook and drop all state; safe to call twice."""
@@ -341,8 +344,5 @@ class Pruner:
 
 def apply(model: nn.Module, config: PruneConfig | str = "high") -> Pruner:
     """Prune `model`'s visual tokens with `config` (a PruneConfig or a preset name; anything else is a
-    TypeError).
-
-    Returns a Pruner; use it as a context manager or call `.remove()` to restore the model.
-    """
+    TypeError). Returns a Pruner; use it as a context manager or call `.remove()` to restore the model."""
     return Pruner(model, as_config(config))

@@ -15,10 +15,12 @@ from ..spec import ModelSpec
 from ..errors import UnsupportedModelError
 from .base import Adapter
 from .gemma3 import Gemma3Adapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 from .smolvlm import SmolVLMAdapter
 from .video_llava import VideoLlavaAdapter
 
@@ -74,6 +76,8 @@ register(LlavaOnevisionAdapter)
 register(Qwen2_5_VLAdapter)
 register(SmolVLMAdapter)
 register(Gemma3Adapter)
+register(Qwen3VLAdapter)
+register(InternVLAdapter)
 
 
 def by_family(family: str) -> Adapter:

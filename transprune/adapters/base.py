@@ -67,7 +67,9 @@ A family's adapter provides (class attributes unless noted; the defaults fit Lla
   clips)` (what its video processor makes of the frames, without torchvision; `transprune.frames`
   has the shared pieces), `video_metadata` (its processor reads the frame rate),
   `video_token_count(...)`, `video_layout(...)`;
-- overlays: `visual_layout(model, processor, image_size, num_tokens)`.
+- overlays: `visual_layout(model, processor, image_size, num_tokens)`;
+- `attach(model, prefill_sequence)`: hooks of its own the pruner attaches before its own (Qwen3-VL's
+  DeepStack), returning their handles.
 
 The KV cache travels however transformers passes it: `transprune.compat` finds it by type.
 """
@@ -126,6 +128,12 @@ class Adapter:
     def build_tiny(**kwargs):
         """(model, processor): the family's offline tiny random model."""
         raise NotImplementedError
+
+    def attach(self, model: nn.Module, prefill_sequence) -> list:
+        """Handles of hooks the family needs beyond the runner's, attached before the runner's (so on
+        a shared module they run first); `prefill_sequence()` is the `transprune.sequence.PrunedSequence`
+        of the prefill in progress, None outside one. Most families need none."""
+        return []
 
     def language_model(self, model: nn.Module) -> nn.Module:
         return model.model.language_model
