@@ -217,7 +217,9 @@ def test_allowed_models_restrict_the_dropdown():
         e.get("tiny-llava-next")
     open_engine = Engine()
     assert open_engine.allowed("llava-hf/llava-1.5-7b-hf") and not open_engine.allowed("../etc/passwd")
-    assert all("offline" in label or "Hub" in label for label, _ in open_engine.choices())
+    # Each label says the size, and a Hub checkpoint says it downloads.
+    assert all(label.endswith("from the Hub") == (not REGISTRY[name].offline) and REGISTRY[name].size in label
+               for label, name in open_engine.choices())
     assert app_module.allowed_from("registry") == tuple(REGISTRY)
     assert app_module.allowed_from("") is None
 

@@ -105,7 +105,7 @@ def test_registry_labels_say_size_and_availability():
     spec = models.REGISTRY["llava-1.5-7b"]
     assert spec.checkpoint == "llava-hf/llava-1.5-7b-hf" and not spec.offline
     assert "7B" in spec.display_name and "Hub" in spec.display_name
-    assert "offline" in models.REGISTRY["tiny-llava"].display_name
+    assert models.REGISTRY["tiny-llava"].display_name == "Tiny LLaVA (random weights) · " + models.REGISTRY["tiny-llava"].size
     families = {spec.family for spec in models.REGISTRY.values()}
     assert families >= {"llava", "llava_next", "video_llava", "llava_onevision", "qwen2_5_vl"}
 

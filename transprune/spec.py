@@ -38,5 +38,6 @@ class ModelSpec:
 
     @property
     def display_name(self) -> str:
-        where = "offline" if self.offline else "from the Hub"
-        return f"{self.label} · {self.size} · {where}"
+        """"LLaVA-1.5-7B · 7B · from the Hub"; a built-in model says nothing more than its size (a
+        phone's dropdown holds ~40 characters: "Tiny Video-LLaVA (random weights) · 0.9M")."""
+        return f"{self.label} · {self.size}" + ("" if self.offline else " · from the Hub")
