@@ -56,6 +56,9 @@ def escape_markdown(text: str) -> str:
     return _MARKDOWN_SPECIALS.sub(r"\\\1", text)
 
 
+QUESTION_SHOWN = 120     # characters of the question the verdict's first line shows
+
+
 def verdict(baseline: str, pruned: str, visual_kept: int, visual_total: int, flops_saved: float,
             speed: str, heldout: str | None = None, question: str | None = None, recycled: int = 0,
             schedule: str = "", model: str = "") -> str:
@@ -76,7 +79,10 @@ def verdict(baseline: str, pruned: str, visual_kept: int, visual_total: int, flo
             f"**{flops_saved:.0%}** fewer analytic FLOPs &nbsp;·&nbsp; {speed}")
     ran = " · ".join(escape_markdown(part) for part in (model, schedule) if part)
     if question or ran:
-        asked = f"Q: {escape_markdown(question)}" if question else ""
+        # A long question is cut on this line (the answers must stay in the first screen); the whole
+        # question is in the input box and the trace.
+        shown = question if len(question or "") <= QUESTION_SHOWN else question[:QUESTION_SHOWN - 1].rstrip() + "…"
+        asked = f"Q: {escape_markdown(shown)}" if question else ""
         text = f"<small>{asked}{' — ' if asked and ran else ''}{ran}</small>  \n" + text
     if heldout:
         text += f"  \n<small>{heldout}</small>"

@@ -140,8 +140,9 @@ def render(comparison, canvas: Canvas, method_label: str, budget_label: str, rea
         timing = (f"Timings: warmed, alternating order, median prefill of "
                   f"{len(comparison.prefill_samples['pruned'])} runs.")
     elif real_size is not None:
-        timing = (f"Speed: {real_size.where}, random weights (timing only), median of {real_size.repeats} runs, "
-                  f"{real_size.provenance}.")
+        standing_in = f" ({real_size.note})" if real_size.note else ""
+        timing = (f"Speed: {real_size.where}{standing_in}, random weights (timing only), median of "
+                  f"{real_size.repeats} runs, {real_size.provenance}.")
     else:
         timing = "Speed not shown: this built-in model is too small for pruning to pay off in time."
     footer = (f"TransPrune (arXiv 2507.20630). Analytic FLOPs {fmt_tflops(nums.tflops_visual[0])} → "

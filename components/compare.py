@@ -257,7 +257,7 @@ def make_speed_handler(engine: Engine):
         comparison = getattr(state, "comparison", None)
         if comparison is not None and comparison.spec.offline:
             measured = engine.real_size.cached(comparison.config, comparison.spec.family or None)
-            if measured is not None and measured.markdown() == text:
+            if measured is not None and measured.markdown(schedule_label(method, budget)) == text:
                 return text, verdict_text(comparison, measured, schedule_label(method, budget))
         return text, gr.skip()
 
@@ -274,7 +274,7 @@ def make_speed_handler(engine: Engine):
             if out_of_memory(error):
                 return "⚠ Not enough memory here to build the real-size model; try again when no other run is going."
             return f"⚠ The real-size timing failed ({type(error).__name__}); the app is still running, try again."
-        return result.markdown()
+        return result.markdown(schedule_label(method, budget))
 
     return measure_speed
 
@@ -298,15 +298,9 @@ def make_speed_lookup(engine: Engine):
         except (ConfigError, UserError, ValueError, TypeError):
             return speed.INTRO
         known = engine.real_size.cached(config, spec.family if spec else None)
-        return known.markdown() if known is not None else speed.INTRO + speed.NOT_YET
+        return known.markdown(schedule_label(method, budget)) if known is not None else speed.INTRO + speed.NOT_YET
 
     return show_speed
-
-
-def times_this_prompt(comparison) -> bool:
-    """Whether a real-size figure applies to this run: they time an image's prompt, not a video's."""
-    layout = comparison.pruned.trace.layout
-    return layout is None or layout.frame is None
 
 
 def speed_text(comparison, nums, real_size) -> str:
@@ -319,10 +313,12 @@ def speed_text(comparison, nums, real_size) -> str:
     if not comparison.spec.offline:
         return (f"prefill **{nums.speedup:.2f}×** measured on this model, vision encoder included (its language "
                 f"model alone {nums.llm_speedup:.2f}×; bound {nums.bound:.2f}×)")
-    if not times_this_prompt(comparison):
-        return "speed: a model this small is too small to show it, and no real-size figure times a video prompt"
     if real_size is not None:
-        return real_size.headline() + f" on a {real_size.arch}-shaped language model ({real_size.provenance})"
+        # A family whose prompts (videos, AnyRes tiles) would take minutes per prefill on a CPU is
+        # timed at LLaVA-1.5-7B's shape: say so here, as the panel does.
+        standing_in = ", standing in for this family's longer prompts" if real_size.note else ""
+        return (real_size.headline() + f" on a {real_size.arch}-shaped language model{standing_in} "
+                f"({real_size.provenance})")
     return "speed: see **Speed at real size** below (a model this small is too small to show it)"
 
 
@@ -356,7 +352,6 @@ def render_outputs(comparison, picture: Image.Image | None, method_label: str, b
     segments = canvas.segments
     inspect_segment = segments[-1]
     labels = overlay.stage_labels(trace)
-    real_size = real_size if times_this_prompt(comparison) else None    # the card quotes what the verdict does
     card_path = downloads.write_card(comparison, canvas, method_label, budget, real_size)
     notes = "".join(f"  \n<small>⚠ {notice}</small>" for notice in notices)
     return CompareOutputs(

@@ -141,9 +141,11 @@ class SpeedResult:
         values["pair_speedups"] = tuple(values.get("pair_speedups", ()))   # JSON gives a list
         return cls(**values)
 
-    def markdown(self) -> str:
+    def markdown(self, schedule: str = "") -> str:
+        """The panel's text; `schedule` ("FastV · High") names what was timed in its heading."""
         note = f" ({self.note})" if self.note else ""
-        return (f"### {self.speedup:.2f}× faster prefill at real size\n"
+        named = f"{schedule}: " if schedule else ""
+        return (f"### {named}{self.speedup:.2f}× faster prefill at real size\n"
                 f"{self.where}{note}: baseline **{self.baseline_ms:.0f} ms**, pruned **{self.pruned_ms:.0f} ms** "
                 f"({self.visual_tokens} → {self.final_visual_tokens} visual tokens), median of {self.repeats} "
                 f"alternating runs after a warm-up{f' ({self.spread})' if self.spread else ''}. The analytic bound for this schedule is **{self.bound:.2f}×**, "

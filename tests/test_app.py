@@ -174,6 +174,8 @@ def test_diff_marks_only_differing_words():
     line = answers.heldout_line({"n": 500, "accuracy": 0.98}, {"accuracy": 1.0})
     assert "On 500 held-out scene questions" in line and "98.0%" in line and "100.0%" in line
     assert answers.heldout_line(None, None) is None
+    long = answers.verdict("red", "red", 18, 144, 0.6, "x", question="word " * 100)
+    assert "word " * 23 + "word…</small>" in long and long.count("word") == 24     # cut at 120 characters
     asked = answers.verdict("red", "red", 18, 144, 0.6, "x", question="**bold** <b>x</b> [link](y)?")
     assert asked.startswith("<small>Q: \\*\\*bold\\*\\* \\<b\\>x\\</b\\> \\[link\\]\\(y\\)?</small>")
 
@@ -547,8 +549,11 @@ def test_video_comparison_draws_every_frame(handlers, clip, monkeypatch):
     monkeypatch.setattr(downloads.card, "render", lambda *args: quoted.append(args[4]) or render(*args))
     out = compare(None, "What happens in the video?", video=str(clip), model="tiny-video-llava",
                   progress=noop_progress, **FAST)
-    # A real-size figure times an image's prompt: neither the verdict nor the card quotes one for a video.
-    assert quoted == [None] and "no real-size figure times a video prompt" in out.verdict
+    # Video-LLaVA's 8-frame prompts are timed on a CPU at LLaVA-1.5-7B's shape: the verdict, the card and
+    # the panel quote that figure, and the verdict says it stands in.
+    assert len(quoted) == 1 and quoted[0] is not None and "stands in" in quoted[0].note
+    assert f"**{quoted[0].speedup:.2f}×** prefill at real size" in out.verdict
+    assert "standing in for this family's longer prompts" in out.verdict
     record = _trace_json(out)
     assert record["trace"]["layout"]["frame"] is not None
     assert record["baseline"]["text"] and record["pruned"]["text"]

@@ -61,7 +61,7 @@ def test_the_handler_answers_in_markdown_and_reports_bad_schedules_inline(narrow
     engine.real_size = narrow
     handler = compare.make_speed_handler(engine)
     text, verdict = handler("shapes-llava", "TransPrune", "High", progress=lambda *a, **k: None)
-    assert text.startswith("### ") and "faster prefill at real size" in text
+    assert text.startswith("### TransPrune · High: ") and "faster prefill at real size" in text   # names what it timed
     assert verdict == gr.skip()                      # no run in this session yet: the verdict stays
     bad, _ = handler("shapes-llava", "TransPrune", "Custom", keep_ratio=0.0, progress=lambda *a, **k: None)
     assert bad.startswith("⚠ This schedule cannot be timed at real size")
