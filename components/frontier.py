@@ -43,14 +43,17 @@ def show(model: str | None):
         return NONE_YET.format(model=model or "this model"), None
     figure, table = found
     return (f"Every method's presets on the held-out shapes questions, against its analytic prefill cost at "
-            f"LLaVA-1.5-7B's size; the number by each point is its measured CPU prefill speedup. The dotted grey "
-            f"line is the random control: a method is only worth its cost above it.\n\n{table.read_text()}"), str(figure)
+            f"LLaVA-1.5-7B's size; the number by each point is its measured CPU prefill speedup (its own run, "
+            f"one thread: it can differ from the speed panel's figure). The dotted grey line is the random "
+            f"control: a method is only worth its cost above it. Each row runs the positions its method was "
+            f"released with (the table's *positions*); the verdict's held-out line runs this model's own "
+            f"default, so the same method can score differently there.\n\n{table.read_text()}"), str(figure)
 
 
 def build():
     """The closed accordion; returns (markdown, image) for the model-change event to fill."""
     with gr.Accordion("Compare all methods: accuracy vs cost", open=False, elem_id="frontier"):
-        figure = gr.Image(None, label="Held-out accuracy vs TFLOPs, every method", interactive=False,
+        figure = gr.Image(None, label="Accuracy vs TFLOPs", interactive=False, height=460,
                           show_label=True, buttons=["download", "fullscreen"], elem_id="frontier-figure")
         text = gr.Markdown("", elem_id="frontier-table")
     return text, figure

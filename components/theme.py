@@ -35,6 +35,13 @@ CSS = """
 /* The measure button looks like one: filled, bordered, bold. */
 #speed-run { background: var(--primary-50) !important; border: 2px solid var(--primary-600) !important;
              color: var(--primary-700) !important; font-weight: 600; }
+/* The frontier's 10-column table scrolls inside its box rather than widening the page (a phone). */
+#frontier-table, #frontier-figure { max-width: 100%; min-width: 0; overflow-x: auto; }
+#frontier-figure img { max-width: 100%; height: auto; object-fit: contain; }
+/* width 0 + min-width 100%: the table fills its box but adds nothing to the page's minimum width. */
+#frontier-table table { display: block; width: 0; min-width: 100%; overflow-x: auto; white-space: nowrap;
+                        font-size: 0.8rem; }
+#frontier-table code { white-space: normal; overflow-wrap: anywhere; }
 #health-warning { padding: 0.45rem 0.8rem; border-radius: 8px; background: #fef3c7; color: #78350f;
                    border: 1px solid #f59e0b !important; }
 #health-warning p { margin: 0; }

@@ -330,3 +330,21 @@ def test_the_video_example_runs_in_one_click(url):
         page.locator("#run").click()
         page.wait_for_function("() => document.querySelector('#verdict').innerText.includes('Same answer')",
                                timeout=180_000)
+
+
+@pytest.mark.parametrize("viewport", VIEWPORTS, ids=list(VIEWPORTS))
+def test_compare_all_methods_shows_the_frontier_without_widening_the_page(url, viewport):
+    """The accordion opens on the bundled figure and its table (every row), and its wide table scrolls
+    inside its box: the page never scrolls sideways, on a phone either."""
+    size = VIEWPORTS[viewport]
+    with _page(url, size) as page:
+        page.locator("#frontier button").first.click()
+        page.wait_for_selector("#frontier-figure img", timeout=30_000)
+        page.wait_for_function("() => document.querySelector('#frontier-table')?.innerText.includes('cdpruner-64')",
+                               timeout=30_000)
+        table = _text(page, "#frontier-table")
+        assert "random-64" in table and "positions" in table and "Command:" in table
+        assert page.evaluate("document.documentElement.scrollWidth") <= size["width"], \
+            "the frontier's table widens the page"
+        page.locator("#frontier-figure").scroll_into_view_if_needed()
+        page.screenshot(path=str(_shots() / f"app-frontier-{viewport}.png"))

@@ -274,6 +274,10 @@ def measure_speed(results: dict, repeats: int = 2, width: float | None = None, l
             f"load {load:.1f} at the end, median of {repeats} alternating pairs after a warm-up")
 
 
+# Method colours without tab10's grey, which is the random control's.
+_METHOD_COLOURS = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9", "navy", "olive", "teal"]
+
+
 def plot_frontier(results: dict, path: Path, title: str, speed_where: str | None = None):
     """Accuracy vs. LLaVA-1.5-7B analytic TFLOPs of each row's config, one marker series per method,
     with the accuracy/cost frontier over all rows drawn as a step line; each point carries its
@@ -282,33 +286,43 @@ def plot_frontier(results: dict, path: Path, title: str, speed_where: str | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(11, 6.6), dpi=130)
     series: dict[str, list] = {}
     for r in results.values():
         series.setdefault(r["method"], []).append((r["tflops_llava15_7b"], 100 * r["accuracy"], r.get("cpu_speedup")))
-    markers = itertools.cycle("os^vDP*Xh<>")
+    markers, colours = itertools.cycle("os^vDP*Xh<>"), iter(_METHOD_COLOURS)
+    labelled: list[tuple[float, float]] = []
     for label, points in series.items():
         points.sort()
         if label == "baseline":
             ax.axhline(points[0][1], color="grey", linestyle="--", linewidth=1, label=f"unpruned ({points[0][1]:.1f}%)")
             continue
-        style = dict(color="grey", linestyle=":") if label == "random" else {}
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker=next(markers), linewidth=0.8, label=label,
+        style = (dict(color="dimgrey", linestyle=":", markerfacecolor="white") if label == "random"
+                 else dict(color=next(colours, None)))
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=next(markers), linewidth=0.9, label=label,
                 **style)
         for x, y, speedup in points:
-            if speedup is not None:
-                ax.annotate(f"{speedup:.1f}×", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6,
-                            alpha=0.8)
+            if speedup is None:
+                continue
+            # Points at the same cost (the pre-LLM methods at one budget) stack their labels upward.
+            near = sum(abs(x - u) < 0.06 and abs(y - v) < 4 for u, v in labelled)
+            labelled.append((x, y))
+            ax.annotate(f"{speedup:.1f}×", (x, y), textcoords="offset points", xytext=(5, -3 + 10 * near),
+                        fontsize=7, color=style.get("color"))
     front = pareto_front([p[:2] for points in series.values() for p in points])
     ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", linewidth=1.5,
-            alpha=0.6, label="frontier")
+            alpha=0.5, label="frontier")
     ax.set_xlabel(f"analytic prefill TFLOPs of the config on {FRONTIER_ARCH} (visual tokens, paper's accounting)")
     ax.set_ylabel("exact-match accuracy (%)")
+    positions = sorted({r["config"]["positions"] for r in results.values()
+                        if r.get("config") and r["config"].get("prune_layers")})
+    if positions:
+        title += f", {' / '.join(positions)} positions"
     if speed_where:
         title += f"\nnext to each point: measured CPU prefill speedup ({speed_where.split(', random weights')[0]})"
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.legend(fontsize=8, ncol=2, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -322,13 +336,14 @@ def frontier_markdown(results: dict, command: str, speed_where: str | None) -> s
     lines = [f"Command: `{command}` ({datetime.date.today().isoformat()}).", ""]
     if speed_where:
         lines += [f"CPU prefill speedup: {speed_where}.", ""]
-    lines += ["| row | method | budget | accuracy % | TFLOPs (LLaVA-1.5-7B) | CPU prefill × | bound × | ÷ bound |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["| row | method | budget | positions | accuracy % | TFLOPs (LLaVA-1.5-7B) | CPU prefill × | pairs × | "
+              "bound × | ÷ bound |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in sorted(results.items(), key=lambda item: (-item[1]["tflops_llava15_7b"], item[0])):
-        speed = r.get("cpu_speedup")
-        cells = (f"{speed:.2f} | {r['cpu_bound']:.2f} | {speed / r['cpu_bound']:.2f}" if speed is not None
-                 else "– | – | –")
-        lines.append(f"| {name} | {r['method']} | {r['budget']} | {100 * r['accuracy']:.1f} | "
+        speed, config = r.get("cpu_speedup"), r.get("config") or {}
+        positions = config.get("positions", "–") if config.get("prune_layers") else "–"
+        cells = (f"{speed:.2f} | {' / '.join(f'{p:.2f}' for p in r['cpu_pairs'])} | {r['cpu_bound']:.2f} | "
+                 f"{speed / r['cpu_bound']:.2f}" if speed is not None else "– | – | – | –")
+        lines.append(f"| {name} | {r['method']} | {r['budget']} | {positions} | {100 * r['accuracy']:.1f} | "
                      f"{r['tflops_llava15_7b']:.2f} | {cells} |")
     return "\n".join(lines) + "\n"
 
