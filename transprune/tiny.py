@@ -116,10 +116,3 @@ def finish(model_class, config, attn_implementation: str, seed: int):
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     return model
-
-
-
-
-# The names these pieces had before the tiny builders moved into the adapter modules; family branches
-# written against them still import these (remove once every branch is merged).
-_text_config, _vision_config, _finish = llama_text_config, clip_vision_config, finish

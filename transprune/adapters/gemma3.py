@@ -196,7 +196,7 @@ def tiny_gemma3(layers: int = 16, hidden: int = 64, image_size: int = 64, patch_
                               SiglipVisionConfig)
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
-    from ..tiny import BUILD_LOCK, _finish
+    from ..tiny import BUILD_LOCK, finish
 
     tokenizer = gemma3_tokenizer()
     ids = tokenizer.convert_tokens_to_ids
@@ -213,7 +213,7 @@ def tiny_gemma3(layers: int = 16, hidden: int = 64, image_size: int = 64, patch_
     config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=tokens_per_image,
                           boi_token_index=ids(BOI_TOKEN), eoi_token_index=ids(EOI_TOKEN),
                           image_token_index=ids(IMAGE_TOKEN))
-    model = _finish(Gemma3ForConditionalGeneration, config, attn_implementation, seed)
+    model = finish(Gemma3ForConditionalGeneration, config, attn_implementation, seed)
     with BUILD_LOCK:
         # transformers initialises the image projection to zeros (every soft token would be the same
         # vector and every score a tie); random, seeded, so two builds stay equal.

@@ -119,7 +119,7 @@ def tiny_internvl(layers: int = 16, hidden: int = 64, tile_size: int = 64, patch
     from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
     from ..processors import without_video_processor
-    from ..tiny import _finish, chat_template, word_tokenizer
+    from ..tiny import chat_template, finish, word_tokenizer
 
     words = word_tokenizer()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=words.backend_tokenizer, pad_token="<pad>", bos_token="<s>",
@@ -134,7 +134,7 @@ def tiny_internvl(layers: int = 16, hidden: int = 64, tile_size: int = 64, patch
     per_tile = (tile_size // patch_size) ** 2 // 4          # downsample_ratio 0.5: 2x2 patches per token
     config = InternVLConfig(text_config=text, vision_config=vision, downsample_ratio=0.5, image_seq_length=per_tile,
                             image_token_id=tokenizer.context_image_token_id)
-    model = _finish(InternVLForConditionalGeneration, config, attn_implementation, seed)
+    model = finish(InternVLForConditionalGeneration, config, attn_implementation, seed)
     image_processor = GotOcr2ImageProcessorPil(size={"height": tile_size, "width": tile_size}, crop_to_patches=True,
                                                min_patches=1, max_patches=4)
     processor = without_video_processor(InternVLProcessor)(

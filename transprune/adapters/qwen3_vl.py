@@ -169,7 +169,7 @@ def tiny_qwen3_vl(layers: int = 16, hidden: int = 64, attn_implementation: str =
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from ..processors import without_video_processor
-    from ..tiny import BASE_WORDS, QWEN_CHAT_TEMPLATE, _finish, word_tokenizer
+    from ..tiny import BASE_WORDS, QWEN_CHAT_TEMPLATE, finish, word_tokenizer
 
     tokenizer = word_tokenizer(BASE_WORDS + TIMESTAMP_WORDS)
     ids = tokenizer.convert_tokens_to_ids
@@ -188,7 +188,7 @@ def tiny_qwen3_vl(layers: int = 16, hidden: int = 64, attn_implementation: str =
                            deepstack_visual_indexes=[0, 1, 2]),
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
-    model = _finish(Qwen3VLForConditionalGeneration, config, attn_implementation, seed)
+    model = finish(Qwen3VLForConditionalGeneration, config, attn_implementation, seed)
     image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=16,
                                                merge_size=2, temporal_patch_size=2)
     processor = without_video_processor(Qwen3VLProcessor)(image_processor=image_processor, tokenizer=tokenizer,
