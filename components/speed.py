@@ -293,7 +293,6 @@ class RealSizeSpeed:
             model = benchmarking.build_shape(shape, description=arch, width_scale=width, device=self.device,
                                       dtype=torch.float16 if cuda else torch.float32)
             try:
-                specs = [benchmarking.MethodSpec("baseline"), benchmarking.MethodSpec("pruned", config)]
                 done = [0]
                 total = REPEATS        # log() is told once per alternating pair
 
@@ -301,18 +300,12 @@ class RealSizeSpeed:
                     done[0] += 1
                     step(0.15 + 0.8 * min(done[0], total) / total, "Timing prefill, baseline and pruned alternately…")
                 step(0.15, "Warming up both paths…")
-                measured = benchmarking.measure(model, specs, repeats=REPEATS, new_tokens=1, decode_repeats=0,
-                                                scoring_repeats=0, log=log, reuse=False)
-                pairs = zip(measured["baseline"]["prefill_ms_all"], measured["pruned"]["prefill_ms_all"])
-                baseline_full = flops.tflops([model.visual_tokens + model.text_tokens] * model.layers, model.hidden,
-                                             model.intermediate)
-                figures = benchmarking.analytic(specs[1], shape, model, baseline_full)
+                timed = benchmarking.time_schedule(model, config, shape, REPEATS, log=log)
                 result = SpeedResult(arch=arch, layers=model.layers, width_scale=width, device=self.device,
-                                     baseline_ms=measured["baseline"]["prefill_ms"],
-                                     pruned_ms=measured["pruned"]["prefill_ms"], bound=figures["bound"],
-                                     visual_tokens=model.visual_tokens,
-                                     final_visual_tokens=figures["final_visual_tokens"], repeats=REPEATS, note=note,
-                                     pair_speedups=tuple(round(b / p, 4) for b, p in pairs),
+                                     baseline_ms=timed["baseline_ms"], pruned_ms=timed["pruned_ms"],
+                                     bound=timed["bound"], visual_tokens=model.visual_tokens,
+                                     final_visual_tokens=timed["final_visual_tokens"], repeats=REPEATS, note=note,
+                                     pair_speedups=tuple(round(ratio, 4) for ratio in timed["pairs"]),
                                      machine=machine_name(self.device), threads=torch.get_num_threads(),
                                      date=datetime.date.today().isoformat(), load=load_average())
             finally:

@@ -402,3 +402,21 @@ def measure(bench: BenchModel, specs: list[MethodSpec], repeats: int, new_tokens
         if reused[name]:
             results[name]["reused_keys_ms"] = statistics.median(reused[name])
     return results
+
+
+def time_schedule(bench: BenchModel, config: PruneConfig, shape: flops.Shape, repeats: int, log=print) -> dict:
+    """The baseline against one schedule on `bench` (a model of `shape`): `repeats` alternating prefill
+    pairs after one warm-up of each. Returns baseline_ms and pruned_ms (medians), pairs (baseline ÷
+    pruned of each pair, in the order run), bound (the analytic whole-sequence speedup of the model
+    timed) and final_visual_tokens. The app's real-size panel and `eval --frontier` time with this."""
+    spec = MethodSpec("pruned", config)
+    measured = measure(bench, [MethodSpec("baseline"), spec], repeats=repeats, new_tokens=1, decode_repeats=0,
+                       scoring_repeats=0, log=log, reuse=False)
+    base, pruned = measured["baseline"], measured["pruned"]
+    baseline_full = flops.tflops([bench.visual_tokens + bench.text_tokens] * bench.layers, bench.hidden,
+                                 bench.intermediate)
+    figures = analytic(spec, shape, bench, baseline_full)
+    return dict(baseline_ms=base["prefill_ms"], pruned_ms=pruned["prefill_ms"],
+                pairs=[b / p for b, p in zip(base["prefill_ms_all"], pruned["prefill_ms_all"])],
+                bound=figures["bound"], final_visual_tokens=figures["final_visual_tokens"])
+

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from . import methods
 from .config import PRESETS, PruneConfig
-from .flops import ARCHITECTURES, config_tflops, model_shape, Shape, tflops, trace_tflops
+from .flops import ARCHITECTURES, config_tflops, model_shape, Shape, trace_tflops
 
 
 def _with_seed(name: str, **overrides):
@@ -255,18 +255,13 @@ def measure_speed(results: dict, repeats: int = 2, width: float | None = None, l
     table = method_table()
     shape = ARCHITECTURES[FRONTIER_ARCH]
     model = bench.build_shape(shape, description=FRONTIER_ARCH, width_scale=width)
-    baseline_full = tflops([model.visual_tokens + model.text_tokens] * model.layers, model.hidden, model.intermediate)
     for name, record in results.items():
         config = table[name][2](0)
         if config is None:
             continue
-        spec = bench.MethodSpec(name, config)
-        measured = bench.measure(model, [bench.MethodSpec("baseline"), spec], repeats=repeats, new_tokens=1,
-                                 decode_repeats=0, scoring_repeats=0, log=lambda *a, **k: None, reuse=False)
-        base, pruned = measured["baseline"], measured[name]
-        record.update(cpu_speedup=base["prefill_ms"] / pruned["prefill_ms"],
-                      cpu_bound=bench.analytic(spec, shape, model, baseline_full)["bound"],
-                      cpu_pairs=[b / p for b, p in zip(base["prefill_ms_all"], pruned["prefill_ms_all"])])
+        timed = bench.time_schedule(model, config, shape, repeats, log=lambda *a, **k: None)
+        record.update(cpu_speedup=timed["baseline_ms"] / timed["pruned_ms"], cpu_bound=timed["bound"],
+                      cpu_pairs=timed["pairs"])
         log(f"{name}: {record['cpu_speedup']:.2f}x prefill (bound {record['cpu_bound']:.2f}x)", file=sys.stderr,
             flush=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
