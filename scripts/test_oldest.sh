@@ -9,4 +9,5 @@ bash scripts/venv.sh .venvs/oldest "transformers==$oldest" accelerate==1.15.0 sa
     pillow==12.3.0 numpy==2.4.6 av==18.1.0 pytest==9.0.3
 echo "== core tests, oldest supported transformers: $(.venvs/oldest/bin/python -c 'import transformers; print(transformers.__version__)')"
 .venvs/oldest/bin/python -m pytest -q tests/test_pruning.py tests/test_peers.py tests/test_compat.py \
-    tests/test_scoring.py tests/test_config.py tests/test_sequence.py tests/test_smolvlm.py tests/test_sparsevlm.py "$@"
+    tests/test_scoring.py tests/test_config.py tests/test_sequence.py tests/test_smolvlm.py tests/test_sparsevlm.py \
+    tests/test_gemma3.py tests/test_qwen3_vl.py tests/test_internvl.py "$@"
