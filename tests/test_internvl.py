@@ -5,12 +5,9 @@ keep-all bit-identical (eager and SDPA), High/Low against the slow reference in 
 modes, undo, errors. These check what is particular to InternVL's tiles.
 """
 
-import functools
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import transprune
 from transprune import PruneConfig, adapters, flops, methods, models
@@ -22,21 +19,11 @@ from transprune.reference import Reference
 QUESTION = "What color is the circle ?"
 
 
-@functools.lru_cache(maxsize=None)
-def _build(attn: str = "eager"):
-    return InternVLAdapter.build_tiny(attn_implementation=attn)
-
-
-def _image(width=200, height=120, seed=0):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8))
-
-
-def test_an_image_is_one_run_of_tile_tokens(make_inputs):
-    model, processor = _build()
+def test_an_image_is_one_run_of_tile_tokens(make_inputs, tiny_model, sample_image):
+    model, processor = tiny_model("internvl", "eager")
     assert type(model).__name__ == "InternVLForConditionalGeneration"
     assert model.config.downsample_ratio == 0.5 and model.config.image_seq_length == 16   # (64/8)^2 / 4
-    inputs = make_inputs(processor, [_image()], [QUESTION])
+    inputs = make_inputs(processor, [sample_image()], [QUESTION])
     ids = inputs["input_ids"][0]
     # 200x120 -> 2 columns x 1 row of 64 px tiles + the thumbnail = 3 tiles of 16 tokens.
     assert inputs["pixel_values"].shape[0] == 3
@@ -47,11 +34,12 @@ def test_an_image_is_one_run_of_tile_tokens(make_inputs):
 
 
 @pytest.mark.parametrize("positions", ["compact", "original"])
-def test_two_images_keep_their_own_budget_across_their_tiles(positions, make_inputs):
+def test_two_images_keep_their_own_budget_across_their_tiles(positions, make_inputs, tiny_model,
+                                                             sample_image):
     """Images with 3 and 1 tiles: each keeps floor(N_image * r) over all of its tiles, tokens and every
     decode step as the slow reference's."""
-    model, processor = _build()
-    images = [_image(200, 120, seed=1), _image(60, 60, seed=2)]
+    model, processor = tiny_model("internvl", "eager")
+    images = [sample_image(200, 120, seed=1), sample_image(60, 60, seed=2)]
     content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": QUESTION}]
     prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     inputs = dict(processor(images=images, text=prompt, return_tensors="pt"))
@@ -72,9 +60,9 @@ def test_two_images_keep_their_own_budget_across_their_tiles(positions, make_inp
 
 
 @pytest.mark.parametrize("size", [(200, 120), (120, 200), (60, 60), (200, 40), (64, 64)])
-def test_tile_grid_and_layout_follow_the_image_processor(size, make_inputs):
-    model, processor = _build()
-    tiles = processor.image_processor(images=[_image(*size)], return_tensors="pt")["pixel_values"].shape[0]
+def test_tile_grid_and_layout_follow_the_image_processor(size, make_inputs, tiny_model, sample_image):
+    model, processor = tiny_model("internvl", "eager")
+    tiles = processor.image_processor(images=[sample_image(*size)], return_tensors="pt")["pixel_values"].shape[0]
     rows, cols = tile_grid(processor.image_processor, *size)
     assert tiles == (rows * cols + 1 if rows * cols > 1 else 1)
     layout = InternVLAdapter().visual_layout(model, processor, size, tiles * 16)
@@ -86,12 +74,12 @@ def test_tile_grid_and_layout_follow_the_image_processor(size, make_inputs):
     assert InternVLAdapter().visual_layout(model, processor, size, tiles * 16 + 16) is None
 
 
-def test_presets_run_in_the_app_or_say_why_not():
+def test_presets_run_in_the_app_or_say_why_not(sample_image):
     """One preset per method the family runs (1-D RoPE: compact positions too), through the app's
     comparison; the LLaVA-only pre-LLM stages are refused with a sentence."""
     from components.engine import Engine, UserError
 
-    engine, image, tried = Engine(), _image(), set()
+    engine, image, tried = Engine(), sample_image(), set()
     for name in PRESETS:
         config = PruneConfig.preset(name)
         if methods.pre_llm_stage(config) is not None:
@@ -105,9 +93,10 @@ def test_presets_run_in_the_app_or_say_why_not():
     assert tried == {"transprune", "fastv", "pdrop", "random", "sparsevlm", "dart"}
 
 
-def test_registry_entries_and_checkpoint_shape():
+def test_registry_entries_and_checkpoint_shape(tiny_model):
     assert models.REGISTRY["tiny-internvl"].family == "internvl" and models.REGISTRY["tiny-internvl"].offline
     spec = models.REGISTRY["internvl3-1b"]
     assert (spec.family, spec.checkpoint, spec.video) == ("internvl", "OpenGVLab/InternVL3-1B-hf", False)
     assert flops.ARCHITECTURES["internvl3-1b"] == Shape(hidden=896, intermediate=4864, layers=24, visual_tokens=256)
-    assert adapters.FAMILIES["internvl"] is InternVLAdapter and adapters.for_model(_build()[0]).family == "internvl"
+    model, _ = tiny_model("internvl", "eager")
+    assert adapters.FAMILIES["internvl"] is InternVLAdapter and adapters.for_model(model).family == "internvl"

@@ -8,7 +8,6 @@ tiny model as in the real checkpoints) before, at and after a stage, in a padded
 video written as several runs of tokens kept as one span.
 """
 
-import functools
 
 import numpy as np
 import pytest
@@ -30,16 +29,6 @@ DEEPSTACK_SCHEDULE = PruneConfig(prune_layers=(1, 3, 6), keep_ratios=(0.75, 0.5,
                                  accumulation_layers=(1, 2, 3), positions="original")
 
 
-@functools.lru_cache(maxsize=None)
-def _build(attn: str = "eager"):
-    return Qwen3VLAdapter.build_tiny(attn_implementation=attn)
-
-
-def _image(width=200, height=120, seed=0):
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8))
-
-
 def _check_against_reference(model, inputs, config, spans, steps=4):
     """The pruned prefill's kept tokens, logits and every decode step's logits equal the reference's."""
     reference = Reference(model, config.resolve(16, "original"), spans=spans).run(inputs, max_new_tokens=steps)
@@ -54,12 +43,12 @@ def _check_against_reference(model, inputs, config, spans, steps=4):
     return pruner.trace
 
 
-def test_tiny_model_has_deepstack_and_interleaved_mrope(make_inputs):
-    model, processor = _build()
+def test_tiny_model_has_deepstack_and_interleaved_mrope(make_inputs, tiny_model, sample_image):
+    model, processor = tiny_model("qwen3_vl", "eager")
     assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
     assert list(model.config.vision_config.deepstack_visual_indexes) == [0, 1, 2]
     assert model.config.text_config.rope_parameters["mrope_interleaved"] is True
-    inputs = make_inputs(processor, [_image()], [QUESTION])
+    inputs = make_inputs(processor, [sample_image()], [QUESTION])
     # 200x120 -> 128x192 px (multiples of 32, within min_pixels) -> 4x6 merged cells.
     assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 24
     features = {}
@@ -72,19 +61,19 @@ def test_tiny_model_has_deepstack_and_interleaved_mrope(make_inputs):
     assert features["deepstack_visual_embeds"][0].shape == (24, model.config.text_config.hidden_size)
 
 
-def test_deepstack_goes_to_the_surviving_tokens_and_matches_the_reference(make_inputs):
-    model, processor = _build()
-    inputs = make_inputs(processor, [_image()], [QUESTION])
+def test_deepstack_goes_to_the_surviving_tokens_and_matches_the_reference(make_inputs, tiny_model, sample_image):
+    model, processor = tiny_model("qwen3_vl", "eager")
+    inputs = make_inputs(processor, [sample_image()], [QUESTION])
     trace = _check_against_reference(model, inputs, DEEPSTACK_SCHEDULE, spans=[0] * 24)
     assert [len(stage.kept) for stage in trace.stages] == [18, 12, 6]
     assert trace.visual_tokens_per_layer[:4] == [24, 18, 18, 12]
 
 
-def test_the_reference_is_sensitive_to_deepstack(make_inputs):
+def test_the_reference_is_sensitive_to_deepstack(make_inputs, tiny_model, sample_image):
     """Dropping the DeepStack features changes what is kept and the logits: the equality above is not
     blind to them."""
-    model, processor = _build()
-    inputs = make_inputs(processor, [_image()], [QUESTION])
+    model, processor = tiny_model("qwen3_vl", "eager")
+    inputs = make_inputs(processor, [sample_image()], [QUESTION])
     resolved = DEEPSTACK_SCHEDULE.resolve(16, "original")
     with_features = Reference(model, resolved).run(inputs, max_new_tokens=1)
     handle = model.model.language_model.register_forward_pre_hook(
@@ -96,10 +85,11 @@ def test_the_reference_is_sensitive_to_deepstack(make_inputs):
     assert not torch.allclose(with_features["logits"], dropped["logits"], atol=1e-3)
 
 
-def test_padded_batch_gives_each_sample_its_own_deepstack_rows(make_inputs):
+def test_padded_batch_gives_each_sample_its_own_deepstack_rows(make_inputs, tiny_model, sample_image):
     """Two images of different sizes: each sample's features start after the other sample's rows."""
-    model, processor = _build()
-    images, questions = [_image(200, 120, seed=1), _image(130, 130, seed=2)], [QUESTION, "is there a red square ?"]
+    model, processor = tiny_model("qwen3_vl", "eager")
+    images = [sample_image(200, 120, seed=1), sample_image(130, 130, seed=2)]
+    questions = [QUESTION, "is there a red square ?"]
     batch = make_inputs(processor, images, questions)
     with torch.no_grad(), transprune.apply(model, DEEPSTACK_SCHEDULE):
         together = model.generate(**batch, max_new_tokens=3, do_sample=False, output_logits=True,
@@ -113,10 +103,10 @@ def test_padded_batch_gives_each_sample_its_own_deepstack_rows(make_inputs):
                                    rtol=1e-4, atol=1e-4)
 
 
-def test_a_video_is_one_span_across_its_timestamped_frame_groups():
+def test_a_video_is_one_span_across_its_timestamped_frame_groups(tiny_model):
     """Four frames = two temporal patches, written as two runs of video tokens with a timestamp
     between them; one span (one budget), against the reference told so, with DeepStack stages."""
-    model, processor = _build()
+    model, processor = tiny_model("qwen3_vl", "eager")
     rng = np.random.default_rng(3)
     frames = [Image.fromarray((rng.random((64, 96, 3)) * 255).astype(np.uint8)) for _ in range(4)]
     prompt = processor.apply_chat_template(
@@ -131,13 +121,13 @@ def test_a_video_is_one_span_across_its_timestamped_frame_groups():
     assert [len(stage.kept) for stage in trace.stages] == [int(n * r) for r in DEEPSTACK_SCHEDULE.keep_ratios]
 
 
-def test_presets_run_in_the_app_or_say_why_not():
+def test_presets_run_in_the_app_or_say_why_not(sample_image):
     """Every preset either runs in the app's comparison (one preset per method it can run, to keep this
     quick; the others of a method differ only in numbers) or is refused with a sentence: compact
     positions (PDrop, SparseVLM) and LLaVA-only pre-LLM stages (VisionZip, DivPrune, CDPruner)."""
     from components.engine import Engine, UserError
 
-    engine, image, tried = Engine(), _image(), set()
+    engine, image, tried = Engine(), sample_image(), set()
     for name in PRESETS:
         config = PruneConfig.preset(name)
         if config.positions == "compact" or methods.pre_llm_stage(config) is not None:
@@ -151,7 +141,7 @@ def test_presets_run_in_the_app_or_say_why_not():
     assert tried == {"transprune", "fastv", "random", "dart"}
 
 
-def test_registry_entries_and_checkpoint_shape():
+def test_registry_entries_and_checkpoint_shape(sample_image):
     assert models.REGISTRY["tiny-qwen3-vl"].family == "qwen3_vl" and models.REGISTRY["tiny-qwen3-vl"].offline
     spec = models.REGISTRY["qwen3-vl-2b"]
     assert (spec.family, spec.checkpoint, spec.video) == ("qwen3_vl", "Qwen/Qwen3-VL-2B-Instruct", True)
@@ -159,4 +149,4 @@ def test_registry_entries_and_checkpoint_shape():
     assert flops.ARCHITECTURES["qwen3-vl-2b"] == Shape(hidden=2048, intermediate=6144, layers=28, visual_tokens=196)
     assert adapters.FAMILIES["qwen3_vl"] is Qwen3VLAdapter
     lm = models.load("tiny-qwen3-vl")
-    assert lm.generate(_image(), QUESTION, config="high", max_new_tokens=2).trace.visual_tokens == 24
+    assert lm.generate(sample_image(), QUESTION, config="high", max_new_tokens=2).trace.visual_tokens == 24
