@@ -1,6 +1,7 @@
 """An offline Hugging Face hub cache of real checkpoints, for rehearsing the user's `from_pretrained` path.
 
-../shared/fixtures/hf-hub/<org>--<name>/ (the sibling `shared` folder of the checkout) holds a real
+../shared/fixtures/hf-hub/<org>--<name>/ (the sibling `shared` folder of the checkout, or the folder
+$TRANSPRUNE_HUB_FIXTURES names) holds a real
 checkpoint's files other than its weights. `build_hub_cache(root)` copies each folder as it is into
 the hub cache layout under `root/hub` and writes random weights next to it, built from the real
 config at a reduced width: every value the processor or the prompt depends on stays as it is
@@ -17,6 +18,7 @@ Tests take this through conftest's `rehearsal_hub` fixture, which builds the cac
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -24,7 +26,10 @@ from pathlib import Path
 
 import torch
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hf-hub"
+# TRANSPRUNE_HUB_FIXTURES points elsewhere, e.g. from a temporary clone (the fresh-install check) whose
+# parent folder has no `shared`.
+FIXTURES = Path(os.environ.get("TRANSPRUNE_HUB_FIXTURES")
+                or Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "hf-hub")
 # Any 40-hex commit: refs/main points at it, as after a real download.
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
 
