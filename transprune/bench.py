@@ -33,6 +33,13 @@ Figures: `tflops` is the paper's accounting (visual tokens only, 4nd^2 + 2n^2d +
 at the full size of `--arch`, `tflops_full_sequence` counts the text tokens too. `bound` is the
 analytic speedup of the model actually timed (its width and depth, all tokens of the prompt):
 the most a method can gain if time followed FLOPs; `speedup_over_bound` = measured / bound.
+Time does not follow FLOPs all the way down: a prefill also reads every weight, runs the vision
+encoder and the text tokens, and pays per-layer overheads that do not shrink with the visual
+tokens. So each run also times a fixed-cost probe, the same prompt with its visual tokens taken
+out and no pixels (interleaved with the methods), and the baseline's vision encoder. `bound_fixed`
+(table: "bound with fixed cost") is the bound when a prefill costs that measured zero-visual-token
+time plus a rate per TFLOP fitted through the baseline (`benchmarking.bound_with_fixed_cost`);
+`speedup_over_bound_fixed` = measured / it. `run.fixed_cost` keeps the probe's figures.
 Output: a markdown table, one JSON line at the end of stdout, `--json` ({method: figures}) and a
 plot of speedup against the mean number of visual tokens per layer (`--plot`, default next to
 the JSON).
@@ -57,8 +64,8 @@ from pathlib import Path
 import torch
 
 from . import flops, methods
-from .benchmarking import (TINY_ARCH, LLAVA_IMAGE_TOKEN, LLAVA_VOCAB, BenchError, BenchModel,  # noqa: F401
-                           MethodSpec, _heads_for, analytic, build, build_shape, decode_tokens_per_s, measure,
+from .benchmarking import (FIXED_COST_PROBE, TINY_ARCH, LLAVA_IMAGE_TOKEN, LLAVA_VOCAB,  # noqa: F401
+                           BenchError, BenchModel, MethodSpec, _heads_for, bound_with_fixed_cost, analytic, build, build_shape, decode_tokens_per_s, measure,
                            parse_method, random_llava, synthetic_inputs, timed_ms, visual_schedule)
 from .measure import DTYPES, TokenClock, peak_memory_mb, reset_peak_memory, sync  # noqa: F401  (re-exported)
 
@@ -105,15 +112,37 @@ def markdown_table(results: dict[str, dict], flops_only: bool) -> str:
                          f"{r['tflops_full_sequence']:.2f} | {r['bound']:.2f}× |")
         return "\n".join(lines)
     lines = ["| method | visual tokens (mean/layer → final) | TFLOPs (paper) | prefill ms | speedup | bound | "
-             "speedup ÷ bound | scoring share (net) | decode tok/s | peak MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "speedup ÷ bound | bound with fixed cost | speedup ÷ it | scoring share (net) | decode tok/s | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         lines.append(
             f"| {name} | {r['mean_visual_tokens']:.0f} → {r['final_visual_tokens']} | {r['tflops']:.2f} | "
             f"{r['prefill_ms']:.1f} | {r['speedup']:.2f}× | {r['bound']:.2f}× | {r['speedup_over_bound']:.2f} | "
+            f"{_fmt(r.get('bound_fixed'), '{:.2f}×')} | {_fmt(r.get('speedup_over_bound_fixed'))} | "
             f"{_scoring_cell(r)} | {_fmt(r.get('decode_tokens_per_s'), '{:.1f}')} | "
             f"{r['peak_mb']:.0f} |")
     return "\n".join(lines)
+
+
+def fixed_cost(bench: BenchModel, probe: dict, baseline: dict) -> dict:
+    """The measured fixed cost: the probe's prefill (the prompt without its visual tokens) plus the
+    baseline's vision-encoder time, with the FLOPs of both ends of the fitted line."""
+    text_tflops = flops.tflops([bench.text_tokens] * bench.layers, bench.hidden, bench.intermediate)
+    full_tflops = flops.tflops([bench.visual_tokens + bench.text_tokens] * bench.layers, bench.hidden,
+                               bench.intermediate)
+    vision_ms = baseline.get("vision_ms", 0.0)
+    return dict(text_only_ms=probe["prefill_ms"], text_only_ms_all=probe["prefill_ms_all"], vision_ms=vision_ms,
+                zero_visual_ms=probe["prefill_ms"] + vision_ms, baseline_ms=baseline["prefill_ms"],
+                zero_visual_tflops=text_tflops, baseline_tflops=full_tflops,
+                share_of_baseline=(probe["prefill_ms"] + vision_ms) / baseline["prefill_ms"],
+                share_of_baseline_flops=text_tflops / full_tflops)
+
+
+def fixed_cost_sentence(fixed: dict) -> str:
+    return (f"Fixed cost: with no visual tokens a prefill takes {fixed['zero_visual_ms']:.1f} ms "
+            f"(the text-only prompt {fixed['text_only_ms']:.1f} ms + the vision encoder {fixed['vision_ms']:.1f} ms), "
+            f"{fixed['share_of_baseline']:.1%} of the baseline's time for {fixed['share_of_baseline_flops']:.1%} of its "
+            "FLOPs. 'bound with fixed cost' adds that time to every method and scales the rest with FLOPs.")
 
 
 def plot(results: dict[str, dict], path: Path, title: str, flops_only: bool):
@@ -187,9 +216,10 @@ def run(args) -> dict[str, dict]:
                                             if stage is not None else None)
     if not args.flops_only:
         print(f"Timing {len(specs)} methods x {args.repeats} repeats on {bench.description} ...", file=sys.stderr)
-        measured = measure(bench, specs, args.repeats, args.new_tokens, max(1, args.decode_repeats),
-                           args.scoring_repeats)
+        measured = measure(bench, [*specs, FIXED_COST_PROBE], args.repeats, args.new_tokens,
+                           max(1, args.decode_repeats), args.scoring_repeats)
         base = next(s.name for s in specs if not s.pruned)
+        fixed = fixed_cost(bench, measured.pop(FIXED_COST_PROBE.name), measured[base])
         random_ms = measured.get("random", {}).get("prefill_ms")
         random_cfg = next((s.config for s in specs if s.name == "random"), None)
         for s in specs:
@@ -201,6 +231,10 @@ def run(args) -> dict[str, dict]:
             r["prefill_ms_min"] = min(r["prefill_ms_all"])
             r["speedup_min"] = min(measured[base]["prefill_ms_all"]) / r["prefill_ms_min"]
             r["speedup_over_bound"] = r["speedup"] / r["bound"]
+            r["bound_fixed"] = bound_with_fixed_cost(fixed["baseline_ms"], fixed["zero_visual_ms"],
+                                                     fixed["baseline_tflops"], fixed["zero_visual_tflops"],
+                                                     r["bench_tflops_full_sequence"])
+            r["speedup_over_bound_fixed"] = r["speedup"] / r["bound_fixed"] if r["bound_fixed"] else None
             r["scoring_share"] = (r["scoring_ms"] / r["prefill_ms"]) if "scoring_ms" in r else None
             # Net: minus the key projections the layers after each stage no longer do (key reuse).
             r["scoring_share_net"] = (((r["scoring_ms"] - r.get("reused_keys_ms", 0.0)) / r["prefill_ms"])
@@ -217,7 +251,7 @@ def run(args) -> dict[str, dict]:
                     device=str(device), dtype=str(dtype).replace("torch.", ""), attn=args.attn,
                     machine=machine_description(device) if not args.flops_only else None,
                     repeats=args.repeats, decode_repeats=args.decode_repeats, new_tokens=args.new_tokens, load_before=load_before, load_after=_load(),
-                    flops_only=bool(args.flops_only))
+                    flops_only=bool(args.flops_only), fixed_cost=None if args.flops_only else fixed)
     for r in results.values():
         r["run"] = run_info
     header = (f"{bench.description}: hidden {bench.hidden}, {bench.layers} layers, N={bench.visual_tokens}, "
@@ -227,6 +261,8 @@ def run(args) -> dict[str, dict]:
                    f"{load_before} → {run_info['load_after']}")
     print(f"\n{header}\n")
     print(markdown_table(results, args.flops_only))
+    if not args.flops_only:
+        print("\n" + fixed_cost_sentence(fixed))
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

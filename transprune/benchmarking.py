@@ -18,7 +18,7 @@ import torch
 
 from . import adapters, flops, tiny
 from .config import ConfigError, PruneConfig
-from .measure import TokenClock, peak_memory_mb, reset_peak_memory, sync
+from .measure import ModuleTimer, TokenClock, peak_memory_mb, reset_peak_memory, sync
 from .runner import apply
 
 TINY_ARCH = "tiny-llava"
@@ -33,9 +33,13 @@ class BenchError(ValueError):
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One benchmark entry: a name and its PruneConfig (None = the unpruned baseline)."""
+    """One benchmark entry: a name and its PruneConfig (None = the unpruned baseline).
+
+    `text_only` marks the fixed-cost probe (`FIXED_COST_PROBE`), not a method: the same prompt with
+    its visual tokens taken out and no pixels, so the language model sees none."""
     name: str
     config: PruneConfig | None = None
+    text_only: bool = False
 
     @property
     def pruned(self) -> bool:
@@ -45,6 +49,9 @@ class MethodSpec:
     def pre_llm(self) -> bool:
         """True when a stage before the language model (VisionZip) changes the tokens it sees."""
         return self.config is not None and self.config.pre_llm is not None
+
+
+FIXED_COST_PROBE = MethodSpec("no visual tokens", text_only=True)
 
 
 def parse_method(name: str) -> MethodSpec:
@@ -210,6 +217,33 @@ def analytic(spec: MethodSpec, arch_shape: flops.Shape, bench: BenchModel, basel
     return figures
 
 
+def bound_with_fixed_cost(baseline_ms: float, zero_visual_ms: float, baseline_tflops: float,
+                          zero_visual_tflops: float, method_tflops: float) -> float | None:
+    """The analytic bound with a measured fixed cost: the most a method can gain if a prefill took
+    `zero_visual_ms` (what it costs when the language model sees no visual tokens: the vision tower,
+    the text tokens, and everything that does not grow with the sequence, such as reading the
+    weights) plus a rate per TFLOP fitted through the baseline. With no fixed cost (zero_visual_ms
+    proportional to its FLOPs) this is the plain analytic bound, baseline_tflops / method_tflops.
+    None when the measurement cannot support a rate (the probe was not faster than the baseline)."""
+    if baseline_ms <= zero_visual_ms or baseline_tflops <= zero_visual_tflops:
+        return None
+    rate = (baseline_ms - zero_visual_ms) / (baseline_tflops - zero_visual_tflops)
+    return baseline_ms / (zero_visual_ms + rate * (method_tflops - zero_visual_tflops))
+
+
+def text_only_inputs(model, inputs: dict) -> dict:
+    """`inputs` with every visual token taken out of the prompt and no pixels (one prompt only)."""
+    ids = inputs["input_ids"]
+    if ids.shape[0] != 1:
+        raise BenchError("The fixed-cost probe times one prompt; the bench's inputs hold "
+                         f"{ids.shape[0]}. Pass a single prompt.")
+    keep = ~adapters.for_model(model).visual_mask(model, ids)[0]
+    text = dict(input_ids=ids[:, keep])
+    if "attention_mask" in inputs:
+        text["attention_mask"] = inputs["attention_mask"][:, keep]
+    return text
+
+
 # ---------------------------------------------------------------------------------------- measuring
 def timed_ms(fn, device: torch.device):
     """(result, milliseconds): CUDA events on a GPU, perf_counter on CPU."""
@@ -237,6 +271,8 @@ class _Attached:
     def __enter__(self):
         if self.spec.config is not None:
             self.pruner = apply(self.model, self.spec.config)
+        if self.spec.text_only:
+            self.inputs = text_only_inputs(self.model, self.inputs)
         return self
 
     def prepare(self) -> dict:
@@ -319,7 +355,9 @@ def measure(bench: BenchModel, specs: list[MethodSpec], repeats: int, new_tokens
 
     Every loop runs the methods alternately, rotating the order each repeat. On CPU the scoring
     clock rides along the timed prefills (a few perf_counter calls per stage, no sync); on CUDA it
-    needs a synchronize around each scored call, so it gets its own `scoring_repeats` runs.
+    needs a synchronize around each scored call, so it gets its own `scoring_repeats` runs. The
+    baseline's vision-encoder time (`vision_ms`, for the fixed-cost bound) is read the same way.
+    `FIXED_COST_PROBE` among `specs` is timed like a method and has no decode figures.
     """
     model, inputs = bench.model, bench.inputs
     device = next(model.parameters()).device
@@ -329,7 +367,13 @@ def measure(bench: BenchModel, specs: list[MethodSpec], repeats: int, new_tokens
     scoring = {name: [] for name in names}
     reused = {name: [] for name in names}
     decode = {name: [] for name in names}
+    vision = {name: [] for name in names}
     extra: dict[str, dict] = {name: {} for name in names}
+    encoders = adapters.for_model(model).vision_encoders(model)
+
+    def vision_clock(spec):
+        """Times the vision encoders inside the baseline's prefill (None for every other entry)."""
+        return ModuleTimer(encoders, device) if not spec.pruned and not spec.text_only and encoders else None
 
     def rotated(repeat):
         return specs[repeat % len(specs):] + specs[:repeat % len(specs)]
@@ -346,17 +390,26 @@ def measure(bench: BenchModel, specs: list[MethodSpec], repeats: int, new_tokens
             for spec in rotated(repeat):
                 with _Attached(model, spec, inputs) as attached:
                     clock = _ScoringClock(attached, device) if spec.pruned and not separate_scoring else None
+                    encoder_clock = None if separate_scoring else vision_clock(spec)
                     try:
-                        _, ms = timed_ms(attached.prefill, device)
+                        with encoder_clock or contextlib.nullcontext():
+                            _, ms = timed_ms(attached.prefill, device)
                     finally:
                         if clock is not None:
                             clock.remove()
                             scoring[spec.name].append(clock.total * 1e3)
+                    if encoder_clock is not None:
+                        vision[spec.name].append(encoder_clock.ms)
                     prefill[spec.name].append(ms)
             log(f"  prefill {repeat + 1}/{repeats}: " +
                 ", ".join(f"{name} {prefill[name][-1]:.0f} ms" for name in names), file=sys.stderr)
         for repeat in range(scoring_repeats if separate_scoring else 0):
             for spec in rotated(repeat):
+                encoder_clock = vision_clock(spec)
+                if encoder_clock is not None:
+                    with _Attached(model, spec, inputs) as attached, encoder_clock:
+                        attached.prefill()
+                    vision[spec.name].append(encoder_clock.ms)
                 if spec.pruned:
                     with _Attached(model, spec, inputs) as attached:
                         clock = _ScoringClock(attached, device)
@@ -380,6 +433,8 @@ def measure(bench: BenchModel, specs: list[MethodSpec], repeats: int, new_tokens
         for repeat in range(decode_repeats):
             # Peak memory of a whole prefill + decode, reset before each method's generate.
             for spec in rotated(repeat):
+                if spec.text_only:
+                    continue
                 with _Attached(model, spec, inputs) as attached:
                     reset_peak_memory(device)
                     if new_tokens > 1:
@@ -390,7 +445,8 @@ def measure(bench: BenchModel, specs: list[MethodSpec], repeats: int, new_tokens
                     extra[spec.name]["peak_mb"] = max(peak, extra[spec.name].get("peak_mb", 0.0))
             if new_tokens > 1:
                 log(f"  decode {repeat + 1}/{decode_repeats}: " +
-                    ", ".join(f"{name} {decode[name][-1]:.1f} tok/s" for name in names), file=sys.stderr)
+                    ", ".join(f"{name} {decode[name][-1]:.1f} tok/s" for name in names if decode[name]),
+                    file=sys.stderr)
     results = {}
     for name in names:
         rates = [r for r in decode[name] if r is not None]
@@ -401,6 +457,8 @@ def measure(bench: BenchModel, specs: list[MethodSpec], repeats: int, new_tokens
             results[name]["scoring_ms"] = statistics.median(scoring[name])
         if reused[name]:
             results[name]["reused_keys_ms"] = statistics.median(reused[name])
+        if vision[name]:
+            results[name]["vision_ms"] = statistics.median(vision[name])
     return results
 
 
