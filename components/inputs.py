@@ -356,7 +356,9 @@ def budget_info(method: str) -> str:
         budgets = pre_llm_budgets(stage.name)
         high, low = budgets["High"], budgets["Low"]
         return (f"Before the LLM: High keeps {_share(high)} of the patches ({high}), Low {_share(low)} ({low}); "
-                f"Custom sets the share. {stage.supported_models} only.")
+                f"Custom sets the share. "
+                + (f"Before the LLM on {stage.supported_models}; on other models on the first layer's input."
+                   if stage.first_layer_twin else f"{stage.supported_models} only."))
     if kind == "own_preset":
         return f"High is {method}'s published schedule, Low halves its keep ratios; Custom sets the final share."
     return ("High keeps 88% → 62% → 12% of the visual tokens over three stages, Low 50% → 25% → 6%; "

@@ -33,7 +33,10 @@ def stage_name(layer: int, trace=None) -> str:
     """A stage as the page names it: "layer 7", or the pre-LLM stage's own label for layer 0."""
     if layer != 0:
         return f"layer {layer}"
-    stage = pre_llm_stage(trace)
+    from transprune import methods
+
+    # A pre-LLM stage, or an in-LLM one at layer 0 (DivPrune's twin on a family its rewrite cannot serve).
+    stage = pre_llm_stage(trace) or methods.REGISTRY.get((getattr(trace, "config", None) or {}).get("method"))
     return stage.label if stage else "pre-LLM stage"
 
 

@@ -377,6 +377,22 @@ def test_visionzip_on_another_family_is_a_clear_message(example_image):
                          build("VisionZip", "High"), **FAST)
 
 
+@pytest.mark.parametrize("model", ["tiny-qwen2.5-vl", "tiny-llava-next"])
+@pytest.mark.parametrize("method", ["DivPrune", "CDPruner"])
+def test_divprune_and_cdpruner_on_another_family_prune_the_first_layers_input(example_image, model, method):
+    comparison = Engine().compare(model, example_image, "What shape is yellow?", build(method, "High"), **FAST)
+    trace = comparison.pruned.trace
+    (stage,) = trace.stages
+    assert stage.layer == 0 and comparison.resolved.pre_llm is None
+    assert comparison.resolved.method == f"{method.lower()}_first_layer"
+    assert metrics.stage_place(0, trace) == f"before the LLM ({method} (layer 0))"
+    numbers = metrics.numbers(comparison)
+    assert numbers.kept == [(0, len(stage.kept), 0)]
+    canvas = overlay.Canvas.from_trace(example_image, trace)   # the overlays draw this stage
+    assert canvas is not None
+    assert "on other models on the first layer's input" in inputs.budget_info(method)
+
+
 def test_stacked_visionzip_overlays_and_patch_table(eng, example_image):
     comparison = eng.compare(MODEL, example_image, "What color is the circle?",
                              PruneConfig.preset("visionzip-128+high"), **FAST)

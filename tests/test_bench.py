@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from transprune import PruneConfig, bench, flops
+from transprune import PruneConfig, bench, benchmarking, flops
 
 PAPER = {"baseline": 3.82, "fastv": 2.01, "pdrop": 1.78, "high": 1.56, "low": 1.19}
 
@@ -106,8 +106,46 @@ def test_bench_end_to_end_on_tiny_model(tmp_path, capsys):
     assert results["pdrop"]["final_visual_tokens"] == 18
     assert "| method |" in out and "| visionzip-64+high |" in out
     assert set(last_json_line(out)["results"]) == set(methods.split(","))
+    # The fixed-cost probe is timed with the methods but is not one of them.
+    fixed = last_json_line(out)["run"]["fixed_cost"]
+    assert len(fixed["text_only_ms_all"]) == 2 and fixed["vision_ms"] > 0
+    assert fixed["zero_visual_ms"] == fixed["text_only_ms"] + fixed["vision_ms"]
+    assert fixed["zero_visual_tflops"] == flops.tflops([61] * 16, 64, 128)   # 61 text tokens, no visual ones
+    assert data["baseline"]["bound_fixed"] == 1.0 and "Fixed cost: with no visual tokens" in out
+    for name, figures in data.items():
+        expected = bench.bound_with_fixed_cost(fixed["baseline_ms"], fixed["zero_visual_ms"], fixed["baseline_tflops"],
+                                               fixed["zero_visual_tflops"], figures["bench_tflops_full_sequence"])
+        assert figures["bound_fixed"] == expected, name
+        if expected is not None:
+            assert figures["speedup_over_bound_fixed"] == figures["speedup"] / expected
     plot = path.with_suffix(".png")
     assert plot.exists() and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_bound_with_fixed_cost():
+    # No fixed cost (time proportional to FLOPs): the plain analytic bound, baseline / method FLOPs.
+    assert bench.bound_with_fixed_cost(100.0, 20.0, 10.0, 2.0, 4.0) == pytest.approx(10.0 / 4.0)
+    # 40 ms with no visual tokens (2 TFLOPs), 100 ms at 10: 7.5 ms per further TFLOP, so 4 TFLOPs take 55 ms.
+    assert bench.bound_with_fixed_cost(100.0, 40.0, 10.0, 2.0, 4.0) == pytest.approx(100.0 / 55.0)
+    assert bench.bound_with_fixed_cost(100.0, 40.0, 10.0, 2.0, 10.0) == 1.0
+    # A probe no faster than the baseline supports no rate.
+    assert bench.bound_with_fixed_cost(100.0, 100.0, 10.0, 2.0, 4.0) is None
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "smolvlm"])
+def test_the_fixed_cost_probe_takes_every_visual_token_and_the_pixels_out(tiny_model, sample_image, family):
+    from transprune import adapters
+    model, processor = tiny_model(family)
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                            {"type": "text", "text": "What is it?"}]}], add_generation_prompt=True)
+    inputs = dict(processor(images=sample_image(), text=prompt, return_tensors="pt"))
+    text = benchmarking.text_only_inputs(model, inputs)
+    visual = adapters.for_model(model).visual_mask(model, inputs["input_ids"])
+    assert set(text) == {"input_ids", "attention_mask"}
+    assert text["input_ids"].tolist() == [inputs["input_ids"][0][~visual[0]].tolist()]
+    assert text["input_ids"].shape[1] == inputs["input_ids"].shape[1] - int(visual.sum()) < inputs["input_ids"].shape[1]
+    with torch.inference_mode():
+        model(**text)   # a prompt the model takes as it is
 
 
 def test_baseline_is_added_when_missing(tmp_path):

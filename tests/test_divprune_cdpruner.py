@@ -3,18 +3,26 @@ equals a slow hand-written selection fed to the unpruned model as input embeddin
 
 Both choose among the projected visual tokens (what the model inserts for the image); the kept tokens
 reach the LLM in their original order with renumbered ("compact") positions, as in both releases.
+
+On the other families the same choice runs at layer 0, on the first decoder layer's input
+(`transprune.methods.first_layer`): on LLaVA it equals the pre-LLM stage, and on Qwen2.5-VL a slow
+hand-written run (the selection, then the decoder layers by hand at the kept tokens' M-RoPE positions).
 """
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
 
 import transprune
-from transprune import flops
+from transprune import flops, resolve
 from transprune.config import PruneConfig
 from transprune.methods import PRE_LLM, cdpruner, divprune
 from transprune.adapters.llava_next import tiny_llava_next
+
+import slow_decoder
 
 N = 144
 STEPS = 3
@@ -163,11 +171,102 @@ def test_batch_with_padding_equals_each_prompt_alone(tiny, sample_image, make_in
         assert torch.equal(traces[b].stages[0].kept, pruner.trace.stages[0].kept)
 
 
-def test_other_families_are_refused_with_a_clear_error(tiny_model):
+def test_stacked_on_other_families_is_refused_with_a_clear_error(tiny_model):
     for model, _ in (tiny_llava_next(), tiny_model("qwen2_5_vl")):
-        for preset in ("divprune-64", "cdpruner-64+high"):
-            with pytest.raises(transprune.UnsupportedModelError, match="supports LlavaForConditionalGeneration"):
+        for preset in ("divprune-64+high", "cdpruner-128+high"):
+            with pytest.raises(transprune.UnsupportedModelError, match="Run it alone"):
                 transprune.apply(model, preset)
+
+
+@pytest.mark.parametrize("preset", ["divprune-64", "cdpruner-128"])
+def test_alone_on_other_families_it_becomes_the_layer_0_twin(tiny_model, preset):
+    model, _ = tiny_model("qwen2_5_vl")
+    resolved = resolve.for_model(model, preset)
+    stage = PRE_LLM[preset.split("-")[0]]
+    assert resolved.method == stage.first_layer_twin and resolved.pre_llm is None
+    assert resolved.prune_layers == (0,) and resolved.keep_ratios == (PruneConfig.preset(preset).pre_llm_keep,)
+    assert resolved.positions == "original"           # M-RoPE: each kept token keeps its own position
+    assert flops.schedule_tokens(resolved, 576, 28) == [round(576 * resolved.keep_ratios[0])] * 28
+    # On LLaVA-1.5 the preset stays the pre-LLM stage, as released.
+    llava, _ = tiny_model("llava")
+    assert resolve.for_model(llava, preset).pre_llm == stage.name
+
+
+def twin_config(preset, positions):
+    keep = PruneConfig.preset(preset).pre_llm_keep
+    twin = PRE_LLM[preset.split("-")[0]].first_layer_twin
+    return PruneConfig(method=twin, prune_layers=(0,), keep_ratios=(keep,), positions=positions)
+
+
+@pytest.mark.parametrize("preset", ["divprune-64", "cdpruner-128"])
+def test_the_layer_0_twin_equals_the_pre_llm_stage_on_llava(tiny, prompt_inputs, preset):
+    """The same kept patches, scores and logits: the first layer's input at the image is the projected tokens."""
+    model, processor = tiny
+    inputs = prompt_inputs(processor)
+    expected_logits, expected = pruned_generation(model, inputs, preset)
+    with torch.inference_mode(), transprune.apply(model, twin_config(preset, "compact")) as pruner:
+        output = model.generate(**inputs, max_new_tokens=STEPS + 1, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True)
+    trace = pruner.trace
+    (stage,) = trace.stages
+    assert stage.layer == 0
+    assert torch.equal(stage.kept, expected.stages[0].kept)
+    torch.testing.assert_close(stage.score, expected.stages[0].score, rtol=1e-5, atol=1e-6)
+    assert trace.visual_tokens_per_layer == expected.visual_tokens_per_layer
+    torch.testing.assert_close(torch.stack(output.logits)[:, 0], expected_logits, rtol=1e-4, atol=1e-5)
+
+
+def slow_first_layer_subset(model, inputs, choose, steps=STEPS):
+    """The selection on the first layer's input, then the decoder layers run by hand (their own causal mask
+    and KV cache) over the kept tokens at their own M-RoPE positions; decoding continues at the prompt's
+    largest position + 1. `choose(visual (N, d), instruction (q, d)) -> kept indices`. Returns (logits, kept)."""
+    from transformers import DynamicCache
+    from transprune import compat
+    from transprune.reference import Reference
+    reference = Reference(model, PruneConfig(method="random", prune_layers=(1,), keep_ratios=(1.0,)).resolve(16))
+    language = reference.lm
+    ids = inputs["input_ids"][0]
+    visual = (ids == model.config.image_token_id).nonzero().flatten()
+    hidden, positions = reference._embeds(inputs)
+    positions = positions[-3:]
+    after = torch.arange(int(visual[-1]) + 1, len(ids))
+    kept = choose(hidden[0, visual], hidden[0, after])
+    keep = sorted(set(range(len(ids))) - set(visual.tolist()) | set(visual[kept].tolist()))
+    hidden, positions = hidden[:, keep], positions[:, :, keep]
+    cache = DynamicCache(config=language.config)
+    run_layer = functools.partial(slow_decoder.layer_step, language, {compat.cache_keyword(language.layers[0].self_attn): cache})
+    for layer in language.layers:
+        hidden = run_layer(layer, hidden, positions)
+    logits = [model.lm_head(language.norm(hidden[:, -1:]))[0, -1]]
+    start = int(reference._embeds(inputs)[1][-3:].max()) + 1
+    for step in range(steps):
+        hidden = language.embed_tokens(torch.tensor([[int(logits[-1].argmax())]]))
+        for layer in language.layers:
+            hidden = run_layer(layer, hidden, torch.full((3, 1, 1), start + step))
+        logits.append(model.lm_head(language.norm(hidden))[0, -1])
+    return torch.stack(logits), kept
+
+
+@pytest.mark.parametrize("preset", ["divprune-64", "divprune-192", "cdpruner-64", "cdpruner-128"])
+def test_on_qwen2_5_vl_the_run_equals_slow_reimplementation(tiny_model, sample_image, make_inputs, preset):
+    model, processor = tiny_model("qwen2_5_vl")
+    inputs = make_inputs(processor, [sample_image()], ["what color is the circle on the left ?"])
+    n = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    keep = round(PruneConfig.preset(preset).pre_llm_keep * n)
+    with torch.inference_mode(), transprune.apply(model, preset) as pruner:
+        output = model.generate(**inputs, max_new_tokens=STEPS + 1, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True)
+    if preset.startswith("divprune"):
+        choose = lambda visual, instruction: slow_divprune(visual, keep)   # noqa: E731
+    else:
+        choose = lambda visual, instruction: slow_cdpruner(visual, instruction, keep)[0]   # noqa: E731
+    with torch.inference_mode():
+        expected, kept = slow_first_layer_subset(model, inputs, choose)
+    (stage,) = pruner.trace.stages
+    assert stage.layer == 0 and pruner.trace.visual_tokens == n
+    assert stage.kept.tolist() == kept and len(kept) == keep
+    assert pruner.trace.visual_tokens_per_layer == [keep] * len(pruner.trace.visual_tokens_per_layer)
+    torch.testing.assert_close(torch.stack(output.logits)[:, 0], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_cdpruner_keeps_distinct_tokens_when_the_kernel_runs_out_of_rank():

@@ -46,12 +46,14 @@ DART = ["dart", "dart-64", "dart-192"]
 # The pre-LLM stages that rewrite one CLIP tile's tokens (transprune.methods.preselect, visionzip).
 ONE_TILE = ["visionzip-192", "visionzip-128", "visionzip-64", "visionzip-128+high", "divprune-192", "divprune-128",
             "divprune-64", "cdpruner-192", "cdpruner-128", "cdpruner-64", "cdpruner-128+high"]
-# The presets each family runs: VisionZip, DivPrune and CDPruner are LLaVA-1.5's (one CLIP tile);
+# DivPrune and CDPruner alone: on other families the same choice on the first layer's input (methods.first_layer).
+SUBSET_ALONE = ["divprune-192", "divprune-128", "divprune-64", "cdpruner-192", "cdpruner-128", "cdpruner-64"]
+# The presets each family runs: VisionZip and the stacks are LLaVA-1.5's (one CLIP tile);
 # Qwen2.5-VL's M-RoPE runs only "original" positions, and PDrop and SparseVLM presets are "compact" ones.
 VALID_PRESETS = {
     "llava-1.5-7b": IN_LLM + DART + ONE_TILE,
-    "smolvlm-256m": IN_LLM + DART,
-    "qwen2.5-vl-7b": ["high", "low", "off", "fastv", "random"] + DART,
+    "smolvlm-256m": IN_LLM + DART + SUBSET_ALONE,
+    "qwen2.5-vl-7b": ["high", "low", "off", "fastv", "random"] + DART + SUBSET_ALONE,
 }
 # The app on a CPU loads SmolVLM with one 512-px view (components.policy.CPU_PROCESSOR_KWARGS): 64 tokens.
 APP_VISUAL_TOKENS_ON_CPU = {"smolvlm-256m": 64}

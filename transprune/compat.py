@@ -129,12 +129,13 @@ class DecodeGuard:
     the wrong positions or mask.
     """
 
-    def __init__(self, prompt_length: int, prefill_lengths: list[int]):
-        self.prompt_length, self.prefill_lengths = prompt_length, prefill_lengths
+    def __init__(self, prefill_lengths: list[int]):
+        self.prefill_lengths = prefill_lengths
 
     def check(self, cache: Cache, when: str) -> int:
         """Raise unless `cache` is this prefill's, grown by whole decode steps; returns the steps."""
-        steps = cache_length(cache, 0) - self.prompt_length
+        # The first layer holds the whole prompt, unless a stage at layer 0 pruned its input.
+        steps = cache_length(cache, 0) - self.prefill_lengths[0]
         check_cache_lengths(cache, self.prefill_lengths, steps, when)
         return steps
 

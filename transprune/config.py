@@ -69,9 +69,13 @@ def scale_layers(layers, num_layers: int, reference_depth: int = REFERENCE_DEPTH
     Rule: l' = round_half_up(l * num_layers / reference_depth), at least 1 and at least one more
     than the previous scaled layer, so a schedule stays strictly increasing on shallow models.
     Example: (7, 9, 12) on 16 layers -> (4, 5, 6); on 12 layers -> (3, 4, 5).
+    Layer 0 (a stage before the first decoder layer, on its input) stays 0.
     """
     scaled, previous = [], 0
     for layer in layers:
+        if layer == 0:
+            scaled.append(0)
+            continue
         value = max(1, _round_half_up(layer * num_layers / reference_depth), previous + 1)
         scaled.append(value)
         previous = value
@@ -235,8 +239,9 @@ class PruneConfig:
         if len(layers) != len(ratios):
             raise ConfigError(f"prune_layers has {len(layers)} entries but keep_ratios has {len(ratios)}; "
                               "give one keep ratio per pruning layer.")
-        if any(l < 1 for l in layers):
-            raise ConfigError(f"prune_layers {layers} must be 1-indexed layer numbers (>= 1).")
+        if any(l < 0 for l in layers):
+            raise ConfigError(f"prune_layers {layers} must be 1-indexed layer numbers (>= 1), or 0 for a stage "
+                              "before the first decoder layer.")
         if any(b <= a for a, b in zip(layers, layers[1:])):
             raise ConfigError(f"prune_layers {layers} must be strictly increasing.")
         if any(not (0.0 < r <= 1.0) for r in ratios):

@@ -35,8 +35,9 @@ def schedule_tokens(config: PruneConfig | None, visual_tokens: int, layers: int)
     counts, alive = [], visual_tokens
     stages = dict(zip(config.prune_layers, config.keep_ratios))
     method = methods.METHODS.get(config.method)
-    for number in range(1, layers + 1):
-        counts.append(alive)
+    for number in range(0, layers + 1):   # a stage at 0 prunes the first layer's input
+        if number:
+            counts.append(alive)
         if number in stages:
             kept = min(method.planned_keep(visual_tokens, stages[number]), alive)   # DART: pivots on top
             alive = kept + method.inserted_count(alive, kept)   # e.g. SparseVLM's recycled tokens

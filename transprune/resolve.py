@@ -9,7 +9,10 @@ In order:
 2. the schedule: layers written for `reference_depth` (the presets: 32) scaled to the model's
    depth (`PruneConfig.resolve`) and checked against it;
 3. the family's checks: the position mode is one the family can run (`Adapter.allowed_positions`),
-   and a pre-LLM stage supports the model (`PreLLMStage.check_model`).
+   and a pre-LLM stage supports the model (`PreLLMStage.check_model`). Where it does not, a stage
+   that runs alone and declares a `first_layer_twin` (DivPrune, CDPruner) becomes that in-LLM
+   stage at layer 0, which makes the same choice on the first decoder layer's input
+   (`transprune.methods.first_layer`); stacked, it stays refused.
 
 ConfigError (a schedule or mode that cannot run here) and UnsupportedModelError (a stage for
 another family) say what to change; the app turns them into its own sentences.
@@ -23,6 +26,7 @@ from torch import nn
 
 from . import adapters, methods
 from .config import ConfigError, PruneConfig, as_config
+from .errors import UnsupportedModelError
 from .spec import ModelSpec
 
 
@@ -39,12 +43,30 @@ def for_model(model: nn.Module, config: PruneConfig | str, spec: ModelSpec | Non
     """`config` resolved for `model` (see the module docstring); `spec`: the registry entry it was loaded
     from, for its recommended position mode (None: the family's default)."""
     adapter = adapters.for_model(model)
-    config = recommended(as_config(config), spec)
+    config = first_layer_twin(model, recommended(as_config(config), spec))
     resolved = config.resolve(len(adapter.decoder_layers(model)), adapter.default_positions)
     if resolved.positions not in adapter.allowed_positions:
         raise ConfigError(f"positions={resolved.positions!r} is not valid for {adapter.family} models; "
                           f"use one of {', '.join(adapter.allowed_positions)}.")
-    pre_stage = methods.pre_llm_stage(resolved)
-    if pre_stage is not None:
-        pre_stage.check_model(model)
     return resolved
+
+
+def first_layer_twin(model: nn.Module, config: PruneConfig) -> PruneConfig:
+    """`config`, or where its pre-LLM stage cannot rewrite this model's inputs and runs alone, the
+    config of its twin at layer 0. Raises UnsupportedModelError for a stage with no way to run here."""
+    stage = methods.pre_llm_stage(config)
+    if stage is None:
+        return config
+    try:
+        stage.check_model(model)
+        return config
+    except UnsupportedModelError:
+        twin = methods.METHODS.get(stage.first_layer_twin) if stage.first_layer_twin else None
+        if twin is None:
+            raise
+        if config.method != config.pre_llm:
+            raise UnsupportedModelError(
+                f"{stage.label} runs before the language model, stacked with {config.method}, only on "
+                f"{stage.supported_models}; got {type(model).__name__}. Run it alone ({config.pre_llm}-64, -128 "
+                "or -192): on this model it then prunes the first decoder layer's input, the same choice.") from None
+    return twin.from_pre_llm(config)

@@ -229,7 +229,7 @@ class Pruner:
                 "a call continued a pruned KV cache without being recognised as a decode step."))
             return None
         if state.guard is None:
-            state.guard = compat.DecodeGuard(state.sequence.prompt.length, state.sequence.cache_lengths(len(self.layers)))
+            state.guard = compat.DecodeGuard(state.sequence.cache_lengths(len(self.layers)))
         state.guard.check(cache, "after a decode step" if state.decoding else "after the pruned prefill")
         return None
 
@@ -246,6 +246,13 @@ class Pruner:
             return args, compat.replace(kwargs, **positions.decode_layer_kwargs(
                 view, kwargs, hidden, self.config.positions, self.masks[number - 1],
                 functools.partial(self._rotary, number), state.steps, state.step_memo))
+        if number == 1 and self.needs.input_embeddings:
+            state.input_embeddings = hidden
+        if number == 1 and self.prune_layers and self.prune_layers[0] == 0:
+            # A stage at layer 0 prunes the first layer's input: the input embeddings.
+            state.layer_kwargs = kwargs
+            hidden = self._run_stage(0, hidden)
+            args, kwargs = ((hidden, *args[1:]), kwargs) if args else (args, compat.replace(kwargs, hidden_states=hidden))
         if state.sequence.pruned:
             kwargs = compat.replace(kwargs, **positions.prefill_layer_kwargs(
                 state.sequence.view, kwargs, hidden, self.config.positions, self.masks[number - 1],
@@ -253,8 +260,6 @@ class Pruner:
         state.layer_kwargs = kwargs
         if number in self.input_layers:
             state.layer_inputs[number] = hidden
-        if number == 1 and self.needs.input_embeddings:
-            state.input_embeddings = hidden
         for trace, tokens, visual in zip(state.traces, *state.sequence.counts()):
             trace.tokens_per_layer.append(tokens)
             trace.visual_tokens_per_layer.append(visual)
@@ -278,12 +283,19 @@ class Pruner:
             seq = state.sequence
             seq.add_ttv(scoring.ttv(hidden_in, hidden_out, seq.view.token_valid, self.config.direction))
 
-    @torch.no_grad()
     def _after_prune_layer(self, number, module, args, output):
         state = self._state
         if state is None or state.decoding:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
+        pruned = self._run_stage(number, hidden)
+        return (pruned, *output[1:]) if isinstance(output, tuple) else pruned
+
+    @torch.no_grad()
+    def _run_stage(self, number, hidden):
+        """The stage after layer `number` (0: before the first layer) on `hidden`, that layer's output
+        (B, n, d); returns the pruned hidden states the next layer takes."""
+        state = self._state
         ratio = self.config.keep_ratios[self.prune_layers.index(number)]
         seq = state.sequence
         scorer = SidePasses(self.adapter, self.layers, number, hidden,
@@ -299,7 +311,8 @@ class Pruner:
             context = scorer.context(seq, b, state.input_embeddings if self.needs.input_embeddings else None)
             with self.span("score"):
                 scores = self.method.score(context)
-                kept = seq.select(b, scores.score, ratio, scores.keep)
+                kept = (scores.kept.sort().values if scores.kept is not None
+                        else seq.select(b, scores.score, ratio, scores.keep))
                 insertion = self.method.insert(context, scores, kept)
             alive[b] = candidates[kept]
             if insertion is not None:
@@ -315,8 +328,7 @@ class Pruner:
             state.key_projections[number + 1] = sequence.gather_slots(scorer.next_key_proj, gather)
         if number == self.prune_layers[-1]:
             self.traces = state.traces
-        pruned = seq.insert_rows(sequence.gather_slots(hidden, gather), tokens)
-        return (pruned, *output[1:]) if isinstance(output, tuple) else pruned
+        return seq.insert_rows(sequence.gather_slots(hidden, gather), tokens)
 
     def _take_keys(self, number, hidden, project) -> torch.Tensor | None:
         """The key projection of layer `number` on `hidden` if a side pass already computed it."""

@@ -11,6 +11,7 @@ from .base import Insertion, Method, Needs, PreLLMStage, PruningStage, StageCont
 from .cdpruner import CDPruner
 from .dart import DART
 from .divprune import DivPrune
+from .first_layer import CDPrunerFirstLayer, DivPruneFirstLayer
 from .peers import FastV, PDrop, RandomKeep
 from .sparsevlm import SparseVLM, SparseVLMRank
 from .transprune import TransPrune
@@ -56,6 +57,8 @@ register(VisionZip)
 register(DART)
 register(DivPrune)
 register(CDPruner)
+register(DivPruneFirstLayer)   # their twins at layer 0, for models the input rewrite cannot serve
+register(CDPrunerFirstLayer)
 
 
 def names() -> tuple[str, ...]:

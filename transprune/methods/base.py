@@ -83,7 +83,7 @@ class Needs:
 class StageContext:
     """One sample at one pruning layer p, in the current (possibly already pruned) sequence."""
     sample: int
-    layer: int                          # 1-indexed pruning layer p
+    layer: int                          # 1-indexed pruning layer p (0: before the first layer, on its input)
     candidates: torch.Tensor            # (c,) alive visual-token indices into the original visual tokens
     candidate_slots: torch.Tensor       # (c,) their positions in the current sequence
     instruction_slots: torch.Tensor     # (q,) instruction-token positions in the current sequence
@@ -113,6 +113,9 @@ class StageScores:
     # How many candidates to keep when the method decides it (SparseVLM's rank-adaptive count): the
     # top `keep` over all the sample's candidates; None = the schedule's floor(N_span * r) per span.
     keep: int | None = None
+    # The candidates to keep when the method chooses a set rather than a ranking (DivPrune's and CDPruner's
+    # greedy picks, `transprune.methods.first_layer`): indices into the candidates; None = by `score`.
+    kept: torch.Tensor | None = None
 
 
 @dataclass
@@ -214,6 +217,9 @@ class PreLLMStage(PruningStage):
     pre_llm = True
     supported_models = "some models"
     default_keep: float | None = None   # share of each image's patches kept when the config gives none
+    # The registered in-LLM method that makes the same choice at layer 0, for models this stage cannot
+    # rewrite the inputs of (`resolve.for_model` swaps it in for a config that runs this stage alone).
+    first_layer_twin: str | None = None
 
     def check_model(self, model) -> None:
         """Raise UnsupportedModelError for a model this stage cannot run on."""

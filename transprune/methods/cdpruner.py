@@ -84,6 +84,7 @@ class CDPruner(SubsetStage):
     """Instruction-conditioned DPP over each image's projected tokens (see the module docstring)."""
     name = "cdpruner"
     label = "CDPruner"
+    first_layer_twin = "cdpruner_first_layer"   # other families: the same choice at layer 0 (methods.first_layer)
     # As DivPrune's: 64 / 128 / 192 of LLaVA-1.5's 576 tokens; stack e.g. "cdpruner-128+high".
     presets = {"cdpruner-192": dict(pre_llm_keep=192 / 576), "cdpruner-128": dict(pre_llm_keep=128 / 576),
                "cdpruner-64": dict(pre_llm_keep=64 / 576)}

@@ -56,6 +56,7 @@ class DivPrune(SubsetStage):
     """Max-min diversity over each image's projected tokens (see the module docstring)."""
     name = "divprune"
     label = "DivPrune"
+    first_layer_twin = "divprune_first_layer"   # other families: the same choice at layer 0 (methods.first_layer)
     # Before the language model at 64 / 128 / 192 of LLaVA-1.5's 576 tokens (the share carries over to other
     # patch grids); stack like VisionZip, e.g. "divprune-128+high".
     presets = {"divprune-192": dict(pre_llm_keep=192 / 576), "divprune-128": dict(pre_llm_keep=128 / 576),
