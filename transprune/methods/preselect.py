@@ -14,8 +14,9 @@ LLaVA-NeXT / OneVision (the projected tiles are unpadded and interleaved with ne
 projection, so "the image's tokens" are not `get_image_features`' rows), Qwen2.5-VL (M-RoPE
 position ids are computed from `image_grid_thw` and the number of image tokens in `input_ids`,
 which a shorter run breaks; the selection idea would carry over with "original" 3-D positions, which
-this rewrite cannot express), SmolVLM (one span across tiles and text markup). Use an in-LLM method
-(DART, TransPrune, FastV, ...) there.
+this rewrite cannot express), SmolVLM (one span across tiles and text markup). There, run alone, the
+same choice is made on the first decoder layer's input by the stage's twin (`first_layer.py`), which
+`resolve.for_model` swaps in.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def check_model(model, label: str) -> None:
     if name not in SUPPORTED_MODELS:
         raise UnsupportedModelError(
             f"{label} supports {', '.join(SUPPORTED_MODELS)} (a single CLIP tile per image); got {name}. "
-            "Use an in-LLM method (dart, transprune, fastv, pdrop) for other families.")
+            "On other families run it alone through transprune.apply (it then prunes the first decoder layer's "
+            "input), or use an in-LLM method (dart, transprune, fastv, pdrop).")
 
 
 def keep_count(keep: float, patches: int) -> int:
