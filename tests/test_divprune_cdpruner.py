@@ -216,10 +216,12 @@ def test_the_layer_0_twin_equals_the_pre_llm_stage_on_llava(tiny, prompt_inputs,
     torch.testing.assert_close(torch.stack(output.logits)[:, 0], expected_logits, rtol=1e-4, atol=1e-5)
 
 
-def slow_first_layer_subset(model, inputs, choose, steps=STEPS):
+def slow_first_layer_subset(model, inputs, choose, positions_mode="original", steps=STEPS):
     """The selection on the first layer's input, then the decoder layers run by hand (their own causal mask
-    and KV cache) over the kept tokens at their own M-RoPE positions; decoding continues at the prompt's
-    largest position + 1. `choose(visual (N, d), instruction (q, d)) -> kept indices`. Returns (logits, kept)."""
+    and KV cache) over the kept tokens. Positions: M-RoPE models keep each token's own (3, n) position and
+    decode from the prompt's largest + 1; 1-D models number "original" (each token's prompt position,
+    decoding from the prompt length) or "compact" (0..n'-1, decoding from n').
+    `choose(visual (N, d), instruction (q, d)) -> kept indices`. Returns (logits, kept)."""
     from transformers import DynamicCache
     from transprune import compat
     from transprune.reference import Reference
@@ -227,24 +229,56 @@ def slow_first_layer_subset(model, inputs, choose, steps=STEPS):
     language = reference.lm
     ids = inputs["input_ids"][0]
     visual = (ids == model.config.image_token_id).nonzero().flatten()
-    hidden, positions = reference._embeds(inputs)
-    positions = positions[-3:]
+    hidden, model_positions = reference._embeds(inputs)
+    mrope = model_positions is not None and model_positions.dim() == 3
     after = torch.arange(int(visual[-1]) + 1, len(ids))
     kept = choose(hidden[0, visual], hidden[0, after])
     keep = sorted(set(range(len(ids))) - set(visual.tolist()) | set(visual[kept].tolist()))
-    hidden, positions = hidden[:, keep], positions[:, :, keep]
+    if mrope:
+        positions = model_positions[-3:][:, :, keep]
+        next_position = lambda step: torch.full((3, 1, 1), int(model_positions[-3:].max()) + 1 + step)  # noqa: E731
+    elif positions_mode == "original":
+        positions = torch.tensor([keep])
+        next_position = lambda step: torch.tensor([[len(ids) + step]])  # noqa: E731
+    else:
+        positions = torch.arange(len(keep))[None]
+        next_position = lambda step: torch.tensor([[len(keep) + step]])  # noqa: E731
+    hidden = hidden[:, keep]
     cache = DynamicCache(config=language.config)
-    run_layer = functools.partial(slow_decoder.layer_step, language, {compat.cache_keyword(language.layers[0].self_attn): cache})
+    run_layer = functools.partial(slow_decoder.layer_step, language,
+                                  {compat.cache_keyword(language.layers[0].self_attn): cache})
     for layer in language.layers:
         hidden = run_layer(layer, hidden, positions)
     logits = [model.lm_head(language.norm(hidden[:, -1:]))[0, -1]]
-    start = int(reference._embeds(inputs)[1][-3:].max()) + 1
     for step in range(steps):
         hidden = language.embed_tokens(torch.tensor([[int(logits[-1].argmax())]]))
         for layer in language.layers:
-            hidden = run_layer(layer, hidden, torch.full((3, 1, 1), start + step))
+            hidden = run_layer(layer, hidden, next_position(step))
         logits.append(model.lm_head(language.norm(hidden))[0, -1])
     return torch.stack(logits), kept
+
+
+def slow_choice(preset, keep):
+    if preset.startswith("divprune"):
+        return lambda visual, instruction: slow_divprune(visual, keep)
+    return lambda visual, instruction: slow_cdpruner(visual, instruction, keep)[0]
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+@pytest.mark.parametrize("preset", ["divprune-64", "cdpruner-128"])
+def test_the_layer_0_twin_on_llava_equals_slow_reimplementation_in_both_position_modes(tiny, prompt_inputs, preset,
+                                                                                       positions):
+    model, processor = tiny
+    inputs = prompt_inputs(processor)
+    keep = round(PruneConfig.preset(preset).pre_llm_keep * N)
+    with torch.inference_mode(), transprune.apply(model, twin_config(preset, positions)) as pruner:
+        output = model.generate(**inputs, max_new_tokens=STEPS + 1, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True)
+    with torch.inference_mode():
+        expected, kept = slow_first_layer_subset(model, inputs, slow_choice(preset, keep), positions)
+    (stage,) = pruner.trace.stages
+    assert stage.kept.tolist() == kept and len(kept) == keep
+    torch.testing.assert_close(torch.stack(output.logits)[:, 0], expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("preset", ["divprune-64", "divprune-192", "cdpruner-64", "cdpruner-128"])
@@ -256,12 +290,8 @@ def test_on_qwen2_5_vl_the_run_equals_slow_reimplementation(tiny_model, sample_i
     with torch.inference_mode(), transprune.apply(model, preset) as pruner:
         output = model.generate(**inputs, max_new_tokens=STEPS + 1, do_sample=False, output_logits=True,
                                 return_dict_in_generate=True)
-    if preset.startswith("divprune"):
-        choose = lambda visual, instruction: slow_divprune(visual, keep)   # noqa: E731
-    else:
-        choose = lambda visual, instruction: slow_cdpruner(visual, instruction, keep)[0]   # noqa: E731
     with torch.inference_mode():
-        expected, kept = slow_first_layer_subset(model, inputs, choose)
+        expected, kept = slow_first_layer_subset(model, inputs, slow_choice(preset, keep))
     (stage,) = pruner.trace.stages
     assert stage.layer == 0 and pruner.trace.visual_tokens == n
     assert stage.kept.tolist() == kept and len(kept) == keep

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import transprune
-from transprune import PruneConfig, adapters, compat, flops, models
+from transprune import PruneConfig, adapters, compat, flops, methods, models
 from transprune.config import PRESETS
 from transprune.errors import PruningInputError, UnsupportedModelError
 from transprune.reference import Reference
@@ -124,14 +124,17 @@ def test_every_preset_runs_or_says_why_not(gemma):
     layers = len(adapters.for_model(model).decoder_layers(model))
     for name in PRESETS:
         config = PruneConfig.preset(name)
-        if config.pre_llm_keep is not None:   # VisionZip, DivPrune, CDPruner: LLaVA-1.5 only
+        twin = methods.PRE_LLM[config.pre_llm].first_layer_twin if config.pre_llm else None
+        if config.pre_llm and twin is None:   # VisionZip: LLaVA-1.5 only
             with pytest.raises((UnsupportedModelError, PruningInputError), match="LlavaForConditionalGeneration"):
                 transprune.apply(model, config)
             continue
         with torch.no_grad(), transprune.apply(model, config) as pruner:
             output = model.generate(**inputs, max_new_tokens=2, do_sample=False)
         assert output.shape[1] == inputs["input_ids"].shape[1] + 2, name
-        assert [stage.layer for stage in pruner.trace.stages] == list(config.resolve(layers).prune_layers), name
+        # DivPrune and CDPruner: the same choice on the first layer's input (one stage at layer 0).
+        expected = [0] if twin else list(config.resolve(layers).prune_layers)
+        assert [stage.layer for stage in pruner.trace.stages] == expected, name
 
 
 def test_registry_entries_and_checkpoint_shape():

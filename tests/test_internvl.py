@@ -76,13 +76,14 @@ def test_tile_grid_and_layout_follow_the_image_processor(size, make_inputs, tiny
 
 def test_presets_run_in_the_app_or_say_why_not(sample_image):
     """One preset per method the family runs (1-D RoPE: compact positions too), through the app's
-    comparison; the LLaVA-only pre-LLM stages are refused with a sentence."""
+    comparison; VisionZip (LLaVA-1.5 only) is refused with a sentence."""
     from components.engine import Engine, UserError
 
     engine, image, tried = Engine(), sample_image(), set()
     for name in PRESETS:
         config = PruneConfig.preset(name)
-        if methods.pre_llm_stage(config) is not None:
+        stage = methods.pre_llm_stage(config)
+        if stage is not None and stage.first_layer_twin is None:   # VisionZip: LLaVA-1.5 only
             with pytest.raises(UserError, match="runs on .* only"):
                 engine.compare("tiny-internvl", image, QUESTION, config, max_new_tokens=1, repeats=1)
         elif config.method not in tried:
@@ -90,7 +91,8 @@ def test_presets_run_in_the_app_or_say_why_not(sample_image):
             comparison = engine.compare("tiny-internvl", image, QUESTION, config, max_new_tokens=1, repeats=1)
             assert comparison.pruned.trace.visual_tokens == 48, name
             assert comparison.pruned.trace.layout is not None, name
-    assert tried == {"transprune", "fastv", "pdrop", "random", "sparsevlm", "dart"}
+    # DivPrune and CDPruner run as their twins at layer 0, on the first layer's input.
+    assert tried == {"transprune", "fastv", "pdrop", "random", "sparsevlm", "dart", "divprune", "cdpruner"}
 
 
 def test_registry_entries_and_checkpoint_shape(tiny_model):

@@ -124,13 +124,14 @@ def test_a_video_is_one_span_across_its_timestamped_frame_groups(tiny_model):
 def test_presets_run_in_the_app_or_say_why_not(sample_image):
     """Every preset either runs in the app's comparison (one preset per method it can run, to keep this
     quick; the others of a method differ only in numbers) or is refused with a sentence: compact
-    positions (PDrop, SparseVLM) and LLaVA-only pre-LLM stages (VisionZip, DivPrune, CDPruner)."""
+    positions (PDrop, SparseVLM) and VisionZip (LLaVA-1.5 only)."""
     from components.engine import Engine, UserError
 
     engine, image, tried = Engine(), sample_image(), set()
     for name in PRESETS:
         config = PruneConfig.preset(name)
-        if config.positions == "compact" or methods.pre_llm_stage(config) is not None:
+        stage = methods.pre_llm_stage(config)
+        if config.positions == "compact" or (stage is not None and stage.first_layer_twin is None):
             with pytest.raises(UserError, match="Impossible pruning schedule|runs on .* only"):
                 engine.compare("tiny-qwen3-vl", image, QUESTION, config, max_new_tokens=1, repeats=1)
         elif config.method not in tried:
@@ -138,7 +139,8 @@ def test_presets_run_in_the_app_or_say_why_not(sample_image):
             comparison = engine.compare("tiny-qwen3-vl", image, QUESTION, config, max_new_tokens=1, repeats=1)
             assert comparison.pruned.trace.visual_tokens == 24, name
             assert comparison.pruned.trace.layout is not None, name   # 32 px cells over the image
-    assert tried == {"transprune", "fastv", "random", "dart"}
+    # DivPrune and CDPruner run as their twins at layer 0, on the first layer's input.
+    assert tried == {"transprune", "fastv", "random", "dart", "divprune", "cdpruner"}
 
 
 def test_registry_entries_and_checkpoint_shape(sample_image):
