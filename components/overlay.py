@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from transprune import methods
+
 from . import drawing
 from .drawing import INK, KEPT, PICK
 from .files import STORE
@@ -156,7 +158,8 @@ def stage_view(canvas: Canvas, stage_index: int, segment: str | None = None) -> 
 
 def heatmap(canvas: Canvas, stage_index: int, kind: str, segment: str | None = None) -> Image.Image | None:
     """Candidates of a stage coloured by `kind` ("ttv", "iga", "score"; min→max = dark→bright) over a
-    greyed image; tokens already pruned stay grey. None when the method has no such score."""
+    greyed image, with the colour scale (the stage's lowest and highest value) in a strip underneath;
+    tokens already pruned stay grey. None when the method has no such score."""
     segment = segment or canvas.segments[0]
     stage = canvas.trace.stages[stage_index]
     values = getattr(stage, kind)
@@ -167,13 +170,16 @@ def heatmap(canvas: Canvas, stage_index: int, kind: str, segment: str | None = N
     base = _hatch_outside(canvas, base, segment)
     in_segment = set(canvas.tokens(segment).tolist())
     candidates = stage.candidates.numpy()
-    colours = drawing.colormap(drawing.normalise(values.float().numpy()))
+    scores = values.float().numpy()
+    colours = drawing.colormap(drawing.normalise(scores))
     layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
     for token, colour in zip(candidates, colours):
         if int(token) in in_segment:
             draw.rectangle(canvas.rect(int(token)), fill=(*colour.tolist(), 200))
-    return Image.alpha_composite(base.convert("RGBA"), layer).convert("RGB")
+    picture = Image.alpha_composite(base.convert("RGBA"), layer).convert("RGB")
+    # The scale reads the stage's candidates (every segment): one colour means one value across views.
+    return drawing.with_scale_bar(picture, float(scores.min()), float(scores.max()))
 
 
 def _stage_name(trace, stage_index: int) -> str:
@@ -206,9 +212,9 @@ def stage_gallery(canvas: Canvas) -> list[tuple[Image.Image, str]]:
 
 
 def _score_title(trace, layer: int) -> str:
-    if layer == 0:
-        stage = pre_llm_stage(trace)
-        return f"{stage.score_title} ({stage.label})" if stage else "Score (pre-LLM stage)"
+    if layer == 0:   # a pre-LLM stage, or an in-LLM one on the first layer's input (DivPrune's twin)
+        stage = pre_llm_stage(trace) or methods.REGISTRY.get((trace.config or {}).get("method"))
+        return f"{getattr(stage, 'score_title', 'Score')} ({stage.label})" if stage else "Score (pre-LLM stage)"
     criterion = trace.config.get("criterion", "transprune") if trace.config else "transprune"
     if trace.method != "transprune":
         return f"Score ({trace.method})"

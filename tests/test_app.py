@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 import app as app_module
-from components import answers, card, downloads, engine, examples, hub, inputs, loading, metrics, overlay, policy, schedule
+from components import answers, card, downloads, drawing, engine, examples, hub, inputs, loading, metrics, overlay, policy, schedule
 from components.compare import CompareOutputs, make_handlers
 from components.engine import Engine, Settings, UserError
 from transprune import PruneConfig
@@ -482,6 +482,29 @@ def test_patch_click_reports_scores_per_stage(eng, example_image):
     assert overlay.find_patch(canvas, "image", 2, canvas.image.height / 2) is None
 
 
+def picture_above_the_scale(image: Image.Image) -> Image.Image:
+    """A heatmap without the colour-scale strip under it: the part that lines up with the source image."""
+    return image.crop((0, 0, image.width, image.height - drawing.scale_bar_height(image.width)))
+
+
+def test_heatmaps_carry_their_colour_scale(eng, example_image):
+    comparison = eng.compare(MODEL, example_image, "What color is the circle?", PruneConfig.preset("high"), **FAST)
+    canvas = overlay.Canvas.from_trace(example_image, comparison.pruned.trace)
+    image = overlay.heatmap(canvas, 0, "score")
+    bar = drawing.scale_bar_height(image.width)
+    assert image.size == (canvas.image.width, canvas.image.height + bar)
+    # The middle of the strip is the ramp: colours of the map, darker to brighter from left to right.
+    row = np.asarray(image)[canvas.image.height + bar // 2].astype(int)
+    middle = row[int(image.width * 0.4):int(image.width * 0.6)]
+    scale = drawing.colormap(np.linspace(0.0, 1.0, 256)).astype(int)
+    distance = np.abs(middle[:, None, :] - scale[None, :, :]).sum(axis=-1)
+    assert distance.min(axis=1).max() <= 6                 # every pixel is a colour of the map
+    place = distance.argmin(axis=1)
+    assert (np.diff(place) >= 0).all() and place[-1] > place[0]
+    low, high = comparison.pruned.trace.stages[0].score.min(), comparison.pruned.trace.stages[0].score.max()
+    assert float(low) < float(high)
+
+
 def test_anyres_overlays_map_both_views_onto_the_image(example_image):
     e = Engine()
     wide = Image.open(examples.example_rows()[3][0]).convert("RGB")
@@ -491,7 +514,8 @@ def test_anyres_overlays_map_both_views_onto_the_image(example_image):
     gallery = overlay.stage_gallery(canvas)
     assert len(gallery) == 2 * len(comparison.pruned.trace.stages)
     assert {"(base)" in c for _, c in gallery} == {True, False}
-    for image, _ in gallery + overlay.heatmap_gallery(canvas, 0):
+    heatmaps = [picture_above_the_scale(image) for image, _ in overlay.heatmap_gallery(canvas, 0)]
+    for image in [image for image, _ in gallery] + heatmaps:
         assert image.size == canvas.image.size
         assert image.size[0] / image.size[1] == pytest.approx(2.0, rel=0.01)
     # Newline tokens have no place: every drawn token has a finite box.
@@ -669,11 +693,15 @@ def test_client_compare_end_to_end(served):
     assert record["model"] == MODEL and record["config"]["keep_ratios"] == list(PruneConfig.preset("high").keep_ratios)
     assert len(record["prefill_ms_samples"]["pruned"]) == 3
     aspect = source.width / source.height
-    overlays = [item["image"] for item in out.stages] + [out.inspect] + [item["image"] for item in out.heatmaps]
+    overlays = [item["image"] for item in out.stages] + [out.inspect]
     assert len(out.stages) == 3 and len(out.heatmaps) == 3
     for file in overlays:
         with Image.open(file) as image:
             assert image.width / image.height == pytest.approx(aspect, rel=0.01)
+    for item in out.heatmaps:
+        with Image.open(item["image"]) as image:
+            picture = picture_above_the_scale(image)
+            assert picture.width / picture.height == pytest.approx(aspect, rel=0.01)
     with Image.open(out.preview) as card_image:
         assert card_image.size == (card.WIDTH, card.HEIGHT)
 
