@@ -124,7 +124,8 @@ def _from_pretrained(spec: ModelSpec, device: str, dtype, attn_implementation, d
 class Result:
     text: str
     trace: PruneTrace | None
-    # prefill_ms, vision_ms (of prefill), decode_tokens_per_s, total_ms, new_tokens, peak_mb, run_memory_mb
+    # prefill_ms, vision_ms (of prefill), decode_tokens_per_s, total_ms, new_tokens, peak_mb, kv_cache_mb,
+    # run_memory_mb (CUDA; None on a CPU)
     timings: dict = field(default_factory=dict)
     output_ids: torch.Tensor | None = None
     inputs: dict | None = None
@@ -314,7 +315,10 @@ class LoadedModel:
                        else None,
                        peak_mb=peak_memory_mb(device),
                        # Above what was in use before the run (the loaded model): activations and KV cache.
-                       run_memory_mb=max(peak_memory_mb(device) - memory_before, 0.0),
+                       # CUDA only: a CPU process's peak RSS is not reset per run and glibc keeps freed
+                       # blocks, so after the first run it reads 0 and says nothing about this one.
+                       run_memory_mb=(max(peak_memory_mb(device) - memory_before, 0.0) if device.type == "cuda"
+                                      else None),
                        # What the run's own KV cache holds at the end: the memory pruning saves for good.
                        kv_cache_mb=cache_megabytes(generated.past_key_values),
                        # The vision encoder's share of prefill (VisionZip's second pass over it included).
