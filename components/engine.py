@@ -17,8 +17,6 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-import torch
-
 from transprune import ConfigError, IncompatibleTransformersError, PruneConfig, PruningInputError
 from transprune import methods
 from transprune.adapters import UnsupportedModelError, for_model
@@ -106,7 +104,9 @@ class Engine(ModelPolicy, ModelLoader):
                 progress(next(done) / (steps + 1), desc=what)
 
         try:
-            torch.manual_seed(config.seed)
+            # No global seeding here: every draw of a run has its own generator seeded from config.seed (the
+            # random control, SparseVLM's clustering), and reseeding torch's shared generator would change the
+            # weights of a tiny model another thread is building (tiny.BUILD_LOCK covers the builders only).
             clip = None
             if video is not None:
                 step("Decoding and sampling the video…")

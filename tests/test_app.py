@@ -482,6 +482,14 @@ def test_patch_click_reports_scores_per_stage(eng, example_image):
     assert overlay.find_patch(canvas, "image", 2, canvas.image.height / 2) is None
 
 
+def test_a_comparison_leaves_torchs_global_generator_alone(eng, example_image):
+    """A tiny model built in another thread draws its weights from torch's shared generator (under
+    tiny.BUILD_LOCK); a comparison running meanwhile must not reseed or draw from it."""
+    before = torch.get_rng_state()
+    eng.compare(MODEL, example_image, "What color is the circle?", build("Random", "High"), **FAST)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def picture_above_the_scale(image: Image.Image) -> Image.Image:
     """A heatmap without the colour-scale strip under it: the part that lines up with the source image."""
     return image.crop((0, 0, image.width, image.height - drawing.scale_bar_height(image.width)))
