@@ -168,6 +168,9 @@ def test_frontier_rows_are_every_preset_and_the_cli_draws_them(tmp_path, monkeyp
     full = flops.tflops([576 + 61] * 32, 128, 344)
     pruned = [576] * 7 + [504] * 2 + [360] * 3 + [72] * 20
     assert results["high"]["cpu_bound"] == pytest.approx(full / flops.tflops([n + 61 for n in pruned], 128, 344))
+    # The bound with the measured fixed cost: below the plain bound whenever the probe costs more than its FLOPs' share.
+    assert all(results[name]["cpu_bound_fixed"] is None or 0 < results[name]["cpu_bound_fixed"]
+               for name in ("high", "dart", "cdpruner-64"))
     table = figure.with_suffix(".md").read_text()
     assert "Command: `python -m transprune.eval --seed 0 --n 2" in table and "0.03125x width" in table
     assert [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ") and "row" not in line] == \

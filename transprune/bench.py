@@ -65,7 +65,7 @@ import torch
 
 from . import flops, methods
 from .benchmarking import (FIXED_COST_PROBE, TINY_ARCH, LLAVA_IMAGE_TOKEN, LLAVA_VOCAB,  # noqa: F401
-                           BenchError, BenchModel, MethodSpec, _heads_for, bound_with_fixed_cost, analytic, build, build_shape, decode_tokens_per_s, measure,
+                           BenchError, BenchModel, MethodSpec, _heads_for, bound_with_fixed_cost, fixed_cost, analytic, build, build_shape, decode_tokens_per_s, measure,
                            parse_method, random_llava, synthetic_inputs, timed_ms, visual_schedule)
 from .measure import DTYPES, TokenClock, peak_memory_mb, reset_peak_memory, sync  # noqa: F401  (re-exported)
 
@@ -122,20 +122,6 @@ def markdown_table(results: dict[str, dict], flops_only: bool) -> str:
             f"{_scoring_cell(r)} | {_fmt(r.get('decode_tokens_per_s'), '{:.1f}')} | "
             f"{r['peak_mb']:.0f} |")
     return "\n".join(lines)
-
-
-def fixed_cost(bench: BenchModel, probe: dict, baseline: dict) -> dict:
-    """The measured fixed cost: the probe's prefill (the prompt without its visual tokens) plus the
-    baseline's vision-encoder time, with the FLOPs of both ends of the fitted line."""
-    text_tflops = flops.tflops([bench.text_tokens] * bench.layers, bench.hidden, bench.intermediate)
-    full_tflops = flops.tflops([bench.visual_tokens + bench.text_tokens] * bench.layers, bench.hidden,
-                               bench.intermediate)
-    vision_ms = baseline.get("vision_ms", 0.0)
-    return dict(text_only_ms=probe["prefill_ms"], text_only_ms_all=probe["prefill_ms_all"], vision_ms=vision_ms,
-                zero_visual_ms=probe["prefill_ms"] + vision_ms, baseline_ms=baseline["prefill_ms"],
-                zero_visual_tflops=text_tflops, baseline_tflops=full_tflops,
-                share_of_baseline=(probe["prefill_ms"] + vision_ms) / baseline["prefill_ms"],
-                share_of_baseline_flops=text_tflops / full_tflops)
 
 
 def fixed_cost_sentence(fixed: dict) -> str:

@@ -462,11 +462,35 @@ def measure(bench: BenchModel, specs: list[MethodSpec], repeats: int, new_tokens
     return results
 
 
+def fixed_cost(bench: BenchModel, probe: dict, baseline: dict) -> dict:
+    """The measured fixed cost: the probe's prefill (the prompt without its visual tokens) plus the
+    baseline's vision-encoder time, with the FLOPs of both ends of the fitted line."""
+    text_tflops = flops.tflops([bench.text_tokens] * bench.layers, bench.hidden, bench.intermediate)
+    full_tflops = flops.tflops([bench.visual_tokens + bench.text_tokens] * bench.layers, bench.hidden,
+                               bench.intermediate)
+    vision_ms = baseline.get("vision_ms", 0.0)
+    return dict(text_only_ms=probe["prefill_ms"], text_only_ms_all=probe["prefill_ms_all"], vision_ms=vision_ms,
+                zero_visual_ms=probe["prefill_ms"] + vision_ms, baseline_ms=baseline["prefill_ms"],
+                zero_visual_tflops=text_tflops, baseline_tflops=full_tflops,
+                share_of_baseline=(probe["prefill_ms"] + vision_ms) / baseline["prefill_ms"],
+                share_of_baseline_flops=text_tflops / full_tflops)
+
+
+def measure_fixed_cost(bench: BenchModel, repeats: int, log=print) -> dict:
+    """The fixed cost of a prefill on `bench` (see `fixed_cost`): the baseline against the fixed-cost probe,
+    `repeats` alternating pairs after a warm-up of each."""
+    measured = measure(bench, [MethodSpec("baseline"), FIXED_COST_PROBE], repeats=repeats, new_tokens=1,
+                       decode_repeats=0, scoring_repeats=0, log=log, reuse=False)
+    return fixed_cost(bench, measured[FIXED_COST_PROBE.name], measured["baseline"])
+
+
 def time_schedule(bench: BenchModel, config: PruneConfig, shape: flops.Shape, repeats: int, log=print) -> dict:
     """The baseline against one schedule on `bench` (a model of `shape`): `repeats` alternating prefill
     pairs after one warm-up of each. Returns baseline_ms and pruned_ms (medians), pairs (baseline ÷
     pruned of each pair, in the order run), bound (the analytic whole-sequence speedup of the model
-    timed) and final_visual_tokens. The app's real-size panel and `eval --frontier` time with this."""
+    timed), bench_tflops (the pruned prefill's analytic TFLOPs on that model, for
+    `bound_with_fixed_cost`) and final_visual_tokens. The app's real-size panel and `eval --frontier`
+    time with this."""
     spec = MethodSpec("pruned", config)
     measured = measure(bench, [MethodSpec("baseline"), spec], repeats=repeats, new_tokens=1, decode_repeats=0,
                        scoring_repeats=0, log=log, reuse=False)
@@ -476,5 +500,6 @@ def time_schedule(bench: BenchModel, config: PruneConfig, shape: flops.Shape, re
     figures = analytic(spec, shape, bench, baseline_full)
     return dict(baseline_ms=base["prefill_ms"], pruned_ms=pruned["prefill_ms"],
                 pairs=[b / p for b, p in zip(base["prefill_ms_all"], pruned["prefill_ms_all"])],
-                bound=figures["bound"], final_visual_tokens=figures["final_visual_tokens"])
+                bound=figures["bound"], bench_tflops=figures["bench_tflops_full_sequence"],
+                final_visual_tokens=figures["final_visual_tokens"])
 

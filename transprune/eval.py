@@ -244,7 +244,9 @@ FRONTIER_WIDTH = 0.25   # the speed column: FRONTIER_ARCH's language-model shape
 def measure_speed(results: dict, repeats: int = 2, width: float | None = None, log=print) -> str:
     """Add each pruned row's measured CPU prefill speedup on FRONTIER_ARCH's shape at `width` (random
     weights, timing only) to `results`: `cpu_speedup` (median baseline ÷ median pruned over `repeats`
-    alternating pairs after a warm-up), `cpu_bound` (the analytic whole-sequence bound of that model)
+    alternating pairs after a warm-up), `cpu_bound` (the analytic whole-sequence bound of that model),
+    `cpu_bound_fixed` (that bound with the prefill's measured fixed cost, `benchmarking.bound_with_fixed_cost`,
+    calibrated once on 2 * repeats + 1 pairs of the baseline and the prompt without its visual tokens)
     and `cpu_pairs` (each pair's ratio). Returns where it was measured, for the table and the figure."""
     import torch
 
@@ -255,18 +257,26 @@ def measure_speed(results: dict, repeats: int = 2, width: float | None = None, l
     table = method_table()
     shape = ARCHITECTURES[FRONTIER_ARCH]
     model = bench.build_shape(shape, description=FRONTIER_ARCH, width_scale=width)
+    fixed = bench.measure_fixed_cost(model, 2 * repeats + 1, log=lambda *a, **k: None)
+    log(f"fixed cost: {fixed['zero_visual_ms']:.0f} ms with no visual tokens, {fixed['share_of_baseline']:.1%} of "
+        f"the baseline's {fixed['baseline_ms']:.0f} ms", file=sys.stderr, flush=True)
     for name, record in results.items():
         config = table[name][2](0)
         if config is None:
             continue
         timed = bench.time_schedule(model, config, shape, repeats, log=lambda *a, **k: None)
         record.update(cpu_speedup=timed["baseline_ms"] / timed["pruned_ms"], cpu_bound=timed["bound"],
+                      cpu_bound_fixed=bench.bound_with_fixed_cost(
+                          fixed["baseline_ms"], fixed["zero_visual_ms"], fixed["baseline_tflops"],
+                          fixed["zero_visual_tflops"], timed["bench_tflops"]),
                       cpu_pairs=timed["pairs"])
         log(f"{name}: {record['cpu_speedup']:.2f}x prefill (bound {record['cpu_bound']:.2f}x)", file=sys.stderr,
             flush=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{FRONTIER_ARCH} shape at {width:g}x width, random weights, {machine_description(torch.device('cpu'))}, "
-            f"load {load:.1f} at the end, median of {repeats} alternating pairs after a warm-up")
+            f"load {load:.1f} at the end, median of {repeats} alternating pairs after a warm-up; fixed cost (the "
+            f"prompt without its visual tokens) {fixed['zero_visual_ms']:.0f} ms, {fixed['share_of_baseline']:.1%} of "
+            f"the baseline's time for {fixed['share_of_baseline_flops']:.1%} of its FLOPs")
 
 
 # Method colours without tab10's grey, which is the random control's.
@@ -332,12 +342,14 @@ def frontier_markdown(results: dict, command: str, speed_where: str | None) -> s
     if speed_where:
         lines += [f"CPU prefill speedup: {speed_where}.", ""]
     lines += ["| row | method | budget | positions | accuracy % | TFLOPs (LLaVA-1.5-7B) | CPU prefill × | pairs × | "
-              "bound × | ÷ bound |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "bound × | ÷ bound | bound with fixed cost × | ÷ it |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in sorted(results.items(), key=lambda item: (-item[1]["tflops_llava15_7b"], item[0])):
         speed, config = r.get("cpu_speedup"), r.get("config") or {}
         positions = config.get("positions", "–") if config.get("prune_layers") else "–"
+        fixed = r.get("cpu_bound_fixed")
         cells = (f"{speed:.2f} | {' / '.join(f'{p:.2f}' for p in r['cpu_pairs'])} | {r['cpu_bound']:.2f} | "
-                 f"{speed / r['cpu_bound']:.2f}" if speed is not None else "– | – | – | –")
+                 f"{speed / r['cpu_bound']:.2f} | " + (f"{fixed:.2f} | {speed / fixed:.2f}" if fixed else "– | –")
+                 if speed is not None else "– | – | – | – | – | –")
         lines.append(f"| {name} | {r['method']} | {r['budget']} | {positions} | {100 * r['accuracy']:.1f} | "
                      f"{r['tflops_llava15_7b']:.2f} | {cells} |")
     return "\n".join(lines) + "\n"
