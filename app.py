@@ -143,7 +143,10 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
         segment.input(overlay.on_segment, [state, segment], inspect, api_visibility="private")
         inspect.select(overlay.on_patch_click, [state, segment], [inspect, patch_note, patch_table],
                        api_visibility="private")
-    demo.queue(max_size=queue_size, default_concurrency_limit=2)
+    # api_open=False: an event that runs on the queue cannot be called around it (POST /gradio_api/run/...),
+    # so the queue's size and the concurrency limits hold for every client. Gradio closes these routes on a
+    # Space by itself; a local or self-hosted server needs it said.
+    demo.queue(max_size=queue_size, default_concurrency_limit=2, api_open=False)
     files.STORE.keep = lambda: files.gradio_keeps(demo)   # trimming the cache never removes the examples
     return App(demo=demo, engine=eng, default_model=default)
 

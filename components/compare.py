@@ -218,7 +218,8 @@ def make_handlers(engine: Engine, default_model: str, errors: ErrorInbox | None 
                                        dtype, attn, progress, video)
             progress(0.97, desc="Drawing overlays…")
             return render_outputs(comparison, picture, method, budget,
-                                  engine.real_size.cached(config, comparison.spec.family or None), notices)
+                                  engine.real_size.cached(config, comparison.spec.family or None, session(request)),
+                                  notices)
         except UserError as error:
             raise fail(request, str(error)) from None
         except gr.Error as error:
@@ -252,21 +253,22 @@ def make_speed_handler(engine: Engine):
     """
 
     def measure_speed(model=None, method="TransPrune", budget="High", keep_ratio=0.125, alpha=0.5, layers="",
-                      positions="Model default", seed=0, state=None, progress=gr.Progress()):
-        text = _measure(model, method, budget, keep_ratio, alpha, layers, positions, seed, progress)
+                      positions="Model default", seed=0, state=None, progress=gr.Progress(),
+                      request: gr.Request = None):
+        text = _measure(model, method, budget, keep_ratio, alpha, layers, positions, seed, progress, session(request))
         comparison = getattr(state, "comparison", None)
         if comparison is not None and comparison.spec.offline:
-            measured = engine.real_size.cached(comparison.config, comparison.spec.family or None)
+            measured = engine.real_size.cached(comparison.config, comparison.spec.family or None, session(request))
             if measured is not None and measured.markdown(schedule_label(method, budget)) == text:
                 return text, verdict_text(comparison, measured, schedule_label(method, budget))
         return text, gr.skip()
 
-    def _measure(model, method, budget, keep_ratio, alpha, layers, positions, seed, progress) -> str:
+    def _measure(model, method, budget, keep_ratio, alpha, layers, positions, seed, progress, session_id) -> str:
         spec = REGISTRY.get(model or "")
         try:
             config = _speed_schedule(method, budget, keep_ratio, alpha, layers, positions, seed)
             result = engine.real_size.measure(config, lambda fraction, text: progress(fraction, desc=text),
-                                              family=spec.family if spec else None)
+                                              family=spec.family if spec else None, session=session_id)
         except (ConfigError, UserError, ValueError, TypeError) as error:
             return f"⚠ This schedule cannot be timed at real size: {public_message(error)}"
         except Exception as error:  # never crash the app over a measurement
@@ -277,6 +279,11 @@ def make_speed_handler(engine: Engine):
         return result.markdown(schedule_label(method, budget))
 
     return measure_speed
+
+
+def session(request) -> str:
+    """The page session a request comes from ("" for a call without one: it sees only shared figures)."""
+    return getattr(request, "session_hash", None) or ""
 
 
 def _speed_schedule(method, budget, keep_ratio, alpha, layers, positions, seed):
@@ -291,13 +298,13 @@ def make_speed_lookup(engine: Engine):
     the page opens and whenever a setting changes, so the panel never shows another schedule's figure."""
 
     def show_speed(model=None, method="TransPrune", budget="High", keep_ratio=0.125, alpha=0.5, layers="",
-                   positions="Model default", seed=0):
+                   positions="Model default", seed=0, request: gr.Request = None):
         spec = REGISTRY.get(model or "")
         try:
             config = _speed_schedule(method, budget, keep_ratio, alpha, layers, positions, seed)
         except (ConfigError, UserError, ValueError, TypeError):
             return speed.INTRO
-        known = engine.real_size.cached(config, spec.family if spec else None)
+        known = engine.real_size.cached(config, spec.family if spec else None, session(request))
         return known.markdown(schedule_label(method, budget)) if known is not None else speed.INTRO + speed.NOT_YET
 
     return show_speed

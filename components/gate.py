@@ -37,8 +37,14 @@ log = logging.getLogger("transprune.app")
 
 NOT_AN_UPLOAD = ("This app reads only files uploaded through its page or its API's upload: send the file with "
                  "gradio_client's handle_file (or upload it on the page), then run again.")
-UNREADABLE_REQUEST = ("The server could not take this request (a file that is not an upload of this page, a "
-                      "malformed request or a full queue). Upload the file again or wait a moment, then press Run.")
+UNREADABLE_REQUEST = ("The server could not take this request. On the page: upload the file again (or, if the "
+                      "server is busy, wait a moment) and press Run. From code: send one value per input as the "
+                      "page's \"Use via API\" link shows, files through gradio_client's handle_file.")
+BROWSER_ONLY = ("This event runs in the page itself; there is nothing to call on the server. The endpoints "
+                "the server answers are listed under the page's \"Use via API\" link.")
+HANDLER_FAILED = ("The server could not handle this request (the details are in its log). The app is still "
+                  "running: reload the page and try again, or send the values the page's \"Use via API\" link "
+                  "shows.")
 # Longest text value taken at all; the handlers' own limits (e.g. the question's) are far lower and
 # say so with the text's real length. This only stops megabytes of text before any work is done.
 MAX_TEXT_CHARS = 100_000
@@ -212,6 +218,8 @@ class GatedBlocks(gr.Blocks):
         self.explain = explain
 
     async def preprocess_data(self, block_fn, inputs, state, explicit_call: bool = False):
+        if block_fn.fn is None:     # an event the page handles in the browser (a JavaScript-only listener)
+            raise gr.Error(BROWSER_ONLY, print_exception=False)
         # The session's copy of a component (a dropdown whose choices a run updated) is the one to check.
         blocks = [block if block.stateful or state is None or block._id not in state else state[block._id]
                   for block in block_fn.inputs]
@@ -232,3 +240,15 @@ class GatedBlocks(gr.Blocks):
                               if self.explain and (sentence := self.explain(block, value))), None)
             raise gr.Error(explained or UNREADABLE_REQUEST, print_exception=False,
                            visible=explained is None) from None
+
+    async def call_function(self, block_fn, *args, **kwargs):
+        # The handlers turn what they expect into sentences; anything else (a page event called by hand
+        # with values the page never sends, a bug) is logged with its traceback and answered with one
+        # sentence instead of Gradio's `{"error": null}`.
+        try:
+            return await super().call_function(block_fn, *args, **kwargs)
+        except gr.Error:
+            raise
+        except Exception:
+            log.exception("an event's handler failed")
+            raise gr.Error(HANDLER_FAILED, print_exception=False) from None

@@ -377,7 +377,11 @@ def on_patch_click(state, segment: str, evt: gr.SelectData):
     """Clicking the inspect image: box the patch and list its scores per stage."""
     if not state:
         raise gr.Error("Run a comparison first, then click a patch of the overlay.")
-    x, y = evt.index
+    point = getattr(evt, "index", None)
+    if not (isinstance(point, (list, tuple)) and len(point) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in point)):
+        raise gr.Error("A patch click needs the clicked point as two numbers (x, y): click the picture on the page.")
+    x, y = point
     canvas = state.canvas
     segment = segment if segment in canvas.segments else canvas.segments[0]
     token = find_patch(canvas, segment, x, y)

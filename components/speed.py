@@ -12,11 +12,13 @@ visual tokens into a 7B model) would take minutes, so it is timed at LLaVA-1.5-7
 and the panel says so; SmolVLM's ~1k visual tokens into a 0.5B model cost far less and run at its
 own shape.
 
-Figures are kept per (shape, schedule, device, CPU threads): in memory, and on disk in a JSON
-file (`SpeedBook`, TRANSPRUNE_SPEED_BOOK or ~/.cache/transprune/real_size_speed.json) so they
-survive a restart. Before anyone has measured, the page quotes the figures recorded with this
-module (`python -m components.speed --record`, bundled as assets/real_size_speed.json), each
-labelled with its machine, threads, date and command; a live measurement replaces it.
+Figures are kept per (shape, schedule, device, CPU threads) in memory, so a schedule is measured once
+per server (30 s on a CPU); on disk only where TRANSPRUNE_SPEED_BOOK names a JSON file (`SpeedBook`),
+which the app's owner chooses: nothing is written into a home folder that other servers read. The page
+quotes the figures recorded with this module (`python -m components.speed --record`, bundled as
+assets/real_size_speed.json), each labelled with its machine, threads, date and command. A live
+measurement is quoted to the session that asked for it; other visitors keep seeing the recorded figure
+(a visitor cannot change the headline everyone sees) and get the live one where nothing was recorded.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import os
 import platform
 import tempfile
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,17 +223,21 @@ class SpeedBook:
             pass
 
 
-def default_book_path() -> Path:
-    return Path(os.environ.get("TRANSPRUNE_SPEED_BOOK") or Path.home() / ".cache" / "transprune" /
-                "real_size_speed.json")
+def default_book_path() -> Path | None:
+    """Where live figures are kept on disk: TRANSPRUNE_SPEED_BOOK if set, else nowhere (memory only)."""
+    path = os.environ.get("TRANSPRUNE_SPEED_BOOK")
+    return Path(path) if path else None
 
 
 class RealSizeSpeed:
     """Measures and keeps `SpeedResult`s; one measurement at a time (they share the CPU).
 
-    `cached()` answers from this server's measurements (memory, then `book` on disk), then from the
-    `recorded` figures bundled with the app (same shape, schedule and kind of device).
+    `cached()` answers from this server's measurements (memory, and `book` on disk where one is named)
+    and the `recorded` figures bundled with the app (same shape, schedule and kind of device). Given a
+    page session, a live figure is quoted only to the session that measured it, or where nothing was
+    recorded; without one (the library, the tools) the live figure comes first.
     """
+    SESSIONS_KEPT = 1024    # sessions whose measured schedules are remembered, oldest forgotten first
 
     def __init__(self, device: str | None = None, cpu_width: float = CPU_WIDTH, book: Path | str | None = "default",
                  recorded: Path | str | None = RECORDED):
@@ -239,6 +246,7 @@ class RealSizeSpeed:
         self.book = SpeedBook(default_book_path() if book == "default" else book)
         self.recorded = SpeedBook(recorded)
         self._lock = threading.Lock()
+        self._measured_by: OrderedDict[str, set[str]] = OrderedDict()   # session -> keys it measured
 
     @property
     def width(self) -> float:
@@ -253,8 +261,9 @@ class RealSizeSpeed:
     def _shape(self, family: str | None):
         return timed_shape(family, self.device.startswith("cuda"))
 
-    def cached(self, config: PruneConfig | None, family: str | None = None) -> SpeedResult | None:
-        """This server's figure for `config` on `family`'s shape, else a recorded one, else None."""
+    def cached(self, config: PruneConfig | None, family: str | None = None,
+               session: str | None = None) -> SpeedResult | None:
+        """The figure to quote for `config` on `family`'s shape, or None (see the class docstring)."""
         if config is None:
             return None
         arch, _, note = self._shape(family)
@@ -262,9 +271,13 @@ class RealSizeSpeed:
             key = self._key(arch, config)
         except ValueError:       # a schedule the timed depth cannot run
             return None
-        live = self.book.get(key)
-        if live is not None:    # the note is this family's (a figure measured for another may lack it)
-            return dataclasses.replace(live, note=note)
+        live, recorded = self.book.get(key), self._recorded(arch, config)
+        own = session is None or key in self._measured_by.get(session, ())
+        if live is not None and (own or recorded is None):
+            return dataclasses.replace(live, note=note)   # the note is this family's
+        return dataclasses.replace(recorded, recorded=True, note=note) if recorded is not None else None
+
+    def _recorded(self, arch: str, config: PruneConfig) -> SpeedResult | None:
         schedule, kind = schedule_key(arch, config), self.device.split(":")[0]
         matches = [result for recorded_key, result in self.recorded.items()
                    if json.loads(recorded_key)[:2] == schedule and result.device.split(":")[0] == kind
@@ -274,17 +287,27 @@ class RealSizeSpeed:
         # The recording made with the most threads up to ours: the closest to this machine. A family timed
         # at a stand-in's shape (its own would take minutes on a CPU) carries that note.
         threads = torch.get_num_threads()
-        best = max(matches, key=lambda r: (r.threads <= threads, r.threads if r.threads <= threads else -r.threads))
-        return dataclasses.replace(best, recorded=True, note=note)
+        return max(matches, key=lambda r: (r.threads <= threads, r.threads if r.threads <= threads else -r.threads))
 
-    def measure(self, config: PruneConfig, progress=None, family: str | None = None) -> SpeedResult:
+    def _remember(self, session: str | None, key: str):
+        if session is None:
+            return
+        self._measured_by.setdefault(session, set()).add(key)
+        self._measured_by.move_to_end(session)
+        while len(self._measured_by) > self.SESSIONS_KEPT:
+            self._measured_by.popitem(last=False)
+
+    def measure(self, config: PruneConfig, progress=None, family: str | None = None,
+                session: str | None = None) -> SpeedResult:
         """Baseline vs `config` on the real-size shape of `family` (cached). `progress(fraction, text)`
-        is told where it is. Raises ValueError (ConfigError) for a schedule the shape cannot run."""
+        is told where it is; `session` (a page session) is then quoted this figure by `cached`. Raises
+        ValueError (ConfigError) for a schedule the shape cannot run."""
         arch, shape, note = self._shape(family)
         key = self._key(arch, config)
         with self._lock:
             known = self.book.get(key)
             if known is not None and not known.noisy:
+                self._remember(session, key)
                 return dataclasses.replace(known, note=note)
             cuda = self.device.startswith("cuda")
             width = self.width
@@ -312,6 +335,7 @@ class RealSizeSpeed:
                 del model
                 release_memory()
             self.book.put(key, result)
+            self._remember(session, key)
             step(1.0, "Done")
             return result
 

@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+import gradio as gr
 import httpx
 import pytest
 import torch
@@ -142,6 +143,78 @@ def test_private_events_apply_the_same_check(server, canary):
             reply = http.post(url + "gradio_api/run/predict",
                               json={"data": [payload], "fn_index": fn_index, "session_hash": "attacker"})
             assert gate.NOT_AN_UPLOAD in reply.text and "canary" not in reply.text, reply.text
+
+
+def test_queued_events_cannot_be_called_around_the_queue(server):
+    """POST /gradio_api/run/<name> would skip the queue's size and the concurrency limits (api_open=False)."""
+    url, _, built = server
+    with httpx.Client(timeout=60) as http:
+        for name in ("compare", "speed_at_real_size"):
+            reply = http.post(url + f"gradio_api/run/{name}", json={"data": [None] + SETTINGS})
+            assert reply.status_code == 404 and "join the queue" in reply.text, (name, reply.text)
+        fn_index = next(i for i, fn in built.demo.fns.items() if fn.api_name == "compare")
+        reply = http.post(url + "gradio_api/run/predict", json={"data": [None] + SETTINGS, "fn_index": fn_index,
+                                                               "session_hash": "attacker"})
+        assert reply.status_code == 404 and "join the queue" in reply.text, reply.text
+
+
+def _join(url: str, fn_index: int, data: list, event_data=None) -> dict:
+    """Join the queue as the page does (fn_index, session hash) and return the completed message."""
+    session = f"probe{fn_index}"
+    with httpx.Client(timeout=60) as http:
+        joined = http.post(url + "gradio_api/queue/join", json={"data": data, "fn_index": fn_index,
+                                                               "session_hash": session, "event_data": event_data})
+        assert joined.status_code == 200, joined.text
+        with http.stream("GET", url + "gradio_api/queue/data", params={"session_hash": session}) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data:") and '"process_completed"' in line:
+                    return json.loads(line[5:])["output"]
+    raise AssertionError("the queue never completed the event")
+
+
+def test_page_events_called_by_hand_get_a_sentence(server):
+    """A browser-only listener, and a patch click without the clicked point, answered with sentences."""
+    url, _, built = server
+    browser_only = next(i for i, fn in built.demo.fns.items() if fn.fn is None)
+    assert _join(url, browser_only, [])["error"] == gate.BROWSER_ONLY
+    click = next(i for i, fn in built.demo.fns.items() if fn.name == "on_patch_click")
+    # Values the gate accepts (the session state, the view's first choice), so the handler itself runs.
+    values = [block.choices[0][1] if isinstance(block, gr.Radio) else None for block in built.demo.fns[click].inputs]
+    for event_data in (None, {"index": "abc"}, {"index": [1.5, "x"]}):
+        error = _join(url, click, values, event_data)["error"]
+        assert isinstance(error, str) and error, event_data
+
+
+def test_a_handler_failure_becomes_the_gates_sentence():
+    """Whatever a handler raises that is not a gr.Error reaches the client as one sentence, not {"error": null}."""
+    import asyncio
+
+    def broken():
+        raise KeyError("internal detail")
+
+    def refusing():
+        raise gr.Error("A sentence of the handler's own.")
+
+    with gate.GatedBlocks() as blocks:
+        button = gr.Button()
+        button.click(broken)
+        button.click(refusing)
+    broken_fn, refusing_fn = list(blocks.fns.values())
+    with pytest.raises(gr.Error) as failure:
+        asyncio.run(blocks.call_function(broken_fn, []))
+    assert failure.value.message == gate.HANDLER_FAILED and "internal detail" not in failure.value.message
+    with pytest.raises(gr.Error, match="A sentence of the handler's own."):
+        asyncio.run(blocks.call_function(refusing_fn, []))
+
+
+@pytest.mark.parametrize("point", [None, "abc", [1.5, "x"], [1], [float("nan"), 2], [True, 3]])
+def test_a_patch_click_without_a_point_gets_a_sentence(point):
+    from types import SimpleNamespace
+
+    from components import overlay
+
+    with pytest.raises(gr.Error, match="needs the clicked point"):
+        overlay.on_patch_click(SimpleNamespace(canvas=None), "image", SimpleNamespace(index=point))
 
 
 def test_the_failure_handler_reads_nothing_outside_the_uploads(canary):

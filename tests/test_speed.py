@@ -140,6 +140,31 @@ def test_measurements_survive_a_restart_and_recorded_figures_answer_first(tmp_pa
     assert not measured.recorded and newcomer.cached(PruneConfig.preset("high")) == measured
 
 
+def test_a_live_figure_is_quoted_to_the_session_that_measured_it(tmp_path, monkeypatch):
+    """A visitor's measurement does not replace the recorded headline other visitors see; where nothing
+    was recorded, the server's own figure is the only one and everyone gets it. No file is written unless
+    TRANSPRUNE_SPEED_BOOK names one."""
+    monkeypatch.delenv("TRANSPRUNE_SPEED_BOOK", raising=False)
+    monkeypatch.setattr(speed.Path, "home", lambda: tmp_path)    # a write into a home folder would show here
+    book = tmp_path / "book.json"
+    speed.RealSizeSpeed(device="cpu", cpu_width=1 / 32, book=book, recorded=None).measure(PruneConfig.preset("high"))
+    server = speed.RealSizeSpeed(device="cpu", cpu_width=1 / 32, recorded=book)    # the default book: none
+    assert speed.default_book_path() is None and server.book.path is None
+    high, low = PruneConfig.preset("high"), PruneConfig.preset("low")
+    live = server.measure(high, session="visitor")
+    assert not live.recorded
+    assert server.cached(high, session="visitor") == live
+    assert server.cached(high, session="someone else").recorded            # still the recorded headline
+    assert server.cached(high, session="").recorded
+    assert server.cached(high) == live                                       # the library: its own figure first
+    # Nothing recorded for Low: the server's measurement is the one figure there is.
+    measured = server.measure(low, session="visitor")
+    assert server.cached(low, session="someone else") == measured
+    # A second session asking to measure High gets the cached figure, and from then on quotes it.
+    assert server.measure(high, session="someone else") == live and server.cached(high, session="someone else") == live
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["book.json"]
+
+
 def test_an_unreadable_book_is_an_empty_one(tmp_path):
     broken = tmp_path / "book.json"
     broken.write_text("{not json")
