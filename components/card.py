@@ -145,7 +145,10 @@ def render(comparison, canvas: Canvas, method_label: str, budget_label: str, rea
                   f"{real_size.repeats} runs, {real_size.provenance}.")
     else:
         timing = "Speed not shown: this built-in model is too small for pruning to pay off in time."
-    footer = (f"TransPrune (arXiv 2507.20630). Analytic FLOPs {fmt_tflops(nums.tflops_visual[0])} → "
+    # The paper behind the chosen method; the tool is credited once, not as if it were every method's paper.
+    credit = ("TransPrune (arXiv 2507.20630)" if method_label.startswith(("TransPrune", "TTV", "IGA"))
+              else f"{method_label}, run with the TransPrune toolkit")
+    footer = (f"{credit}. Analytic FLOPs {fmt_tflops(nums.tflops_visual[0])} → "
               f"{fmt_tflops(nums.tflops_visual[1])} TFLOPs (visual tokens, the paper's accounting). {timing}")
     for i, line in enumerate(drawing.wrap(draw, footer, small, WIDTH - 2 * MARGIN, max_lines=2)):
         draw.text((MARGIN, HEIGHT - 76 + i * 28), line, fill=drawing.MUTED, font=small)

@@ -239,7 +239,7 @@ def make_handlers(engine: Engine, default_model: str, errors: ErrorInbox | None 
             return f"⚠ **{public_message(model, 80)} is not available:** {message}"
         layers = model_shape(lm.model)[2]
         high = schedule.describe(schedule.build_config("TransPrune", "High"), layers)
-        return (model_info(engine, model) + f" · {layers} decoder layers · High preset here: {high} · loaded on "
+        return (model_info(engine, model) + f" · {layers} decoder layers · TransPrune High here: {high} · loaded on "
                 f"{lm.device} ({str(lm.dtype).replace('torch.', '')})")
 
     return compare, load_model
@@ -374,7 +374,7 @@ def render_outputs(comparison, picture: Image.Image | None, method_label: str, b
         STORE.gallery(overlay.stage_gallery(canvas), "stage"),
         STORE.image(overlay.inspect_view(canvas, inspect_segment), "kept"),
         gr.update(choices=segments, value=inspect_segment, visible=len(segments) > 1),
-        "Outlined patches survived the last stage. Click any patch to see its TTV, IGA and score at each stage.",
+        overlay.PATCH_NOTE,
         [],
         gr.update(choices=labels, value=labels[0]),
         STORE.gallery(overlay.heatmap_gallery(canvas, 0), "heatmap"),

@@ -300,7 +300,7 @@ def build(engine: engine_module.Engine, default_model: str) -> Inputs:
         with gr.Row():
             alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="α (TTV weight)",
                               info="score = α·TTV + (1−α)·IGA (TransPrune only)")
-            layers = gr.Textbox(label="Pruning layers", value="", placeholder="preset (e.g. 4, 5, 6 on 16 layers)",
+            layers = gr.Textbox(label="Pruning layers", value="", placeholder="empty = the preset's; or this model's own layer numbers, e.g. 3, 4, 5",
                                 info="The model's own 1-indexed layer numbers; empty = preset.")
         with gr.Row():
             positions = gr.Radio(list(POSITION_CHOICES), value="Model default", label="Position ids after pruning")
@@ -355,14 +355,19 @@ def budget_info(method: str) -> str:
         stage = methods.PRE_LLM[METHODS[method][0]]
         budgets = pre_llm_budgets(stage.name)
         high, low = budgets["High"], budgets["Low"]
-        return (f"Before the LLM: High keeps {_share(high)} of the patches ({high}), Low {_share(low)} ({low}); "
-                f"Custom sets the share. "
-                + (f"Before the LLM on {stage.supported_models}; on other models on the first layer's input."
-                   if stage.first_layer_twin else f"{stage.supported_models} only."))
+        where = (f"Before the LLM on {stage.supported_models}; on other models at the LLM's first layer, the same "
+                 "choice." if stage.first_layer_twin else f"Before the LLM; {stage.supported_models} only.")
+        return (f"{where} High keeps {_share(high)} of each image's visual tokens ({high}: {_of_576(high)}), Low "
+                f"{_share(low)} ({low}); Custom sets the share.")
     if kind == "own_preset":
         return f"High is {method}'s published schedule, Low halves its keep ratios; Custom sets the final share."
-    return ("High keeps 88% → 62% → 12% of the visual tokens over three stages, Low 50% → 25% → 6%; "
+    return ("High keeps 87.5% → 62.5% → 12.5% of the visual tokens over three stages, Low 50% → 25% → 6.25%; "
             "Custom sets the final share.")
+
+
+def _of_576(preset: str) -> str:
+    """"192 of LLaVA-1.5's 576": what a pre-LLM preset's number means (the share carries over to other grids)."""
+    return f"{round(PruneConfig.preset(preset).pre_llm_keep * 576)} of LLaVA-1.5's 576"
 
 
 def _share(preset: str) -> str:

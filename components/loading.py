@@ -97,8 +97,8 @@ class ModelLoader:
     def _check_can_download(self, spec: ModelSpec, dtype: str):
         if not hub.cached_on_disk(spec.checkpoint) and not hub.hub_reachable():
             raise UserError(f"{spec.label} cannot be downloaded: the Hugging Face Hub is not reachable from "
-                            "this machine and the model is not in the local cache. Pick a built-in offline "
-                            "model (tiny-llava), or run the app where the Hub is reachable.")
+                            "this machine and the model is not in the local cache. Pick a built-in model (Shapes LLaVA, "
+                            "the trained one, or a Tiny one), or run the app where the Hub is reachable.")
         params = hub.parameter_count(spec.size)
         free = hub.free_memory_bytes(self.device)
         bytes_per = hub.BYTES_PER_PARAM.get(dtype, 2 if self.device.startswith("cuda") else 4)

@@ -24,9 +24,10 @@ def code_link() -> str:
 
 WHAT_YOU_SEE = """
 **What you are seeing.** One click asks the same question about the same image twice: once with every visual
-token (the baseline) and once with the chosen method (TransPrune by default) dropping most of them, inside the
-language model or, for VisionZip, before it. The picture shows which image patches the pruned model still had
-after its last pruning stage.
+token (the baseline) and once with the chosen method (TransPrune by default) dropping most of them: inside the
+language model (TransPrune, FastV, PDrop, SparseVLM, DART), or before it (VisionZip, DivPrune, CDPruner; on
+models other than LLaVA-1.5, DivPrune and CDPruner prune the language model's first-layer input, the same
+choice). The picture shows which image patches the pruned model still had after its last pruning stage.
 """
 
 MEASUREMENT = f"""

@@ -330,14 +330,19 @@ def build_view() -> tuple[gr.Image, gr.Radio]:
 
 
 LEGEND = ("**What it kept.** **Outlined** = kept after the last stage · **dimmed** = pruned (darker = pruned earlier) · "
-          "click a patch for its scores. A dimmed patch is not lost: by the pruning layer its content has "
-          "already flowed into the kept tokens through attention, so the tokens kept are often edges and "
-          "background next to an object rather than the object itself.")
+          "click a patch for its scores. Pruned inside the language model, a dimmed patch is not lost: by the "
+          "pruning layer its content has already flowed into the kept tokens through attention, so the tokens "
+          "kept are often edges and background next to an object rather than the object itself. Pruned before "
+          "the language model or at its first layer (VisionZip, DivPrune, CDPruner), a dimmed patch never "
+          "reached it.")
+
+
+PATCH_NOTE = ("Outlined patches survived the last stage. Click any patch to see its scores at each stage (TTV and "
+              "IGA for TransPrune; each method's own score otherwise).")
 
 
 def build_patch_panel() -> tuple[gr.Markdown, gr.Dataframe]:
-    note = gr.Markdown("Outlined patches survived the last stage. Click any patch to see its TTV, IGA and score "
-                       "at each stage.", elem_id="patch-note")
+    note = gr.Markdown(PATCH_NOTE, elem_id="patch-note")
     table = gr.Dataframe(headers=["", "Layer"], value=[], label="Patch scores per stage", interactive=False, wrap=True,
                          elem_id="patch-table")
     return note, table

@@ -390,7 +390,7 @@ def test_divprune_and_cdpruner_on_another_family_prune_the_first_layers_input(ex
     assert numbers.kept == [(0, len(stage.kept), 0)]
     canvas = overlay.Canvas.from_trace(example_image, trace)   # the overlays draw this stage
     assert canvas is not None
-    assert "on other models on the first layer's input" in inputs.budget_info(method)
+    assert "on other models at the LLM's first layer" in inputs.budget_info(method)
 
 
 def test_stacked_visionzip_overlays_and_patch_table(eng, example_image):
