@@ -47,13 +47,15 @@ def show(model: str | None):
             f"one thread: it can differ from the speed panel's figure). The dotted grey line is the random "
             f"control: a method is only worth its cost above it. Each row runs the positions its method was "
             f"released with (the table's *positions*); the verdict's held-out line runs this model's own "
-            f"default, so the same method can score differently there.\n\n{table.read_text()}"), str(figure)
+            f"default, so the same method can score differently there. On a phone, scroll the figure and the "
+            f"table sideways, or open the figure full screen.\n\n{table.read_text()}"), str(figure)
 
 
 def build():
     """The closed accordion; returns (markdown, image) for the model-change event to fill."""
     with gr.Accordion("Compare all methods: accuracy vs cost", open=False, elem_id="frontier"):
-        figure = gr.Image(None, label="Accuracy vs TFLOPs", interactive=False, height=460,
-                          show_label=True, buttons=["download", "fullscreen"], elem_id="frontier-figure")
+        # No fixed height: the figure takes the box's width and its own aspect (theme.CSS), so nothing is cut.
+        figure = gr.Image(None, label="Accuracy vs TFLOPs", interactive=False, show_label=False,
+                          buttons=["download", "fullscreen"], elem_id="frontier-figure")
         text = gr.Markdown("", elem_id="frontier-table")
     return text, figure

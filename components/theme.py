@@ -37,7 +37,18 @@ CSS = """
              color: var(--primary-700) !important; font-weight: 600; }
 /* The frontier's 10-column table scrolls inside its box rather than widening the page (a phone). */
 #frontier-table, #frontier-figure { max-width: 100%; min-width: 0; overflow-x: auto; }
-#frontier-figure img { max-width: 100%; height: auto; object-fit: contain; }
+/* The figure at the box's width and its own aspect: Gradio's image frame would otherwise crop it to its height. */
+#frontier-figure, #frontier-figure * { height: auto !important; max-height: none !important; }
+#frontier-figure img { width: 100%; max-width: 100%; object-fit: contain; }
+/* On a phone the figure keeps a readable size and scrolls sideways inside its box (or opens full screen). */
+@media (max-width: 700px) {
+  /* 100vw, not 100%: the accordion's boxes would otherwise grow to the picture's width and widen the page. */
+  #frontier-figure { min-width: 0 !important; max-width: calc(100vw - 36px) !important;
+                    overflow-x: auto !important; }
+  #frontier-figure img { min-width: 680px; max-width: none; }
+  /* Overflow to the right, where it scrolls (centred, its left part would be out of reach). */
+  #frontier-figure button, #frontier-figure .image-frame { justify-content: flex-start !important; }
+}
 /* width 0 + min-width 100%: the table fills its box but adds nothing to the page's minimum width. */
 #frontier-table table { display: block; width: 0; min-width: 100%; overflow-x: auto; white-space: nowrap;
                         font-size: 0.8rem; }
