@@ -24,6 +24,7 @@ from transprune.flops import model_shape
 from transprune.heldout import heldout_record
 from transprune.models import ContextError, LoadedModel, ModelSpec, check_fits_context, context_length, default_device
 
+from . import frontier
 from .errors import GONE, UserError, log, logged, out_of_memory
 from .loading import ModelLoader
 from .policy import ModelPolicy, Settings
@@ -54,9 +55,13 @@ class Comparison:
     @property
     def heldout(self) -> tuple[dict, dict] | None:
         """(this setting's record, the unpruned record) on the model's held-out questions, or None
-        when the model has no such set or this setting was not measured on it."""
-        path = self.spec.heldout_path
-        return heldout_record(path, self.resolved) if path else None
+        when the model has no such set or this setting was not measured on it. The model's own eval JSON
+        first, then its bundled frontier's (the same held-out questions, every method's presets)."""
+        for path in (self.spec.heldout_path, frontier.results_for(self.spec.name)):
+            found = heldout_record(path, self.resolved) if path else None
+            if found is not None:
+                return found
+        return None
 
 
 class Engine(ModelPolicy, ModelLoader):

@@ -34,6 +34,12 @@ def files_for(model: str | None) -> tuple[Path, Path] | None:
     return (figure, table) if figure.is_file() and table.is_file() else None
 
 
+def results_for(model: str | None) -> Path | None:
+    """The frontier's JSON for `model` (an eval JSON: a record per row, with its config), or None."""
+    path = FOLDER / f"{model}.json" if model else None
+    return path if path is not None and path.is_file() else None
+
+
 def show(model: str | None):
     """The panel for `model`: (markdown, figure path or None)."""
     found = files_for(model)

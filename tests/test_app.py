@@ -482,6 +482,21 @@ def test_patch_click_reports_scores_per_stage(eng, example_image):
     assert overlay.find_patch(canvas, "image", 2, canvas.image.height / 2) is None
 
 
+@pytest.mark.parametrize("method, row", [("DivPrune", "divprune-192"), ("CDPruner", "cdpruner-64"), ("DART", "dart-64")])
+def test_the_held_out_line_reads_the_bundled_frontier_for_methods_the_eval_file_lacks(example_image, method, row):
+    """shapes-llava's own eval JSON predates DART, DivPrune and CDPruner; its bundled frontier scored them on the
+    same 500 held-out questions, so the verdict quotes that."""
+    from components import frontier
+
+    budget = "High" if row.endswith("192") else "Low"
+    comparison = Engine().compare("shapes-llava", example_image, "What color is the circle?", build(method, budget),
+                                  **FAST)
+    record, baseline = comparison.heldout
+    expected = json.loads(frontier.results_for("shapes-llava").read_text())
+    assert record["accuracy"] == expected[row]["accuracy"] and baseline["n"] == 500
+    assert "held-out scene questions" in answers.heldout_line(record, baseline)
+
+
 def test_a_comparison_leaves_torchs_global_generator_alone(eng, example_image):
     """A tiny model built in another thread draws its weights from torch's shared generator (under
     tiny.BUILD_LOCK); a comparison running meanwhile must not reseed or draw from it."""
