@@ -140,7 +140,9 @@ def render(comparison, canvas: Canvas, method_label: str, budget_label: str, rea
         timing = (f"Timings: warmed, alternating order, median prefill of "
                   f"{len(comparison.prefill_samples['pruned'])} runs.")
     elif real_size is not None:
-        standing_in = f" ({real_size.note})" if real_size.note else ""
+        standing_in = (f" ({real_size.note})" if real_size.note
+                       else f" (timed with one image's {real_size.visual_tokens} visual tokens; a video carries more)"
+                       if comparison.frames is not None else "")
         timing = (f"Speed: {real_size.where}{standing_in}, random weights (timing only), median of "
                   f"{real_size.repeats} runs, {real_size.provenance}.")
     else:

@@ -323,7 +323,9 @@ def speed_text(comparison, nums, real_size) -> str:
     if real_size is not None:
         # A family whose prompts (videos, AnyRes tiles) would take minutes per prefill on a CPU is
         # timed at LLaVA-1.5-7B's shape: say so here, as the panel does.
-        standing_in = ", standing in for this family's longer prompts" if real_size.note else ""
+        standing_in = (", standing in for this family's longer prompts" if real_size.note
+                       else f", timed with {real_size.visual_tokens} visual tokens (one image's): a video prompt "
+                            "carries more" if comparison.frames is not None else "")
         return (real_size.headline() + f" on a {real_size.arch}-shaped language model{standing_in} "
                 f"({real_size.provenance})")
     return "speed: see **Speed at real size** below (a model this small is too small to show it)"

@@ -638,6 +638,14 @@ def test_video_comparison_draws_every_frame(handlers, clip, monkeypatch):
     assert f"→ {len(record['trace']['stages'][-1]['kept'])}** visual tokens" in out.verdict
 
 
+def test_a_video_timed_at_its_familys_image_shape_says_so(handlers, clip):
+    """Qwen2.5-VL is timed at its own shape, one image's visual tokens: a video's verdict says its prompt is longer."""
+    compare, _ = handlers
+    out = compare(None, "What happens in the video?", video=str(clip), model="tiny-qwen2.5-vl",
+                  progress=noop_progress, **FAST)
+    assert "prefill at real size" in out.verdict and "a video prompt carries more" in out.verdict
+
+
 def test_video_errors(handlers, clip, example_image, tmp_path, monkeypatch):
     compare, _ = handlers
     cases = [
