@@ -81,6 +81,7 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
                 with gr.Row(equal_height=False, elem_id="view-row"):
                     with gr.Column(scale=5, min_width=280):
                         inspect, segment = overlay.build_view()
+                        patch_note = overlay.build_patch_note()      # a click's answer, next to the picture
                     with gr.Column(scale=4, min_width=240):
                         real_size = speed.build(show_speed(default))
                 notes.build_what_you_see()
@@ -95,7 +96,7 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
                 dl = downloads.build()
             with gr.Column(scale=2, min_width=300):
                 chart = metrics.build_chart()
-                patch_note, patch_table = overlay.build_patch_panel()
+                patch_table = overlay.build_patch_table()
         gal = overlay.build_galleries()
         frontier_text, frontier_figure = frontier.build()
         notes.build_measurement()

@@ -15,11 +15,11 @@ from pathlib import Path
 import gradio as gr
 
 FOLDER = Path(__file__).resolve().parent.parent / "assets" / "frontier"
-FRONTIER_COMMAND = ("python -m transprune.eval --suite shapes --seed 1 --n 500 --threads 1 "
+FRONTIER_COMMAND = ("python -m transprune.eval --suite shapes --seed 1 --n 500 --threads 2 "
                     "--frontier assets/frontier/shapes-llava.png")
 SUITE_MODEL = "shapes-llava"      # the built-in model whose held-out questions are scored offline
 MISSING = ("The frontier of **shapes-llava** is not in this install. Make it with `{command}` (it writes "
-           "assets/frontier/shapes-llava.png and .md; about an hour on one CPU thread), then reload the page.")
+           "assets/frontier/shapes-llava.png and .md; about 15 minutes on two CPU threads), then reload the page.")
 NONE_YET = ("No frontier is bundled for **{model}**. The app bundles the one of `shapes-llava`, the built-in model "
             "whose held-out questions are scored offline (choose it in Model to see it). For **{model}**, score your "
             "own questions under every method: `python -m transprune.eval --questions FILE --images DIR "
@@ -50,7 +50,7 @@ def show(model: str | None):
     figure, table = found
     return (f"Every method's presets on the held-out shapes questions, against its analytic prefill cost at "
             f"LLaVA-1.5-7B's size; the number by each point is its measured CPU prefill speedup (its own run, "
-            f"one thread: it can differ from the speed panel's figure). The dotted grey line is the random "
+            f"two threads: it can differ from the speed panel's figure). The dotted grey line is the random "
             f"control: a method is only worth its cost above it. Each row runs the positions its method was "
             f"released with (the table's *positions*); the verdict's held-out line runs this model's own "
             f"default, so the same method can score differently there. On a phone, scroll the figure and the "

@@ -299,7 +299,7 @@ def token_label(canvas: Canvas, token: int) -> str:
     frame = f", sampled frame {int(source.frame[token]) + 1}" if source.frame is not None else ""
     picture = "frame" if source.frame is not None else "original image"
     return (f"Patch #{token} ({where}{frame}) covers x {math.floor(x0)}–{math.ceil(x1)}, y {math.floor(y0)}–"
-            f"{math.ceil(y1)} of the {picture}.")
+            f"{math.ceil(y1)} of the {picture}. Its scores per stage: *Patch scores per stage*, further down.")
 
 
 # ---------------------------------------------------------------------------- the pieces
@@ -341,11 +341,14 @@ PATCH_NOTE = ("Outlined patches survived the last stage. Click any patch to see 
               "IGA for TransPrune; each method's own score otherwise).")
 
 
-def build_patch_panel() -> tuple[gr.Markdown, gr.Dataframe]:
-    note = gr.Markdown(PATCH_NOTE, elem_id="patch-note")
-    table = gr.Dataframe(headers=["", "Layer"], value=[], label="Patch scores per stage", interactive=False, wrap=True,
-                         elem_id="patch-table")
-    return note, table
+def build_patch_note() -> gr.Markdown:
+    """What the last click picked, right under the picture it was clicked on."""
+    return gr.Markdown(PATCH_NOTE, elem_id="patch-note")
+
+
+def build_patch_table() -> gr.Dataframe:
+    return gr.Dataframe(headers=["", "Layer"], value=[], label="Patch scores per stage", interactive=False, wrap=True,
+                        elem_id="patch-table")
 
 
 def build_galleries() -> Galleries:
