@@ -329,12 +329,10 @@ def build_view() -> tuple[gr.Image, gr.Radio]:
     return inspect, segment
 
 
-LEGEND = ("**What it kept.** **Outlined** = kept after the last stage · **dimmed** = pruned (darker = pruned earlier) · "
-          "click a patch for its scores. Pruned inside the language model, a dimmed patch is not lost: by the "
-          "pruning layer its content has already flowed into the kept tokens through attention, so the tokens "
-          "kept are often edges and background next to an object rather than the object itself. Pruned before "
-          "the language model or at its first layer (VisionZip, DivPrune, CDPruner), a dimmed patch never "
-          "reached it.")
+LEGEND = ("**What it kept.** **Outlined** = kept after the last stage · **dimmed** = pruned (darker = earlier) · "
+          "click a patch for its scores. Pruned inside the language model, a patch's content has already flowed "
+          "into the kept tokens, so these are often edges and background next to an object; pruned before it "
+          "(VisionZip, DivPrune, CDPruner), a patch never reached it.")
 
 
 PATCH_NOTE = ("Outlined patches survived the last stage. Click any patch to see its scores at each stage (TTV and "
