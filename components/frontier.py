@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gradio as gr
-
 FOLDER = Path(__file__).resolve().parent.parent / "assets" / "frontier"
 FRONTIER_COMMAND = ("python -m transprune.eval --suite shapes --seed 1 --n 500 --threads 2 "
                     "--frontier assets/frontier/shapes-llava.png")
@@ -59,6 +57,8 @@ def show(model: str | None):
 
 def build():
     """The closed accordion; returns (markdown, image) for the model-change event to fill."""
+    import gradio as gr   # here, not at the top: the engine reads `results_for` without the UI (and without gradio)
+
     with gr.Accordion("Compare all methods: accuracy vs cost", open=False, elem_id="frontier"):
         # No fixed height: the figure takes the box's width and its own aspect (theme.CSS), so nothing is cut.
         figure = gr.Image(None, label="Accuracy vs TFLOPs", interactive=False, show_label=False,

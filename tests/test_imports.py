@@ -106,3 +106,15 @@ def test_app_core_imports_no_command_line():
                 continue
             for target in targets:
                 assert target not in COMMAND_LINES, f"{path.name}:{node.lineno} imports {target}"
+
+
+def test_the_app_engine_imports_without_gradio():
+    """components.engine (the comparison the tests drive on the oldest transformers, whose venv has no gradio)
+    imports nothing of the UI: a blocked `gradio` import must not stop it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['gradio'] = None; "   # `import gradio` now raises ImportError
+            "import components.engine, components.frontier; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True)
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]
