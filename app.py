@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from components import (answers, downloads, engine, examples, files, frontier, health, inputs, metrics, notes, overlay,
                         speed, theme)
+from components.errors import log
 from components.gate import GatedBlocks
 from components.compare import CompareOutputs, ErrorInbox, make_handlers, make_speed_handler, make_speed_lookup
 
@@ -167,7 +168,8 @@ def launch_kwargs(args) -> dict:
                 head=theme.HEAD, max_file_size=args.max_upload, show_error=False, footer_links=["api", "gradio"],
                 state_session_capacity=STATE_SESSIONS,
                 app_kwargs=dict(exception_handlers={RequestValidationError: unreadable_request,
-                                                    StarletteHTTPException: unparsable_body},
+                                                    StarletteHTTPException: unparsable_body,
+                                                    KeyError: unknown_event},
                                 middleware=[Middleware(files.TrimBeforeUpload, store=files.STORE)]))
 
 
@@ -178,6 +180,17 @@ async def unreadable_request(request, error):
     return JSONResponse(status_code=422, content={
         "error": "This request is not what the API expects. Send JSON like {\"data\": [...]} with one value per "
                  "input, as shown on the page's \"Use via API\" link (or use gradio_client)."})
+
+
+async def unknown_event(request, error):
+    """An event number (fn_index) the app does not have fails inside Gradio's routing with a KeyError, before any
+    app code runs, and Starlette would answer a bare "Internal Server Error": a sentence instead."""
+    from fastapi.responses import JSONResponse
+
+    log.info("request for something the app does not have: %s %r", request.url.path, error)
+    return JSONResponse(status_code=404, content={
+        "error": "This request names an event the app does not have. Use the endpoints listed on the page's "
+                 "\"Use via API\" link (or gradio_client)."})
 
 
 async def unparsable_body(request, error):

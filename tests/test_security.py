@@ -172,6 +172,16 @@ def _join(url: str, fn_index: int, data: list, event_data=None) -> dict:
     raise AssertionError("the queue never completed the event")
 
 
+def test_an_event_number_the_app_lacks_gets_a_sentence(server):
+    url, _, _ = server
+    with httpx.Client(timeout=60) as http:
+        for route, body in (("gradio_api/queue/join", {"data": [], "fn_index": 9999, "session_hash": "attacker"}),
+                            ("gradio_api/run/predict", {"data": [], "fn_index": 9999})):
+            reply = http.post(url + route, json=body)
+            assert reply.status_code == 404 and "names an event the app does not have" in reply.json()["error"], \
+                (route, reply.text)
+
+
 def test_page_events_called_by_hand_get_a_sentence(server):
     """A browser-only listener, and a patch click without the clicked point, answered with sentences."""
     url, _, built = server
