@@ -81,8 +81,7 @@ def build_demo(model: str | None = "auto", allowed_models: tuple[str, ...] | Non
                 ans = answers.build()
                 with gr.Row(equal_height=False, elem_id="view-row"):
                     with gr.Column(scale=5, min_width=280):
-                        inspect, segment = overlay.build_view()
-                        patch_note = overlay.build_patch_note()      # a click's answer, next to the picture
+                        inspect, segment, patch_note = overlay.build_view()
                     with gr.Column(scale=4, min_width=240):
                         real_size = speed.build(show_speed(default))
                 notes.build_what_you_see()

@@ -88,25 +88,26 @@ def wrap(draw, text: str, face, width: float, max_lines: int | None = None) -> l
 
 
 def scale_bar_height(width: int) -> int:
-    """Height of the colour-scale strip `with_scale_bar` adds under an image `width` pixels wide."""
+    """Height of the colour-scale strip `with_scale_bar` adds above an image `width` pixels wide."""
     return max(18, round(width * 0.06))
 
 
 def with_scale_bar(image: Image.Image, low: float, high: float) -> Image.Image:
-    """`image` with the colour map's scale underneath: "low <value>", the dark-to-bright ramp, "high <value>".
-    The strip is added below, so the picture itself (and its alignment with the source image) is untouched."""
+    """`image` with the colour map's scale above it: "low <value>", the dark-to-bright ramp, "high <value>".
+    The strip is added on top (a gallery's caption covers an image's bottom edge), so the picture itself (and
+    its alignment with the source image) is untouched."""
     from PIL import ImageDraw
 
     bar = scale_bar_height(image.width)
     out = Image.new("RGB", (image.width, image.height + bar), PAPER)
-    out.paste(image, (0, 0))
+    out.paste(image, (0, bar))
     draw = ImageDraw.Draw(out)
     face = font(max(9, round(bar * 0.55)))
     left, right = f"low {low:.3g}", f"high {high:.3g}"
     pad = max(3, bar // 6)
     start = pad + text_width(draw, left, face) + pad
     end = image.width - pad - text_width(draw, right, face) - pad
-    top = image.height
+    top = 0
     draw.text((pad, top + bar / 2), left, fill=INK, font=face, anchor="lm")
     draw.text((image.width - pad, top + bar / 2), right, fill=INK, font=face, anchor="rm")
     if end - start >= 4:

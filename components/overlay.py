@@ -158,7 +158,7 @@ def stage_view(canvas: Canvas, stage_index: int, segment: str | None = None) -> 
 
 def heatmap(canvas: Canvas, stage_index: int, kind: str, segment: str | None = None) -> Image.Image | None:
     """Candidates of a stage coloured by `kind` ("ttv", "iga", "score"; min→max = dark→bright) over a
-    greyed image, with the colour scale (the stage's lowest and highest value) in a strip underneath;
+    greyed image, with the colour scale (the stage's lowest and highest value) in a strip above it;
     tokens already pruned stay grey. None when the method has no such score."""
     segment = segment or canvas.segments[0]
     stage = canvas.trace.stages[stage_index]
@@ -212,12 +212,13 @@ def stage_gallery(canvas: Canvas) -> list[tuple[Image.Image, str]]:
 
 
 def _score_title(trace, layer: int) -> str:
-    if layer == 0:   # a pre-LLM stage, or an in-LLM one on the first layer's input (DivPrune's twin)
+    if layer == 0:   # a pre-LLM stage, or an in-LLM one on the first layer's input: the place names it
         stage = pre_llm_stage(trace) or methods.REGISTRY.get((trace.config or {}).get("method"))
-        return f"{getattr(stage, 'score_title', 'Score')} ({stage.label})" if stage else "Score (pre-LLM stage)"
+        return getattr(stage, "score_title", "Score")
     criterion = trace.config.get("criterion", "transprune") if trace.config else "transprune"
     if trace.method != "transprune":
-        return f"Score ({trace.method})"
+        stage = methods.REGISTRY.get(trace.method)
+        return f"Score ({stage.label if stage else trace.method})"
     return {"ttv": "Score (TTV only)", "iga": "Score (IGA only)"}.get(criterion, "Combined score")
 
 
@@ -299,7 +300,7 @@ def token_label(canvas: Canvas, token: int) -> str:
     frame = f", sampled frame {int(source.frame[token]) + 1}" if source.frame is not None else ""
     picture = "frame" if source.frame is not None else "original image"
     return (f"Patch #{token} ({where}{frame}) covers x {math.floor(x0)}–{math.ceil(x1)}, y {math.floor(y0)}–"
-            f"{math.ceil(y1)} of the {picture}. Its scores per stage: *Patch scores per stage*, further down.")
+            f"{math.ceil(y1)} of the {picture}; its scores are in the table *Patch scores per stage* below.")
 
 
 # ---------------------------------------------------------------------------- the pieces
@@ -319,14 +320,16 @@ class Galleries:
     heatmaps: gr.Gallery
 
 
-def build_view() -> tuple[gr.Image, gr.Radio]:
+def build_view() -> tuple[gr.Image, gr.Radio, gr.Markdown]:
+    """(the picture, the AnyRes view choice, the note naming the patch a click picked: right under the picture)."""
     # No floating label: it would cover the top-left patches; the legend below says what this is.
     inspect = gr.Image(label="What it kept", show_label=False, type="pil", interactive=False, format="png",
                        elem_id="inspect-image", buttons=["download", "fullscreen"], height=380)
+    patch_note = gr.Markdown(PATCH_NOTE, elem_id="patch-note")
     gr.Markdown(LEGEND, elem_id="overlay-legend")
     segment = gr.Radio(["image"], value="image", label="View", visible=False, elem_id="segment",
                        info="AnyRes: the base view and the high-resolution tiles")
-    return inspect, segment
+    return inspect, segment, patch_note
 
 
 LEGEND = ("**What it kept.** **Outlined** = kept after the last stage · **dimmed** = pruned (darker = earlier) · "
@@ -337,11 +340,6 @@ LEGEND = ("**What it kept.** **Outlined** = kept after the last stage · **dimme
 
 PATCH_NOTE = ("Outlined patches survived the last stage. Click any patch to see its scores at each stage (TTV and "
               "IGA for TransPrune; each method's own score otherwise).")
-
-
-def build_patch_note() -> gr.Markdown:
-    """What the last click picked, right under the picture it was clicked on."""
-    return gr.Markdown(PATCH_NOTE, elem_id="patch-note")
 
 
 def build_patch_table() -> gr.Dataframe:

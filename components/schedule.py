@@ -144,7 +144,9 @@ def describe(config: PruneConfig, num_layers: int) -> str:
         parts.append(f"{label} keeps {resolved.pre_llm_keep:.1%} of the patches before the LLM".replace(".0%", "%"))
     if resolved.prune_layers:
         layers = ", ".join(str(l) for l in resolved.prune_layers)
-        ratios = " / ".join(f"{r:.1%}".replace(".0%", "%") for r in resolved.keep_ratios)
+        method = method_registry.stage_class(resolved.method)
+        ratios = " / ".join(f"{r:.1%}".replace(".0%", "%") + (f" {note}" if (note := method.keep_note(r)) else "")
+                            for r in resolved.keep_ratios)
         one = len(resolved.prune_layers) == 1
         parts.append(f"layer{'' if one else 's'} {layers} keep{'s' if one else ''} {ratios}")
     return ", then ".join(parts)

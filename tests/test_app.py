@@ -402,7 +402,7 @@ def test_stacked_visionzip_overlays_and_patch_table(eng, example_image):
     assert [c.split(":")[0] for _, c in overlay.stage_gallery(canvas)] == [
         "Before the LLM (VisionZip)", "After layer 4", "After layer 5", "After layer 6"]
     titles = [c for _, c in overlay.heatmap_gallery(canvas, 0)]
-    assert titles == ["CLS attention (VisionZip) before the LLM (VisionZip)"]
+    assert titles == ["CLS attention before the LLM (VisionZip)"]
     survivor = int(trace.kept[trace.kept < 144][0])
     table = overlay.patch_table(trace, survivor)
     assert list(table.columns) == ["", "VisionZip", "Layer 4", "Layer 5", "Layer 6"]
@@ -422,7 +422,7 @@ def test_every_pre_llm_stage_is_named_by_its_own_label(eng, example_image, prese
     assert f"Visual tokens before the LLM ({label})" in rows
     assert out.stages[0][1].startswith(f"Before the LLM ({label})")
     canvas = overlay.Canvas.from_trace(example_image, trace)
-    assert [c for _, c in overlay.heatmap_gallery(canvas, 0)] == [f"Score ({label}) before the LLM ({label})"]
+    assert [c for _, c in overlay.heatmap_gallery(canvas, 0)] == [f"Score before the LLM ({label})"]
     assert list(overlay.patch_table(trace, int(trace.kept[0])).columns)[1] == label
     assert not any("VisionZip" in str(value) for value in [*rows, *(c for _, c in out.stages)])
 
@@ -505,9 +505,9 @@ def test_a_comparison_leaves_torchs_global_generator_alone(eng, example_image):
     assert torch.equal(torch.get_rng_state(), before)
 
 
-def picture_above_the_scale(image: Image.Image) -> Image.Image:
-    """A heatmap without the colour-scale strip under it: the part that lines up with the source image."""
-    return image.crop((0, 0, image.width, image.height - drawing.scale_bar_height(image.width)))
+def picture_below_the_scale(image: Image.Image) -> Image.Image:
+    """A heatmap without the colour-scale strip above it: the part that lines up with the source image."""
+    return image.crop((0, drawing.scale_bar_height(image.width), image.width, image.height))
 
 
 def test_heatmaps_carry_their_colour_scale(eng, example_image):
@@ -516,8 +516,9 @@ def test_heatmaps_carry_their_colour_scale(eng, example_image):
     image = overlay.heatmap(canvas, 0, "score")
     bar = drawing.scale_bar_height(image.width)
     assert image.size == (canvas.image.width, canvas.image.height + bar)
-    # The middle of the strip is the ramp: colours of the map, darker to brighter from left to right.
-    row = np.asarray(image)[canvas.image.height + bar // 2].astype(int)
+    # The middle of the strip (on top: a gallery caption covers the bottom) is the ramp: colours of the map,
+    # darker to brighter from left to right.
+    row = np.asarray(image)[bar // 2].astype(int)
     middle = row[int(image.width * 0.4):int(image.width * 0.6)]
     scale = drawing.colormap(np.linspace(0.0, 1.0, 256)).astype(int)
     distance = np.abs(middle[:, None, :] - scale[None, :, :]).sum(axis=-1)
@@ -537,7 +538,7 @@ def test_anyres_overlays_map_both_views_onto_the_image(example_image):
     gallery = overlay.stage_gallery(canvas)
     assert len(gallery) == 2 * len(comparison.pruned.trace.stages)
     assert {"(base)" in c for _, c in gallery} == {True, False}
-    heatmaps = [picture_above_the_scale(image) for image, _ in overlay.heatmap_gallery(canvas, 0)]
+    heatmaps = [picture_below_the_scale(image) for image, _ in overlay.heatmap_gallery(canvas, 0)]
     for image in [image for image, _ in gallery] + heatmaps:
         assert image.size == canvas.image.size
         assert image.size[0] / image.size[1] == pytest.approx(2.0, rel=0.01)
@@ -731,7 +732,7 @@ def test_client_compare_end_to_end(served):
             assert image.width / image.height == pytest.approx(aspect, rel=0.01)
     for item in out.heatmaps:
         with Image.open(item["image"]) as image:
-            picture = picture_above_the_scale(image)
+            picture = picture_below_the_scale(image)
             assert picture.width / picture.height == pytest.approx(aspect, rel=0.01)
     with Image.open(out.preview) as card_image:
         assert card_image.size == (card.WIDTH, card.HEIGHT)

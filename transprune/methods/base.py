@@ -204,6 +204,12 @@ class Method(PruningStage):
         return 0
 
     @classmethod
+    def keep_note(cls, ratio: float) -> str | None:
+        """Words for what a stage keeps beyond floor(N * ratio), for a schedule's one-line description
+        (DART: "+ 4 image pivots"); None when it keeps just that."""
+        return None
+
+    @classmethod
     def planned_keep(cls, span_tokens: int, ratio: float) -> int:
         """How many of a span's `span_tokens` one stage keeps at keep ratio `ratio` (analytic FLOPs):
         floor(N_span * r), unless the method decides its own count (DART's pivots come on top)."""

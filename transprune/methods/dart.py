@@ -127,6 +127,10 @@ class DART(Method):
         return StageScores(score=score, keep=len(order))
 
     @classmethod
+    def keep_note(cls, ratio: float) -> str | None:
+        return f"+ {PIVOT_IMAGE_TOKENS} image pivots"
+
+    @classmethod
     def planned_keep(cls, span_tokens: int, ratio: float) -> int:
         """Image pivots + what every pivot takes (see the module docstring): 132 of 576 at 128/576."""
         pivots_total = PIVOT_IMAGE_TOKENS + PIVOT_TEXT_TOKENS
