@@ -476,6 +476,12 @@ def fixed_cost(bench: BenchModel, probe: dict, baseline: dict) -> dict:
                 share_of_baseline_flops=text_tflops / full_tflops)
 
 
+def fixed_cost_bound(fixed: dict, method_tflops: float) -> float | None:
+    """`bound_with_fixed_cost` for a prefill of `method_tflops` on the model `fixed` (see `fixed_cost`) measured."""
+    return bound_with_fixed_cost(fixed["baseline_ms"], fixed["zero_visual_ms"], fixed["baseline_tflops"],
+                                 fixed["zero_visual_tflops"], method_tflops)
+
+
 def measure_fixed_cost(bench: BenchModel, repeats: int, log=print) -> dict:
     """The fixed cost of a prefill on `bench` (see `fixed_cost`): the baseline against the fixed-cost probe,
     `repeats` alternating pairs after a warm-up of each."""

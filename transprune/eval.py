@@ -266,9 +266,7 @@ def measure_speed(results: dict, repeats: int = 2, width: float | None = None, l
             continue
         timed = bench.time_schedule(model, config, shape, repeats, log=lambda *a, **k: None)
         record.update(cpu_speedup=timed["baseline_ms"] / timed["pruned_ms"], cpu_bound=timed["bound"],
-                      cpu_bound_fixed=bench.bound_with_fixed_cost(
-                          fixed["baseline_ms"], fixed["zero_visual_ms"], fixed["baseline_tflops"],
-                          fixed["zero_visual_tflops"], timed["bench_tflops"]),
+                      cpu_bound_fixed=bench.fixed_cost_bound(fixed, timed["bench_tflops"]),
                       cpu_pairs=timed["pairs"])
         log(f"{name}: {record['cpu_speedup']:.2f}x prefill (bound {record['cpu_bound']:.2f}x)", file=sys.stderr,
             flush=True)
