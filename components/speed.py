@@ -272,7 +272,7 @@ class RealSizeSpeed:
         except ValueError:       # a schedule the timed depth cannot run
             return None
         live, recorded = self.book.get(key), self._recorded(arch, config)
-        own = session is None or key in self._measured_by.get(session, ())
+        own = session is None or (bool(session) and key in self._measured_by.get(session, ()))
         if live is not None and (own or recorded is None):
             return dataclasses.replace(live, note=note)   # the note is this family's
         return dataclasses.replace(recorded, recorded=True, note=note) if recorded is not None else None
@@ -290,7 +290,7 @@ class RealSizeSpeed:
         return max(matches, key=lambda r: (r.threads <= threads, r.threads if r.threads <= threads else -r.threads))
 
     def _remember(self, session: str | None, key: str):
-        if session is None:
+        if not session:     # the library's own calls, or a request without a session: nobody to remember
             return
         self._measured_by.setdefault(session, set()).add(key)
         self._measured_by.move_to_end(session)

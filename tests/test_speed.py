@@ -162,6 +162,10 @@ def test_a_live_figure_is_quoted_to_the_session_that_measured_it(tmp_path, monke
     assert server.cached(low, session="someone else") == measured
     # A second session asking to measure High gets the cached figure, and from then on quotes it.
     assert server.measure(high, session="someone else") == live and server.cached(high, session="someone else") == live
+    # A request without a session ("") measures for nobody in particular: others still see the recording.
+    fresh = speed.RealSizeSpeed(device="cpu", cpu_width=1 / 32, recorded=book)
+    fresh.measure(high, session="")
+    assert fresh.cached(high, session="").recorded and fresh.cached(high, session="anyone").recorded
     assert sorted(p.name for p in tmp_path.iterdir()) == ["book.json"]
 
 
