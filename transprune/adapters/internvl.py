@@ -49,7 +49,7 @@ class InternVLAdapter(Adapter):
         "internvl3-1b": Shape(hidden=896, intermediate=4864, layers=24, visual_tokens=256),
     }
     timing_arch = "internvl3-1b"
-    # transprune.models registry entries (ModelSpec fields; the family and the tiny builder are filled in).
+    # transprune.models registry entries (ModelSpec fields; the registry fills in the family and the video flag).
     models = (
         ModelSpec("tiny-internvl", "Tiny InternVL (random weights)", size="0.9M", builder=lambda: tiny_internvl(),
                   description="InternVL architecture (tiles + thumbnail, pixel shuffle, Qwen2 LM), random weights."),

@@ -52,7 +52,7 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
         "qwen3-vl-2b": Shape(hidden=2048, intermediate=6144, layers=28, visual_tokens=196),
     }
     timing_arch = "qwen3-vl-2b"
-    # transprune.models registry entries (ModelSpec fields; the family and the tiny builder are filled in).
+    # transprune.models registry entries (ModelSpec fields; the registry fills in the family and the video flag).
     models = (
         ModelSpec("tiny-qwen3-vl", "Tiny Qwen3-VL (random weights)", size="0.9M", builder=lambda: tiny_qwen3_vl(),
                   description="Qwen3-VL architecture (interleaved M-RoPE, DeepStack), random weights."),
