@@ -26,7 +26,8 @@ os.environ.setdefault("TRANSPRUNE_SPEED_BOOK", os.path.join(tempfile.mkdtemp(pre
 # against each other, and a tiny model's matmuls get ~20x slower.
 torch.set_num_threads(int(os.environ.get("TRANSPRUNE_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
-from transprune import adapters
+from transprune import PruneConfig, adapters, methods
+from transprune.config import PRESETS
 
 # Every invariant runs on each registered family (a new family = its adapter's registry line).
 FAMILIES = list(adapters.FAMILIES)
@@ -118,6 +119,43 @@ def _llava_prompt_inputs(processor, question="what color is the circle on the le
 def prompt_inputs():
     """(processor, question=..., seed=0) -> inputs of one random image and a question (the peer-method tests)."""
     return _llava_prompt_inputs
+
+
+def _llava_only(config) -> bool:
+    """A pre-LLM stage with no way to run off LLaVA-1.5 (VisionZip; DivPrune and CDPruner have a twin at layer 0)."""
+    return config.pre_llm is not None and methods.PRE_LLM[config.pre_llm].first_layer_twin is None
+
+
+def _presets_in_the_app(model: str, image, question: str, visual_tokens: int, refused, refusal: str) -> set[str]:
+    """Every preset through the app's comparison on `model`: those `refused(config)` names fail with a UserError
+    matching `refusal`; one preset of each other method runs, seeing `visual_tokens` and drawing a layout.
+    Returns the methods (config.method) that ran."""
+    from components.engine import Engine, UserError
+
+    engine, tried = Engine(), set()
+    for name in PRESETS:
+        config = PruneConfig.preset(name)
+        if refused(config):
+            with pytest.raises(UserError, match=refusal):
+                engine.compare(model, image, question, config, max_new_tokens=1, repeats=1)
+        elif config.method not in tried:
+            tried.add(config.method)
+            comparison = engine.compare(model, image, question, config, max_new_tokens=1, repeats=1)
+            assert comparison.pruned.trace.visual_tokens == visual_tokens, name
+            assert comparison.pruned.trace.layout is not None, name
+    return tried
+
+
+@pytest.fixture(scope="session")
+def llava_only():
+    """config -> whether it runs a pre-LLM stage that only LLaVA-1.5 takes (see _llava_only)."""
+    return _llava_only
+
+
+@pytest.fixture(scope="session")
+def presets_in_the_app():
+    """(model, image, question, visual_tokens, refused, refusal) -> the methods that ran (see _presets_in_the_app)."""
+    return _presets_in_the_app
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import transprune
-from transprune import PruneConfig, adapters, compat, flops, methods, models
+from transprune import PruneConfig, adapters, compat, flops, models
 from transprune.config import PRESETS
 from transprune.errors import PruningInputError, UnsupportedModelError
 from transprune.reference import Reference
@@ -119,13 +119,12 @@ def test_padded_batch_equals_each_prompt_alone(positions, tiny_model, sample_ima
         assert all(torch.equal(x.kept, y.kept) for x, y in zip(traces[b].stages, pruner.trace.stages))
 
 
-def test_every_preset_runs_or_says_why_not(gemma):
+def test_every_preset_runs_or_says_why_not(gemma, llava_only):
     model, _, inputs = gemma("sdpa")
     layers = len(adapters.for_model(model).decoder_layers(model))
     for name in PRESETS:
         config = PruneConfig.preset(name)
-        twin = methods.PRE_LLM[config.pre_llm].first_layer_twin if config.pre_llm else None
-        if config.pre_llm and twin is None:   # VisionZip: LLaVA-1.5 only
+        if llava_only(config):   # VisionZip
             with pytest.raises((UnsupportedModelError, PruningInputError), match="LlavaForConditionalGeneration"):
                 transprune.apply(model, config)
             continue
@@ -133,7 +132,7 @@ def test_every_preset_runs_or_says_why_not(gemma):
             output = model.generate(**inputs, max_new_tokens=2, do_sample=False)
         assert output.shape[1] == inputs["input_ids"].shape[1] + 2, name
         # DivPrune and CDPruner: the same choice on the first layer's input (one stage at layer 0).
-        expected = [0] if twin else list(config.resolve(layers).prune_layers)
+        expected = [0] if config.pre_llm else list(config.resolve(layers).prune_layers)
         assert [stage.layer for stage in pruner.trace.stages] == expected, name
 
 

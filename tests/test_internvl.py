@@ -10,10 +10,9 @@ import pytest
 import torch
 
 import transprune
-from transprune import PruneConfig, adapters, flops, methods, models
+from transprune import PruneConfig, adapters, flops, models
 from transprune.adapters.internvl import InternVLAdapter, tile_grid
 from transprune.architecture import Shape
-from transprune.config import PRESETS
 from transprune.reference import Reference
 
 QUESTION = "What color is the circle ?"
@@ -74,23 +73,10 @@ def test_tile_grid_and_layout_follow_the_image_processor(size, make_inputs, tiny
     assert InternVLAdapter().visual_layout(model, processor, size, tiles * 16 + 16) is None
 
 
-def test_presets_run_in_the_app_or_say_why_not(sample_image):
+def test_presets_run_in_the_app_or_say_why_not(sample_image, presets_in_the_app, llava_only):
     """One preset per method the family runs (1-D RoPE: compact positions too), through the app's
     comparison; VisionZip (LLaVA-1.5 only) is refused with a sentence."""
-    from components.engine import Engine, UserError
-
-    engine, image, tried = Engine(), sample_image(), set()
-    for name in PRESETS:
-        config = PruneConfig.preset(name)
-        stage = methods.pre_llm_stage(config)
-        if stage is not None and stage.first_layer_twin is None:   # VisionZip: LLaVA-1.5 only
-            with pytest.raises(UserError, match="runs on .* only"):
-                engine.compare("tiny-internvl", image, QUESTION, config, max_new_tokens=1, repeats=1)
-        elif config.method not in tried:
-            tried.add(config.method)
-            comparison = engine.compare("tiny-internvl", image, QUESTION, config, max_new_tokens=1, repeats=1)
-            assert comparison.pruned.trace.visual_tokens == 48, name
-            assert comparison.pruned.trace.layout is not None, name
+    tried = presets_in_the_app("tiny-internvl", sample_image(), QUESTION, 48, llava_only, "runs on .* only")
     # DivPrune and CDPruner run as their twins at layer 0, on the first layer's input.
     assert tried == {"transprune", "fastv", "pdrop", "random", "sparsevlm", "dart", "divprune", "cdpruner"}
 

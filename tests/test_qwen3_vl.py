@@ -10,15 +10,13 @@ video written as several runs of tokens kept as one span.
 
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
 import transprune
-from transprune import PruneConfig, adapters, flops, methods, models
+from transprune import PruneConfig, adapters, flops, models
 from transprune.adapters.qwen3_vl import Qwen3VLAdapter
 from transprune.architecture import Shape
-from transprune.config import PRESETS
 from transprune.reference import Reference
 from transprune.video import Video, video_inputs
 
@@ -121,24 +119,13 @@ def test_a_video_is_one_span_across_its_timestamped_frame_groups(tiny_model):
     assert [len(stage.kept) for stage in trace.stages] == [int(n * r) for r in DEEPSTACK_SCHEDULE.keep_ratios]
 
 
-def test_presets_run_in_the_app_or_say_why_not(sample_image):
+def test_presets_run_in_the_app_or_say_why_not(sample_image, presets_in_the_app, llava_only):
     """Every preset either runs in the app's comparison (one preset per method it can run, to keep this
     quick; the others of a method differ only in numbers) or is refused with a sentence: compact
-    positions (PDrop, SparseVLM) and VisionZip (LLaVA-1.5 only)."""
-    from components.engine import Engine, UserError
-
-    engine, image, tried = Engine(), sample_image(), set()
-    for name in PRESETS:
-        config = PruneConfig.preset(name)
-        stage = methods.pre_llm_stage(config)
-        if config.positions == "compact" or (stage is not None and stage.first_layer_twin is None):
-            with pytest.raises(UserError, match="Impossible pruning schedule|runs on .* only"):
-                engine.compare("tiny-qwen3-vl", image, QUESTION, config, max_new_tokens=1, repeats=1)
-        elif config.method not in tried:
-            tried.add(config.method)
-            comparison = engine.compare("tiny-qwen3-vl", image, QUESTION, config, max_new_tokens=1, repeats=1)
-            assert comparison.pruned.trace.visual_tokens == 24, name
-            assert comparison.pruned.trace.layout is not None, name   # 32 px cells over the image
+    positions (PDrop, SparseVLM) and VisionZip (LLaVA-1.5 only). The layout: 32 px cells over the image."""
+    tried = presets_in_the_app("tiny-qwen3-vl", sample_image(), QUESTION, 24,
+                               lambda config: config.positions == "compact" or llava_only(config),
+                               "Impossible pruning schedule|runs on .* only")
     # DivPrune and CDPruner run as their twins at layer 0, on the first layer's input.
     assert tried == {"transprune", "fastv", "random", "dart", "divprune", "cdpruner"}
 
