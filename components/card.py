@@ -148,7 +148,8 @@ def render(comparison, canvas: Canvas, method_label: str, budget_label: str, rea
     else:
         timing = "Speed not shown: this built-in model is too small for pruning to pay off in time."
     # The paper behind the chosen method; the tool is credited once, not as if it were every method's paper.
-    credit = ("TransPrune (arXiv 2507.20630)" if method_label.startswith(("TransPrune", "TTV", "IGA"))
+    run = comparison.resolved      # TransPrune and its TTV-only / IGA-only ablations are method "transprune"
+    credit = ("TransPrune (arXiv 2507.20630)" if run.method == "transprune" and run.pre_llm is None
               else f"{method_label}, run with the TransPrune toolkit")
     footer = (f"{credit}. Analytic FLOPs {fmt_tflops(nums.tflops_visual[0])} → "
               f"{fmt_tflops(nums.tflops_visual[1])} TFLOPs (visual tokens, the paper's accounting). {timing}")

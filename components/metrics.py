@@ -22,21 +22,20 @@ HEADERS = ["Metric", "Baseline", "Pruned", "Change"]
 SPEEDUP_ROW = "Prefill speedup (measured)"
 
 
-def pre_llm_stage(trace):
-    """The stage class that pruned before the LLM in `trace` (its config's `pre_llm`), or None."""
+def layer0_stage(trace):
+    """The stage class that pruned at layer 0 in `trace`: a pre-LLM stage (its config's `pre_llm`), or an
+    in-LLM one on the first layer's input (DivPrune's twin on a family its rewrite cannot serve); None."""
     from transprune import methods
 
-    return methods.PRE_LLM.get((getattr(trace, "config", None) or {}).get("pre_llm"))
+    config = getattr(trace, "config", None) or {}
+    return methods.PRE_LLM.get(config.get("pre_llm")) or methods.REGISTRY.get(config.get("method"))
 
 
 def stage_name(layer: int, trace=None) -> str:
-    """A stage as the page names it: "layer 7", or the pre-LLM stage's own label for layer 0."""
+    """A stage as the page names it: "layer 7", or the layer-0 stage's own label."""
     if layer != 0:
         return f"layer {layer}"
-    from transprune import methods
-
-    # A pre-LLM stage, or an in-LLM one at layer 0 (DivPrune's twin on a family its rewrite cannot serve).
-    stage = pre_llm_stage(trace) or methods.REGISTRY.get((getattr(trace, "config", None) or {}).get("method"))
+    stage = layer0_stage(trace)
     return stage.label if stage else "pre-LLM stage"
 
 

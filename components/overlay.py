@@ -23,7 +23,7 @@ from transprune import methods
 from . import drawing
 from .drawing import INK, KEPT, PICK
 from .files import STORE
-from .metrics import pre_llm_stage, stage_name, stage_place
+from .metrics import layer0_stage, stage_name, stage_place
 
 DISPLAY_MAX = 768          # longer side of every overlay image, in pixels
 PRUNED_HERE_DIM = 0.55     # blend towards ink for tokens dropped at the stage shown
@@ -213,8 +213,7 @@ def stage_gallery(canvas: Canvas) -> list[tuple[Image.Image, str]]:
 
 def _score_title(trace, layer: int) -> str:
     if layer == 0:   # a pre-LLM stage, or an in-LLM one on the first layer's input: the place names it
-        stage = pre_llm_stage(trace) or methods.REGISTRY.get((trace.config or {}).get("method"))
-        return getattr(stage, "score_title", "Score")
+        return getattr(layer0_stage(trace), "score_title", "Score")
     criterion = trace.config.get("criterion", "transprune") if trace.config else "transprune"
     if trace.method != "transprune":
         stage = methods.REGISTRY.get(trace.method)
