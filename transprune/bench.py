@@ -192,8 +192,7 @@ def run(args) -> dict[str, dict]:
                       args.text_before, args.text_after, args.seed)
     arch_shape = flops.ARCHITECTURES.get(args.arch) or flops.Shape(bench.hidden, bench.intermediate, bench.layers,
                                                                    bench.visual_tokens)
-    baseline_full = flops.tflops([bench.visual_tokens + bench.text_tokens] * bench.layers, bench.hidden,
-                                 bench.intermediate)
+    baseline_full = bench.baseline_tflops()
     results = {s.name: analytic(s, arch_shape, bench, baseline_full) for s in specs}
     for s in specs:
         results[s.name]["config"] = None if s.config is None else s.config.to_dict()

@@ -78,6 +78,14 @@ class BenchModel:
     text_tokens: int
     description: str
 
+    def sequence_tflops(self, visual_per_layer) -> float:
+        """Analytic TFLOPs of a prefill whose layers see `visual_per_layer` visual tokens each, plus the text."""
+        return flops.tflops([n + self.text_tokens for n in visual_per_layer], self.hidden, self.intermediate)
+
+    def baseline_tflops(self) -> float:
+        """Analytic TFLOPs of the unpruned prefill: every layer sees every visual token."""
+        return self.sequence_tflops([self.visual_tokens] * self.layers)
+
 
 def _heads_for(hidden: int) -> int:
     for head_dim in (128, 64, 32, 16, 8):
@@ -204,7 +212,7 @@ def visual_schedule(spec: MethodSpec, visual_tokens: int, layers: int) -> list[i
 def analytic(spec: MethodSpec, arch_shape: flops.Shape, bench: BenchModel, baseline_full: float | None) -> dict:
     arch_visual = visual_schedule(spec, arch_shape.visual_tokens, arch_shape.layers)
     bench_visual = visual_schedule(spec, bench.visual_tokens, bench.layers)
-    bench_full = flops.tflops([n + bench.text_tokens for n in bench_visual], bench.hidden, bench.intermediate)
+    bench_full = bench.sequence_tflops(bench_visual)
     figures = dict(
         tflops=flops.tflops(arch_visual, arch_shape.hidden, arch_shape.intermediate),
         tflops_full_sequence=flops.tflops([n + bench.text_tokens for n in arch_visual], arch_shape.hidden,
@@ -465,9 +473,7 @@ def measure(bench: BenchModel, specs: list[MethodSpec], repeats: int, new_tokens
 def fixed_cost(bench: BenchModel, probe: dict, baseline: dict) -> dict:
     """The measured fixed cost: the probe's prefill (the prompt without its visual tokens) plus the
     baseline's vision-encoder time, with the FLOPs of both ends of the fitted line."""
-    text_tflops = flops.tflops([bench.text_tokens] * bench.layers, bench.hidden, bench.intermediate)
-    full_tflops = flops.tflops([bench.visual_tokens + bench.text_tokens] * bench.layers, bench.hidden,
-                               bench.intermediate)
+    text_tflops, full_tflops = bench.sequence_tflops([0] * bench.layers), bench.baseline_tflops()
     vision_ms = baseline.get("vision_ms", 0.0)
     return dict(text_only_ms=probe["prefill_ms"], text_only_ms_all=probe["prefill_ms_all"], vision_ms=vision_ms,
                 zero_visual_ms=probe["prefill_ms"] + vision_ms, baseline_ms=baseline["prefill_ms"],
@@ -501,8 +507,7 @@ def time_schedule(bench: BenchModel, config: PruneConfig, shape: flops.Shape, re
     measured = measure(bench, [MethodSpec("baseline"), spec], repeats=repeats, new_tokens=1, decode_repeats=0,
                        scoring_repeats=0, log=log, reuse=False)
     base, pruned = measured["baseline"], measured["pruned"]
-    baseline_full = flops.tflops([bench.visual_tokens + bench.text_tokens] * bench.layers, bench.hidden,
-                                 bench.intermediate)
+    baseline_full = bench.baseline_tflops()
     figures = analytic(spec, shape, bench, baseline_full)
     return dict(baseline_ms=base["prefill_ms"], pruned_ms=pruned["prefill_ms"],
                 pairs=[b / p for b, p in zip(base["prefill_ms_all"], pruned["prefill_ms_all"])],
